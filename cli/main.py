@@ -1,0 +1,50 @@
+"""`simsiam-embed`: each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import click
+from PIL import Image
+
+from ..errors import UserError
+from .pretrain import pretrain_command
+
+
+class _Commands(click.Group):
+    """Turns the library's UserError into click's one-line ``Error: ...`` and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            raise click.ClickException(str(error)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="simsiam-embed")
+def cli() -> None:
+    """Learn image embeddings from a folder of unlabelled images (SimSiam), then search them.
+
+    \b
+      simsiam-embed pretrain ./images     train an encoder on the folder
+      simsiam-embed index                 embed every image and build a search index
+      simsiam-embed search query.jpg      the most similar images, with scores
+    """
+
+
+cli.add_command(pretrain_command)
+
+
+def main() -> None:
+    # Oversized images are refused and listed by the library; PIL's own warning would only repeat it.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    cli(prog_name="simsiam-embed")
+
+
+if __name__ == "__main__":
+    main()

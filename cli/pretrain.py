@@ -1,0 +1,79 @@
+"""`simsiam-embed pretrain DIR`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..config import RECIPES, parse_duration
+from ..models import BACKBONE_NAMES
+from ..pretrain import pretrain
+from .options import workspace_at, workspace_option
+
+_positive = click.FloatRange(min=0, min_open=True)
+
+
+@click.command("pretrain")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@workspace_option
+@click.option("--name", help="Run name: the run lives in runs/NAME.  [default: the image folder's name]")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run from its checkpoint.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the folder.  [default: chosen from the data]")
+@click.option("--time-budget", help="Train for this long instead of --epochs (e.g. 20m, 2h); the schedule is planned to finish on time.")
+@click.option("--recipe", type=click.Choice(RECIPES), help="imagenet (paper, Sec. 4) or cifar (paper's small-image recipe).  [default: by image size]")
+@click.option("--backbone", type=click.Choice(BACKBONE_NAMES), help="[default: resnet50 on GPU, resnet18 on CPU or small images]")
+@click.option("--crop-size", type=click.IntRange(min=8), help="Training crop side in pixels.  [default: 224, or the image size if smaller]")
+@click.option("--batch-size", type=click.IntRange(min=2), help="Total batch over all processes.  [default: 512 on GPU, 256 on CPU]")
+@click.option("--base-lr", type=_positive, help="lr = base-lr x batch / 256.  [default: 0.05, cifar 0.03]")
+@click.option("--weight-decay", type=click.FloatRange(min=0), help="[default: 1e-4, cifar 5e-4]")
+@click.option("--momentum", type=click.FloatRange(min=0, max=1), help="[default: 0.9]")
+@click.option("--fix-predictor-lr/--decay-predictor-lr", default=None, help="Keep the predictor at the initial lr.  [default: fixed]")
+@click.option("--dim", type=click.IntRange(min=1), help="Projector output and predictor input width.  [default: 2048]")
+@click.option("--projector-layers", type=click.IntRange(min=1), help="[default: 3, cifar 2]")
+@click.option("--projector-hidden-dim", type=click.IntRange(min=1), help="[default: 2048]")
+@click.option("--predictor-hidden-dim", type=click.IntRange(min=1), help="The bottleneck.  [default: 512]")
+@click.option("--blur/--no-blur", default=None, help="Gaussian blur augmentation.  [default: on, cifar off]")
+@click.option("--min-crop-scale", type=click.FloatRange(min=0, max=1, min_open=True), help="Smallest crop area fraction.  [default: 0.2]")
+@click.option("--no-stop-grad", "no_stop_grad", is_flag=True, help="Ablation (paper Fig. 2): remove the stop-gradient; collapses.")
+@click.option("--no-predictor", "no_predictor", is_flag=True, help="Ablation (paper Table 1a): no prediction MLP; collapses.")
+@click.option("--asymmetric-loss", is_flag=True, help="Ablation (paper Table 4): D(p1, z2) only.")
+@click.option("--no-heads-bn", is_flag=True, help="Ablation (paper Table 3): no batch norm in the MLP heads.")
+@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--workers", "num_workers", type=click.IntRange(min=0), help="Image-decoding processes.  [default: CPU count, at most 8]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda if available]")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision.  [default: bf16 on GPUs that have it, fp16 on others, off on CPU]")
+@click.option("--log-every", type=click.IntRange(min=1), help="Steps between lines of metrics.jsonl.  [default: 10]")
+@click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size even when the crop is much smaller.")
+def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: bool, time_budget: str | None,
+                     no_stop_grad: bool, no_predictor: bool, asymmetric_loss: bool, no_heads_bn: bool,
+                     no_draft: bool, **settings) -> None:
+    """Train a SimSiam encoder on every image under DATA_DIR (recursively; labels are not used).
+
+    Settings not given are chosen from the data and the hardware, printed, and saved in
+    runs/NAME/config.json. Ctrl-C saves a checkpoint; --resume continues from it.
+    """
+    if time_budget is not None:
+        settings["time_budget_s"] = parse_duration(time_budget)
+    # Ablation flags only ever switch a part off; unset means "as the paper".
+    settings.update(
+        stop_gradient=False if no_stop_grad else None,
+        use_predictor=False if no_predictor else None,
+        symmetric_loss=False if asymmetric_loss else None,
+        heads_batch_norm=False if no_heads_bn else None,
+        decode_draft=False if no_draft else None,
+    )
+    result = pretrain(data_dir, workspace_at(workspace), settings, run_name=name, resume=resume,
+                      report=lambda message: click.echo(message, err=True))
+    if result.already_finished:
+        return
+    if not result.finished:
+        sys.exit(130)   # stopped by Ctrl-C or SIGTERM, checkpoint saved: not a success for scripts
+    skipped = f"; {len(result.skipped)} unreadable files skipped (see {result.run_dir / 'skipped.txt'})" if result.skipped else ""
+    click.echo(
+        f"done: {result.step} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s / 60:.1f} min, "
+        f"loss {result.loss:.3f}, z-std {result.z_std:.4f} (healthy ~{result.config.dim ** -0.5:.4f}), "
+        f"{result.pairs_per_second or 0:.0f} image pairs/s{skipped}\n"
+        f"encoder: {result.checkpoint}\nnext: simsiam-embed index"
+    )

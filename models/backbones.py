@@ -1,0 +1,56 @@
+"""ResNet backbones from torchvision, built without weights, returning pooled features.
+
+The small-image variant follows the paper's CIFAR appendix (and He et al.'s CIFAR ResNets): a
+3x3 stride-1 first convolution and no max-pool, so a 32 px input is not shrunk to 8 px before
+the first residual stage.
+
+    >>> backbone = build_backbone("resnet18", small_images=True)
+    >>> backbone(torch.zeros(2, 3, 32, 32)).shape   # torch.Size([2, 512])
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+_FACTORIES: dict[str, Callable[..., tv_models.ResNet]] = {
+    "resnet18": tv_models.resnet18,
+    "resnet34": tv_models.resnet34,
+    "resnet50": tv_models.resnet50,
+}
+BACKBONE_NAMES = tuple(_FACTORIES)
+
+#: Images whose shorter side is at most this many pixels get the small-image stem.
+SMALL_IMAGE_MAX_SIDE = 64
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet without its classifier: images in, pooled features out."""
+
+    def __init__(self, resnet: tv_models.ResNet, name: str, small_images: bool):
+        super().__init__()
+        self.name = name
+        self.small_images = small_images
+        self.feature_dim: int = resnet.fc.in_features
+        resnet.fc = nn.Identity()
+        self.resnet = resnet
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.resnet(images)
+
+
+def build_backbone(name: str, small_images: bool = False) -> Backbone:
+    """Build a randomly initialised ResNet backbone (weights are never downloaded)."""
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}") from None
+    # zero_init_residual as in the official SimSiam builder: each block starts as an identity.
+    resnet = factory(weights=None, zero_init_residual=True)
+    if small_images:
+        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        resnet.maxpool = nn.Identity()
+    return Backbone(resnet, name, small_images)

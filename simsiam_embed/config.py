@@ -1,0 +1,230 @@
+"""Pretraining settings: one dataclass, and the rules that fill it from the data and the hardware.
+
+Every default is the paper's (Chen & He 2021; official code github.com/facebookresearch/simsiam)
+unless the data says otherwise: folders of small images (<= 64 px) get the paper's CIFAR recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+SMALL_IMAGE_MAX_SIDE = 64
+IMAGENET_SIZE = 1_281_167
+
+RECIPES = ("imagenet", "cifar")
+
+
+@dataclass
+class PretrainConfig:
+    """Every resolved setting of a pretraining run; saved as the run's config.json."""
+
+    data_dir: str
+    run_name: str
+    recipe: str = "imagenet"
+    backbone: str = "resnet50"
+    small_image_stem: bool = False
+    crop_size: int = 224
+    # Length: epochs, or a time budget that becomes a fixed number of steps after a warm-up.
+    epochs: int | None = 100
+    time_budget_s: float | None = None
+    total_steps: int | None = None
+    batch_size: int = 512
+    base_lr: float = 0.05
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    fix_predictor_lr: bool = True
+    dim: int = 2048
+    projector_layers: int = 3
+    projector_hidden_dim: int = 2048
+    predictor_hidden_dim: int = 512
+    blur: bool = True
+    min_crop_scale: float = 0.2
+    # The paper's ablations (Table 1, Figure 2, Table 4); all on by default, as SimSiam is.
+    stop_gradient: bool = True
+    use_predictor: bool = True
+    symmetric_loss: bool = True
+    heads_batch_norm: bool = True
+    seed: int = 0
+    num_workers: int = 4
+    device: str = "cpu"
+    amp: str = "off"
+    channels_last: bool = False
+    log_every: int = 10
+    decode_draft: bool = True
+    choices: list[str] = field(default_factory=list)
+
+    @property
+    def lr(self) -> float:
+        """The paper's linear scaling rule: lr = base_lr x batch / 256."""
+        return self.base_lr * self.batch_size / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def architecture(self) -> dict[str, Any]:
+        """The settings that decide the weights' shapes: a checkpoint only loads into the same."""
+        keys = ("backbone", "small_image_stem", "dim", "projector_layers", "projector_hidden_dim",
+                "predictor_hidden_dim", "heads_batch_norm", "use_predictor")
+        return {key: getattr(self, key) for key in keys}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '20m', '2h', '1h30m' or plain seconds -> seconds."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+        if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", text):
+            raise UserError(f"cannot read the duration {text!r}: write it as 90s, 20m, 2h or 1h30m")
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError("the time budget must be positive, for example 20m")
+    return seconds
+
+
+def default_epochs(recipe: str, num_images: int) -> int:
+    """The paper trains ImageNet (1.28M images) for 100 epochs and CIFAR-10 (50k) for 800.
+
+    Smaller folders need more passes for the same amount of learning: between the paper's two
+    points the count grows as 1/sqrt(folder size), capped at the CIFAR recipe's 800.
+    """
+    if recipe == "cifar":
+        return 800
+    return int(min(800, max(100, round(100 * math.sqrt(IMAGENET_SIZE / max(num_images, 1))))))
+
+
+def default_amp(device: str) -> str:
+    """bf16 where the hardware computes it natively, fp16 (with a loss scaler) on older GPUs, else off."""
+    import torch
+
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Private but long-standing helpers: bf16 autocast on a CPU without AMX or AVX512-BF16 is
+    # emulated and slower than fp32, so it is only the default where these units exist.
+    try:
+        native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:
+        native_bf16 = False
+    return "bf16" if native_bf16 else "off"
+
+
+def _largest_power_of_two_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def resolve_pretrain_config(
+    data_dir: str,
+    run_name: str,
+    num_images: int,
+    median_short_side: int,
+    device: str,
+    overrides: dict[str, Any],
+) -> PretrainConfig:
+    """Fill every setting: the user's explicit ``overrides`` first, then the recipe's defaults.
+
+    The recipe comes from the data (median image side) and the hardware (``device``); each choice
+    that was not the user's is recorded in ``config.choices`` with its reason.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    unknown = set(given) - {f.name for f in dataclasses.fields(PretrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown settings: {sorted(unknown)}")
+    choices: list[str] = []
+    on_gpu = device.startswith("cuda")
+
+    recipe = given.get("recipe")
+    if recipe is None:
+        recipe = "cifar" if median_short_side <= SMALL_IMAGE_MAX_SIDE else "imagenet"
+        choices.append(
+            f"recipe {recipe}: median image side {median_short_side} px "
+            f"({'<=' if recipe == 'cifar' else '>'} {SMALL_IMAGE_MAX_SIDE} px)"
+        )
+    config = PretrainConfig(data_dir=data_dir, run_name=run_name, recipe=recipe, device=device)
+
+    if recipe == "cifar":
+        recipe_defaults: dict[str, Any] = dict(
+            backbone="resnet18", small_image_stem=True, base_lr=0.03, weight_decay=5e-4,
+            projector_layers=2, blur=False,
+            crop_size=max(8, min(median_short_side, SMALL_IMAGE_MAX_SIDE)),
+        )
+    else:
+        recipe_defaults = dict(
+            backbone="resnet50" if on_gpu else "resnet18", small_image_stem=False, base_lr=0.05,
+            weight_decay=1e-4, projector_layers=3, blur=True,
+            crop_size=224 if median_short_side >= 224 else max(SMALL_IMAGE_MAX_SIDE, median_short_side // 8 * 8),
+        )
+        if "backbone" not in given and not on_gpu:
+            choices.append("backbone resnet18: no GPU (the paper's resnet50 is about 3x slower)")
+        if "crop_size" not in given and recipe_defaults["crop_size"] < 224:
+            choices.append(f"crop {recipe_defaults['crop_size']} px: the images are smaller than 224 px")
+    if recipe == "cifar" and "crop_size" not in given:
+        choices.append(f"crop {recipe_defaults['crop_size']} px: the images' own size")
+
+    batch = given.get("batch_size")
+    if batch is None:
+        batch = 512 if on_gpu else 256
+        if batch > num_images:
+            batch = _largest_power_of_two_at_most(num_images)
+            choices.append(f"batch {batch}: the folder has only {num_images} usable images")
+        elif not on_gpu:
+            choices.append("batch 256: no GPU (the paper's 512 halves the steps per hour)")
+    recipe_defaults["batch_size"] = batch
+
+    if "epochs" not in given and "time_budget_s" not in given:
+        recipe_defaults["epochs"] = default_epochs(recipe, num_images)
+        epochs = recipe_defaults["epochs"]
+        choices.append(
+            f"{epochs} epochs: the paper's CIFAR recipe" if recipe == "cifar" else
+            f"{epochs} epochs: the paper's 100 on ImageNet, more passes for {num_images} images"
+        )
+    if "time_budget_s" in given and "epochs" not in given:
+        recipe_defaults["epochs"] = None
+
+    recipe_defaults["amp"] = default_amp(device)
+    if recipe_defaults["amp"] != "off" and not on_gpu:
+        choices.append("AMP bf16 on the CPU: it has bf16 matrix units (2x the fp32 speed in bench/RESULTS.md)")
+    # NHWC convolutions are faster in oneDNN (CPU) and cuDNN (tensor cores) alike.
+    recipe_defaults["channels_last"] = True
+    recipe_defaults["num_workers"] = min(8, os.cpu_count() or 1)
+
+    for key, value in {**recipe_defaults, **given}.items():
+        setattr(config, key, value)
+    config.choices = choices
+    validate(config, num_images)
+    return config
+
+
+def validate(config: PretrainConfig, num_images: int) -> None:
+    """Reject settings that cannot train, each with a message that says what to do."""
+    if config.epochs is not None and config.time_budget_s is not None:
+        raise UserError("give either --epochs or --time-budget, not both")
+    if num_images < 2:
+        raise UserError(f"the folder has {num_images} usable image(s); SimSiam needs at least 2 (and more to learn)")
+    if config.batch_size < 2:
+        raise UserError("--batch-size must be at least 2 (batch norm needs two samples)")
+    if num_images < config.batch_size:
+        raise UserError(
+            f"the folder has {num_images} usable images, fewer than one batch of {config.batch_size}: "
+            f"add images or pass --batch-size {_largest_power_of_two_at_most(max(num_images, 2))}"
+        )
+    if config.crop_size < 8:
+        raise UserError("--crop-size must be at least 8 pixels")
+    if not 0 < config.min_crop_scale <= 1:
+        raise UserError("--min-crop-scale must be in (0, 1]")
+    if config.amp == "fp16" and not config.device.startswith("cuda"):
+        raise UserError("--amp fp16 needs a GPU: use --amp bf16 or --amp off on the CPU")
+    if config.recipe not in RECIPES:
+        raise UserError(f"unknown recipe {config.recipe!r}: choose one of {', '.join(RECIPES)}")

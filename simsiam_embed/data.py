@@ -1,0 +1,337 @@
+"""Images on disk: find them, open them safely, augment them, label them from folder names.
+
+Every loader here survives bad files: a file that cannot be decoded raises
+:class:`UnreadableImage`, and the datasets turn that into a skipped sample that the training or
+embedding loop counts and lists, so one broken JPEG never stops a long job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageFilter, ImageOps
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+#: PIL's own decompression-bomb limit (about 89 megapixels); larger files are skipped.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+# ImageNet statistics: the paper's normalisation, and a sound default for natural photos.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Truncated files must fail loudly (and be skipped) rather than decode as half-grey images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class UnreadableImage(Exception):
+    """A file that is not a usable image; ``str()`` says why in a few words."""
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+
+
+def discover_images(root: Path | str) -> list[Path]:
+    """Every image file under ``root``, recursively, in sorted (reproducible) order.
+
+    Hidden files and folders (a leading dot) are skipped. Symbolic links to folders are
+    followed once: a link loop is detected by the folder's real path and not walked again.
+    """
+    root = Path(root)
+    found: list[Path] = []
+    seen_folders: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen_folders:
+            subfolders[:] = []
+            continue
+        seen_folders.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in files:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(folder) / name)
+    return sorted(found)
+
+
+def label_of(path: Path | str) -> str:
+    """The class label of an image: the name of the folder it is in (torchvision ImageFolder's rule)."""
+    return Path(path).parent.name
+
+
+# --------------------------------------------------------------------------------------------
+# Safe loading
+
+
+def open_image(path: Path | str, draft_side: int | None = None) -> Image.Image:
+    """Decode ``path`` as an upright RGB image, or raise :class:`UnreadableImage`.
+
+    ``draft_side``: for JPEGs, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as
+    both sides stay at least this large; much faster for photos far larger than the network input.
+    """
+    with _reading_image(path) as image:
+        if draft_side and image.format == "JPEG":
+            image.draft("RGB", _draft_request(image.size, draft_side))
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+@contextlib.contextmanager
+def _reading_image(path: Path | str) -> Iterator[Image.Image]:
+    """Open an image lazily (header only) and turn every way PIL can fail into UnreadableImage."""
+    try:
+        # PIL only warns between its limit and twice that; _check_pixel_count refuses those too.
+        with Image.open(path) as image:
+            _check_pixel_count(image)
+            yield image
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError:
+        raise UnreadableImage("too many pixels (decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # PIL reports truncated and malformed files through all of these.
+        raise UnreadableImage(str(error).split("\n")[0] or type(error).__name__) from None
+
+
+def _check_pixel_count(image: Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnreadableImage(f"too many pixels ({width}x{height}; decompression bomb?)")
+    if width == 0 or height == 0:
+        raise UnreadableImage("empty image")
+
+
+def _draft_request(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    # PIL's draft keeps the decoded size >= the request on both axes, so scale the request to
+    # the image's aspect: its shorter side becomes ``min_side``.
+    width, height = size
+    scale = min_side / min(width, height)
+    return (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and float scaled, transparency composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _high_bit_depth_to_rgb(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        pixels = pixels / 65535.0
+    else:
+        # 32-bit integer or float images have no fixed white point: stretch to their range.
+        low, high = float(pixels.min()), float(pixels.max())
+        pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    grey = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return grey.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------
+# Scanning a folder before work starts
+
+
+@dataclass
+class ScanResult:
+    """What a quick pass over the file headers found: usable images, their sizes, the rejects."""
+
+    paths: list[Path]
+    sizes: list[tuple[int, int]]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def median_short_side(self) -> int:
+        return int(np.median([min(size) for size in self.sizes])) if self.sizes else 0
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    with _reading_image(path) as image:
+        width, height = image.size
+        # EXIF rotations by 90 degrees swap the sides the network will see.
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            return height, width
+        return width, height
+
+
+def scan_images(paths: Sequence[Path], workers: int = 8) -> ScanResult:
+    """Read every file's header (cheap: no pixel decode) to find unusable files and image sizes.
+
+    Truncated pixel data is only found when an image is decoded; the datasets skip those later.
+    """
+
+    def probe(path: Path) -> tuple[Path, tuple[int, int] | None, str | None]:
+        try:
+            return path, _header_size(path), None
+        except UnreadableImage as reason:
+            return path, None, str(reason)
+
+    result = ScanResult(paths=[], sizes=[])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for path, size, reason in pool.map(probe, paths):
+            if size is None:
+                result.skipped.append((path, reason or "unreadable"))
+            else:
+                result.paths.append(path)
+                result.sizes.append(size)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The evaluation transform, as data: saved in checkpoints and in the ONNX file's metadata.
+
+    Resize the shorter side to ``resize_size``, centre-crop ``input_size``, scale to [0, 1],
+    normalise with ``mean`` and ``std``. One definition for every backend (PyTorch and ONNX).
+    """
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def for_input_size(cls, input_size: int, small_images: bool) -> "Preprocessing":
+        # Large images: the standard 0.875 centre crop (256 -> 224). Small images are used whole.
+        resize = input_size if small_images else int(round(input_size / 0.875))
+        return cls(input_size=input_size, resize_size=resize)
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return T.Compose(
+            [
+                T.Resize(self.resize_size, interpolation=T.InterpolationMode(self.interpolation)),
+                T.CenterCrop(self.input_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    @property
+    def draft_side(self) -> int:
+        return self.resize_size
+
+
+class RandomGaussianBlur:
+    """SimCLR's blur as the official SimSiam code applies it: PIL blur with a random sigma.
+
+    The sigma is drawn from torch's generator so that seeding torch alone makes a view reproducible.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        sigma = float(torch.empty(1).uniform_(*self.sigma))
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def simsiam_augmentation(
+    crop_size: int,
+    blur: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    min_crop_scale: float = 0.2,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The paper's augmentation (Section 4.1, from MoCo v2); ``blur=False`` for the CIFAR recipe."""
+    steps: list[Callable] = [
+        T.RandomResizedCrop(crop_size, scale=(min_crop_scale, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    if blur:
+        steps.append(T.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=0.5))
+    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def training_draft_side(crop_size: int, min_crop_scale: float = 0.2) -> int:
+    """The smallest decoded side that still gives the smallest random crop full resolution.
+
+    A RandomResizedCrop of area fraction ``s`` spans about sqrt(s) of the side and is resized to
+    ``crop_size``, so decoding below crop_size / sqrt(s) would throw detail away.
+    """
+    return int(np.ceil(crop_size / np.sqrt(min_crop_scale)))
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+class TwoViewDataset(Dataset):
+    """Two independently augmented views of each image, for SimSiam.
+
+    Indexed by ``(seed, index)`` pairs (see :class:`~simsiam_embed.pretrain.EpochSampler`): the
+    augmentation of a sample depends only on that seed, not on which worker draws it or where a
+    run was resumed, so an interrupted run continues exactly as an uninterrupted one would.
+    An unreadable file yields ``None`` with its path; :func:`collate_skipping_unreadable` drops it.
+    """
+
+    def __init__(self, paths: Sequence[Path], augment: Callable, draft_side: int | None = None):
+        self.paths = list(paths)
+        self.augment = augment
+        self.draft_side = draft_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]):
+        sample_seed, index = key
+        path = self.paths[index]
+        try:
+            image = open_image(path, self.draft_side)
+        except UnreadableImage as reason:
+            return None, (str(path), str(reason))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return (self.augment(image), self.augment(image)), None
+
+
+class EvalImageDataset(Dataset):
+    """Images through the evaluation transform, for embedding; unreadable files yield ``None``."""
+
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing):
+        self.paths = list(paths)
+        self.transform = preprocessing.transform()
+        self.draft_side = preprocessing.draft_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = open_image(self.paths[index], self.draft_side)
+        except UnreadableImage as reason:
+            return None, (index, str(reason))
+        return (self.transform(image), index), None
+
+
+def collate_skipping_unreadable(batch: Iterable[tuple]):
+    """Stack the good samples of a batch; return the failures beside them as (path, reason)."""
+    good = [sample for sample, failure in batch if sample is not None]
+    failures = [failure for sample, failure in batch if failure is not None]
+    stacked = torch.utils.data.default_collate(good) if good else None
+    return stacked, failures

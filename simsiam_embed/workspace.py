@@ -1,0 +1,53 @@
+"""Where runs, exported models and indexes live, and what "latest" means.
+
+A workspace is a folder (the current one by default): ``runs/<name>/`` for each pretraining run,
+``runs/LATEST`` naming the newest, and ``index/`` for the search index. So the user's flow
+``pretrain ./images; index; search q.jpg`` needs no paths after the first command.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .files import atomic_write
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def default_index_dir(self) -> Path:
+        return self.root / "index"
+
+    def run_dir(self, name: str) -> Path:
+        return self.runs_dir / name
+
+    def mark_latest(self, name: str) -> None:
+        with atomic_write(self.runs_dir / "LATEST") as handle:
+            handle.write(name + "\n")
+
+    def latest_run_dir(self) -> Path:
+        """The run the last ``pretrain`` started here; a clear error if there is none."""
+        marker = self.runs_dir / "LATEST"
+        if marker.is_file():
+            run = self.run_dir(marker.read_text().strip())
+            if (run / "checkpoint.pt").is_file():
+                return run
+        raise UserError(
+            f"no pretraining run in {self.root}: run `simsiam-embed pretrain IMAGE_FOLDER` first, "
+            "or name a run folder or checkpoint"
+        )
+
+
+def run_name_for(data_dir: Path) -> str:
+    """A run's default name: its image folder's name, made safe for a path."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", data_dir.resolve().name).strip(".-")
+    return name or "run"

@@ -1,0 +1,114 @@
+"""Shared fixtures: small image folders the tests draw themselves, and the console script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "fashion-mnist"
+CONSOLE_SCRIPT = Path(sys.executable).parent / "simsiam-embed"
+
+# Tiny, fast settings for every training run in the tests (the real defaults are exercised by
+# the config tests): a 16 px crop, a batch of 8, no loader processes.
+FAST_TRAINING = ["--crop-size", "16", "--batch-size", "8", "--workers", "0", "--projector-hidden-dim", "64",
+                 "--dim", "64", "--predictor-hidden-dim", "16", "--log-every", "1"]
+
+
+def draw_shape_image(rng: np.random.Generator, size: int, shape: str) -> Image.Image:
+    """A coloured square, disc or triangle on a random background: images with real structure."""
+    background = tuple(int(v) for v in rng.integers(0, 255, 3))
+    colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    low, high = sorted(rng.integers(size // 8, size - size // 8, 2))
+    high = max(high, low + size // 4)
+    if shape == "square":
+        draw.rectangle([low, low, high, high], fill=colour)
+    elif shape == "disc":
+        draw.ellipse([low, low, high, high], fill=colour)
+    else:
+        draw.polygon([(low, high), (high, high), ((low + high) // 2, low)], fill=colour)
+    return image
+
+
+def make_image_folder(root: Path, per_class: int = 12, size: int = 20, seed: int = 0,
+                      classes=("square", "disc", "triangle")) -> Path:
+    rng = np.random.default_rng(seed)
+    for shape in classes:
+        (root / shape).mkdir(parents=True, exist_ok=True)
+        for number in range(per_class):
+            draw_shape_image(rng, size, shape).save(root / shape / f"{shape}-{number:02d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """36 small PNGs in three class folders."""
+    return make_image_folder(tmp_path / "images")
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script as a user would, in ``cwd``."""
+    return subprocess.run(
+        [str(CONSOLE_SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A non-zero exit, no traceback, and an ``Error:`` line that mentions each fragment."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def make_awkward_files(folder: Path) -> dict[str, str]:
+    """Files a real collection contains. Returns name -> "ok" (must load) or "bad" (must be skipped)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    photo = draw_shape_image(rng, 40, "disc")
+    kinds: dict[str, str] = {}
+
+    (folder / "zero-bytes.jpg").write_bytes(b"")
+    kinds["zero-bytes.jpg"] = "bad"
+    (folder / "notes.png").write_text("this is a text file, not an image\n")
+    kinds["notes.png"] = "bad"
+    (folder / "noise.jpg").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    kinds["noise.jpg"] = "bad"
+    photo.resize((200, 200)).save(folder / "whole.jpg", quality=90)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    kinds["truncated.jpg"] = "bad"
+    # 100 megapixels of 1-bit PNG: a few kB on disk, over PIL's decompression-bomb limit.
+    Image.new("1", (10_000, 10_000)).save(folder / "bomb.png")
+    kinds["bomb.png"] = "bad"
+
+    photo.convert("CMYK").save(folder / "cmyk.jpg")
+    kinds["cmyk.jpg"] = "ok"
+    Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257)).save(folder / "sixteen-bit.png")
+    kinds["sixteen-bit.png"] = "ok"
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "alpha.png")
+    kinds["alpha.png"] = "ok"
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.gif")
+    kinds["palette.gif"] = "ok"
+    photo.convert("L").save(folder / "grey.bmp")
+    kinds["grey.bmp"] = "ok"
+    photo.save(folder / "upper.JPEG")
+    kinds["upper.JPEG"] = "ok"
+    photo.save(folder / "tiff.tif")
+    kinds["tiff.tif"] = "ok"
+    photo.save(folder / "webp.webp")
+    kinds["webp.webp"] = "ok"
+    return kinds

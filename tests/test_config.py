@@ -1,0 +1,81 @@
+import pytest
+
+from simsiam_embed.config import (
+    PretrainConfig, default_epochs, parse_duration, resolve_pretrain_config,
+)
+from simsiam_embed.errors import UserError
+
+
+def resolve(num_images=10_000, side=32, device="cpu", **overrides):
+    return resolve_pretrain_config("/data", "run", num_images, side, device, overrides)
+
+
+def test_lr_follows_the_linear_scaling_rule():
+    assert PretrainConfig("d", "r", base_lr=0.05, batch_size=512).lr == pytest.approx(0.1)
+    assert PretrainConfig("d", "r", base_lr=0.03, batch_size=128).lr == pytest.approx(0.015)
+
+
+def test_small_images_get_the_cifar_recipe():
+    config = resolve(side=32)
+    assert (config.recipe, config.backbone, config.small_image_stem) == ("cifar", "resnet18", True)
+    assert (config.base_lr, config.weight_decay, config.projector_layers, config.blur) == (0.03, 5e-4, 2, False)
+    assert config.crop_size == 32 and config.epochs == 800
+    assert config.momentum == 0.9 and config.fix_predictor_lr and config.dim == 2048
+    assert any("recipe cifar" in choice for choice in config.choices)
+
+
+def test_large_images_get_the_imagenet_recipe():
+    gpu = resolve(num_images=1_281_167, side=375, device="cuda")
+    assert (gpu.recipe, gpu.backbone, gpu.crop_size, gpu.base_lr, gpu.weight_decay) == ("imagenet", "resnet50", 224, 0.05, 1e-4)
+    assert gpu.epochs == 100 and gpu.batch_size == 512 and gpu.projector_layers == 3 and gpu.blur
+    cpu = resolve(num_images=1_281_167, side=375)
+    assert cpu.backbone == "resnet18" and cpu.batch_size == 256
+    assert any("no GPU" in choice for choice in cpu.choices)
+
+
+def test_medium_images_crop_at_their_own_size():
+    assert resolve(side=100).crop_size == 96
+
+
+def test_epochs_grow_as_the_folder_shrinks():
+    assert default_epochs("imagenet", 1_281_167) == 100
+    assert 100 < default_epochs("imagenet", 100_000) < 800
+    assert default_epochs("imagenet", 500) == 800
+    assert default_epochs("cifar", 50_000) == 800
+
+
+def test_explicit_settings_win_and_are_not_reported_as_choices():
+    config = resolve(side=32, backbone="resnet34", base_lr=0.1, epochs=3, batch_size=64)
+    assert (config.backbone, config.base_lr, config.epochs, config.batch_size) == ("resnet34", 0.1, 3, 64)
+    assert not any("epochs" in choice for choice in config.choices)
+
+
+def test_time_budget_replaces_epochs():
+    config = resolve(time_budget_s=60.0)
+    assert config.epochs is None and config.time_budget_s == 60.0
+    with pytest.raises(UserError, match="either"):
+        resolve(time_budget_s=60.0, epochs=3)
+
+
+def test_batch_shrinks_to_a_small_folder_but_an_explicit_batch_must_fit():
+    assert resolve(num_images=100).batch_size == 64
+    with pytest.raises(UserError, match="fewer than one batch"):
+        resolve(num_images=100, batch_size=128)
+    with pytest.raises(UserError, match="at least 2"):
+        resolve(num_images=1)
+
+
+def test_fp16_needs_a_gpu():
+    with pytest.raises(UserError, match="fp16"):
+        resolve(amp="fp16")
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("2h", 7200), ("1h30m", 5400), ("45", 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "20x", "0m", "-5m", ""])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(UserError, match="duration|positive"):
+        parse_duration(text)

@@ -1,0 +1,100 @@
+import pytest
+import torch
+from torch import nn
+
+from simsiam_embed.models import (
+    PredictionMLP, ProjectionMLP, SimSiam, build_backbone, negative_cosine_similarity, simsiam_loss,
+)
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_backbones_give_pooled_features(name, dim):
+    backbone = build_backbone(name).eval()
+    assert backbone.feature_dim == dim
+    assert backbone(torch.zeros(2, 3, 64, 64)).shape == (2, dim)
+
+
+def test_small_image_stem_keeps_resolution():
+    small = build_backbone("resnet18", small_images=True)
+    assert small.resnet.conv1.kernel_size == (3, 3) and small.resnet.conv1.stride == (1, 1)
+    assert isinstance(small.resnet.maxpool, nn.Identity)
+    assert small.eval()(torch.zeros(2, 3, 16, 16)).shape == (2, 512)
+
+
+def test_unknown_backbone_is_refused():
+    with pytest.raises(ValueError, match="resnet18"):
+        build_backbone("vgg16")
+
+
+def test_projection_mlp_follows_the_paper():
+    three = ProjectionMLP(512, 2048, 2048, num_layers=3)
+    linears = [m for m in three if isinstance(m, nn.Linear)]
+    norms = [m for m in three if isinstance(m, nn.BatchNorm1d)]
+    assert len(linears) == 3 and all(layer.bias is None for layer in linears)
+    assert len(norms) == 3 and norms[-1].affine is False and norms[0].affine is True
+    assert isinstance(three[-1], nn.BatchNorm1d)
+    two = ProjectionMLP(512, num_layers=2)
+    assert len([m for m in two if isinstance(m, nn.Linear)]) == 2
+    assert three.eval()(torch.randn(4, 512)).shape == (4, 2048)
+
+
+def test_prediction_mlp_is_a_bottleneck_without_output_bn():
+    predictor = PredictionMLP(2048, 512)
+    first, bn, relu, last = predictor
+    assert (first.in_features, first.out_features, last.out_features) == (2048, 512, 2048)
+    assert first.bias is None and last.bias is not None
+    assert isinstance(bn, nn.BatchNorm1d) and isinstance(relu, nn.ReLU)
+
+
+def _tiny_model(**kwargs) -> SimSiam:
+    return SimSiam(build_backbone("resnet18", small_images=True), projector_layers=2,
+                   projector_hidden_dim=32, dim=32, predictor_hidden_dim=8, **kwargs)
+
+
+def test_loss_is_symmetric_and_bounded():
+    torch.manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(6, 32) for _ in range(4))
+    from simsiam_embed.models import SimSiamOutput
+
+    forward = simsiam_loss(SimSiamOutput(p1, p2, z1, z2))
+    swapped = simsiam_loss(SimSiamOutput(p2, p1, z2, z1))
+    assert torch.allclose(forward, swapped)
+    assert -1.0 <= forward.item() <= 1.0
+    assert simsiam_loss(SimSiamOutput(z2, z1, z1, z2)).item() == pytest.approx(-1.0)
+    assert negative_cosine_similarity(p1, -p1).item() == pytest.approx(1.0)
+
+
+def _parameter_grads(model, loss):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)])
+
+
+def test_stop_gradient_blocks_the_target_branch():
+    torch.manual_seed(0)
+    model = _tiny_model()
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    output = model(x1, x2)
+    assert not output.z1.requires_grad and not output.z2.requires_grad
+    through_model = _parameter_grads(model, simsiam_loss(output))
+
+    # The same loss written out by hand, once with z as a constant and once without.
+    z1, z2 = model.encode(x1), model.encode(x2)
+    p1, p2 = model.predictor(z1), model.predictor(z2)
+    stopped = negative_cosine_similarity(p1, z2.detach()) / 2 + negative_cosine_similarity(p2, z1.detach()) / 2
+    flowing = negative_cosine_similarity(p1, z2) / 2 + negative_cosine_similarity(p2, z1) / 2
+    assert torch.allclose(through_model, _parameter_grads(model, stopped), atol=1e-6)
+    assert not torch.allclose(through_model, _parameter_grads(model, flowing), atol=1e-6)
+
+
+def test_without_stop_gradient_the_target_gets_gradient():
+    torch.manual_seed(0)
+    model = _tiny_model(stop_gradient=False)
+    output = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    assert output.z1.requires_grad and output.z2.requires_grad
+    grad = torch.autograd.grad(simsiam_loss(output), output.z2)[0]
+    assert grad.abs().sum() > 0
+
+
+def test_no_predictor_ablation_has_no_predictor_module():
+    model = _tiny_model(use_predictor=False)
+    assert isinstance(model.predictor, nn.Identity)
+    assert not list(model.predictor.parameters())

@@ -1,0 +1,161 @@
+"""Pretraining end to end: the console script, checkpoints, resume, bad files, bad input."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from simsiam_embed.errors import UserError
+from simsiam_embed.pretrain import StepBatchSampler, StopRequest, cosine_lr, pretrain
+from simsiam_embed.workspace import Workspace
+
+from conftest import CONSOLE_SCRIPT, FAST_TRAINING, assert_one_line_error, make_awkward_files, make_image_folder, run_cli
+
+FAST_OVERRIDES = dict(crop_size=16, batch_size=8, num_workers=0, projector_hidden_dim=64, dim=64,
+                      predictor_hidden_dim=16, log_every=1)
+
+
+def test_one_epoch_through_the_console_script(image_folder, tmp_path):
+    result = run_cli("pretrain", str(image_folder), "--epochs", "1", *FAST_TRAINING, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "done: 4 steps (1.0 epochs)" in result.stdout
+    assert "recipe cifar" in result.stderr and "settings" in result.stderr
+    run = tmp_path / "runs" / "images"
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == "cifar" and config["epochs"] == 1 and config["batch_size"] == 8
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "lr" in line] == [1, 2, 3, 4]
+    assert all(-1 <= line["loss"] <= 1 and line["z_std"] > 0 for line in lines)
+    assert (tmp_path / "runs" / "LATEST").read_text().strip() == "images"
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["finished"] and state["step"] == 4 and state["format_version"] == 1
+
+    again = run_cli("pretrain", str(image_folder), cwd=tmp_path)
+    assert again.returncode == 0 and "finished run" in again.stderr
+
+
+def _weights(result):
+    return {key: value.clone() for key, value in result.model.state_dict().items()}
+
+
+def test_a_resumed_run_ends_with_the_same_weights(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    settings = dict(FAST_OVERRIDES, epochs=3)
+    quiet = dict(report=lambda _m: None, show_progress=False)
+    straight = pretrain(images, Workspace(tmp_path / "a"), settings, **quiet)
+
+    second = Workspace(tmp_path / "b")
+    interrupted = pretrain(images, second, settings, stop=StopRequest(stop_at_step=4), **quiet)
+    assert not interrupted.finished and interrupted.step == 4   # stopped after epoch 1
+    with pytest.raises(UserError, match="--resume"):
+        pretrain(images, second, settings, **quiet)
+    resumed = pretrain(images, second, settings, resume=True, **quiet)
+    assert resumed.finished and resumed.step == straight.step == 12
+
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])]
+    metrics = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "lr" in m] == list(range(1, 13))   # no step logged twice
+
+
+def test_resume_mid_epoch_is_exact_too(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    settings = dict(FAST_OVERRIDES, epochs=2, num_workers=1)
+    quiet = dict(report=lambda _m: None, show_progress=False)
+    straight = pretrain(images, Workspace(tmp_path / "a"), settings, **quiet)
+    pretrain(images, Workspace(tmp_path / "b"), settings, stop=StopRequest(stop_at_step=6), **quiet)
+    resumed = pretrain(images, Workspace(tmp_path / "b"), settings, resume=True, **quiet)
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_bad_files_are_skipped_and_listed(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    kinds = make_awkward_files(images / "odd")
+    result = run_cli("pretrain", str(images), "--epochs", "2", *FAST_TRAINING, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    bad = sorted(name for name, kind in kinds.items() if kind == "bad")
+    listed = (tmp_path / "runs" / "images" / "skipped.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in listed) == bad
+    assert f"{len(bad)} unreadable files skipped" in result.stdout
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(image_folder, tmp_path):
+    command = [str(CONSOLE_SCRIPT), "pretrain", str(image_folder), "--epochs", "200", *FAST_TRAINING]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "images" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    state = torch.load(tmp_path / "runs" / "images" / "checkpoint.pt", weights_only=False)
+    assert not state["finished"] and 0 < state["step"] < 800
+
+    resumed = run_cli("pretrain", str(image_folder), "--resume", "--epochs", "200", "--backbone", "resnet34", cwd=tmp_path)
+    assert_one_line_error(resumed, "backbone", "resnet18")
+    after = torch.load(tmp_path / "runs" / "images" / "checkpoint.pt", weights_only=False)
+    assert after["step"] == state["step"]   # the refused resume touched nothing
+
+
+def test_time_budget_plans_a_finished_schedule(image_folder, tmp_path):
+    began = time.monotonic()
+    result = run_cli("pretrain", str(image_folder), "--time-budget", "25s", *FAST_TRAINING, cwd=tmp_path)
+    wall = time.monotonic() - began
+    assert result.returncode == 0, result.stderr
+    assert "cosine schedule planned over exactly those" in result.stderr
+    config = json.loads((tmp_path / "runs" / "images" / "config.json").read_text())
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "images" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "lr" in m]
+    assert config["total_steps"] == steps[-1]["step"] > 10
+    initial_lr = 0.03 * 8 / 256
+    assert steps[-1]["lr"] < 0.01 * initial_lr          # the cosine reached its end
+    assert steps[-1]["time_s"] <= 25 + 3                 # and on time (the run's own clock)
+    assert wall < 25 + 30                                # start-up of the process included
+
+
+def test_sampler_covers_each_epoch_once_and_shards_ranks():
+    from simsiam_embed.distributed import DistributedContext
+
+    sampler = StepBatchSampler(num_images=10, global_batch=4, seed=0)
+    epoch0 = sampler.batch_at(0) + sampler.batch_at(1)
+    assert len({index for _, index in epoch0}) == 8
+    assert sampler.batch_at(2) != sampler.batch_at(0)   # a new permutation each epoch
+    ranks = [StepBatchSampler(10, 4, 0, context=DistributedContext(rank=r, world_size=2)).batch_at(0) for r in (0, 1)]
+    assert ranks[0] + ranks[1] == sampler.batch_at(0)
+
+
+def test_cosine_schedule_ends_at_zero():
+    assert cosine_lr(0.1, 0, 100) == pytest.approx(0.1)
+    assert cosine_lr(0.1, 50, 100) == pytest.approx(0.05)
+    assert cosine_lr(0.1, 100, 100) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["pretrain", "no-such-folder"], ["no-such-folder", "not a folder"]),
+    (["pretrain", "empty"], ["no images"]),
+    (["pretrain", "few", "--batch-size", "64"], ["fewer than one batch"]),
+    (["pretrain", "few", "--time-budget", "soon"], ["duration"]),
+    (["pretrain", "few", "--epochs", "2", "--time-budget", "1m"], ["either"]),
+    (["pretrain", "few", "--resume"], ["nothing to resume"]),
+    (["pretrain", "few", "--workspace", "a-file/ws", "--batch-size", "4"], ["cannot write"]),
+])
+def test_bad_input_gets_a_one_line_error(tmp_path, args, fragments):
+    (tmp_path / "empty").mkdir()
+    make_image_folder(tmp_path / "few", per_class=2)
+    (tmp_path / "a-file").write_text("not a folder")
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), *fragments)
+
+
+@pytest.mark.parametrize("args", [["--epochs", "-3"], ["--batch-size", "lots"], ["--backbone", "vgg"]])
+def test_nonsense_flag_values_are_refused(tmp_path, args):
+    make_image_folder(tmp_path / "few", per_class=2)
+    result = run_cli("pretrain", "few", *args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Error: Invalid value" in result.stderr
