@@ -9,6 +9,7 @@ import click
 from PIL import Image
 
 from ..errors import UserError
+from .flow import embed_command, export_command, index_command, search_command
 from .pretrain import pretrain_command
 
 
@@ -37,7 +38,8 @@ def cli() -> None:
     """
 
 
-cli.add_command(pretrain_command)
+for command in (pretrain_command, index_command, search_command, export_command, embed_command):
+    cli.add_command(command)
 
 
 def main() -> None:

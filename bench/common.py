@@ -1,0 +1,66 @@
+"""Helpers shared by the benchmarks: real data from ../shared/data, machine description."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def require_shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        raise SystemExit(f"this benchmark needs the real data at {SHARED_DATA} (see the project README)")
+    return SHARED_DATA
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores ({cpu}), {gpu}, torch {torch.__version__}"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    root = require_shared_data() / "fashion-mnist"
+    prefix = "train" if split == "train" else "t10k"
+    return read_idx(root / f"{prefix}-images-idx3-ubyte.gz"), read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+
+
+def write_fashion_mnist_folder(out: Path, split: str, count: int, size: int = 28) -> Path:
+    """The first ``count`` images of a split as PNG class folders (resized to ``size`` if not 28)."""
+    images, labels = fashion_mnist(split)
+    for index in range(count):
+        folder = out / str(int(labels[index]))
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(images[index], mode="L")
+        if size != 28:
+            image = image.resize((size, size), Image.BILINEAR)
+        image.save(folder / f"{index:05d}.png")
+    return out
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "?"

@@ -1,0 +1,148 @@
+"""`export`, `embed`, `index` and `search`: the stages after pretraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..checkpoint import resolve_checkpoint_path
+from ..embed import OnnxEncoder, TorchEncoder, embed_folder
+from ..export import HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32, export_onnx
+from ..pipeline import index_folder
+from ..search import search_images, write_results_html
+from .options import workspace_at, workspace_option
+
+_echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
+
+provider_option = click.option(
+    "--provider", type=click.Choice(["tensorrt", "cuda", "cpu"]),
+    help="Force an ONNX Runtime provider.  [default: TensorRT, CUDA, CPU: the first that works]")
+backend_option = click.option(
+    "--backend", type=click.Choice(["onnx", "torch"]), default="onnx",
+    help="Embed with the exported ONNX encoder, or with the PyTorch checkpoint directly.")
+batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
+workers_option = click.option("--workers", type=click.IntRange(min=0), default=2, help="Image-decoding processes.")
+
+
+@click.command("export")
+@click.argument("source", required=False, type=click.Path(exists=True, path_type=Path))
+@workspace_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="ONNX file to write.  [default: encoder.onnx in the run folder, encoder-fp16.onnx with --fp16]")
+@click.option("--head", type=click.Choice(HEADS), default="backbone",
+              help="backbone: pooled features (for retrieval and transfer); projector: the SimSiam z.")
+@click.option("--fp16", is_flag=True, help=f"Half-precision weights for GPU inference (fp32 inputs and outputs); "
+              f"checked against fp32 at cosine >= {MIN_COSINE_FP16} instead of {MIN_COSINE_FP32}.")
+def export_command(source: Path | None, workspace: Path, output: Path | None, head: str, fp16: bool) -> None:
+    """Export a run's encoder (RUN folder or CHECKPOINT; default: the latest run) to ONNX.
+
+    The file carries its preprocessing in its metadata; every export ends with a parity check
+    on real images against PyTorch and fails if they disagree.
+    """
+    checkpoint = resolve_checkpoint_path(source if source is not None else workspace_at(workspace).latest_run_dir())
+    output = output or checkpoint.parent / ("encoder-fp16.onnx" if fp16 else "encoder.onnx")
+    if head == "projector" and output.name == "encoder.onnx":
+        output = output.with_name("encoder-projector.onnx")
+    result = export_onnx(checkpoint, output, head=head, fp16=fp16)
+    click.echo(f"wrote {result.path} ({result.embedding_dim}-d, {'fp16' if fp16 else 'fp32'}); parity with PyTorch "
+               f"on {result.parity_images} images: smallest cosine {result.min_cosine:.6f} "
+               f"(>= {result.min_cosine_required}), largest difference {result.max_abs_diff:.2e}")
+
+
+@click.command("embed")
+@click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for embeddings.npy, paths.txt, labels.txt and skipped.txt.")
+@workspace_option
+@click.option("--model", type=click.Path(exists=True, path_type=Path),
+              help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run's encoder]")
+@backend_option
+@provider_option
+@batch_option
+@workers_option
+def embed_command(image_dir: Path, output: Path, workspace: Path, model: Path | None, backend: str,
+                  provider: str | None, batch_size: int, workers: int) -> None:
+    """Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded)."""
+    from ..pipeline import encoder_for_run
+
+    space = workspace_at(workspace)
+    if backend == "torch":
+        encoder = TorchEncoder(resolve_checkpoint_path(model if model is not None else space.latest_run_dir()))
+    elif model is not None and model.suffix == ".onnx":
+        encoder = OnnxEncoder(model, provider)
+    else:
+        run = (model if model.is_dir() else model.parent) if model is not None else space.latest_run_dir()
+        encoder = OnnxEncoder(encoder_for_run(run, _echo_err), provider)
+    _echo_err(f"encoder: {encoder.description}")
+    result = embed_folder(image_dir, encoder, output, batch_size, workers)
+    skipped = f", {len(result.failures)} unreadable skipped (skipped.txt)" if result.failures else ""
+    click.echo(f"embedded {result.count} images into {result.output / 'embeddings.npy'} "
+               f"({result.images_per_second:.0f} images/s{skipped})")
+
+
+@click.command("index")
+@click.argument("image_dir", required=False, type=click.Path(path_type=Path))
+@workspace_option
+@click.option("--model", type=click.Path(exists=True, path_type=Path),
+              help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run's, exported if needed]")
+@click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), help="[default: WORKSPACE/index]")
+@click.option("--index-type", help="flat, hnsw, ivfpq, or any FAISS factory string.  [default: by size]")
+@click.option("--rebuild", is_flag=True, help="Embed everything again instead of only new and changed files.")
+@backend_option
+@provider_option
+@batch_option
+@workers_option
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def index_command(image_dir: Path | None, workspace: Path, model: Path | None, index_dir: Path | None,
+                  index_type: str | None, rebuild: bool, backend: str, provider: str | None, batch_size: int,
+                  workers: int, as_json: bool) -> None:
+    """Embed the images of IMAGE_DIR (default: the latest run's folder) into a FAISS index.
+
+    Running it again embeds only new or changed files and drops deleted ones.
+    """
+    update = index_folder(workspace_at(workspace), image_dir, model, index_dir, index_type, rebuild, backend,
+                          provider, batch_size, workers, report=_echo_err)
+    if as_json:
+        click.echo(json.dumps({
+            "index_dir": str(update.folder), "count": update.count, "added": update.added, "changed": update.changed,
+            "removed": update.removed, "unchanged": update.unchanged, "index_type": update.factory,
+            "skipped": [{"path": p, "reason": r} for p, r in update.failures], "seconds": round(update.seconds, 2),
+        }, indent=2))
+        return
+    if update.rebuilt_because:
+        _echo_err(f"full rebuild: {update.rebuilt_because}")
+    skipped = f"; {len(update.failures)} unreadable files skipped" if update.failures else ""
+    click.echo(f"index {update.folder}: {update.count} images ({update.added} added, {update.changed} changed, "
+               f"{update.removed} removed){skipped}; {update.factory} ({update.reason})\n"
+               f"next: simsiam-embed search QUERY.jpg")
+
+
+@click.command("search")
+@click.argument("queries", nargs=-1, required=True, type=click.Path(path_type=Path))
+@workspace_option
+@click.option("-k", type=click.IntRange(min=1), help="Results per query.  [default: 10, or the index size if smaller]")
+@click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), help="[default: WORKSPACE/index]")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Refuse to search unless the index was built with this encoder file.")
+@click.option("--exclude-self", is_flag=True, help="Leave a query that is itself in the index out of its results.")
+@provider_option
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a self-contained page with thumbnails of each query and its results.")
+def search_command(queries: tuple[Path, ...], workspace: Path, k: int | None, index_dir: Path | None, model: Path | None,
+                   exclude_self: bool, provider: str | None, as_json: bool, html_path: Path | None) -> None:
+    """The K most similar indexed images for each QUERY (an image, or a folder of them)."""
+    results = search_images(index_dir or workspace_at(workspace).default_index_dir, list(queries), k,
+                            exclude_self, model, provider)
+    if html_path is not None:
+        write_results_html(results, html_path)
+        _echo_err(f"wrote {html_path}")
+    if as_json:
+        click.echo(json.dumps([result.to_dict() for result in results], indent=2))
+        return
+    for result in results:
+        click.echo(f"{result.query}")
+        for hit in result.hits:
+            click.echo(f"  {hit.rank:>3}  {hit.score:.4f}  {hit.path}")

@@ -1,0 +1,116 @@
+"""The user's flow stitched from the stages: which run, which encoder, which folder.
+
+``simsiam-embed index`` with no argument means: the latest run's image folder, embedded with
+that run's encoder (exported on the fly if it has not been, or if the checkpoint is newer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import file_digest, load_checkpoint, resolve_checkpoint_path
+from .config import PretrainConfig
+from .embed import Encoder, OnnxEncoder, TorchEncoder
+from .errors import UserError
+from .export import export_onnx, read_encoder_metadata
+from .index import EncoderIdentity, IndexUpdate, update_index
+from .workspace import Workspace
+
+Report = Callable[[str], None]
+
+
+def encoder_for_run(run_dir: Path, report: Report) -> Path:
+    """``run_dir/encoder.onnx``, exported now if missing or made from an older checkpoint."""
+    checkpoint = run_dir / "checkpoint.pt"
+    encoder = run_dir / "encoder.onnx"
+    digest = file_digest(checkpoint)
+    if encoder.is_file():
+        try:
+            if read_encoder_metadata(encoder).get("source_checkpoint_sha256") == digest:
+                return encoder
+        except UserError:
+            pass   # unreadable or foreign: export a fresh one over it
+        report(f"{encoder} is older than {checkpoint}: exporting again")
+    else:
+        report(f"exporting {checkpoint} -> {encoder}")
+    result = export_onnx(checkpoint, encoder)
+    report(f"  parity with PyTorch on {result.parity_images} images: smallest cosine {result.min_cosine:.6f}, "
+           f"largest difference {result.max_abs_diff:.2e}")
+    return encoder
+
+
+@dataclass
+class IndexSources:
+    image_dir: Path
+    encoder: Encoder
+    identity: EncoderIdentity
+
+
+def resolve_index_sources(
+    workspace: Workspace,
+    image_dir: Path | None,
+    model: Path | None,
+    backend: str,
+    provider: str | None,
+    report: Report,
+) -> IndexSources:
+    """The folder to index and the encoder to embed it with, from what the user gave (or not)."""
+    run_dir = None
+    if model is None or image_dir is None:
+        run_dir = model if model is not None and model.is_dir() else workspace.latest_run_dir()
+    if image_dir is None:
+        config = PretrainConfig.from_dict(load_checkpoint(run_dir / "checkpoint.pt")["config"])
+        image_dir = Path(config.data_dir)
+        if not image_dir.is_dir():
+            raise UserError(f"the run's image folder {image_dir} is gone: name the folder to index")
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir} is not a folder: give the folder of images to index")
+
+    if backend == "torch":
+        checkpoint = resolve_checkpoint_path(model if model is not None else run_dir)
+        _warn_if_unfinished(checkpoint, report)
+        encoder: Encoder = TorchEncoder(checkpoint)
+        identity = EncoderIdentity("torch", str(checkpoint.resolve()), file_digest(checkpoint), encoder.dim)
+    else:
+        if model is not None and model.suffix == ".onnx":
+            onnx_path = model
+        else:
+            source_run = model.parent if model is not None and model.is_file() else (model or run_dir)
+            _warn_if_unfinished(source_run / "checkpoint.pt", report)
+            onnx_path = encoder_for_run(source_run, report)
+        encoder = OnnxEncoder(onnx_path, provider)
+        identity = EncoderIdentity("onnx", str(onnx_path.resolve()), file_digest(onnx_path), encoder.dim)
+    report(f"images: {image_dir}\nencoder: {encoder.description}")
+    return IndexSources(image_dir, encoder, identity)
+
+
+def _warn_if_unfinished(checkpoint: Path, report: Report) -> None:
+    state = load_checkpoint(checkpoint)
+    if not state.get("finished"):
+        report(f"note: {checkpoint} is from an unfinished run (step {state['step']} of {state['total_steps']}); "
+               "`simsiam-embed pretrain ... --resume` finishes it")
+
+
+def index_folder(
+    workspace: Workspace,
+    image_dir: Path | None = None,
+    model: Path | None = None,
+    index_dir: Path | None = None,
+    index_type: str | None = None,
+    rebuild: bool = False,
+    backend: str = "onnx",
+    provider: str | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    report: Report = print,
+    show_progress: bool = True,
+) -> IndexUpdate:
+    """``simsiam-embed index``: resolve the folder and encoder, then bring the index up to date."""
+    sources = resolve_index_sources(workspace, image_dir, model, backend, provider, report)
+    update = update_index(
+        sources.image_dir, sources.encoder, sources.identity, index_dir or workspace.default_index_dir,
+        index_type, rebuild, batch_size, workers, report, show_progress,
+    )
+    return update

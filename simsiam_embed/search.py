@@ -1,0 +1,172 @@
+"""Queries against an index: embed each query image with the index's own encoder, rank by cosine.
+
+    >>> results = search_images(Path("index"), [Path("query.jpg")], k=10)
+    >>> results[0].hits[0].path, results[0].hits[0].score
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import file_digest
+from .data import UnreadableImage, discover_images, open_image
+from .embed import Encoder, OnnxEncoder, TorchEncoder, l2_normalize
+from .errors import UserError
+from .index import LoadedIndex, content_digest, load_index
+
+
+DEFAULT_K = 10
+
+
+@dataclass
+class SearchHit:
+    rank: int
+    score: float
+    path: str
+    label: str
+    id: int
+
+
+@dataclass
+class QueryResult:
+    query: str
+    hits: list[SearchHit]
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "hits": [asdict(hit) for hit in self.hits]}
+
+
+def encoder_of_index(loaded: LoadedIndex, provider: str | None = None) -> Encoder:
+    """The very encoder that made the index's vectors; an error if its file has changed since."""
+    recorded = loaded.manifest["encoder"]
+    path = Path(recorded["path"])
+    if not path.is_file():
+        raise UserError(f"the index's encoder {path} is gone: rebuild with `simsiam-embed index --rebuild`")
+    if file_digest(path) != recorded["digest"]:
+        raise UserError(f"{path} changed since the index was built: update it with `simsiam-embed index`")
+    if recorded["kind"] == "torch":
+        return TorchEncoder(path)
+    return OnnxEncoder(path, provider)
+
+
+def check_model_matches(loaded: LoadedIndex, model: Path) -> None:
+    """A query model the user named must be the one the index was built with."""
+    if file_digest(model) != loaded.manifest["encoder"]["digest"]:
+        raise UserError(
+            f"the index in {loaded.folder} was built with another encoder ({loaded.manifest['encoder']['path']}), "
+            f"not {model}: search without --model, or re-index with it"
+        )
+
+
+def expand_queries(queries: list[Path]) -> list[Path]:
+    """Files stay; a folder becomes the images in it. A missing query is an error."""
+    expanded: list[Path] = []
+    for query in queries:
+        if query.is_dir():
+            found = discover_images(query)
+            if not found:
+                raise UserError(f"the query folder {query} holds no images")
+            expanded += found
+        elif query.is_file():
+            expanded.append(query)
+        else:
+            raise UserError(f"query {query} does not exist")
+    return expanded
+
+
+def embed_queries(paths: list[Path], encoder: Encoder) -> np.ndarray:
+    transform = encoder.preprocessing.transform()
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(transform(open_image(path, encoder.preprocessing.draft_side)).numpy())
+        except UnreadableImage as reason:
+            raise UserError(f"cannot read the query {path}: {reason}") from None
+    return l2_normalize(encoder(np.stack(tensors)))
+
+
+def search_images(
+    index_dir: Path,
+    queries: list[Path],
+    k: int | None = None,
+    exclude_self: bool = False,
+    model: Path | None = None,
+    provider: str | None = None,
+) -> list[QueryResult]:
+    """The ``k`` nearest indexed images of each query (default: 10, or all if the index is smaller)."""
+    loaded = load_index(index_dir)
+    if model is not None:
+        check_model_matches(loaded, model)
+    paths = expand_queries(queries)
+    if k is None:
+        k = min(DEFAULT_K, loaded.count)
+    elif k > loaded.count:
+        raise UserError(f"-k {k} is more than the {loaded.count} images in the index: use -k {loaded.count} or less")
+    vectors = embed_queries(paths, encoder_of_index(loaded, provider))
+    # One spare result per query, in case the query itself is in the index and is left out.
+    wanted = min(k + 1, loaded.count) if exclude_self else k
+    scores, ids = loaded.search(vectors, wanted)
+    return [
+        QueryResult(str(path), _hits(loaded, path, row_scores, row_ids, k, exclude_self))
+        for path, row_scores, row_ids in zip(paths, scores, ids)
+    ]
+
+
+def _hits(loaded: LoadedIndex, query: Path, scores: np.ndarray, ids: np.ndarray, k: int,
+          exclude_self: bool) -> list[SearchHit]:
+    query_path = str(query.resolve())
+    query_digest = content_digest(query) if exclude_self else None
+    hits: list[SearchHit] = []
+    for score, identifier in zip(scores, ids):
+        if identifier < 0:
+            continue
+        entry = loaded.entries[int(identifier)]
+        if exclude_self and (entry.path == query_path or entry.digest == query_digest):
+            continue
+        hits.append(SearchHit(len(hits) + 1, float(score), entry.path, entry.label, int(identifier)))
+        if len(hits) == k:
+            break
+    return hits
+
+
+def write_results_html(results: list[QueryResult], output: Path, thumbnail: int = 128) -> None:
+    """A self-contained page: each query beside its results, thumbnails embedded as data URIs."""
+    from .files import atomic_write
+
+    def image_tag(path: str, caption: str) -> str:
+        try:
+            image = open_image(path)
+            image.thumbnail((thumbnail, thumbnail))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+            source = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+            picture = f'<img src="{source}" alt="{html.escape(path)}">'
+        except UnreadableImage:
+            picture = '<div class="missing">unreadable</div>'
+        return f'<figure>{picture}<figcaption title="{html.escape(path)}">{html.escape(caption)}</figcaption></figure>'
+
+    rows = []
+    for result in results:
+        figures = [image_tag(result.query, "query: " + Path(result.query).name)]
+        figures += [image_tag(hit.path, f"{hit.rank}. {hit.score:.3f} {Path(hit.path).name}") for hit in result.hits]
+        rows.append(f'<section>{"".join(figures)}</section>')
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>simsiam-embed search</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+section {{ display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 1.5em; border-bottom: 1px solid #ddd; }}
+figure {{ margin: 0; width: {thumbnail}px; }} figure:first-child {{ outline: 3px solid #36c; }}
+img {{ max-width: {thumbnail}px; max-height: {thumbnail}px; image-rendering: pixelated; }}
+figcaption {{ font-size: 11px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }}
+</style></head><body><h1>simsiam-embed search</h1>{"".join(rows)}</body></html>
+"""
+    with atomic_write(output) as handle:
+        handle.write(page)
+
+

@@ -1,0 +1,250 @@
+"""Export, embed, index and search: parity, incremental updates, crash safety, the user's flow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simsiam_embed.checkpoint import file_digest
+from simsiam_embed.data import discover_images
+from simsiam_embed.embed import OnnxEncoder, TorchEncoder, embed_paths
+from simsiam_embed.errors import UserError
+from simsiam_embed.export import MIN_COSINE_FP16, export_onnx, max_abs_and_min_cosine, read_encoder_metadata
+from simsiam_embed.index import EncoderIdentity, build_faiss_index, choose_index_type, load_index, update_index
+from simsiam_embed.pretrain import pretrain
+from simsiam_embed.search import search_images
+from simsiam_embed.workspace import Workspace
+
+from conftest import FAST_TRAINING, SAMPLE, assert_one_line_error, draw_shape_image, make_image_folder, run_cli
+
+TINY = dict(batch_size=8, num_workers=0, projector_hidden_dim=64, dim=64, predictor_hidden_dim=16, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory) -> Path:
+    """A run trained briefly on 40 images of the bundled sample (28 px, the small-image recipe)."""
+    root = tmp_path_factory.mktemp("sample-run")
+    for folder in sorted((SAMPLE / "train").iterdir()):
+        (root / "images" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:4]:
+            shutil.copy(image, root / "images" / folder.name / image.name)
+    result = pretrain(root / "images", Workspace(root), TINY, report=lambda _m: None, show_progress=False)
+    return result.run_dir
+
+
+@pytest.fixture(scope="module")
+def sample_encoder(sample_run) -> Path:
+    export_onnx(sample_run / "checkpoint.pt", sample_run / "encoder.onnx")
+    return sample_run / "encoder.onnx"
+
+
+def test_onnx_matches_pytorch_on_the_bundled_sample(sample_run, sample_encoder):
+    metadata = read_encoder_metadata(sample_encoder)
+    assert metadata["input_size"] == "28" and metadata["embedding_dim"] == "512"
+    assert json.loads(metadata["mean"]) == [0.485, 0.456, 0.406]
+    assert metadata["source_checkpoint_sha256"] == file_digest(sample_run / "checkpoint.pt")
+    paths = discover_images(SAMPLE / "test")
+    onnx_vectors = embed_paths(paths, OnnxEncoder(sample_encoder), batch_size=50, workers=0, show_progress=False)
+    torch_vectors = embed_paths(paths, TorchEncoder(sample_run / "checkpoint.pt", "cpu"), batch_size=50,
+                                workers=0, show_progress=False)
+    assert len(onnx_vectors.vectors) == len(paths) == 200
+    _, min_cosine = max_abs_and_min_cosine(onnx_vectors.vectors, torch_vectors.vectors)
+    assert min_cosine >= 0.9999
+    assert np.allclose(np.linalg.norm(onnx_vectors.vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_batch_axis_is_dynamic(sample_encoder):
+    encoder = OnnxEncoder(sample_encoder)
+    for batch in (1, 3, 17):
+        assert encoder(np.zeros((batch, 3, 28, 28), dtype=np.float32)).shape == (batch, 512)
+
+
+def test_fp16_export_stays_within_its_bound(sample_run, tmp_path):
+    result = export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder-fp16.onnx", fp16=True,
+                         parity_images=discover_images(SAMPLE / "test")[:32])
+    assert result.min_cosine >= MIN_COSINE_FP16 and result.fp16
+    assert read_encoder_metadata(result.path)["precision"] == "fp16"
+    assert result.path.stat().st_size < 0.6 * (sample_run / "encoder.onnx").stat().st_size
+
+
+def test_projector_head_exports_z(sample_run, tmp_path):
+    result = export_onnx(sample_run / "checkpoint.pt", tmp_path / "z.onnx", head="projector")
+    assert result.embedding_dim == 64 and result.min_cosine >= 0.9999
+
+
+def test_exact_search_equals_brute_force():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(1000, 1500, dtype=np.int64)
+    queries = vectors[:20] + 0.1 * rng.standard_normal((20, 32)).astype(np.float32)
+    scores, found = build_faiss_index(vectors, ids, "Flat").search(queries, 10)
+    brute = queries @ vectors.T
+    expected = np.argsort(-brute, axis=1)[:, :10]
+    assert np.array_equal(found, ids[expected])
+    assert np.allclose(scores, np.take_along_axis(brute, expected, axis=1), atol=1e-5)
+
+
+def test_index_type_follows_the_size():
+    assert choose_index_type(1_000, 512, None).factory == "Flat"
+    assert choose_index_type(1_000_000, 512, None).factory == "HNSW32"
+    assert choose_index_type(10_000_000, 2048, None).factory.startswith("IVF")
+    assert choose_index_type(10, 512, "HNSW16").factory == "HNSW16"
+
+
+def _identity(encoder_path: Path, encoder: OnnxEncoder) -> EncoderIdentity:
+    return EncoderIdentity("onnx", str(encoder_path), file_digest(encoder_path), encoder.dim)
+
+
+def _catalog_matches_disk(index_dir: Path, folder: Path) -> None:
+    loaded = load_index(index_dir)
+    on_disk = sorted(str(p) for p in discover_images(folder.resolve()))
+    assert sorted(entry.path for entry in loaded.entries.values()) == on_disk
+    assert sorted(loaded.ids.tolist()) == sorted(loaded.entries) and loaded.count == len(on_disk)
+
+
+def test_add_change_delete_cycles_keep_index_and_catalog_in_step(sample_encoder, tmp_path):
+    encoder = OnnxEncoder(sample_encoder)
+    identity = _identity(sample_encoder, encoder)
+    folder = make_image_folder(tmp_path / "images", per_class=4)
+    index_dir = tmp_path / "index"
+    quiet = dict(report=lambda _m: None, show_progress=False, workers=0)
+
+    first = update_index(folder, encoder, identity, index_dir, **quiet)
+    assert (first.count, first.added, first.changed, first.removed) == (12, 12, 0, 0)
+    _catalog_matches_disk(index_dir, folder)
+    ids_before = {entry.path: entry.id for entry in load_index(index_dir).entries.values()}
+
+    untouched = update_index(folder, encoder, identity, index_dir, **quiet)
+    assert (untouched.added, untouched.changed, untouched.removed, untouched.unchanged) == (0, 0, 0, 12)
+
+    rng = np.random.default_rng(7)
+    for number in range(3):
+        draw_shape_image(rng, 20, "disc").save(folder / "disc" / f"new-{number}.png")
+    changed = folder / "square" / "square-00.png"
+    draw_shape_image(rng, 24, "triangle").save(changed)
+    (folder / "triangle" / "triangle-00.png").unlink()
+    (folder / "triangle" / "triangle-01.png").unlink()
+    second = update_index(folder, encoder, identity, index_dir, **quiet)
+    assert (second.count, second.added, second.changed, second.removed, second.unchanged) == (13, 3, 1, 2, 9)
+    _catalog_matches_disk(index_dir, folder)
+    loaded = load_index(index_dir)
+    after = {entry.path: entry.id for entry in loaded.entries.values()}
+    assert all(after[path] == ids_before[path] for path in after if path in ids_before and path != str(changed.resolve()))
+    assert after[str(changed.resolve())] not in ids_before.values()
+
+    # The changed image's new vector is in the index: it finds itself first.
+    hits = search_images(index_dir, [changed], k=1)[0].hits
+    assert hits[0].path == str(changed.resolve()) and hits[0].score > 0.999
+
+
+def test_a_crash_while_writing_leaves_the_old_index_readable(sample_encoder, tmp_path, monkeypatch):
+    encoder = OnnxEncoder(sample_encoder)
+    identity = _identity(sample_encoder, encoder)
+    folder = make_image_folder(tmp_path / "images", per_class=3)
+    index_dir = tmp_path / "index"
+    quiet = dict(report=lambda _m: None, show_progress=False, workers=0)
+    update_index(folder, encoder, identity, index_dir, **quiet)
+    draw_shape_image(np.random.default_rng(3), 20, "disc").save(folder / "disc" / "extra.png")
+
+    import simsiam_embed.index as index_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_module, "_write_catalog", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        update_index(folder, encoder, identity, index_dir, **quiet)
+    assert load_index(index_dir).count == 9
+    monkeypatch.undo()
+    assert update_index(folder, encoder, identity, index_dir, **quiet).count == 10
+    assert not [p for p in index_dir.iterdir() if p.name.endswith(".partial")]
+
+
+def test_another_encoder_means_a_full_rebuild(sample_run, sample_encoder, tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=2)
+    index_dir = tmp_path / "index"
+    quiet = dict(report=lambda _m: None, show_progress=False, workers=0)
+    encoder = OnnxEncoder(sample_encoder)
+    update_index(folder, encoder, _identity(sample_encoder, encoder), index_dir, **quiet)
+    other = export_onnx(sample_run / "checkpoint.pt", tmp_path / "projector.onnx", head="projector").path
+    other_encoder = OnnxEncoder(other)
+    update = update_index(folder, other_encoder, _identity(other, other_encoder), index_dir, **quiet)
+    assert update.rebuilt_because and "encoder changed" in update.rebuilt_because
+    assert update.added == 6 and load_index(index_dir).manifest["dim"] == 64
+    with pytest.raises(UserError, match="another encoder"):
+        search_images(index_dir, [folder], k=1, model=sample_encoder)
+
+
+def test_the_users_three_commands_in_a_fresh_folder(tmp_path):
+    images = make_image_folder(tmp_path / "images", per_class=6)
+    query = tmp_path / "query.png"
+    shutil.copy(images / "disc" / "disc-03.png", query)
+
+    trained = run_cli("pretrain", "./images", "--epochs", "2", *FAST_TRAINING, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    indexed = run_cli("index", cwd=tmp_path)
+    assert indexed.returncode == 0, indexed.stderr
+    assert "18 images (18 added" in indexed.stdout and "Flat" in indexed.stdout
+    assert "exporting" in indexed.stderr and "CPUExecutionProvider" in indexed.stderr
+    assert (tmp_path / "runs" / "images" / "encoder.onnx").is_file()
+
+    found = run_cli("search", "query.png", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert lines[0] == "query.png" and len(lines) == 11
+    rank, score, path = lines[1].split()
+    assert rank == "1" and path.endswith("disc/disc-03.png") and float(score) > 0.999
+
+    as_json = run_cli("search", "query.png", "-k", "3", "--exclude-self", "--json", "--html", "page.html", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    hits = json.loads(as_json.stdout)[0]["hits"]
+    assert len(hits) == 3 and not any(hit["path"].endswith("disc-03.png") for hit in hits)
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    page = (tmp_path / "page.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 4
+
+    again = run_cli("index", "--json", cwd=tmp_path)
+    assert again.returncode == 0 and json.loads(again.stdout)["unchanged"] == 18
+
+
+def test_search_bad_input_gets_one_line_errors(sample_encoder, tmp_path):
+    assert_one_line_error(run_cli("search", "q.png", cwd=tmp_path), "simsiam-embed index")
+    folder = make_image_folder(tmp_path / "images", per_class=2)
+    indexed = run_cli("index", str(folder), "--model", str(sample_encoder), cwd=tmp_path)
+    assert indexed.returncode == 0, indexed.stderr
+    query = folder / "disc" / "disc-00.png"
+    assert_one_line_error(run_cli("search", "missing.png", cwd=tmp_path), "missing.png", "does not exist")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    assert_one_line_error(run_cli("search", "broken.png", cwd=tmp_path), "cannot read the query")
+    assert_one_line_error(run_cli("search", str(query), "-k", "50", cwd=tmp_path), "-k 6")
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"not the same encoder")
+    assert_one_line_error(run_cli("search", str(query), "--model", str(other), cwd=tmp_path), "another encoder")
+
+    current = (tmp_path / "index" / "CURRENT").read_text().strip()
+    (tmp_path / "index" / current / "faiss.index").write_bytes(b"half-written")
+    assert_one_line_error(run_cli("search", str(query), cwd=tmp_path), "damaged", "--rebuild")
+    rebuilt = run_cli("index", str(folder), "--model", str(sample_encoder), "--rebuild", cwd=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert run_cli("search", str(query), cwd=tmp_path).returncode == 0
+
+
+def test_index_without_a_run_names_the_command_to_run(tmp_path):
+    assert_one_line_error(run_cli("index", cwd=tmp_path), "simsiam-embed pretrain")
+
+
+def test_embed_writes_vectors_paths_and_labels(sample_encoder, tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=3)
+    (folder / "disc" / "bad.png").write_bytes(b"")
+    result = run_cli("embed", str(folder), "-o", "out", "--model", str(sample_encoder), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    vectors = np.load(tmp_path / "out" / "embeddings.npy")
+    paths = (tmp_path / "out" / "paths.txt").read_text().splitlines()
+    labels = (tmp_path / "out" / "labels.txt").read_text().splitlines()
+    assert vectors.shape == (9, 512) and len(paths) == len(labels) == 9
+    assert labels.count("disc") == 3 and "bad.png" in (tmp_path / "out" / "skipped.txt").read_text()
