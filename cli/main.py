@@ -9,6 +9,7 @@ import click
 from PIL import Image
 
 from ..errors import UserError
+from .evaluate import knn_command
 from .flow import embed_command, export_command, index_command, search_command
 from .pretrain import pretrain_command
 
@@ -38,7 +39,7 @@ def cli() -> None:
     """
 
 
-for command in (pretrain_command, index_command, search_command, export_command, embed_command):
+for command in (pretrain_command, index_command, search_command, export_command, embed_command, knn_command):
     cli.add_command(command)
 
 

@@ -98,11 +98,17 @@ def file_digest(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def load_trained_model(path: Path | str) -> tuple[SimSiam, PretrainConfig, dict[str, Any]]:
-    """A run's network with its trained weights, in eval mode, with its config and raw state."""
+def load_trained_model(path: Path | str, random_init: bool = False) -> tuple[SimSiam, PretrainConfig, dict[str, Any]]:
+    """A run's network with its trained weights, in eval mode, with its config and raw state.
+
+    ``random_init``: the same network with the weights the run started from instead.
+    """
     state = load_checkpoint(path)
     config = PretrainConfig.from_dict(state["config"])
+    torch.manual_seed(config.seed)   # as pretraining does, so random_init is the run's own start
     model = build_model(config)
+    if random_init:
+        return model.eval(), config, state
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -110,8 +116,8 @@ def load_trained_model(path: Path | str) -> tuple[SimSiam, PretrainConfig, dict[
     return model.eval(), config, state
 
 
-def load_trained_backbone(path: Path | str) -> tuple[Backbone, Preprocessing, PretrainConfig]:
-    model, config, _ = load_trained_model(path)
+def load_trained_backbone(path: Path | str, random_init: bool = False) -> tuple[Backbone, Preprocessing, PretrainConfig]:
+    model, config, _ = load_trained_model(path, random_init)
     return model.backbone, preprocessing_for(config), config
 
 

@@ -90,12 +90,14 @@ class OnnxEncoder:
 class TorchEncoder:
     """The checkpoint's backbone run by PyTorch directly (no ONNX Runtime needed)."""
 
-    def __init__(self, checkpoint: Path, device: str | None = None):
-        backbone, self.preprocessing, _ = load_trained_backbone(checkpoint)
+    def __init__(self, checkpoint: Path, device: str | None = None, random_init: bool = False):
+        """``random_init``: the checkpoint's architecture with the weights it started from (the
+        run's seed), as the baseline a trained encoder must beat."""
+        backbone, self.preprocessing, _ = load_trained_backbone(checkpoint, random_init=random_init)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.backbone = backbone.to(self.device).eval()
         self.dim = backbone.feature_dim
-        self.description = f"PyTorch ({self.device}) {checkpoint}"
+        self.description = f"PyTorch ({self.device}) {checkpoint}{' at random init' if random_init else ''}"
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:

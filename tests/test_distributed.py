@@ -37,3 +37,30 @@ def test_two_ranks_hold_the_same_weights_after_training(tmp_path):
     assert not torch.equal(fresh[conv], rank0[conv])
     assert torch.equal(state["model"][conv], rank0[conv])
     assert len((run / "metrics.jsonl").read_text().splitlines()) == state["step"] + 2
+
+
+def test_embedding_under_torchrun_merges_the_shards_in_order(tmp_path):
+    from simsiam_embed.export import export_onnx
+    from simsiam_embed.pretrain import pretrain
+    from simsiam_embed.workspace import Workspace
+
+    images = make_image_folder(tmp_path / "images", per_class=5)
+    (images / "disc" / "broken.png").write_bytes(b"")
+    run = pretrain(images, Workspace(tmp_path), dict(epochs=1, crop_size=16, batch_size=8, num_workers=0,
+                   projector_hidden_dim=32, dim=32, predictor_hidden_dim=8),
+                   report=lambda _m: None, show_progress=False).run_dir
+    encoder = export_onnx(run / "checkpoint.pt", tmp_path / "encoder.onnx").path
+    common = ["-m", "simsiam_embed.cli.main", "embed", str(images), "--model", str(encoder), "--workers", "0"]
+    single = subprocess.run([sys.executable, *common, "-o", str(tmp_path / "single")], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         *common, "-o", str(tmp_path / "sharded")], capture_output=True, text=True, timeout=600)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    for name in ("paths.txt", "labels.txt", "skipped.txt"):
+        assert (tmp_path / "single" / name).read_text() == (tmp_path / "sharded" / name).read_text()
+    import numpy as np
+
+    assert np.allclose(np.load(tmp_path / "single" / "embeddings.npy"), np.load(tmp_path / "sharded" / "embeddings.npy"), atol=1e-5)
+    assert len((tmp_path / "sharded" / "paths.txt").read_text().splitlines()) == 15
+    assert not list((tmp_path / "sharded").glob(".shard-*"))

@@ -1,0 +1,62 @@
+"""`simsiam-embed knn`: how good is the encoder, in labelled numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..checkpoint import resolve_checkpoint_path
+from ..embed import OnnxEncoder, TorchEncoder
+from ..evaluate import KNN_SETTINGS, evaluate_knn
+from .options import workspace_at, workspace_option
+
+
+@click.command("knn")
+@click.option("--train", "train_dir", type=click.Path(path_type=Path), required=True,
+              help="Labelled bank: TRAIN/<class>/images.")
+@click.option("--test", "test_dir", type=click.Path(path_type=Path), required=True,
+              help="Labelled test images: TEST/<class>/images.")
+@workspace_option
+@click.option("--model", type=click.Path(exists=True, path_type=Path),
+              help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run]")
+@click.option("-k", type=click.IntRange(min=1), help=f"Neighbours.  [default: {KNN_SETTINGS[0][0]}, and {KNN_SETTINGS[1][0]}]")
+@click.option("-t", "--temperature", type=click.FloatRange(min=0, min_open=True),
+              help=f"Vote weight exp(sim / T).  [default: {KNN_SETTINGS[0][1]}, and {KNN_SETTINGS[1][1]}]")
+@click.option("--compare-random-init", is_flag=True, help="Also score the same network at its random initialisation.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128)
+@click.option("--workers", type=click.IntRange(min=0), default=2)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | None, k: int | None,
+                temperature: float | None, compare_random_init: bool, batch_size: int, workers: int,
+                as_json: bool) -> None:
+    """Weighted kNN classification of TEST by TRAIN in the encoder's space: top-1, top-5, per class."""
+    if (k is None) != (temperature is None):
+        settings = ((k or KNN_SETTINGS[0][0], temperature or KNN_SETTINGS[0][1]),)
+    else:
+        settings = ((k, temperature),) if k is not None else KNN_SETTINGS
+    source = model if model is not None else workspace_at(workspace).latest_run_dir()
+    encoders = [("trained", OnnxEncoder(source) if source.suffix == ".onnx" else TorchEncoder(resolve_checkpoint_path(source)))]
+    if compare_random_init:
+        if source.suffix == ".onnx":
+            raise click.UsageError("--compare-random-init needs a run folder or checkpoint as --model, not an ONNX file")
+        encoders.append(("random init", TorchEncoder(resolve_checkpoint_path(source), random_init=True)))
+    results = {name: evaluate_knn(encoder, train_dir, test_dir, settings, batch_size, workers, not as_json)
+               for name, encoder in encoders}
+    if as_json:
+        click.echo(json.dumps({name: {"bank": e.bank_count, "test": e.test_count, "skipped": e.skipped,
+                                      "knn": [r.to_dict() for r in e.reports]} for name, e in results.items()}, indent=2))
+        return
+    for name, evaluation in results.items():
+        for report in evaluation.reports:
+            click.echo(f"{name:>11}: kNN (k={report.k}, T={report.temperature}) top-1 {report.top1:.3f}, "
+                       f"top-5 {report.top5:.3f} on {report.test_count} test images, bank {evaluation.bank_count}")
+    first = next(iter(results.values()))
+    missing = first.reports[0].classes_missing_from_bank
+    if missing:
+        click.echo(f"note: test classes with no bank images (always counted wrong): {', '.join(missing)}", err=True)
+    if not as_json and len(first.reports[0].per_class) <= 20:
+        report = first.reports[0]
+        click.echo("per class (trained, first setting): " +
+                   ", ".join(f"{name} {accuracy:.2f}" for name, accuracy in report.per_class.items()))

@@ -1,0 +1,76 @@
+"""Weighted kNN against a brute-force implementation, labelled folders, the knn command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from simsiam_embed.errors import UserError
+from simsiam_embed.evaluate import knn_classify, labelled_folder
+
+from conftest import assert_one_line_error, make_image_folder, run_cli
+
+
+def brute_force_knn(bank, bank_labels, queries, classes, k, temperature):
+    predictions = []
+    for query in queries:
+        similarity = bank @ query
+        nearest = np.argsort(-similarity, kind="stable")[:k]
+        votes = np.zeros(classes)
+        for neighbour in nearest:
+            votes[bank_labels[neighbour]] += np.exp(similarity[neighbour] / temperature)
+        predictions.append(int(np.argmax(votes)))
+    return np.array(predictions)
+
+
+@pytest.mark.parametrize("k, temperature", [(200, 0.1), (20, 0.07), (1, 0.5)])
+def test_knn_agrees_with_brute_force(k, temperature):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((5, 16))
+    bank_labels = rng.integers(0, 5, 400)
+    bank = centres[bank_labels] + 1.5 * rng.standard_normal((400, 16))
+    query_labels = rng.integers(0, 5, 100)
+    queries = centres[query_labels] + 1.5 * rng.standard_normal((100, 16))
+    bank = (bank / np.linalg.norm(bank, axis=1, keepdims=True)).astype(np.float32)
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    report = knn_classify(bank, bank_labels, queries, query_labels, [str(c) for c in range(5)], k, temperature)
+    expected = brute_force_knn(bank, bank_labels, queries, 5, k, temperature)
+    assert report.top1 == pytest.approx(float(np.mean(expected == query_labels)))
+    assert 0.3 < report.top1 <= report.top5 <= 1.0
+    assert set(report.per_class) == {str(c) for c in range(5)}
+
+
+def test_test_classes_missing_from_the_bank_are_named():
+    bank = np.eye(4, dtype=np.float32)[:2]
+    report = knn_classify(bank, np.array([0, 1]), np.eye(4, dtype=np.float32)[:3], np.array([0, 1, 2]),
+                          ["a", "b", "c"], k=2, temperature=0.1)
+    assert report.classes_missing_from_bank == ["c"] and report.per_class["c"] == 0.0
+
+
+def test_labelled_folders_need_class_subfolders(tmp_path):
+    make_image_folder(tmp_path / "flat", per_class=1, classes=("disc",))
+    (tmp_path / "flat" / "disc" / "disc-00.png").rename(tmp_path / "flat" / "loose.png")
+    with pytest.raises(UserError, match="class subfolders"):
+        labelled_folder(tmp_path / "flat")
+    images = labelled_folder(make_image_folder(tmp_path / "ok", per_class=2))
+    assert images.class_names == ["disc", "square", "triangle"] and images.labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_knn_command_compares_trained_and_random_init(tmp_path):
+    from conftest import FAST_TRAINING
+
+    images = make_image_folder(tmp_path / "train", per_class=6)
+    make_image_folder(tmp_path / "test", per_class=3, seed=1)
+    assert run_cli("pretrain", "train", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path).returncode == 0
+    result = run_cli("knn", "--train", "train", "--test", "test", "--compare-random-init", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert set(scores) == {"trained", "random init"}
+    for name in scores:
+        assert [r["k"] for r in scores[name]["knn"]] == [18, 18]   # k capped at the bank size
+        assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in scores[name]["knn"])
+    assert images.is_dir()
+
+    single = tmp_path / "single"
+    make_image_folder(single, per_class=3, classes=("disc",))
+    assert_one_line_error(run_cli("knn", "--train", "single", "--test", "test", cwd=tmp_path), "single class")
