@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import platform
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,10 @@ import torch
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# One IDX reader: the one that made the bundled sample.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from make_fashion_mnist_sample import read_idx  # noqa: E402
 
 
 def require_shared_data() -> Path:
@@ -29,14 +32,6 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{os.cpu_count()} cores ({cpu}), {gpu}, torch {torch.__version__}"
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -56,11 +51,3 @@ def write_fashion_mnist_folder(out: Path, split: str, count: int, size: int = 28
             image = image.resize((size, size), Image.BILINEAR)
         image.save(folder / f"{index:05d}.png")
     return out
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "?"

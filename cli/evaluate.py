@@ -9,7 +9,7 @@ import click
 
 from ..checkpoint import resolve_checkpoint_path
 from ..embed import OnnxEncoder, TorchEncoder
-from ..evaluate import KNN_SETTINGS, evaluate_knn
+from ..evaluate import KNN_SETTINGS, evaluate_knn, evaluate_linear_probe
 from .options import workspace_at, workspace_option
 
 
@@ -37,7 +37,7 @@ def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | 
     else:
         settings = ((k, temperature),) if k is not None else KNN_SETTINGS
     source = model if model is not None else workspace_at(workspace).latest_run_dir()
-    encoders = [("trained", OnnxEncoder(source) if source.suffix == ".onnx" else TorchEncoder(resolve_checkpoint_path(source)))]
+    encoders = [("trained", _encoder_from(source))]
     if compare_random_init:
         if source.suffix == ".onnx":
             raise click.UsageError("--compare-random-init needs a run folder or checkpoint as --model, not an ONNX file")
@@ -60,3 +60,32 @@ def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | 
         report = first.reports[0]
         click.echo("per class (trained, first setting): " +
                    ", ".join(f"{name} {accuracy:.2f}" for name, accuracy in report.per_class.items()))
+
+
+def _encoder_from(source: Path):
+    """An exported encoder.onnx, or a run folder / checkpoint (embedded with PyTorch)."""
+    return OnnxEncoder(source) if source.suffix == ".onnx" else TorchEncoder(resolve_checkpoint_path(source))
+
+
+@click.command("linear-probe")
+@click.option("--train", "train_dir", type=click.Path(path_type=Path), required=True,
+              help="Labelled training images: TRAIN/<class>/images.")
+@click.option("--test", "test_dir", type=click.Path(path_type=Path), required=True,
+              help="Labelled test images: TEST/<class>/images.")
+@workspace_option
+@click.option("--model", type=click.Path(exists=True, path_type=Path),
+              help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run]")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, help="L-BFGS passes over the frozen features.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Images per forward pass while embedding.")
+@click.option("--workers", type=click.IntRange(min=0), default=2)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def linear_probe_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | None, epochs: int,
+                         batch_size: int, workers: int, as_json: bool) -> None:
+    """Train a linear classifier on the frozen encoder's features of TRAIN; report TEST accuracy."""
+    source = model if model is not None else workspace_at(workspace).latest_run_dir()
+    report = evaluate_linear_probe(_encoder_from(source), train_dir, test_dir, epochs, batch_size, workers, not as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo(f"linear probe: top-1 {report.top1:.3f}, top-5 {report.top5:.3f} on {report.test_count} test images "
+               f"(train top-1 {report.train_top1:.3f} on {report.train_count})")

@@ -9,7 +9,7 @@ import click
 from PIL import Image
 
 from ..errors import UserError
-from .evaluate import knn_command
+from .evaluate import knn_command, linear_probe_command
 from .flow import embed_command, export_command, index_command, search_command
 from .pretrain import pretrain_command
 
@@ -39,7 +39,8 @@ def cli() -> None:
     """
 
 
-for command in (pretrain_command, index_command, search_command, export_command, embed_command, knn_command):
+for command in (pretrain_command, index_command, search_command, export_command, embed_command, knn_command,
+                linear_probe_command):
     cli.add_command(command)
 
 

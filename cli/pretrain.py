@@ -45,6 +45,9 @@ _positive = click.FloatRange(min=0, min_open=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda if available]")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision.  [default: bf16 on GPUs that have it, fp16 on others, off on CPU]")
 @click.option("--log-every", type=click.IntRange(min=1), help="Steps between lines of metrics.jsonl.  [default: 10]")
+@click.option("--val-dir", type=click.Path(exists=True, file_okay=False),
+              help="Labelled folder (VAL/<class>/images): kNN accuracy every --val-every epochs, against random init.")
+@click.option("--val-every", type=click.IntRange(min=1), help="Epochs between kNN evaluations.  [default: 1]")
 @click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size even when the crop is much smaller.")
 def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: bool, time_budget: str | None,
                      no_stop_grad: bool, no_predictor: bool, asymmetric_loss: bool, no_heads_bn: bool,
@@ -77,3 +80,5 @@ def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: 
         f"{result.pairs_per_second or 0:.0f} image pairs/s{skipped}\n"
         f"encoder: {result.checkpoint}\nnext: simsiam-embed index"
     )
+    if result.knn_verdict:
+        click.echo(result.knn_verdict)

@@ -57,6 +57,9 @@ class PretrainConfig:
     amp: str = "off"
     channels_last: bool = False
     log_every: int = 10
+    # kNN monitor on a labelled folder (issue: know whether training beats random init).
+    val_dir: str | None = None
+    val_every: int = 1
     decode_draft: bool = True
     choices: list[str] = field(default_factory=list)
 

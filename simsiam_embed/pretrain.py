@@ -27,7 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import build_model, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (
+    build_model, capture_rng_state, load_checkpoint, preprocessing_for, restore_rng_state, save_checkpoint,
+)
 from .config import PretrainConfig, resolve_pretrain_config
 from .data import (
     TwoViewDataset,
@@ -39,12 +41,13 @@ from .data import (
 )
 from .distributed import DistributedContext, any_rank, device_for_rank, init_distributed, mean_over_ranks
 from .errors import UserError
+from .evaluate import KnnMonitor
 from .files import atomic_write, ensure_writable_folder, write_json_atomic
 from .models import SimSiam, simsiam_loss
 from .workspace import Workspace, run_name_for
 
 #: Settings that may differ when resuming: they change how, not what, the run computes.
-RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "log_every", "decode_draft"})
+RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "log_every", "decode_draft", "val_dir", "val_every"})
 
 #: Below this fraction of 1/sqrt(dim), the std of the normalised outputs means collapse (Fig. 2).
 COLLAPSE_FRACTION = 0.25
@@ -195,6 +198,7 @@ class PretrainResult:
     elapsed_s: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     model: SimSiam | None = None   # the trained network, in this process's memory
+    knn_verdict: str | None = None  # with --val-dir: has training beaten random init?
 
     @property
     def checkpoint(self) -> Path:
@@ -370,6 +374,9 @@ class _Trainer:
         self.elapsed_before = 0.0
         self.skipped: dict[str, str] = {}   # path -> why it could not be read
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.monitor = (KnnMonitor(Path(config.val_dir), preprocessing_for(config), device)
+                        if config.val_dir and context.is_main else None)
+        self.knn_top1: float | None = None
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -385,6 +392,8 @@ class _Trainer:
         self.step = state["step"]
         self.total_steps = state["total_steps"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
+        if self.monitor is not None:
+            self.monitor.random_init_top1 = state.get("knn_random_init_top1")
         self.skipped.update(state.get("skipped", {}))
         if self.context.is_main:
             self._forget_metrics_after(self.step)
@@ -417,6 +426,7 @@ class _Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": capture_rng_state(),
             "skipped": self.skipped,
+            "knn_random_init_top1": self.monitor.random_init_top1 if self.monitor else None,
         })
         with atomic_write(self.run_dir / "skipped.txt") as handle:
             handle.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(self.skipped.items())))
@@ -480,6 +490,10 @@ class _Trainer:
                    dynamic_ncols=True, mininterval=0.5 if is_tty else 30, file=sys.stderr)
         loader = iter(self._loader())
         metrics = open(self.metrics_path, "a") if self.context.is_main else None
+        if self.monitor is not None and self.monitor.random_init_top1 is None and self.step == 0:
+            self.monitor.random_init_top1 = self._knn_top1()
+            self.report(f"kNN top-1 on {config.val_dir} at random init: {self.monitor.random_init_top1:.3f}")
+            metrics.write(json.dumps({"step": 0, "knn_top1_random_init": self.monitor.random_init_top1}) + "\n")
         try:
             while self.total_steps is None or self.step < self.total_steps:
                 batch, failures = next(loader)
@@ -522,6 +536,9 @@ class _Trainer:
                 if end_of_epoch or finished:
                     epoch_record = {key: float(mean_over_ranks(v, self.context)) for key, v in epoch_means.means().items()}
                     epoch_means = _RunningMeans()
+                    if self.monitor is not None and (finished or (self.step // self.steps_per_epoch) % config.val_every == 0):
+                        self.knn_top1 = epoch_record["knn_top1"] = self._knn_top1()
+                        bar.set_postfix_str(self._postfix(last, lr, pairs_per_s), refresh=False)
                     self._end_epoch(epoch_record, collapse_level, metrics)
                 if finished:
                     break
@@ -542,6 +559,11 @@ class _Trainer:
         elapsed = self.elapsed_before + time.monotonic() - started
         self.save(finished=True, elapsed_s=elapsed)
         return self._result(True, last, pairs_per_s, elapsed)
+
+    def _knn_top1(self) -> float:
+        # Embedding draws from the global generator (DataLoader seeds); training must not notice.
+        with torch.random.fork_rng(devices=[]):
+            return self.monitor.top1(self.model.backbone)
 
     def _end_epoch(self, means: dict[str, float], collapse_level: float, metrics) -> None:
         epoch = math.ceil(self.step / self.steps_per_epoch)
@@ -581,9 +603,9 @@ class _Trainer:
                         f"{_format_duration(remaining)} more. Ctrl-C saves a checkpoint (--resume continues); "
                         "--time-budget plans a shorter run that still finishes its schedule.")
 
-    @staticmethod
-    def _postfix(last: dict[str, float], lr: float, pairs_per_s: float | None) -> str:
+    def _postfix(self, last: dict[str, float], lr: float, pairs_per_s: float | None) -> str:
         parts = [f"loss {last['loss']:.3f}" if "loss" in last else "", f"lr {lr:.3g}",
+                 f"kNN {self.knn_top1:.3f}" if self.knn_top1 is not None else "",
                  f"z-std {last['z_std']:.4f}" if "z_std" in last else "",
                  f"{pairs_per_s:.0f} img/s" if pairs_per_s else ""]
         return ", ".join(part for part in parts if part)
@@ -595,6 +617,7 @@ class _Trainer:
             steps_per_epoch=self.steps_per_epoch, finished=finished, loss=last.get("loss"),
             z_std=last.get("z_std"), pairs_per_second=pairs_per_s, elapsed_s=elapsed, skipped=sorted(self.skipped.items()),
             model=self.model,
+            knn_verdict=self.monitor.verdict(self.knn_top1) if self.monitor and self.knn_top1 is not None else None,
         )
 
 

@@ -74,3 +74,46 @@ def test_knn_command_compares_trained_and_random_init(tmp_path):
     single = tmp_path / "single"
     make_image_folder(single, per_class=3, classes=("disc",))
     assert_one_line_error(run_cli("knn", "--train", "single", "--test", "test", cwd=tmp_path), "single class")
+
+
+def test_val_dir_monitor_logs_knn_and_says_whether_training_beat_random_init(tmp_path):
+    from conftest import FAST_TRAINING
+
+    make_image_folder(tmp_path / "train", per_class=6)
+    make_image_folder(tmp_path / "val", per_class=4, seed=2)
+    result = run_cli("pretrain", "train", "--epochs", "2", "--val-dir", "val", *FAST_TRAINING, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "at random init:" in result.stderr
+    verdict = result.stdout.strip().splitlines()[-1]
+    assert "random" in verdict and ("paid off" in verdict or "NOT yet better" in verdict)
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= lines[0]["knn_top1_random_init"] <= 1
+    epoch_ends = [line for line in lines if "epoch_end" in line]
+    assert len(epoch_ends) == 2 and all(0 <= line["knn_top1"] <= 1 for line in epoch_ends)
+
+
+def test_linear_probe_learns_a_separable_problem():
+    from simsiam_embed.evaluate import train_linear_probe
+
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((4, 32))
+    labels = rng.integers(0, 4, 400)
+    features = directions[labels] * 3 + rng.standard_normal((400, 32))
+    report = train_linear_probe(features[:300], labels[:300], features[300:], labels[300:], 4, epochs=20)
+    assert report.train_top1 == 1.0 and report.top1 >= 0.97 and report.top5 == 1.0
+    shuffled = rng.permutation(labels[:300])   # no signal: chance level on held-out data
+    chance = train_linear_probe(features[:300], shuffled, features[300:], labels[300:], 4, epochs=20)
+    assert chance.top1 < 0.5
+
+
+def test_linear_probe_command(tmp_path):
+    from conftest import FAST_TRAINING
+
+    make_image_folder(tmp_path / "train", per_class=6)
+    make_image_folder(tmp_path / "test", per_class=3, seed=1)
+    assert run_cli("pretrain", "train", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path).returncode == 0
+    result = run_cli("linear-probe", "--train", "train", "--test", "test", "--epochs", "5", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["test_count"] == 9 and report["train_count"] == 18 and 0 <= report["top1"] <= report["top5"] <= 1
+    assert_one_line_error(run_cli("linear-probe", "--train", "nowhere", "--test", "test", cwd=tmp_path), "not a folder")
