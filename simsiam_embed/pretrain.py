@@ -377,6 +377,8 @@ class _Trainer:
         self.monitor = (KnnMonitor(Path(config.val_dir), preprocessing_for(config), device)
                         if config.val_dir and context.is_main else None)
         self.knn_top1: float | None = None
+        self.plan_origin: tuple[int, float] | None = None   # (step, time) when a budget was planned
+        self.last_save_seconds = 0.0
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -430,7 +432,8 @@ class _Trainer:
         })
         with atomic_write(self.run_dir / "skipped.txt") as handle:
             handle.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(self.skipped.items())))
-        return time.monotonic() - began
+        self.last_save_seconds = time.monotonic() - began
+        return self.last_save_seconds
 
     def _average_bn_statistics(self) -> None:
         """Without SyncBN (CPU) each rank's running statistics saw only its own batches: average them."""
@@ -490,6 +493,8 @@ class _Trainer:
                    dynamic_ncols=True, mininterval=0.5 if is_tty else 30, file=sys.stderr)
         loader = iter(self._loader())
         metrics = open(self.metrics_path, "a") if self.context.is_main else None
+        if config.time_budget_s and self.total_steps is not None:
+            self.plan_origin = (self.step, time.monotonic())   # a resumed budget run keeps checking its plan
         if self.monitor is not None and self.monitor.random_init_top1 is None and self.step == 0:
             self.monitor.random_init_top1 = self._knn_top1()
             self.report(f"kNN top-1 on {config.val_dir} at random init: {self.monitor.random_init_top1:.3f}")
@@ -552,6 +557,9 @@ class _Trainer:
                     return self._result(False, last, pairs_per_s, elapsed)
                 elif end_of_epoch:
                     self.save(finished=False, elapsed_s=self.elapsed_before + time.monotonic() - started)
+                    if self.plan_origin is not None and self._correct_time_plan(started):
+                        bar.total = self.total_steps
+                        bar.refresh()
         finally:
             bar.close()
             if metrics:
@@ -584,6 +592,7 @@ class _Trainer:
         config = self.config
         elapsed = self.elapsed_before + time.monotonic() - started
         save_seconds = self.save(finished=False, elapsed_s=elapsed)   # also measures a checkpoint's cost
+        self.plan_origin = (self.step, time.monotonic())
         remaining = config.time_budget_s - elapsed - save_seconds - save_seconds   # this save and the last
         per_step = seconds_per_step + save_seconds / self.steps_per_epoch
         self.total_steps = self.step + max(0, int(remaining / per_step))
@@ -595,6 +604,30 @@ class _Trainer:
             f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.1f} epochs), "
             "cosine schedule planned over exactly those"
         )
+
+    def _correct_time_plan(self, started: float) -> bool:
+        """Re-plan if the steps since planning ran more than 3% slower (or faster) than measured.
+
+        The warm-up is short and machines drift (other load, thermal limits, slower epochs), so
+        the plan is checked at every epoch end; the cosine schedule is then re-planned over the
+        corrected total, so the run still ends on time and on a finished schedule.
+        """
+        origin_step, origin_time = self.plan_origin
+        done = self.step - origin_step
+        if done < 2 or self.step >= self.total_steps:
+            return False
+        seconds_per_step = (time.monotonic() - origin_time) / done   # checkpoints included
+        elapsed = self.elapsed_before + time.monotonic() - started
+        remaining = self.config.time_budget_s - elapsed - self.last_save_seconds
+        corrected = self.step + max(1, int(remaining / seconds_per_step))
+        if abs(corrected - self.total_steps) <= 0.03 * self.total_steps:
+            return False
+        self.report(f"\nre-planned: {seconds_per_step:.2f} s/step since the plan -> {corrected} steps instead of "
+                    f"{self.total_steps}, to end on time")
+        self.total_steps = self.config.total_steps = corrected
+        if self.context.is_main:
+            write_json_atomic(self.run_dir / "config.json", self.config.to_dict())
+        return True
 
     def _report_duration(self, seconds_per_step: float) -> None:
         remaining = (self.total_steps - self.step) * seconds_per_step
