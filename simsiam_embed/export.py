@@ -120,8 +120,8 @@ def export_onnx(
 
 def _torch_export(model: nn.Module, input_size: int, path: Path) -> None:
     # torch 2.14's default exporter (torch.export, "dynamo=True") is used: the TorchScript-based
-    # one is deprecated. It captures the batch axis as a symbolic dimension, so one file serves
-    # any batch size; opset 18 is its default and ONNX Runtime's CPU and CUDA providers run it.
+    # one is deprecated. It captures the batch axis as a symbolic dimension ("batch" in the
+    # graph), so one file serves any batch size; it writes opset 20, which ONNX Runtime runs.
     example = torch.zeros(2, 3, input_size, input_size, dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
