@@ -87,6 +87,7 @@ def main() -> None:
                         help="build HNSW and IVF-PQ only up to this many vectors x (dim / 512): their builds "
                              "above it take far longer than a benchmark run on 2 cores")
     parser.add_argument("--no-real", action="store_true")
+    parser.add_argument("--real-only", action="store_true")
     args = parser.parse_args()
     print(f"machine: {machine()}; FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
           f"{QUERIES} queries, k={K}")
@@ -94,7 +95,7 @@ def main() -> None:
     if not args.no_real:
         bank, queries = real_embeddings()
         rows += run_case(f"real: Fashion-MNIST {len(bank)} x {bank.shape[1]}", bank, queries, skip_approximate=False)
-    for dim in args.dims:
+    for dim in [] if args.real_only else args.dims:
         for size in args.sizes:
             if size * dim * 4 > 6 * 2 ** 30:
                 rows.append((f"random {size:,} x {dim}", "all", None, None, None))

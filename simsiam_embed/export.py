@@ -144,7 +144,8 @@ def read_encoder_metadata(path: Path | str) -> dict[str, str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError, OSError, ... for broken files
-        raise UserError(f"{path} is not a readable ONNX file ({error})") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path} is not a readable ONNX file ({reason[:200]}): export one with `simsiam-embed export`") from None
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
     if metadata.get("format") != METADATA_FORMAT:
         raise UserError(f"{path} was not exported by simsiam-embed (run `simsiam-embed export`)")

@@ -61,11 +61,12 @@ def choose_index_type(count: int, dim: int, requested: str | None) -> IndexChoic
 
 
 def _ivfpq_factory(count: int, dim: int) -> str:
-    # ~4 sqrt(n) lists (FAISS's guideline), each list trained on >= 39 points; 8-bit codes of
-    # up to 8 dimensions each, capped at 64 bytes a vector.
+    # ~4 sqrt(n) lists (FAISS's guideline), each list trained on >= 39 points; 64-byte PQ codes
+    # find candidates, which are re-ranked with 8-bit scalar codes (1 byte a dimension): PQ
+    # alone ranked too coarsely (recall@10 0.25 on real embeddings, bench/RESULTS.md).
     lists = max(1, min(int(4 * math.sqrt(max(count, 1))), count // 39 if count >= 39 else 1))
     subquantizers = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
-    return f"IVF{lists},PQ{subquantizers}"
+    return f"IVF{lists},PQ{subquantizers},Refine(SQ8)"
 
 
 def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> faiss.Index:
@@ -85,12 +86,19 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> fai
     return index
 
 
+REFINE_K_FACTOR = 4
+IVF_NPROBE = 16
+
+
 def _set_search_parameters(index: faiss.Index) -> None:
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexRefine):
+        inner.k_factor = REFINE_K_FACTOR   # re-rank 4k candidates to return k
+        inner = faiss.downcast_index(inner.base_index)
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = HNSW_EF_SEARCH
     elif isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = max(1, min(inner.nlist, 16))
+        inner.nprobe = max(1, min(inner.nlist, IVF_NPROBE))
 
 
 def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
@@ -190,7 +198,8 @@ def load_index(index_dir: Path) -> LoadedIndex:
         manifest = json.loads((generation / "manifest.json").read_text())
         index = faiss.read_index(str(generation / "faiss.index"))
         entries = {entry.id: entry for entry in _read_catalog(generation / "catalog.sqlite")}
-        vectors = np.load(generation / "vectors.npy")
+        # Memory-mapped: searching needs only the FAISS index; updates read the rows they keep.
+        vectors = np.load(generation / "vectors.npy", mmap_mode="r")
         ids = np.load(generation / "ids.npy")
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as error:
         raise UserError(f"the index in {index_dir} is damaged ({str(error).splitlines()[0][:160]}): {rebuild}") from None

@@ -25,6 +25,8 @@ def encoder_for_run(run_dir: Path, report: Report) -> Path:
     """``run_dir/encoder.onnx``, exported now if missing or made from an older checkpoint."""
     checkpoint = run_dir / "checkpoint.pt"
     encoder = run_dir / "encoder.onnx"
+    if not checkpoint.is_file():
+        raise UserError(f"no checkpoint.pt in {run_dir}: give an encoder .onnx file, a run folder or its checkpoint")
     digest = file_digest(checkpoint)
     if encoder.is_file():
         try:

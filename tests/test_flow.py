@@ -248,3 +248,18 @@ def test_embed_writes_vectors_paths_and_labels(sample_encoder, tmp_path):
     labels = (tmp_path / "out" / "labels.txt").read_text().splitlines()
     assert vectors.shape == (9, 512) and len(paths) == len(labels) == 9
     assert labels.count("disc") == 3 and "bad.png" in (tmp_path / "out" / "skipped.txt").read_text()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["export"], ["simsiam-embed pretrain"]),
+    (["export", "nowhere.pt"], ["nowhere.pt"]),
+    (["embed", "images", "-o", "out"], ["simsiam-embed pretrain"]),
+    (["embed", "images", "-o", "out", "--model", "fake.onnx"], ["fake.onnx"]),
+    (["index", "--model", "fake.onnx", "images"], ["fake.onnx"]),
+    (["embed", "images", "-o", "out", "--model", "notes.txt"], ["no checkpoint.pt"]),
+])
+def test_export_embed_index_bad_input_gets_one_line_errors(tmp_path, args, fragments):
+    make_image_folder(tmp_path / "images", per_class=1)
+    (tmp_path / "fake.onnx").write_bytes(b"not a model")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), *fragments)
