@@ -13,14 +13,24 @@ from ..evaluate import KNN_SETTINGS, evaluate_knn, evaluate_linear_probe
 from .options import workspace_at, workspace_option
 
 
+def _labelled_folders_and_model(command):
+    """--train, --test, --workspace and --model: what every evaluation command reads."""
+    options = [
+        click.option("--train", "train_dir", type=click.Path(path_type=Path), required=True,
+                     help="Labelled training images (the kNN bank): TRAIN/<class>/images."),
+        click.option("--test", "test_dir", type=click.Path(path_type=Path), required=True,
+                     help="Labelled test images: TEST/<class>/images."),
+        workspace_option,
+        click.option("--model", type=click.Path(exists=True, path_type=Path),
+                     help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command("knn")
-@click.option("--train", "train_dir", type=click.Path(path_type=Path), required=True,
-              help="Labelled bank: TRAIN/<class>/images.")
-@click.option("--test", "test_dir", type=click.Path(path_type=Path), required=True,
-              help="Labelled test images: TEST/<class>/images.")
-@workspace_option
-@click.option("--model", type=click.Path(exists=True, path_type=Path),
-              help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run]")
+@_labelled_folders_and_model
 @click.option("-k", type=click.IntRange(min=1), help=f"Neighbours.  [default: {KNN_SETTINGS[0][0]}, and {KNN_SETTINGS[1][0]}]")
 @click.option("-t", "--temperature", type=click.FloatRange(min=0, min_open=True),
               help=f"Vote weight exp(sim / T).  [default: {KNN_SETTINGS[0][1]}, and {KNN_SETTINGS[1][1]}]")
@@ -68,13 +78,7 @@ def _encoder_from(source: Path):
 
 
 @click.command("linear-probe")
-@click.option("--train", "train_dir", type=click.Path(path_type=Path), required=True,
-              help="Labelled training images: TRAIN/<class>/images.")
-@click.option("--test", "test_dir", type=click.Path(path_type=Path), required=True,
-              help="Labelled test images: TEST/<class>/images.")
-@workspace_option
-@click.option("--model", type=click.Path(exists=True, path_type=Path),
-              help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run]")
+@_labelled_folders_and_model
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="L-BFGS passes over the frozen features.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Images per forward pass while embedding.")
 @click.option("--workers", type=click.IntRange(min=0), default=2)

@@ -18,12 +18,15 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import load_trained_backbone
-from .data import EvalImageDataset, Preprocessing, collate_skipping_unreadable
+from .data import EvalImageDataset, Preprocessing, collate_skipping_unreadable, discover_images, label_of
+from .distributed import init_distributed
 from .errors import UserError
+from .files import atomic_path, atomic_write
 
 #: ONNX Runtime providers, fastest first; the first one that loads is used.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -188,12 +191,6 @@ def embed_folder(
     unit-length float32), ``paths.txt`` (row i's file), ``labels.txt`` (its folder) and
     ``skipped.txt``. Under torchrun each rank embeds its shard and rank 0 merges the shards.
     """
-    import torch.distributed as dist
-
-    from .data import discover_images, label_of
-    from .distributed import init_distributed
-    from .files import atomic_path, atomic_write
-
     paths = discover_images(image_dir)
     if not paths:
         raise UserError(f"no images in {image_dir}")

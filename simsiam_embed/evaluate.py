@@ -108,19 +108,35 @@ def evaluate_knn(
     batch_size: int = 128, workers: int = 2, show_progress: bool = True,
 ) -> KnnEvaluation:
     """Embed a labelled bank and test set with ``encoder`` and score weighted kNN at each setting."""
-    bank = labelled_folder(train_dir)
-    if len(bank.class_names) < 2:
-        raise UserError(f"{train_dir} has a single class ({bank.class_names[0]}): kNN accuracy needs two or more")
-    test = labelled_folder(test_dir, bank.class_names)
-    bank_result = embed_paths(bank.paths, encoder, batch_size, workers, show_progress)
-    test_result = embed_paths(test.paths, encoder, batch_size, workers, show_progress)
-    reports = [
-        knn_classify(bank_result.vectors, bank.labels[bank_result.indices], test_result.vectors,
-                     test.labels[test_result.indices], test.class_names, k, temperature)
-        for k, temperature in settings
-    ]
-    skipped = len(bank_result.failures) + len(test_result.failures)
-    return KnnEvaluation(reports, len(bank_result.indices), len(test_result.indices), skipped)
+    bank, test = embed_labelled_pair(encoder, train_dir, test_dir, batch_size, workers, show_progress)
+    reports = [knn_classify(bank.vectors, bank.labels, test.vectors, test.labels, test.class_names, k, temperature)
+               for k, temperature in settings]
+    return KnnEvaluation(reports, len(bank.labels), len(test.labels), bank.skipped + test.skipped)
+
+
+@dataclass
+class EmbeddedLabelledImages:
+    vectors: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    skipped: int
+
+
+def embed_labelled_pair(
+    encoder: Encoder, train_dir: Path, test_dir: Path, batch_size: int, workers: int, show_progress: bool,
+) -> tuple[EmbeddedLabelledImages, EmbeddedLabelledImages]:
+    """Embed a labelled training and test folder; the test labels use the training class indices."""
+    train = labelled_folder(train_dir)
+    if len(train.class_names) < 2:
+        raise UserError(f"{train_dir} has a single class ({train.class_names[0]}): "
+                        "a classifier needs two or more")
+    test = labelled_folder(test_dir, train.class_names)
+    embedded = []
+    for images in (train, test):
+        result = embed_paths(images.paths, encoder, batch_size, workers, show_progress)
+        embedded.append(EmbeddedLabelledImages(result.vectors, images.labels[result.indices],
+                                               test.class_names, len(result.failures)))
+    return embedded[0], embedded[1]
 
 
 class _LiveBackbone:
@@ -239,11 +255,5 @@ def evaluate_linear_probe(
     encoder: Encoder, train_dir: Path, test_dir: Path, epochs: int = 100,
     batch_size: int = 128, workers: int = 2, show_progress: bool = True,
 ) -> LinearProbeReport:
-    train = labelled_folder(train_dir)
-    if len(train.class_names) < 2:
-        raise UserError(f"{train_dir} has a single class: a classifier needs two or more")
-    test = labelled_folder(test_dir, train.class_names)
-    train_result = embed_paths(train.paths, encoder, batch_size, workers, show_progress)
-    test_result = embed_paths(test.paths, encoder, batch_size, workers, show_progress)
-    return train_linear_probe(train_result.vectors, train.labels[train_result.indices], test_result.vectors,
-                              test.labels[test_result.indices], len(test.class_names), epochs)
+    train, test = embed_labelled_pair(encoder, train_dir, test_dir, batch_size, workers, show_progress)
+    return train_linear_probe(train.vectors, train.labels, test.vectors, test.labels, len(test.class_names), epochs)

@@ -378,6 +378,7 @@ class _Trainer:
                         if config.val_dir and context.is_main else None)
         self.knn_top1: float | None = None
         self.plan_origin: tuple[int, float] | None = None   # (step, time) when a budget was planned
+        self.replans: list[dict] = []   # corrections of that plan, written to metrics.jsonl
         self.last_save_seconds = 0.0
 
     # -- persistence -------------------------------------------------------------------------
@@ -557,9 +558,11 @@ class _Trainer:
                     return self._result(False, last, pairs_per_s, elapsed)
                 elif end_of_epoch:
                     self.save(finished=False, elapsed_s=self.elapsed_before + time.monotonic() - started)
-                    if self.plan_origin is not None and self._correct_time_plan(started):
-                        bar.total = self.total_steps
-                        bar.refresh()
+                if self.plan_origin is not None and self.step % config.log_every == 0 and self._correct_time_plan(started):
+                    bar.total = self.total_steps
+                    bar.refresh()
+                    if metrics:
+                        metrics.write(json.dumps(self.replans[-1]) + "\n")
         finally:
             bar.close()
             if metrics:
@@ -609,7 +612,7 @@ class _Trainer:
         """Re-plan if the steps since planning ran more than 3% slower (or faster) than measured.
 
         The warm-up is short and machines drift (other load, thermal limits, slower epochs), so
-        the plan is checked at every epoch end; the cosine schedule is then re-planned over the
+        the plan is checked at every logged step; the cosine schedule is then re-planned over the
         corrected total, so the run still ends on time and on a finished schedule.
         """
         origin_step, origin_time = self.plan_origin
@@ -622,8 +625,11 @@ class _Trainer:
         corrected = self.step + max(1, int(remaining / seconds_per_step))
         if abs(corrected - self.total_steps) <= 0.03 * self.total_steps:
             return False
-        self.report(f"\nre-planned: {seconds_per_step:.2f} s/step since the plan -> {corrected} steps instead of "
-                    f"{self.total_steps}, to end on time")
+        if not self.replans:   # the first correction is news; later ones are in metrics.jsonl
+            self.report(f"\nre-planned: {seconds_per_step:.2f} s/step since the plan -> {corrected} steps instead "
+                        f"of {self.total_steps}, to end on time (further corrections: metrics.jsonl)")
+        self.replans.append({"step": self.step, "replanned_total_steps": corrected,
+                             "seconds_per_step": round(seconds_per_step, 4)})
         self.total_steps = self.config.total_steps = corrected
         if self.context.is_main:
             write_json_atomic(self.run_dir / "config.json", self.config.to_dict())
