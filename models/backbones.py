@@ -23,9 +23,6 @@ _FACTORIES: dict[str, Callable[..., tv_models.ResNet]] = {
 }
 BACKBONE_NAMES = tuple(_FACTORIES)
 
-#: Images whose shorter side is at most this many pixels get the small-image stem.
-SMALL_IMAGE_MAX_SIDE = 64
-
 
 class Backbone(nn.Module):
     """A torchvision ResNet without its classifier: images in, pooled features out."""
