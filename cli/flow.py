@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from ..checkpoint import resolve_checkpoint_path
-from ..embed import OnnxEncoder, TorchEncoder, embed_folder
+from ..embed import embed_folder
 from ..export import HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32, export_onnx
-from ..pipeline import index_folder
+from ..pipeline import index_folder, resolve_encoder
 from ..search import search_images, write_results_html
 from .options import workspace_at, workspace_option
 
@@ -65,16 +65,7 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, he
 def embed_command(image_dir: Path, output: Path, workspace: Path, model: Path | None, backend: str,
                   provider: str | None, batch_size: int, workers: int) -> None:
     """Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded)."""
-    from ..pipeline import encoder_for_run
-
-    space = workspace_at(workspace)
-    if backend == "torch":
-        encoder = TorchEncoder(resolve_checkpoint_path(model if model is not None else space.latest_run_dir()))
-    elif model is not None and model.suffix == ".onnx":
-        encoder = OnnxEncoder(model, provider)
-    else:
-        run = (model if model.is_dir() else model.parent) if model is not None else space.latest_run_dir()
-        encoder = OnnxEncoder(encoder_for_run(run, _echo_err), provider)
+    encoder, _ = resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err)
     _echo_err(f"encoder: {encoder.description}")
     result = embed_folder(image_dir, encoder, output, batch_size, workers)
     skipped = f", {len(result.failures)} unreadable skipped (skipped.txt)" if result.failures else ""

@@ -23,10 +23,8 @@ Report = Callable[[str], None]
 
 def encoder_for_run(run_dir: Path, report: Report) -> Path:
     """``run_dir/encoder.onnx``, exported now if missing or made from an older checkpoint."""
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = _checkpoint_of_run(run_dir)
     encoder = run_dir / "encoder.onnx"
-    if not checkpoint.is_file():
-        raise UserError(f"no checkpoint.pt in {run_dir}: give an encoder .onnx file, a run folder or its checkpoint")
     digest = file_digest(checkpoint)
     if encoder.is_file():
         try:
@@ -41,6 +39,45 @@ def encoder_for_run(run_dir: Path, report: Report) -> Path:
     report(f"  parity with PyTorch on {result.parity_images} images: smallest cosine {result.min_cosine:.6f}, "
            f"largest difference {result.max_abs_diff:.2e}")
     return encoder
+
+
+def resolve_encoder(
+    workspace: Workspace,
+    model: Path | None,
+    backend: str,
+    provider: str | None,
+    report: Report,
+) -> tuple[Encoder, EncoderIdentity]:
+    """What ``--model`` means for embed and index: an ``.onnx`` file as it is; a run folder or
+    checkpoint (default: the latest run) as its exported encoder, exported now if needed, or
+    as the checkpoint itself with ``backend="torch"``."""
+    if model is not None and model.suffix == ".onnx" and backend != "torch":
+        encoder: Encoder = OnnxEncoder(model, provider)
+        return encoder, EncoderIdentity("onnx", str(model.resolve()), file_digest(model), encoder.dim)
+    run_dir = _run_of(workspace, model)
+    if backend == "torch":
+        checkpoint = resolve_checkpoint_path(model if model is not None else run_dir)
+        _warn_if_unfinished(checkpoint, report)
+        encoder = TorchEncoder(checkpoint)
+        return encoder, EncoderIdentity("torch", str(checkpoint.resolve()), file_digest(checkpoint), encoder.dim)
+    _warn_if_unfinished(_checkpoint_of_run(run_dir), report)
+    onnx_path = encoder_for_run(run_dir, report)
+    encoder = OnnxEncoder(onnx_path, provider)
+    return encoder, EncoderIdentity("onnx", str(onnx_path.resolve()), file_digest(onnx_path), encoder.dim)
+
+
+def _checkpoint_of_run(run_dir: Path) -> Path:
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise UserError(f"no checkpoint.pt in {run_dir}: give an encoder .onnx file, a run folder or its checkpoint")
+    return checkpoint
+
+
+def _run_of(workspace: Workspace, model: Path | None) -> Path:
+    """The run folder a --model names (itself, or a checkpoint's folder), or the latest run."""
+    if model is None:
+        return workspace.latest_run_dir()
+    return model if model.is_dir() else model.parent
 
 
 @dataclass
@@ -59,31 +96,15 @@ def resolve_index_sources(
     report: Report,
 ) -> IndexSources:
     """The folder to index and the encoder to embed it with, from what the user gave (or not)."""
-    run_dir = None
-    if model is None or image_dir is None:
-        run_dir = model if model is not None and model.is_dir() else workspace.latest_run_dir()
     if image_dir is None:
+        run_dir = workspace.latest_run_dir() if model is None or model.suffix == ".onnx" else _run_of(workspace, model)
         config = PretrainConfig.from_dict(load_checkpoint(run_dir / "checkpoint.pt")["config"])
         image_dir = Path(config.data_dir)
         if not image_dir.is_dir():
             raise UserError(f"the run's image folder {image_dir} is gone: name the folder to index")
     if not image_dir.is_dir():
         raise UserError(f"{image_dir} is not a folder: give the folder of images to index")
-
-    if backend == "torch":
-        checkpoint = resolve_checkpoint_path(model if model is not None else run_dir)
-        _warn_if_unfinished(checkpoint, report)
-        encoder: Encoder = TorchEncoder(checkpoint)
-        identity = EncoderIdentity("torch", str(checkpoint.resolve()), file_digest(checkpoint), encoder.dim)
-    else:
-        if model is not None and model.suffix == ".onnx":
-            onnx_path = model
-        else:
-            source_run = model.parent if model is not None and model.is_file() else (model or run_dir)
-            _warn_if_unfinished(source_run / "checkpoint.pt", report)
-            onnx_path = encoder_for_run(source_run, report)
-        encoder = OnnxEncoder(onnx_path, provider)
-        identity = EncoderIdentity("onnx", str(onnx_path.resolve()), file_digest(onnx_path), encoder.dim)
+    encoder, identity = resolve_encoder(workspace, model, backend, provider, report)
     report(f"images: {image_dir}\nencoder: {encoder.description}")
     return IndexSources(image_dir, encoder, identity)
 
