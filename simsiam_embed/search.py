@@ -139,6 +139,9 @@ def write_results_html(results: list[QueryResult], output: Path, thumbnail: int 
     """A self-contained page: each query beside its results, thumbnails embedded as data URIs."""
     from .files import atomic_write
 
+    if not output.parent.is_dir():
+        raise UserError(f"cannot write {output}: the folder {output.parent} does not exist")
+
     def image_tag(path: str, caption: str) -> str:
         try:
             image = open_image(path)

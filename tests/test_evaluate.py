@@ -117,3 +117,13 @@ def test_linear_probe_command(tmp_path):
     report = json.loads(result.stdout)
     assert report["test_count"] == 9 and report["train_count"] == 18 and 0 <= report["top1"] <= report["top5"] <= 1
     assert_one_line_error(run_cli("linear-probe", "--train", "nowhere", "--test", "test", cwd=tmp_path), "not a folder")
+
+
+def test_val_dir_must_have_two_classes(tmp_path):
+    from conftest import FAST_TRAINING
+
+    make_image_folder(tmp_path / "train", per_class=6)
+    make_image_folder(tmp_path / "val", per_class=3, classes=("disc",))
+    result = run_cli("pretrain", "train", "--epochs", "1", "--val-dir", "val", *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error(result, "--val-dir", "single class")
+    assert_one_line_error(run_cli("pretrain", "train", "--val-dir", "nowhere", cwd=tmp_path), "nowhere")

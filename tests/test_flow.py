@@ -263,3 +263,14 @@ def test_export_embed_index_bad_input_gets_one_line_errors(tmp_path, args, fragm
     (tmp_path / "fake.onnx").write_bytes(b"not a model")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert_one_line_error(run_cli(*args, cwd=tmp_path), *fragments)
+
+
+def test_index_and_search_option_values_get_one_line_errors(sample_encoder, tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=2)
+    model = ["--model", str(sample_encoder)]
+    assert_one_line_error(run_cli("index", str(folder), *model, "--index-type", "NoSuchIndex", cwd=tmp_path),
+                          "NoSuchIndex")
+    assert run_cli("index", str(folder), *model, cwd=tmp_path).returncode == 0
+    query = str(folder / "disc" / "disc-00.png")
+    assert_one_line_error(run_cli("search", query, "--html", "no/such/folder/page.html", cwd=tmp_path),
+                          "does not exist")
