@@ -14,31 +14,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from common import fashion_mnist, machine, write_fashion_mnist_folder
+from common import machine, raw_pixel_knn, write_fashion_mnist_folder
 from simsiam_embed.config import parse_duration
 from simsiam_embed.embed import TorchEncoder
-from simsiam_embed.evaluate import KNN_SETTINGS, evaluate_knn, knn_classify
+from simsiam_embed.evaluate import KNN_SETTINGS, evaluate_knn
 from simsiam_embed.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 TRAIN_IMAGES, TEST_IMAGES = 10_000, 2_000
-
-
-def raw_pixel_knn() -> list[float]:
-    """kNN on the l2-normalised, mean-centred raw pixels: the floor any encoder should clear."""
-    train_images, train_labels = fashion_mnist("train")
-    test_images, test_labels = fashion_mnist("test")
-    bank = train_images[:TRAIN_IMAGES].reshape(TRAIN_IMAGES, -1).astype(np.float32)
-    queries = test_images[:TEST_IMAGES].reshape(TEST_IMAGES, -1).astype(np.float32)
-    mean = bank.mean(0)
-    bank, queries = bank - mean, queries - mean
-    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    names = [str(c) for c in range(10)]
-    return [knn_classify(bank, train_labels[:TRAIN_IMAGES].astype(np.int64), queries,
-                         test_labels[:TEST_IMAGES].astype(np.int64), names, k, t).top1 for k, t in KNN_SETTINGS]
 
 
 def main() -> None:
@@ -47,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = " and ".join(f"k={k}, T={t}" for k, t in KNN_SETTINGS)
     print(f"machine: {machine()}; Fashion-MNIST {TRAIN_IMAGES} train (bank) / {TEST_IMAGES} test; kNN {settings}")
-    rows = [("raw pixels", "-", *raw_pixel_knn())]
+    rows = [("raw pixels", "-", *raw_pixel_knn(TRAIN_IMAGES, TEST_IMAGES))]
     print(f"raw pixels: {rows[0][2:]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

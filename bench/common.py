@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simsiam_embed.evaluate import KNN_SETTINGS, knn_classify
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # One IDX reader: the one that made the bundled sample.
@@ -51,3 +53,18 @@ def write_fashion_mnist_folder(out: Path, split: str, count: int, size: int = 28
             image = image.resize((size, size), Image.BILINEAR)
         image.save(folder / f"{index:05d}.png")
     return out
+
+
+def raw_pixel_knn(train_images: int, test_images: int) -> list[float]:
+    """kNN on the l2-normalised, mean-centred raw pixels: the floor any encoder should clear."""
+    train, train_labels = fashion_mnist("train")
+    test, test_labels = fashion_mnist("test")
+    bank = train[:train_images].reshape(train_images, -1).astype(np.float32)
+    queries = test[:test_images].reshape(test_images, -1).astype(np.float32)
+    mean = bank.mean(0)
+    bank, queries = bank - mean, queries - mean
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    names = [str(c) for c in range(10)]
+    return [knn_classify(bank, train_labels[:train_images].astype(np.int64), queries,
+                         test_labels[:test_images].astype(np.int64), names, k, t).top1 for k, t in KNN_SETTINGS]

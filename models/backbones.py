@@ -39,8 +39,12 @@ class Backbone(nn.Module):
         return self.resnet(images)
 
 
-def build_backbone(name: str, small_images: bool = False) -> Backbone:
-    """Build a randomly initialised ResNet backbone (weights are never downloaded)."""
+def build_backbone(name: str, small_images: bool = False, stem_stride: int = 1) -> Backbone:
+    """Build a randomly initialised ResNet backbone (weights are never downloaded).
+
+    ``stem_stride`` (small-image stem only): 2 halves the feature maps of every stage, a quarter
+    of the compute, for short training budgets on a CPU (bench/RESULTS.md, short-budget search).
+    """
     try:
         factory = _FACTORIES[name]
     except KeyError:
@@ -48,6 +52,6 @@ def build_backbone(name: str, small_images: bool = False) -> Backbone:
     # zero_init_residual as in the official SimSiam builder: each block starts as an identity.
     resnet = factory(weights=None, zero_init_residual=True)
     if small_images:
-        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         resnet.maxpool = nn.Identity()
     return Backbone(resnet, name, small_images)

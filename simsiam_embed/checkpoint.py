@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 def build_model(config: PretrainConfig) -> SimSiam:
     """The SimSiam network that ``config`` describes, randomly initialised."""
     return SimSiam(
-        build_backbone(config.backbone, small_images=config.small_image_stem),
+        build_backbone(config.backbone, small_images=config.small_image_stem, stem_stride=config.stem_stride),
         projector_layers=config.projector_layers,
         projector_hidden_dim=config.projector_hidden_dim,
         dim=config.dim,

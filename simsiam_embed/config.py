@@ -30,6 +30,7 @@ class PretrainConfig:
     recipe: str = "imagenet"
     backbone: str = "resnet50"
     small_image_stem: bool = False
+    stem_stride: int = 1
     crop_size: int = 224
     # Length: epochs, or a time budget that becomes a fixed number of steps after a warm-up.
     epochs: int | None = 100
@@ -46,6 +47,8 @@ class PretrainConfig:
     predictor_hidden_dim: int = 512
     blur: bool = True
     min_crop_scale: float = 0.2
+    color_jitter: float = 0.4   # brightness, contrast and saturation strength; hue is a quarter of it
+    warmup_fraction: float = 0.0   # share of the steps with a linear lr warm-up (the paper has none)
     # The paper's ablations (Table 1, Figure 2, Table 4); all on by default, as SimSiam is.
     stop_gradient: bool = True
     use_predictor: bool = True
@@ -78,7 +81,7 @@ class PretrainConfig:
 
     def architecture(self) -> dict[str, Any]:
         """The settings that decide the weights' shapes: a checkpoint only loads into the same."""
-        keys = ("backbone", "small_image_stem", "dim", "projector_layers", "projector_hidden_dim",
+        keys = ("backbone", "small_image_stem", "stem_stride", "dim", "projector_layers", "projector_hidden_dim",
                 "predictor_hidden_dim", "heads_batch_norm", "use_predictor")
         return {key: getattr(self, key) for key in keys}
 

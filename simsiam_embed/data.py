@@ -72,17 +72,19 @@ def label_of(path: Path | str) -> str:
 # Safe loading
 
 
-def open_image(path: Path | str, draft_side: int | None = None) -> Image.Image:
+def open_image(path: Path | str, draft_side: int | None = None, upright: bool = True) -> Image.Image:
     """Decode ``path`` as an upright RGB image, or raise :class:`UnreadableImage`.
 
     ``draft_side``: for JPEGs, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as
     both sides stay at least this large; much faster for photos far larger than the network input.
+    ``upright=False`` keeps the stored pixel grid (no EXIF rotation): the frame that box
+    annotations were drawn in, since annotation formats record the stored width and height.
     """
     with _reading_image(path) as image:
         if draft_side and image.format == "JPEG":
             image.draft("RGB", _draft_request(image.size, draft_side))
         image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
+        return to_rgb(ImageOps.exif_transpose(image) if upright else image)
 
 
 @contextlib.contextmanager
@@ -255,11 +257,12 @@ def simsiam_augmentation(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     min_crop_scale: float = 0.2,
+    color_jitter: float = 0.4,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The paper's augmentation (Section 4.1, from MoCo v2); ``blur=False`` for the CIFAR recipe."""
     steps: list[Callable] = [
         T.RandomResizedCrop(crop_size, scale=(min_crop_scale, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomApply([T.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 4)], p=0.8),
         T.RandomGrayscale(p=0.2),
     ]
     if blur:

@@ -108,9 +108,13 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 ** 2 + epoch * 1_000_003 + index) % (2 ** 63)
 
 
-def cosine_lr(initial_lr: float, step: int, total_steps: int) -> float:
-    """The paper's cosine decay (no warm-up), evaluated per step rather than per epoch."""
-    return initial_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+def cosine_lr(initial_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """The paper's cosine decay, evaluated per step rather than per epoch, after an optional
+    linear warm-up (the paper has none; short budgets may need one to survive a higher lr)."""
+    if step < warmup_steps:
+        return initial_lr * (step + 1) / warmup_steps
+    progress = (min(step, total_steps) - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return initial_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: SimSiam, config: PretrainConfig) -> torch.optim.SGD:
@@ -124,7 +128,8 @@ def make_optimizer(model: SimSiam, config: PretrainConfig) -> torch.optim.SGD:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, step: int, total_steps: int) -> float:
-    current = cosine_lr(config.lr, step, total_steps)
+    warmup_steps = int(config.warmup_fraction * total_steps) if total_steps < 2 ** 62 else 0
+    current = cosine_lr(config.lr, step, total_steps, warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = config.lr if group["fix_lr"] else current
     return current
@@ -449,7 +454,8 @@ class _Trainer:
 
     def _loader(self) -> DataLoader:
         config = self.config
-        augment = simsiam_augmentation(config.crop_size, config.blur, min_crop_scale=config.min_crop_scale)
+        augment = simsiam_augmentation(config.crop_size, config.blur, min_crop_scale=config.min_crop_scale,
+                                       color_jitter=config.color_jitter)
         draft = training_draft_side(config.crop_size, config.min_crop_scale) if config.decode_draft else None
         sampler = StepBatchSampler(len(self.paths), config.batch_size, config.seed, self.step, self.context)
         workers = config.num_workers

@@ -1,0 +1,467 @@
+"""Detection transfer: fine-tune torchvision's Faster R-CNN (ResNet-FPN) from a SimSiam backbone.
+
+    >>> result = finetune_detection(DetectionConfig(data="train.json", val_data="val.json",
+    ...                                             checkpoint="runs/photos"), Workspace(Path(".")))
+    >>> result.evaluation.ap50
+
+The paper's transfer experiment (Section 4.6, Table 4) on the user's own boxes: the pretrained
+ResNet initialises the detector's backbone, everything else (FPN, RPN, box head) starts fresh,
+and ``init="random"`` trains the very same recipe from scratch for the comparison. Training is
+organised by step as in pretraining, so checkpoints resume exactly and Ctrl-C loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torchvision import models as tv_models
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from .checkpoint import capture_rng_state, load_checkpoint, resolve_checkpoint_path, restore_rng_state, save_checkpoint
+from .data import UnreadableImage, open_image
+from .detection_data import DetectionImage, DetectionSet, load_detection_set
+from .detection_eval import DetectionEvaluation, evaluate_detector
+from .distributed import (
+    DistributedContext, any_rank, device_for_rank, init_distributed, launched_by_torchrun, mean_over_ranks,
+)
+from .errors import UserError
+from .files import ensure_writable_folder, write_json_atomic
+from .models.backbones import BACKBONE_NAMES
+from .pretrain import StepBatchSampler, StopRequest, stop_on_signals
+from .workspace import Workspace
+
+NORMS = ("frozen", "bn", "syncbn")
+INITS = ("simsiam", "random")
+SCHEDULES = ("step", "cosine")
+Report = Callable[[str], None]
+
+
+@dataclass
+class DetectionConfig:
+    """Every setting of a detection fine-tuning run; saved as the run's config.json."""
+
+    data: str
+    val_data: str | None = None
+    checkpoint: str | None = None       # a SimSiam run folder or checkpoint (init "simsiam")
+    init: str = "simsiam"
+    backbone: str | None = None         # from the checkpoint; resnet50 (GPU) / resnet18 (CPU) for random init
+    # The paper's detection recipe (from MoCo) fine-tunes every layer with normalisation that
+    # trains: SyncBN across GPUs; on one machine, ordinary BN is the closest.
+    norm: str = "bn"
+    trainable_layers: int = 5
+    epochs: int = 12
+    batch_size: int = 4
+    base_lr: float = 0.02               # detectron2's, per 16 images: lr = base_lr x batch / 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "step"              # x0.1 at 2/3 and 8/9 of the steps (detectron2), or cosine
+    min_size: int = 512                 # shorter image side; torchvision's 800 is 2.4x the compute
+    max_size: int = 853
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "cpu"
+    amp: str = "off"
+    channels_last: bool = False
+    log_every: int = 10
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DetectionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+
+
+def simsiam_backbone_weights(checkpoint: Path | str) -> tuple[dict[str, torch.Tensor], str]:
+    """The ResNet weights of a SimSiam run (torchvision names, no classifier) and its backbone name.
+
+    Refuses runs trained with the small-image stem: a 3x3 stride-1 stem on full-size photos is
+    not the network the detector's FPN expects, and its weights do not fit the 7x7 stem.
+    """
+    state = load_checkpoint(resolve_checkpoint_path(checkpoint))
+    config = state["config"]
+    if config.get("small_image_stem"):
+        raise UserError(f"{checkpoint} was pretrained with the small-image stem (images <= 64 px); detection needs "
+                        "a backbone pretrained on larger images: run `simsiam-embed pretrain` on your photos")
+    prefix = "backbone.resnet."
+    weights = {key[len(prefix):]: value for key, value in state["model"].items() if key.startswith(prefix)}
+    if not weights:
+        raise UserError(f"{checkpoint} holds no SimSiam backbone weights")
+    return weights, config["backbone"]
+
+
+def load_backbone_weights(resnet: tv_models.ResNet, weights: dict[str, torch.Tensor]) -> int:
+    """Copy ``weights`` into ``resnet``; every backbone tensor must be there with its shape.
+
+    Returns how many tensors were loaded. FrozenBatchNorm2d has no ``num_batches_tracked``,
+    which is the only key allowed to be missing on either side.
+    """
+    target = resnet.state_dict()
+    wanted = {key for key in target if not key.startswith("fc.")}
+    given = {key for key in weights if not key.endswith("num_batches_tracked")}
+    missing = sorted(key for key in wanted - given if not key.endswith("num_batches_tracked"))
+    mismatched = sorted(key for key in wanted & given if target[key].shape != weights[key].shape)
+    if missing or mismatched:
+        detail = (f"missing {missing[:3]}" if missing else "") + \
+                 (f" shape differs for {mismatched[:3]}" if mismatched else "")
+        raise UserError(f"the SimSiam backbone does not fit the detector's ResNet ({detail.strip()}): "
+                        "pretrain with the same --backbone, or pass --init random")
+    loadable = {key: value for key, value in weights.items() if key in wanted}
+    resnet.load_state_dict(loadable, strict=False)
+    return len(loadable)
+
+
+def build_detector(config: DetectionConfig, num_classes: int,
+                   weights: dict[str, torch.Tensor] | None) -> tuple[FasterRCNN, int]:
+    """Faster R-CNN with a ResNet-FPN backbone; ``weights`` (SimSiam's) initialise the ResNet.
+
+    ``num_classes`` excludes the background. Returns the detector and how many backbone tensors
+    came from ``weights`` (0 for a random init).
+    """
+    norm_layer = FrozenBatchNorm2d if config.norm == "frozen" else nn.BatchNorm2d
+    resnet = getattr(tv_models, config.backbone)(weights=None, norm_layer=norm_layer)
+    loaded = load_backbone_weights(resnet, weights) if weights is not None else 0
+    backbone = _resnet_fpn_extractor(resnet, config.trainable_layers)
+    detector = FasterRCNN(backbone, num_classes=num_classes + 1, min_size=config.min_size, max_size=config.max_size)
+    return detector, loaded
+
+
+# --------------------------------------------------------------------------------------------
+# The data
+
+
+class DetectionTrainingSet(Dataset):
+    """Images as [0, 1] tensors with their targets; a horizontal flip drawn from the sample seed.
+
+    Indexed by ``(sample_seed, index)`` (the pretraining sampler's keys), so a resumed run sees
+    the same flips. Labels are shifted by one: torchvision reserves 0 for the background.
+    """
+
+    def __init__(self, images: list[DetectionImage], flip: bool):
+        self.images = images
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        sample_seed, index = key
+        record = self.images[index]
+        try:
+            image = TF.to_tensor(open_image(record.path, upright=False))
+        except UnreadableImage as reason:
+            return None, (str(record.path), str(reason))
+        boxes = torch.from_numpy(record.boxes.copy())
+        flip_coin = torch.randint(2, (1,), generator=torch.Generator().manual_seed(sample_seed))
+        if self.flip and flip_coin.item():
+            image = image.flip(-1)
+            boxes[:, [0, 2]] = record.width - boxes[:, [2, 0]]
+        return (image, {"boxes": boxes, "labels": torch.from_numpy(record.labels + 1)}), None
+
+
+def _collate(batch):
+    good = [sample for sample, failure in batch if sample is not None]
+    failures = [failure for sample, failure in batch if failure is not None]
+    return ([image for image, _ in good], [target for _, target in good]), failures
+
+
+def detection_lr(config: DetectionConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up from 0.1%, then detectron2's steps (x0.1 at 2/3 and 8/9) or a cosine."""
+    warmup = min(config.warmup_steps, max(total_steps // 4, 1))
+    factor = 0.001 + 0.999 * step / warmup if step < warmup else 1.0
+    if config.schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    else:
+        factor *= 0.1 ** sum(step >= milestone * total_steps for milestone in (2 / 3, 8 / 9))
+    return config.lr * factor
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class DetectionResult:
+    run_dir: Path
+    config: DetectionConfig
+    step: int
+    total_steps: int
+    finished: bool
+    loaded_tensors: int
+    evaluation: DetectionEvaluation | None
+    losses: list[float]
+    elapsed_s: float
+    train_problems: str = ""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: str | None = None,
+                       resume: bool = False, report: Report = _stderr, show_progress: bool = True,
+                       stop: StopRequest | None = None) -> DetectionResult:
+    """Fine-tune a detector on ``config.data`` and score it on ``config.val_data`` (COCO AP)."""
+    started = time.monotonic()
+    run_dir = workspace.run_dir(run_name or f"detection-{Path(config.data).stem}-{config.init}")
+    checkpoint_path = run_dir / "checkpoint.pt"
+    previous = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    if previous is not None and not resume:
+        state = "a finished" if previous.get("finished") else "an unfinished"
+        raise UserError(f"{run_dir} holds {state} detection run: add --resume to continue it, or --name NEW")
+    if previous is None and resume:
+        raise UserError(f"nothing to resume: {checkpoint_path} does not exist (drop --resume to start a run)")
+    if previous is not None:
+        config = DetectionConfig.from_dict({**previous["config"], "device": config.device,
+                                            "num_workers": config.num_workers})
+
+    _validate(config)
+    if config.val_data:
+        _require_coco_evaluator()
+    device = config.device
+    context = init_distributed(device)
+    rank_report = report if context.is_main else (lambda _m: None)
+    train_set = load_detection_set(Path(config.data), config.class_names or None)
+    config.class_names = train_set.class_names
+    val_set = load_detection_set(Path(config.val_data), train_set.class_names) if config.val_data else None
+    _report_data(train_set, val_set, rank_report)
+
+    weights = None
+    if config.init == "simsiam":
+        weights, pretrained_backbone = simsiam_backbone_weights(config.checkpoint)
+        if config.backbone and config.backbone != pretrained_backbone:
+            raise UserError(f"--backbone {config.backbone} differs from the checkpoint's {pretrained_backbone}: "
+                            "drop --backbone to use the pretrained one")
+        config.backbone = pretrained_backbone
+    config.backbone = config.backbone or ("resnet50" if device.startswith("cuda") else "resnet18")
+    torch.manual_seed(config.seed)
+    detector, loaded = build_detector(config, len(train_set.class_names), weights)
+    if config.init == "simsiam":
+        rank_report(f"backbone {config.backbone}: {loaded} tensors loaded from the SimSiam checkpoint {config.checkpoint}")
+    if context.is_main:
+        ensure_writable_folder(run_dir)
+        write_json_atomic(run_dir / "config.json", config.to_dict())
+        rank_report(_settings_line(config, run_dir))
+
+    trainer = _DetectionTrainer(config, detector, train_set, run_dir, context, device_for_rank(device, context), loaded)
+    if previous is not None:
+        trainer.restore(previous)
+        rank_report(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
+    stop = stop or StopRequest()
+    with stop_on_signals(stop, rank_report):
+        finished = trainer.train(stop, started, show_progress and context.is_main)
+    evaluation = None
+    if finished and val_set is not None and context.is_main:
+        evaluation = evaluate_detector(trainer.model, val_set, trainer.device, show_progress=show_progress)
+        write_json_atomic(run_dir / "evaluation.json", evaluation.to_dict())
+    elif not finished:
+        rank_report(f"stopped at step {trainer.step}/{trainer.total_steps}; checkpoint saved. "
+                    f"Continue with the same command and --resume")
+    return DetectionResult(run_dir, config, trainer.step, trainer.total_steps, finished, loaded, evaluation,
+                           trainer.losses, trainer.elapsed_before + time.monotonic() - started,
+                           train_set.problems.summary())
+
+
+def _validate(config: DetectionConfig) -> None:
+    if config.init not in INITS:
+        raise UserError(f"--init must be one of {', '.join(INITS)}")
+    if config.init == "simsiam" and not config.checkpoint:
+        raise UserError("--init simsiam needs a pretraining run: pass --checkpoint RUN (or --init random)")
+    if config.backbone is not None and config.backbone not in BACKBONE_NAMES:
+        raise UserError(f"unknown backbone {config.backbone!r}: choose one of {', '.join(BACKBONE_NAMES)}")
+    if config.norm not in NORMS:
+        raise UserError(f"--norm must be one of {', '.join(NORMS)}")
+    if config.norm == "syncbn" and not (config.device.startswith("cuda") and launched_by_torchrun()):
+        raise UserError("--norm syncbn needs several GPU processes under torchrun: use --norm bn on one device")
+    if not 0 <= config.trainable_layers <= 5:
+        raise UserError("--trainable-layers must be between 0 and 5")
+    if config.schedule not in SCHEDULES:
+        raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+
+
+def _require_coco_evaluator() -> None:
+    """Fail before training, not after it, when the evaluator is not installed."""
+    try:
+        import pycocotools.cocoeval  # noqa: F401
+    except ImportError:
+        raise UserError("scoring --val-data needs pycocotools: pip install 'simsiam-embed[detection]'") from None
+
+
+def _report_data(train_set: DetectionSet, val_set: DetectionSet | None, report: Report) -> None:
+    for name, dataset in (("training", train_set), ("validation", val_set)):
+        if dataset is None:
+            continue
+        report(f"{name} set ({dataset.source_format}): {len(dataset.images)} images, {dataset.box_count} boxes, "
+               f"{len(dataset.class_names)} classes ({', '.join(dataset.class_names[:10])})")
+        if dataset.problems.counts:
+            report(f"  warning: {dataset.problems.summary()}")
+    if train_set.box_count == 0:
+        raise UserError(f"the training set has no usable box: nothing to learn ({train_set.problems.summary()})")
+
+
+def _settings_line(config: DetectionConfig, run_dir: Path) -> str:
+    return (f"settings (saved in {run_dir / 'config.json'}): Faster R-CNN {config.backbone}-FPN, init {config.init}, "
+            f"norm {config.norm}, {config.trainable_layers} trainable backbone stages, {config.epochs} epochs, "
+            f"batch {config.batch_size}, SGD lr {config.lr:g} (= {config.base_lr:g} x {config.batch_size}/16, "
+            f"{config.schedule}, {config.warmup_steps} warm-up steps), images {config.min_size}-{config.max_size} px, "
+            f"device {config.device}, AMP {config.amp}")
+
+
+class _DetectionTrainer:
+    """One detection run's network, optimizer and position; ``train`` runs to the last step."""
+
+    def __init__(self, config: DetectionConfig, detector: FasterRCNN, train_set: DetectionSet, run_dir: Path,
+                 context: DistributedContext, device: str, loaded: int):
+        if len(train_set.images) < config.batch_size:
+            raise UserError(f"the training set has {len(train_set.images)} images, fewer than one batch of "
+                            f"{config.batch_size}: pass --batch-size {max(1, len(train_set.images))}")
+        self.config = config
+        self.context = context
+        self.device = device
+        self.run_dir = run_dir
+        self.loaded = loaded
+        if context.enabled and config.norm == "syncbn":
+            detector = nn.SyncBatchNorm.convert_sync_batchnorm(detector)
+        detector.to(device)
+        if config.channels_last:
+            detector.to(memory_format=torch.channels_last)
+        self.model = detector
+        self.network = (DistributedDataParallel(detector, device_ids=[torch.device(device).index]
+                                                if device.startswith("cuda") else None)
+                        if context.enabled else detector)
+        trainable = [p for p in detector.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
+        self.images = train_set.images
+        self.steps_per_epoch = len(self.images) // config.batch_size
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.step = 0
+        self.elapsed_before = 0.0
+        self.losses: list[float] = []
+        self.skipped: dict[str, str] = {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.step = state["step"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        self.losses = list(state.get("losses", []))
+
+    def save(self, finished: bool, elapsed_s: float) -> None:
+        if not self.context.is_main:
+            return
+        save_checkpoint(self.run_dir / "checkpoint.pt", {
+            "kind": "detection", "config": self.config.to_dict(), "step": self.step,
+            "total_steps": self.total_steps, "finished": finished, "elapsed_s": elapsed_s,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": capture_rng_state(), "losses": self.losses, "loaded_tensors": self.loaded,
+            "skipped": self.skipped,
+        })
+
+    def _loader(self) -> DataLoader:
+        sampler = StepBatchSampler(len(self.images), self.config.batch_size, self.config.seed, self.step, self.context)
+        workers = self.config.num_workers
+        return DataLoader(DetectionTrainingSet(self.images, flip=True), batch_sampler=sampler, num_workers=workers,
+                          collate_fn=_collate, persistent_workers=workers > 0,
+                          pin_memory=self.device.startswith("cuda"))
+
+    def _step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        images = [image.to(self.device, non_blocking=True) for image in images]
+        targets = [{key: value.to(self.device) for key, value in target.items()} for target in targets]
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+        autocast = torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+        with autocast:
+            losses = self.network(images, targets)
+            total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise UserError(f"the detection loss became {float(total)} at step {self.step}: "
+                            "lower --base-lr or lengthen --warmup-steps")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": total.detach(), **{key: value.detach() for key, value in losses.items()}}
+
+    def train(self, stop: StopRequest, started: float, show_progress: bool) -> bool:
+        """Train to the last step (True), or until ``stop`` asks (False); checkpoints every epoch."""
+        self.network.train()
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.context.is_main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
+                   dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
+        # The loader draws its base seed from the global generator, which the detector's box
+        # samplers also use: isolate it, so a resumed run draws what the uninterrupted one would.
+        with torch.random.fork_rng(devices=[]):
+            loader = iter(self._loader())
+        window: list[dict[str, float]] = []
+        timed_from = None
+        try:
+            while self.step < self.total_steps:
+                (images, targets), failures = next(loader)
+                self.skipped.update(failures)
+                lr = detection_lr(self.config, self.step, self.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if images:
+                    window.append({k: float(mean_over_ranks(v, self.context)) for k, v in self._step(images, targets).items()})
+                self.step += 1
+                bar.update(1)
+                timed_from = timed_from or (self.step, time.monotonic())
+                if window and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
+                    means = {key: float(np.mean([w[key] for w in window])) for key in window[0]}
+                    self.losses.append(means["loss"])
+                    rate = (self.step - timed_from[0]) * self.config.batch_size / max(time.monotonic() - timed_from[1], 1e-9)
+                    bar.set_postfix_str(f"loss {means['loss']:.3f}, lr {lr:.3g}, {rate:.1f} img/s", refresh=False)
+                    if metrics:
+                        metrics.write(json.dumps({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                                  "lr": lr, **means, "images_per_s": rate}) + "\n")
+                        metrics.flush()
+                    window = []
+                elapsed = self.elapsed_before + time.monotonic() - started
+                if self.step == self.total_steps:
+                    break
+                if any_rank(stop.should_stop(self.step), self.context, self.device):
+                    self.save(finished=False, elapsed_s=elapsed)
+                    return False
+                if self.step % self.steps_per_epoch == 0:
+                    self.save(finished=False, elapsed_s=elapsed)
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+        self.save(finished=True, elapsed_s=self.elapsed_before + time.monotonic() - started)
+        return True
