@@ -48,12 +48,12 @@ def main() -> None:
     settings = " and ".join(f"k={k}, T={t}" for k, t in KNN_SETTINGS)
     print(f"machine: {machine()}; Fashion-MNIST {TRAIN_IMAGES} train (bank) / {TEST_IMAGES} test; "
           f"{args.budget} per run; kNN {settings}", flush=True)
-    rows = [("raw pixels", "", "-", "-", *raw_pixel_knn(TRAIN_IMAGES, TEST_IMAGES), *["-"] * len(KNN_SETTINGS))]
     random_init_scores: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train = write_fashion_mnist_folder(tmp / "train", "train", TRAIN_IMAGES)
         test = write_fashion_mnist_folder(tmp / "test", "test", TEST_IMAGES)
+        rows = [("raw pixels", "", "-", "-", *raw_pixel_knn(train, test), *["-"] * len(KNN_SETTINGS))]
         for number, (name, overrides) in enumerate(variants):
             result = pretrain(train, Workspace(tmp / f"run-{number}"),
                               {**overrides, "time_budget_s": parse_duration(args.budget)},

@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simsiam_embed.evaluate import KNN_SETTINGS, knn_classify
+from simsiam_embed.data import open_image
+from simsiam_embed.evaluate import KNN_SETTINGS, knn_classify, labelled_folder
+
+RAW_PIXEL_SIDE = 32   # photos are resized to this square for the raw-pixel baseline
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -55,16 +58,24 @@ def write_fashion_mnist_folder(out: Path, split: str, count: int, size: int = 28
     return out
 
 
-def raw_pixel_knn(train_images: int, test_images: int) -> list[float]:
-    """kNN on the l2-normalised, mean-centred raw pixels: the floor any encoder should clear."""
-    train, train_labels = fashion_mnist("train")
-    test, test_labels = fashion_mnist("test")
-    bank = train[:train_images].reshape(train_images, -1).astype(np.float32)
-    queries = test[:test_images].reshape(test_images, -1).astype(np.float32)
+def raw_pixel_knn(train_dir: Path, test_dir: Path) -> list[float]:
+    """kNN on l2-normalised, mean-centred pixels (images at most RAW_PIXEL_SIDE px): the floor."""
+    train = labelled_folder(train_dir)
+    test = labelled_folder(test_dir, train.class_names)
+
+    def pixels(paths) -> np.ndarray:
+        rows = []
+        for path in paths:
+            image = open_image(path)
+            if max(image.size) > RAW_PIXEL_SIDE:
+                image = image.resize((RAW_PIXEL_SIDE, RAW_PIXEL_SIDE))
+            rows.append(np.asarray(image, dtype=np.float32).ravel())
+        return np.stack(rows)
+
+    bank, queries = pixels(train.paths), pixels(test.paths)
     mean = bank.mean(0)
     bank, queries = bank - mean, queries - mean
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    names = [str(c) for c in range(10)]
-    return [knn_classify(bank, train_labels[:train_images].astype(np.int64), queries,
-                         test_labels[:test_images].astype(np.int64), names, k, t).top1 for k, t in KNN_SETTINGS]
+    return [knn_classify(bank, train.labels, queries, test.labels, test.class_names, k, t).top1
+            for k, t in KNN_SETTINGS]

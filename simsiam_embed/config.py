@@ -21,8 +21,20 @@ IMAGENET_SIZE = 1_281_167
 RECIPES = ("imagenet", "cifar")
 
 
+class SavedSettings:
+    """A settings dataclass as the JSON of a run folder; fields from a newer version are ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
 @dataclass
-class PretrainConfig:
+class PretrainConfig(SavedSettings):
     """Every resolved setting of a pretraining run; saved as the run's config.json."""
 
     data_dir: str
@@ -70,14 +82,6 @@ class PretrainConfig:
     def lr(self) -> float:
         """The paper's linear scaling rule: lr = base_lr x batch / 256."""
         return self.base_lr * self.batch_size / 256
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PretrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
 
     def architecture(self) -> dict[str, Any]:
         """The settings that decide the weights' shapes: a checkpoint only loads into the same."""

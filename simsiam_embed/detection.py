@@ -12,7 +12,6 @@ organised by step as in pretraining, so checkpoints resume exactly and Ctrl-C lo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -35,6 +34,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_checkpoint_path, restore_rng_state, save_checkpoint
+from .config import SavedSettings
 from .data import UnreadableImage, open_image
 from .detection_data import DetectionImage, DetectionSet, load_detection_set
 from .detection_eval import DetectionEvaluation, evaluate_detector
@@ -54,7 +54,7 @@ Report = Callable[[str], None]
 
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig(SavedSettings):
     """Every setting of a detection fine-tuning run; saved as the run's config.json."""
 
     data: str
@@ -87,13 +87,6 @@ class DetectionConfig:
     def lr(self) -> float:
         return self.base_lr * self.batch_size / 16
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DetectionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
 
 
 # --------------------------------------------------------------------------------------------

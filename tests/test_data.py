@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from simsiam_embed.data import (
     Preprocessing, TwoViewDataset, UnreadableImage, collate_skipping_unreadable, discover_images, label_of,
@@ -74,6 +75,19 @@ def test_exif_orientation_is_applied(tmp_path):
     wide.save(tmp_path / "rotated.jpg", exif=exif)
     assert open_image(tmp_path / "rotated.jpg").size == (20, 60)
     assert scan_images([tmp_path / "rotated.jpg"]).sizes == [(20, 60)]
+    # Box annotations are drawn on the stored grid, so detection reads it unrotated.
+    assert open_image(tmp_path / "rotated.jpg", upright=False).size == (60, 20)
+
+
+def test_colour_jitter_strength_is_configurable():
+    def jitter_of(augment):
+        apply = next(t for t in augment.transforms if isinstance(t, T.RandomApply))
+        return apply.transforms[0]
+
+    paper = jitter_of(simsiam_augmentation(24, blur=False))
+    assert (paper.brightness, paper.contrast, paper.saturation, paper.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
+    milder = jitter_of(simsiam_augmentation(24, blur=False, color_jitter=0.2))
+    assert milder.brightness == pytest.approx((0.8, 1.2)) and milder.hue == pytest.approx((-0.05, 0.05))
 
 
 def test_draft_decodes_large_jpegs_smaller_but_never_below_the_request(tmp_path):

@@ -21,6 +21,12 @@ def test_small_image_stem_keeps_resolution():
     assert small.eval()(torch.zeros(2, 3, 16, 16)).shape == (2, 512)
 
 
+def test_stem_stride_two_halves_every_feature_map():
+    stride_two = build_backbone("resnet18", small_images=True, stem_stride=2).eval()
+    assert stride_two.resnet.conv1.stride == (2, 2)
+    assert stride_two.resnet.layer1(stride_two.resnet.conv1(torch.zeros(2, 3, 28, 28))).shape[-2:] == (14, 14)
+
+
 def test_unknown_backbone_is_refused():
     with pytest.raises(ValueError, match="resnet18"):
         build_backbone("vgg16")

@@ -137,6 +137,12 @@ def test_cosine_schedule_ends_at_zero():
     assert cosine_lr(0.1, 100, 100) == pytest.approx(0.0)
 
 
+def test_warmup_rises_linearly_then_the_cosine_runs_over_the_rest():
+    assert [cosine_lr(0.1, step, 110, warmup_steps=10) for step in (0, 4, 9)] == pytest.approx([0.01, 0.05, 0.1])
+    assert cosine_lr(0.1, 60, 110, warmup_steps=10) == pytest.approx(0.05)
+    assert cosine_lr(0.1, 110, 110, warmup_steps=10) == pytest.approx(0.0)
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["pretrain", "no-such-folder"], ["no-such-folder", "not a folder"]),
     (["pretrain", "empty"], ["no images"]),
