@@ -68,10 +68,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=("fashion-mnist", "hymenoptera"), default="fashion-mnist")
     parser.add_argument("--budgets", nargs="+", default=["5m", "15m", "45m"])
+    parser.add_argument("--plot-only", action="store_true", help="Redraw the PNG and tables from the JSON; train nothing.")
     args = parser.parse_args()
     settings = " and ".join(f"k={k}, T={t}" for k, t in KNN_SETTINGS)
     print(f"machine: {machine()}; {args.dataset}; kNN {settings}", flush=True)
     curves = json.loads(CURVE_JSON.read_text()) if CURVE_JSON.exists() else {}
+    if args.plot_only:
+        draw_and_print(curves)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train, test = labelled_folders(args.dataset, tmp)
@@ -94,6 +98,10 @@ def main() -> None:
             curve["points"] = [p for p in curve["points"] if p["budget_s"] != seconds] + [point]
             print(f"{budget}: {point}; random init {curve['random_init']}", flush=True)
             CURVE_JSON.write_text(json.dumps(curves, indent=1) + "\n")
+    draw_and_print(curves)
+
+
+def draw_and_print(curves: dict) -> None:
     draw_curve(curves)
     header = " | ".join(f"kNN top-1 (k={k}, T={t})" for k, t in KNN_SETTINGS)
     for dataset, curve in sorted(curves.items()):
@@ -102,7 +110,8 @@ def main() -> None:
         print(f"| raw pixels | - | " + " | ".join(f"{s:.3f}" for s in curve["raw_pixels"]) + " |")
         print(f"| same network, random init | - | " + " | ".join(f"{s:.3f}" for s in curve["random_init"]) + " |")
         for p in sorted(curve["points"], key=lambda p: p["budget_s"]):
-            print(f"| SimSiam, {p['budget_s'] / 60:g} min | {p['steps']} steps ({p['epochs']} epochs), z-std "
+            source = f" ({p['source']})" if p.get("source") else ""
+            print(f"| SimSiam, {p['budget_s'] / 60:g} min{source} | {p['steps']} steps ({p['epochs']} epochs), z-std "
                   f"{p['z_std']:.4f} | " + " | ".join(f"{s:.3f}" for s in p["top1"]) + " |")
 
 
