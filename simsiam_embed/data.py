@@ -12,12 +12,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageFilter, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -332,9 +332,12 @@ class EvalImageDataset(Dataset):
         return (self.transform(image), index), None
 
 
-def collate_skipping_unreadable(batch: Iterable[tuple]):
-    """Stack the good samples of a batch; return the failures beside them as (path, reason)."""
+def collate_skipping_unreadable(batch: Iterable[tuple], stack: Callable[[list], Any] = default_collate):
+    """Stack the good samples of a batch; return the failures beside them as (path, reason).
+
+    ``stack`` joins the good samples (``None`` if there are none); the default stacks tensors,
+    which needs samples of one shape.
+    """
     good = [sample for sample, failure in batch if sample is not None]
     failures = [failure for sample, failure in batch if failure is not None]
-    stacked = torch.utils.data.default_collate(good) if good else None
-    return stacked, failures
+    return (stack(good) if good else None), failures

@@ -17,11 +17,11 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_checkpoint_path, restore_rng_state, save_checkpoint
 from .config import SavedSettings
-from .data import UnreadableImage, open_image
+from .data import UnreadableImage, collate_skipping_unreadable, open_image
 from .detection_data import DetectionImage, DetectionSet, load_detection_set
 from .detection_eval import DetectionEvaluation, evaluate_detector
 from .distributed import (
@@ -44,7 +44,7 @@ from .distributed import (
 from .errors import UserError
 from .files import ensure_writable_folder, write_json_atomic
 from .models.backbones import BACKBONE_NAMES
-from .pretrain import StepBatchSampler, StopRequest, stop_on_signals
+from .pretrain import RunningMeans, StepBatchSampler, StopRequest, stop_on_signals
 from .workspace import Workspace
 
 NORMS = ("frozen", "bn", "syncbn")
@@ -86,7 +86,6 @@ class DetectionConfig(SavedSettings):
     @property
     def lr(self) -> float:
         return self.base_lr * self.batch_size / 16
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,17 +172,15 @@ class DetectionTrainingSet(Dataset):
         except UnreadableImage as reason:
             return None, (str(record.path), str(reason))
         boxes = torch.from_numpy(record.boxes.copy())
-        flip_coin = torch.randint(2, (1,), generator=torch.Generator().manual_seed(sample_seed))
-        if self.flip and flip_coin.item():
+        if self.flip and torch.randint(2, (1,), generator=torch.Generator().manual_seed(sample_seed)).item():
             image = image.flip(-1)
             boxes[:, [0, 2]] = record.width - boxes[:, [2, 0]]
         return (image, {"boxes": boxes, "labels": torch.from_numpy(record.labels + 1)}), None
 
 
-def _collate(batch):
-    good = [sample for sample, failure in batch if sample is not None]
-    failures = [failure for sample, failure in batch if failure is not None]
-    return ([image for image, _ in good], [target for _, target in good]), failures
+def _images_and_targets(samples: list[tuple]) -> tuple[list, list]:
+    # Detection images differ in size: kept as lists, which torchvision's detectors take.
+    return [image for image, _ in samples], [target for _, target in samples]
 
 
 def detection_lr(config: DetectionConfig, step: int, total_steps: int) -> float:
@@ -390,7 +387,8 @@ class _DetectionTrainer:
         sampler = StepBatchSampler(len(self.images), self.config.batch_size, self.config.seed, self.step, self.context)
         workers = self.config.num_workers
         return DataLoader(DetectionTrainingSet(self.images, flip=True), batch_sampler=sampler, num_workers=workers,
-                          collate_fn=_collate, persistent_workers=workers > 0,
+                          collate_fn=partial(collate_skipping_unreadable, stack=_images_and_targets),
+                          persistent_workers=workers > 0,
                           pin_memory=self.device.startswith("cuda"))
 
     def _step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -420,22 +418,22 @@ class _DetectionTrainer:
         # samplers also use: isolate it, so a resumed run draws what the uninterrupted one would.
         with torch.random.fork_rng(devices=[]):
             loader = iter(self._loader())
-        window: list[dict[str, float]] = []
+        window = RunningMeans()
         timed_from = None
         try:
             while self.step < self.total_steps:
-                (images, targets), failures = next(loader)
+                batch, failures = next(loader)
                 self.skipped.update(failures)
                 lr = detection_lr(self.config, self.step, self.total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                if images:
-                    window.append({k: float(mean_over_ranks(v, self.context)) for k, v in self._step(images, targets).items()})
+                if batch is not None:
+                    window.add(**self._step(*batch))
                 self.step += 1
                 bar.update(1)
                 timed_from = timed_from or (self.step, time.monotonic())
-                if window and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
-                    means = {key: float(np.mean([w[key] for w in window])) for key in window[0]}
+                if window.count and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
+                    means = {key: float(mean_over_ranks(value, self.context)) for key, value in window.means().items()}
                     self.losses.append(means["loss"])
                     rate = (self.step - timed_from[0]) * self.config.batch_size / max(time.monotonic() - timed_from[1], 1e-9)
                     bar.set_postfix_str(f"loss {means['loss']:.3f}, lr {lr:.3g}, {rate:.1f} img/s", refresh=False)
@@ -443,7 +441,7 @@ class _DetectionTrainer:
                         metrics.write(json.dumps({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                                   "lr": lr, **means, "images_per_s": rate}) + "\n")
                         metrics.flush()
-                    window = []
+                    window = RunningMeans()
                 elapsed = self.elapsed_before + time.monotonic() - started
                 if self.step == self.total_steps:
                     break

@@ -127,9 +127,13 @@ def make_optimizer(model: SimSiam, config: PretrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, step: int, total_steps: int) -> float:
-    warmup_steps = int(config.warmup_fraction * total_steps) if total_steps < 2 ** 62 else 0
-    current = cosine_lr(config.lr, step, total_steps, warmup_steps)
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, step: int,
+                      total_steps: int | None) -> float:
+    """``total_steps`` None: a time budget not yet planned, which runs at the initial lr."""
+    if total_steps is None:
+        current = config.lr
+    else:
+        current = cosine_lr(config.lr, step, total_steps, int(config.warmup_fraction * total_steps))
     for group in optimizer.param_groups:
         group["lr"] = config.lr if group["fix_lr"] else current
     return current
@@ -492,8 +496,8 @@ class _Trainer:
         collapse_level = COLLAPSE_FRACTION / math.sqrt(config.dim)
         self.network.train()
         timed_from: tuple[int, float] | None = None
-        window = _RunningMeans()
-        epoch_means = _RunningMeans()
+        window = RunningMeans()
+        epoch_means = RunningMeans()
         last: dict[str, float] = {}
         is_tty = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
@@ -510,7 +514,7 @@ class _Trainer:
             while self.total_steps is None or self.step < self.total_steps:
                 batch, failures = next(loader)
                 self.skipped.update(failures)
-                lr = set_learning_rate(self.optimizer, config, self.step, self.total_steps or 2 ** 62)
+                lr = set_learning_rate(self.optimizer, config, self.step, self.total_steps)
                 if batch is not None and len(batch[0]) >= 2:
                     loss, z_std = self._train_step(*batch)
                     window.add(loss=loss, z_std=z_std)
@@ -534,7 +538,7 @@ class _Trainer:
 
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     last = {key: float(mean_over_ranks(value, self.context)) for key, value in window.means().items()}
-                    window = _RunningMeans()
+                    window = RunningMeans()
                     record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr,
                               **last, "z_std_reference": 1 / math.sqrt(config.dim),
                               "pairs_per_s": pairs_per_s, "time_s": round(self.elapsed_before + now - started, 2)}
@@ -547,7 +551,7 @@ class _Trainer:
                 finished = self.total_steps is not None and self.step >= self.total_steps
                 if end_of_epoch or finished:
                     epoch_record = {key: float(mean_over_ranks(v, self.context)) for key, v in epoch_means.means().items()}
-                    epoch_means = _RunningMeans()
+                    epoch_means = RunningMeans()
                     if self.monitor is not None and (finished or (self.step // self.steps_per_epoch) % config.val_every == 0):
                         self.knn_top1 = epoch_record["knn_top1"] = self._knn_top1()
                         bar.set_postfix_str(self._postfix(last, lr, pairs_per_s), refresh=False)
@@ -666,7 +670,7 @@ class _Trainer:
         )
 
 
-class _RunningMeans:
+class RunningMeans:
     """Sums of per-step tensors, read out (one device sync) only when logged."""
 
     def __init__(self):

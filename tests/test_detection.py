@@ -284,3 +284,5 @@ def test_cli_bad_detection_input_is_one_line(tmp_path: Path):
     write_coco(tmp_path / "images" / "a.json", truth)
     assert_one_line_error(run_cli("finetune-detection", "--data", "images/a.json", "--checkpoint", str(run),
                                   cwd=tmp_path), "small-image stem")
+    assert_one_line_error(run_cli("export-detectron2", "-o", "out.pkl", cwd=tmp_path / "images"), "pretrain")
+    assert_one_line_error(run_cli("export-detectron2", str(run), "-o", "out.pkl", cwd=tmp_path), "small-image stem")

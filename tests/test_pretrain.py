@@ -159,7 +159,8 @@ def test_bad_input_gets_a_one_line_error(tmp_path, args, fragments):
     assert_one_line_error(run_cli(*args, cwd=tmp_path), *fragments)
 
 
-@pytest.mark.parametrize("args", [["--epochs", "-3"], ["--batch-size", "lots"], ["--backbone", "vgg"]])
+@pytest.mark.parametrize("args", [["--epochs", "-3"], ["--batch-size", "lots"], ["--backbone", "vgg"],
+                                  ["--color-jitter", "-0.1"], ["--warmup-fraction", "1"], ["--stem-stride", "3"]])
 def test_nonsense_flag_values_are_refused(tmp_path, args):
     make_image_folder(tmp_path / "few", per_class=2)
     result = run_cli("pretrain", "few", *args, cwd=tmp_path)
