@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,21 @@ def mean_over_ranks(value: torch.Tensor, context: DistributedContext) -> torch.T
     value = value.clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / context.world_size
+
+
+def average_bn_statistics(model: nn.Module, context: DistributedContext) -> None:
+    """Average BN running statistics over the ranks (every rank must call it).
+
+    Without SyncBN (CPUs) each rank's statistics saw only its own share of the batches, and DDP's
+    buffer broadcast at the next forward would keep rank 0's alone: the checkpoint should hold
+    statistics of all the data. With SyncBN they are equal already, and stay so.
+    """
+    if not context.enabled:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            module.running_mean.copy_(mean_over_ranks(module.running_mean, context))
+            module.running_var.copy_(mean_over_ranks(module.running_var, context))
 
 
 def shutdown(context: DistributedContext) -> None:

@@ -39,7 +39,9 @@ from .data import (
     simsiam_augmentation,
     training_draft_side,
 )
-from .distributed import DistributedContext, any_rank, device_for_rank, init_distributed, mean_over_ranks
+from .distributed import (
+    DistributedContext, any_rank, average_bn_statistics, device_for_rank, init_distributed, mean_over_ranks,
+)
 from .errors import UserError
 from .evaluate import KnnMonitor
 from .files import atomic_write, ensure_writable_folder, write_json_atomic
@@ -129,9 +131,14 @@ def make_optimizer(model: SimSiam, config: PretrainConfig) -> torch.optim.SGD:
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, step: int,
                       total_steps: int | None) -> float:
-    """``total_steps`` None: a time budget not yet planned, which runs at the initial lr."""
+    """``total_steps`` None: a time budget not yet planned, which runs at the initial lr.
+
+    With a warm-up asked for, those few measuring steps hold the lr at the warm-up's start (0)
+    instead: the ramp's length is not known yet, and jumping to the peak is what a warm-up is for
+    avoiding. The ramp then starts from the planned schedule's current step.
+    """
     if total_steps is None:
-        current = config.lr
+        current = 0.0 if config.warmup_fraction > 0 else config.lr
     else:
         current = cosine_lr(config.lr, step, total_steps, int(config.warmup_fraction * total_steps))
     for group in optimizer.param_groups:
@@ -422,7 +429,7 @@ class _Trainer:
     def save(self, finished: bool, elapsed_s: float) -> float:
         """Write the checkpoint (main process only; every rank must call it); returns its seconds."""
         began = time.monotonic()
-        self._average_bn_statistics()
+        average_bn_statistics(self.model, self.context)
         if not self.context.is_main:
             return 0.0
         save_checkpoint(self.run_dir / "checkpoint.pt", {
@@ -444,15 +451,6 @@ class _Trainer:
             handle.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(self.skipped.items())))
         self.last_save_seconds = time.monotonic() - began
         return self.last_save_seconds
-
-    def _average_bn_statistics(self) -> None:
-        """Without SyncBN (CPU) each rank's running statistics saw only its own batches: average them."""
-        if not self.context.enabled:
-            return
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                module.running_mean.copy_(mean_over_ranks(module.running_mean, self.context))
-                module.running_var.copy_(mean_over_ranks(module.running_var, self.context))
 
     # -- training ----------------------------------------------------------------------------
 

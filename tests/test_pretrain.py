@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from simsiam_embed.errors import UserError
-from simsiam_embed.pretrain import StepBatchSampler, StopRequest, cosine_lr, pretrain
+from simsiam_embed.config import PretrainConfig
+from simsiam_embed.pretrain import StepBatchSampler, StopRequest, cosine_lr, pretrain, set_learning_rate
 from simsiam_embed.workspace import Workspace
 
 from conftest import CONSOLE_SCRIPT, FAST_TRAINING, assert_one_line_error, make_awkward_files, make_image_folder, run_cli
@@ -141,6 +142,15 @@ def test_warmup_rises_linearly_then_the_cosine_runs_over_the_rest():
     assert [cosine_lr(0.1, step, 110, warmup_steps=10) for step in (0, 4, 9)] == pytest.approx([0.01, 0.05, 0.1])
     assert cosine_lr(0.1, 60, 110, warmup_steps=10) == pytest.approx(0.05)
     assert cosine_lr(0.1, 110, 110, warmup_steps=10) == pytest.approx(0.0)
+
+
+def test_an_unplanned_time_budget_runs_at_the_peak_lr_unless_a_warmup_was_asked_for():
+    for warmup_fraction, expected in ((0.0, 0.1), (0.1, 0.0)):
+        config = PretrainConfig(data_dir="-", run_name="-", batch_size=512, base_lr=0.05,
+                                warmup_fraction=warmup_fraction)
+        optimizer = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "fix_lr": False}], lr=1.0)
+        assert set_learning_rate(optimizer, config, step=3, total_steps=None) == pytest.approx(expected)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("args, fragments", [
