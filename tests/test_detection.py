@@ -266,10 +266,12 @@ def test_cli_finetunes_from_a_simsiam_run_and_reports_json(three_formats, tmp_pa
     run = _simsiam_checkpoint(tmp_path / "runs" / "photos")
     result = run_cli("finetune-detection", "--data", str(voc), "--val-data", str(voc), "--checkpoint", str(run),
                      "--epochs", "1", "--batch-size", "2", "--min-size", "64", "--max-size", "64",
-                     "--workers", "0", "--json", cwd=tmp_path)
+                     "--roi-samples", "32", "--workers", "0", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["init"] == "simsiam" and report["loaded_tensors"] > 100 and report["steps"] == 4
+    assert report["data_problems"] == {}
+    assert json.loads((Path(report["run"]) / "config.json").read_text())["roi_samples"] == 32
     assert set(report["per_class_AP"]) == set(CLASSES)
     assert "tensors loaded from the SimSiam checkpoint" in result.stderr
 
@@ -279,6 +281,8 @@ def test_cli_bad_detection_input_is_one_line(tmp_path: Path):
     assert_one_line_error(run_cli("finetune-detection", "--data", "empty.json", "--init", "random", cwd=tmp_path),
                           "empty.json")
     assert_one_line_error(run_cli("finetune-detection", "--data", "x.json", cwd=tmp_path), "pretrain")
+    assert_one_line_error(run_cli("finetune-detection", "--data", "x.json", "--roi-samples", "0", cwd=tmp_path),
+                          "--roi-samples")
     run = _simsiam_checkpoint(tmp_path / "small", small_image_stem=True)
     truth = draw_detection_images(tmp_path / "images", count=2)
     write_coco(tmp_path / "images" / "a.json", truth)

@@ -64,3 +64,31 @@ def test_embedding_under_torchrun_merges_the_shards_in_order(tmp_path):
     assert np.allclose(np.load(tmp_path / "single" / "embeddings.npy"), np.load(tmp_path / "sharded" / "embeddings.npy"), atol=1e-5)
     assert len((tmp_path / "sharded" / "paths.txt").read_text().splitlines()) == 15
     assert not list((tmp_path / "sharded").glob(".shard-*"))
+
+
+DETECTION_WORKER = Path(__file__).with_name("distributed_detection_worker.py")
+
+
+def test_detection_under_torchrun_keeps_the_replicas_identical(tmp_path):
+    from test_detection import draw_detection_images, write_coco
+
+    truth = draw_detection_images(tmp_path / "images", count=8)
+    coco = write_coco(tmp_path / "images" / "boxes.json", truth)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(DETECTION_WORKER), str(coco), str(tmp_path / "ws"), str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{rank}.pt") for rank in (0, 1))
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)   # BN statistics averaged, too
+
+    # 8 images, 4 per step over both ranks, 2 epochs; only rank 0 wrote the run and scored it.
+    run = next((tmp_path / "ws" / "runs").iterdir())
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and state["finished"]
+    assert all(torch.equal(state["model"][key], rank0[key]) for key in rank0)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert (run / "evaluation.json").is_file()
