@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=533)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--roi-samples", type=int, default=128,
-                        help="box-head proposals per image; detectron2's 512 makes each CPU step 1.3x slower")
+                        help="box-head proposals per image; detectron2's 512 makes each CPU step 1.2-1.3x slower")
     args = parser.parse_args()
     raccoon = require_shared_data() / "raccoon"
     print(f"machine: {machine()}; raccoon 160 train / 40 test images; pretraining {args.pretrain_budget}; "

@@ -50,9 +50,9 @@ def _format_ap(value: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
 def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Path | None, init: str, backbone: str | None,
                                norm: str, trainable_layers: int, epochs: int, batch_size: int, base_lr: float,
-                               warmup_steps: int, schedule: str, min_size: int, max_size: int, roi_samples: int, device: str | None,
-                               workers: int, seed: int, name: str | None, resume: bool, workspace: Path,
-                               as_json: bool) -> None:
+                               warmup_steps: int, schedule: str, min_size: int, max_size: int, roi_samples: int,
+                               device: str | None, workers: int, seed: int, name: str | None, resume: bool,
+                               workspace: Path, as_json: bool) -> None:
     """Fine-tune Faster R-CNN (ResNet-FPN) from the SimSiam backbone on your boxes; COCO AP on --val-data."""
     place = workspace_at(workspace)
     if init == "simsiam" and checkpoint is None:
@@ -65,8 +65,8 @@ def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Pa
         data=str(data), val_data=str(val_data) if val_data else None,
         checkpoint=str(checkpoint) if checkpoint else None, init=init, backbone=backbone, norm=norm,
         trainable_layers=trainable_layers, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
-        warmup_steps=warmup_steps, schedule=schedule, min_size=min_size, max_size=max_size, roi_samples=roi_samples, seed=seed,
-        num_workers=workers, device=device, amp=default_amp(device) if on_gpu else "off", channels_last=on_gpu,
+        warmup_steps=warmup_steps, schedule=schedule, min_size=min_size, max_size=max_size, roi_samples=roi_samples,
+        seed=seed, num_workers=workers, device=device, amp=default_amp(device) if on_gpu else "off", channels_last=on_gpu,
     )
     result = finetune_detection(config, place, name, resume, show_progress=not as_json)
     if result.evaluation is None:

@@ -77,7 +77,7 @@ class DetectionConfig(SavedSettings):
     min_size: int = 512                 # shorter image side; torchvision's 800 is 2.4x the compute
     max_size: int = 853
     # Proposals sampled per image for the box head's loss (detectron2's 512). The head's two
-    # 1024-wide layers run on every one of them: 128 made a CPU step 1.3x faster (bench/RESULTS.md).
+    # 1024-wide layers run on every one of them: 128 made a CPU step 1.2-1.3x faster (bench/RESULTS.md).
     roi_samples: int = 512
     seed: int = 0
     num_workers: int = 2

@@ -9,19 +9,29 @@ import torch
 from conftest import make_image_folder
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+DETECTION_WORKER = Path(__file__).with_name("distributed_detection_worker.py")
+
+
+def run_two_ranks(*command: str) -> None:
+    """``python COMMAND`` as two CPU processes under torchrun; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *command],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def weights_of_both_ranks(worker: Path, *args: Path) -> tuple[dict, dict]:
+    """Run ``worker`` on two ranks; each saves its weights as OUT/rank{N}.pt (OUT, the last arg)."""
+    out = args[-1]
+    out.mkdir()
+    run_two_ranks(str(worker), *map(str, args))
+    return tuple(torch.load(out / f"rank{rank}.pt") for rank in (0, 1))
 
 
 def test_two_ranks_hold_the_same_weights_after_training(tmp_path):
     images = make_image_folder(tmp_path / "images")
-    out = tmp_path / "out"
-    out.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(WORKER), str(images), str(tmp_path / "ws"), str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{rank}.pt") for rank in (0, 1))
+    rank0, rank1 = weights_of_both_ranks(WORKER, images, tmp_path / "ws", tmp_path / "out")
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
 
     # Training happened, and only rank 0 wrote the run.
@@ -53,10 +63,7 @@ def test_embedding_under_torchrun_merges_the_shards_in_order(tmp_path):
     common = ["-m", "simsiam_embed.cli.main", "embed", str(images), "--model", str(encoder), "--workers", "0"]
     single = subprocess.run([sys.executable, *common, "-o", str(tmp_path / "single")], capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    sharded = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         *common, "-o", str(tmp_path / "sharded")], capture_output=True, text=True, timeout=600)
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    run_two_ranks(*common, "-o", str(tmp_path / "sharded"))
     for name in ("paths.txt", "labels.txt", "skipped.txt"):
         assert (tmp_path / "single" / name).read_text() == (tmp_path / "sharded" / name).read_text()
     import numpy as np
@@ -66,23 +73,12 @@ def test_embedding_under_torchrun_merges_the_shards_in_order(tmp_path):
     assert not list((tmp_path / "sharded").glob(".shard-*"))
 
 
-DETECTION_WORKER = Path(__file__).with_name("distributed_detection_worker.py")
-
-
 def test_detection_under_torchrun_keeps_the_replicas_identical(tmp_path):
     from test_detection import draw_detection_images, write_coco
 
     truth = draw_detection_images(tmp_path / "images", count=8)
     coco = write_coco(tmp_path / "images" / "boxes.json", truth)
-    out = tmp_path / "out"
-    out.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(DETECTION_WORKER), str(coco), str(tmp_path / "ws"), str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{rank}.pt") for rank in (0, 1))
+    rank0, rank1 = weights_of_both_ranks(DETECTION_WORKER, coco, tmp_path / "ws", tmp_path / "out")
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)   # BN statistics averaged, too
 
     # 8 images, 4 per step over both ranks, 2 epochs; only rank 0 wrote the run and scored it.
