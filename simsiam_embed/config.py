@@ -10,7 +10,10 @@ import dataclasses
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -19,18 +22,55 @@ SMALL_IMAGE_MAX_SIDE = 64
 IMAGENET_SIZE = 1_281_167
 
 RECIPES = ("imagenet", "cifar")
+#: No setting of a network read from a file may exceed this (a tampered file must not allocate terabytes).
+MAX_WIDTH = 65_536
 
 
 class SavedSettings:
-    """A settings dataclass as the JSON of a run folder; fields from a newer version are ignored."""
+    """A settings dataclass as the JSON of a run folder; fields from a newer version are ignored.
+
+    Settings come back from files that may have been edited or received, so every field is
+    checked against its declared type on the way in, with a one-line error naming it.
+    """
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]):
+    def from_dict(cls, values: dict[str, Any], source: Path | str = "the saved settings"):
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: the settings are {type(values).__name__}, not an object")
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        kept = {key: value for key, value in values.items() if key in known}
+        for key, value in kept.items():
+            if not _has_type(value, hints[key]):
+                raise UserError(f"{source} is damaged: its setting {key!r} is {value!r}, not {_type_name(hints[key])}")
+        try:
+            return cls(**kept)
+        except TypeError as error:   # a required field is missing
+            raise UserError(f"{source} is damaged: {error}") from None
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON-like value fits a dataclass field's annotation (no coercion: bool is not int)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
 
 
 @dataclass
@@ -82,6 +122,27 @@ class PretrainConfig(SavedSettings):
     def lr(self) -> float:
         """The paper's linear scaling rule: lr = base_lr x batch / 256."""
         return self.base_lr * self.batch_size / 256
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: Path | str = "the saved settings") -> "PretrainConfig":
+        config = super().from_dict(values, source)
+        config.check_architecture(source)
+        return config
+
+    def check_architecture(self, source: Path | str) -> None:
+        """Settings read from a file build a network only if they describe one this code can build."""
+        from .models import BACKBONE_NAMES
+
+        if self.backbone not in BACKBONE_NAMES:
+            raise UserError(f"{source} is damaged: its backbone {self.backbone!r} is not one of {', '.join(BACKBONE_NAMES)}")
+        widths = {"dim": self.dim, "projector_hidden_dim": self.projector_hidden_dim,
+                  "predictor_hidden_dim": self.predictor_hidden_dim, "projector_layers": self.projector_layers,
+                  "crop_size": self.crop_size}
+        for name, value in widths.items():
+            if not 1 <= value <= MAX_WIDTH:
+                raise UserError(f"{source} is damaged: its setting {name!r} is {value}, outside 1..{MAX_WIDTH}")
+        if self.stem_stride not in (1, 2):
+            raise UserError(f"{source} is damaged: its setting 'stem_stride' is {self.stem_stride}, not 1 or 2")
 
     def architecture(self) -> dict[str, Any]:
         """The settings that decide the weights' shapes: a checkpoint only loads into the same."""
@@ -214,13 +275,54 @@ def resolve_pretrain_config(
         setattr(config, key, value)
     config.choices = choices
     validate(config, num_images)
+    check_crop_size(config, median_short_side)
     return config
+
+
+#: Loader batches in flight: each worker prefetches 4, plus the one in training and the one pinned.
+def _batches_in_flight(workers: int) -> int:
+    return max(workers, 1) * 4 + 2
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: Upsampling a crop further than this from the images' own size adds no detail, only cost.
+MAX_CROP_UPSCALE = 4
+
+
+def check_crop_size(config: PretrainConfig, median_short_side: int, memory_bytes: int | None = None) -> None:
+    """Refuse a crop the images or the memory cannot support, before any worker allocates it."""
+    limit_from_images = max(224, MAX_CROP_UPSCALE * median_short_side)
+    if config.crop_size > limit_from_images:
+        raise UserError(f"--crop-size {config.crop_size} is more than {MAX_CROP_UPSCALE}x the images' median side "
+                        f"({median_short_side} px): use --crop-size {limit_from_images} or less")
+    memory_bytes = memory_bytes if memory_bytes is not None else physical_memory_bytes()
+    if memory_bytes is None:
+        return
+    batch_bytes = config.batch_size * 2 * 3 * config.crop_size ** 2 * 4   # two float32 views a pair
+    needed = batch_bytes * _batches_in_flight(config.num_workers)
+    if needed > memory_bytes / 2:
+        fitting = int(math.sqrt(memory_bytes / 2 / _batches_in_flight(config.num_workers) / (config.batch_size * 24)))
+        raise UserError(f"--crop-size {config.crop_size} at batch {config.batch_size} needs about {needed / 2**30:.0f} GiB "
+                        f"of loader memory and this machine has {memory_bytes / 2**30:.0f} GiB: use --crop-size "
+                        f"{fitting // 8 * 8} or less, or a smaller --batch-size")
 
 
 def validate(config: PretrainConfig, num_images: int) -> None:
     """Reject settings that cannot train, each with a message that says what to do."""
     if config.epochs is not None and config.time_budget_s is not None:
         raise UserError("give either --epochs or --time-budget, not both")
+    for name in ("base_lr", "weight_decay", "momentum", "min_crop_scale", "color_jitter", "warmup_fraction"):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
+    if config.base_lr == 0:
+        raise UserError("--base-lr must be more than 0")
     if num_images < 2:
         raise UserError(f"the folder has {num_images} usable image(s); SimSiam needs at least 2 (and more to learn)")
     if config.batch_size < 2:

@@ -98,7 +98,8 @@ def resolve_index_sources(
     """The folder to index and the encoder to embed it with, from what the user gave (or not)."""
     if image_dir is None:
         run_dir = workspace.latest_run_dir() if model is None or model.suffix == ".onnx" else _run_of(workspace, model)
-        config = PretrainConfig.from_dict(load_checkpoint(run_dir / "checkpoint.pt")["config"])
+        checkpoint = run_dir / "checkpoint.pt"
+        config = PretrainConfig.from_dict(load_checkpoint(checkpoint, kind="pretrain")["config"], source=checkpoint)
         image_dir = Path(config.data_dir)
         if not image_dir.is_dir():
             raise UserError(f"the run's image folder {image_dir} is gone: name the folder to index")
@@ -110,7 +111,7 @@ def resolve_index_sources(
 
 
 def _warn_if_unfinished(checkpoint: Path, report: Report) -> None:
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, kind="pretrain")
     if not state.get("finished"):
         report(f"note: {checkpoint} is from an unfinished run (step {state['step']} of {state['total_steps']}); "
                "`simsiam-embed pretrain ... --resume` finishes it")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from conftest import make_image_folder
+from simsiam_embed.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 DETECTION_WORKER = Path(__file__).with_name("distributed_detection_worker.py")
@@ -40,7 +41,7 @@ def test_two_ranks_hold_the_same_weights_after_training(tmp_path):
     from simsiam_embed.config import PretrainConfig
 
     run = tmp_path / "ws" / "runs" / "images"
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(run / "checkpoint.pt")
     assert state["step"] == 2 * (36 // 8) and state["finished"]
     fresh = build_model(PretrainConfig.from_dict(state["config"])).state_dict()
     conv = "backbone.resnet.conv1.weight"
@@ -64,12 +65,12 @@ def test_embedding_under_torchrun_merges_the_shards_in_order(tmp_path):
     single = subprocess.run([sys.executable, *common, "-o", str(tmp_path / "single")], capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     run_two_ranks(*common, "-o", str(tmp_path / "sharded"))
-    for name in ("paths.txt", "labels.txt", "skipped.txt"):
+    for name in ("paths.jsonl", "skipped.jsonl"):
         assert (tmp_path / "single" / name).read_text() == (tmp_path / "sharded" / name).read_text()
     import numpy as np
 
     assert np.allclose(np.load(tmp_path / "single" / "embeddings.npy"), np.load(tmp_path / "sharded" / "embeddings.npy"), atol=1e-5)
-    assert len((tmp_path / "sharded" / "paths.txt").read_text().splitlines()) == 15
+    assert len((tmp_path / "sharded" / "paths.jsonl").read_text().splitlines()) == 15
     assert not list((tmp_path / "sharded").glob(".shard-*"))
 
 
@@ -83,7 +84,7 @@ def test_detection_under_torchrun_keeps_the_replicas_identical(tmp_path):
 
     # 8 images, 4 per step over both ranks, 2 epochs; only rank 0 wrote the run and scored it.
     run = next((tmp_path / "ws" / "runs").iterdir())
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(run / "checkpoint.pt")
     assert state["step"] == 4 and state["finished"]
     assert all(torch.equal(state["model"][key], rank0[key]) for key in rank0)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4

@@ -4,11 +4,14 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from simsiam_embed.checkpoint import load_checkpoint
 from simsiam_embed.errors import UserError
+from simsiam_embed.files import read_jsonl
 from simsiam_embed.config import PretrainConfig
 from simsiam_embed.pretrain import StepBatchSampler, StopRequest, cosine_lr, pretrain, set_learning_rate
 from simsiam_embed.workspace import Workspace
@@ -31,8 +34,8 @@ def test_one_epoch_through_the_console_script(image_folder, tmp_path):
     assert [line["step"] for line in lines if "lr" in line] == [1, 2, 3, 4]
     assert all(-1 <= line["loss"] <= 1 and line["z_std"] > 0 for line in lines)
     assert (tmp_path / "runs" / "LATEST").read_text().strip() == "images"
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert state["finished"] and state["step"] == 4 and state["format_version"] == 1
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["finished"] and state["step"] == 4 and state["format_version"] == 2 and state["kind"] == "pretrain"
 
     again = run_cli("pretrain", str(image_folder), cwd=tmp_path)
     assert again.returncode == 0 and "finished run" in again.stderr
@@ -80,8 +83,8 @@ def test_bad_files_are_skipped_and_listed(tmp_path):
     result = run_cli("pretrain", str(images), "--epochs", "2", *FAST_TRAINING, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     bad = sorted(name for name, kind in kinds.items() if kind == "bad")
-    listed = (tmp_path / "runs" / "images" / "skipped.txt").read_text().splitlines()
-    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in listed) == bad
+    listed = read_jsonl(tmp_path / "runs" / "images" / "skipped.jsonl")
+    assert sorted(Path(record["path"]).name for record in listed) == bad
     assert f"{len(bad)} unreadable files skipped" in result.stdout
 
 
@@ -96,12 +99,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(image_folder, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
-    state = torch.load(tmp_path / "runs" / "images" / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "runs" / "images" / "checkpoint.pt")
     assert not state["finished"] and 0 < state["step"] < 800
 
     resumed = run_cli("pretrain", str(image_folder), "--resume", "--epochs", "200", "--backbone", "resnet34", cwd=tmp_path)
     assert_one_line_error(resumed, "backbone", "resnet18")
-    after = torch.load(tmp_path / "runs" / "images" / "checkpoint.pt", weights_only=False)
+    after = load_checkpoint(tmp_path / "runs" / "images" / "checkpoint.pt")
     assert after["step"] == state["step"]   # the refused resume touched nothing
 
 
