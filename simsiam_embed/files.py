@@ -1,15 +1,33 @@
-"""Atomic writes: a crash or Ctrl-C at any moment leaves the previous file intact."""
+"""Atomic writes, folder locks and write errors: a crash, Ctrl-C, a full disk or a second
+process at any moment leaves the previous file intact, and the user gets one line saying why."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from .errors import UserError
+
+#: Errors that mean "this place cannot take the write", not a bug: said in one line.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def write_failure(target: Path | str, error: OSError) -> UserError:
+    """The one-line message for a write that the filesystem refused."""
+    advice = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "choose a writable folder"
+    return UserError(f"cannot write {target} ({error.strerror or error}): {advice}; nothing already there was changed")
+
+
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -21,16 +39,26 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     being atomic); on any error, or Ctrl-C, it is removed and ``path`` is untouched.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mkstemp makes the file 0600; the result must be as readable as any file the user
+        # creates (a web server or a colleague reading encoder.onnx), so honour the umask.
+        os.fchmod(fd, 0o666 & ~_current_umask())
+        os.close(fd)
+    except OSError as error:
+        if error.errno in WRITE_ERRNOS or error.errno == errno.ENOENT:
+            raise write_failure(path, error) from None
+        raise
     try:
         yield Path(tmp_name)
         with open(tmp_name, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            raise write_failure(path, error) from None
         raise
     _fsync_directory(path.parent)
 
@@ -55,6 +83,51 @@ def _fsync_directory(folder: Path) -> None:
 def write_json_atomic(path: Path | str, payload: Any) -> None:
     with atomic_write(path) as handle:
         handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl_atomic(path: Path | str, records: list[dict]) -> None:
+    """One JSON object a line: any file name (newlines, tabs, escapes) survives the round trip."""
+    with atomic_write(path) as handle:
+        handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, holder: str, report: Callable[[str], None]) -> Iterator[None]:
+    """Hold the exclusive writer's lock of ``folder`` (``folder/.lock``) for the block.
+
+    A second writer waits, after saying who holds the lock. The operating system releases the
+    lock when its holder exits, however it exits, so a crashed writer never blocks the next one.
+    Readers take no lock: writers only ever add whole new files and rename them into place.
+    """
+    import fcntl
+
+    lock_path = folder / ".lock"
+    try:
+        handle = open(lock_path, "a+")
+    except OSError as error:
+        raise write_failure(lock_path, error) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            report(f"waiting: {owner} holds the lock on {folder}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{holder} (pid {os.getpid()})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_writable_folder(folder: Path) -> None:

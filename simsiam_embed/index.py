@@ -2,9 +2,17 @@
 
 An index folder holds generations: ``gen-NNNNNN/`` with ``faiss.index`` (ids, not positions),
 ``catalog.sqlite`` (id, path, size, mtime, label, content digest), ``vectors.npy`` + ``ids.npy``
-(the embeddings, so any index type can be rebuilt without re-embedding) and ``manifest.json``.
+(the embeddings, so any index type can be rebuilt without re-embedding), the encoder that made
+them (``encoder.onnx``, or ``encoder.pt`` for a PyTorch checkpoint) and ``manifest.json``.
 ``CURRENT`` names the live generation. An update writes a whole new generation and then swaps
 ``CURRENT`` atomically, so a crash or Ctrl-C at any moment leaves the previous index usable.
+
+Writers hold the folder's lock (``.lock``), so two updates never interleave; readers take none.
+The generation before the live one is kept until the next update, so a search that read
+``CURRENT`` just before a swap still finds its files; one that lost a longer race re-reads it.
+
+An index folder is self-contained and may be handed to someone else: the encoder it names lies
+inside it, and every field of its manifest is checked when read.
 
 Similarity is cosine: vectors are l2-normalised and FAISS ranks by inner product.
 """
@@ -15,12 +23,13 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -29,14 +38,21 @@ from . import __version__
 from .data import discover_images, label_of
 from .embed import Encoder, embed_paths
 from .errors import UserError
-from .files import atomic_write, write_json_atomic
+from .files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
 
 #: Exact search stays interactive up to here: ~440 queries/s at 100k x 512 on 2 cores (bench/RESULTS.md).
 FLAT_MAX_VECTORS = 200_000
 #: HNSW keeps full vectors in memory; past this, IVF-PQ's compressed codes are the practical choice.
 HNSW_MAX_VECTORS = 5_000_000
 HNSW_EF_SEARCH = 128
-MANIFEST_FORMAT = "simsiam-embed.index/1"
+MANIFEST_FORMAT = "simsiam-embed.index/2"
+GENERATION_NAME = re.compile(r"gen-(\d{6})")
+#: The encoder file inside a generation, by kind: the only names a manifest may give.
+ENCODER_FILES = {"onnx": "encoder.onnx", "torch": "encoder.pt"}
+#: Below this many vectors a planned index type is test-trained on random vectors before any
+#: embedding, so a type that cannot train on so few fails in seconds, not after hours.
+TRIAL_TRAINING_MAX = 20_000
+REBUILD = "rebuild it with `simsiam-embed index --rebuild`"
 
 Report = Callable[[str], None]
 
@@ -48,11 +64,21 @@ class IndexChoice:
 
 
 def choose_index_type(count: int, dim: int, requested: str | None) -> IndexChoice:
-    """Flat while exact search is fast, HNSW beyond, IVF-PQ for the very large; or the user's pick."""
+    """Flat while exact search is fast, HNSW beyond, IVF-PQ for the very large; or the user's pick.
+
+    A type that cannot be trained on ``count`` vectors is refused here, before any embedding;
+    the named ``ivfpq`` falls back to exact search instead (it is a size optimisation).
+    """
     named = {"flat": "Flat", "hnsw": "HNSW32", "ivfpq": _ivfpq_factory(count, dim)}
     if requested:
         factory = named.get(requested.lower(), requested)
-        return IndexChoice(factory, f"--index-type {requested}")
+        problem = _training_problem(factory, count, dim)
+        if problem is None:
+            return IndexChoice(factory, f"--index-type {requested}")
+        if requested.lower() == "ivfpq":
+            return IndexChoice("Flat", f"exact search: --index-type ivfpq cannot train on {count} vectors ({problem})")
+        raise UserError(f"--index-type {requested} cannot be built from {count} images ({problem}): "
+                        "use --index-type flat, or index more images")
     if count <= FLAT_MAX_VECTORS:
         return IndexChoice("Flat", f"exact search: {count} vectors (<= {FLAT_MAX_VECTORS:,} stays fast)")
     if count <= HNSW_MAX_VECTORS:
@@ -69,17 +95,45 @@ def _ivfpq_factory(count: int, dim: int) -> str:
     return f"IVF{lists},PQ{subquantizers},Refine(SQ8)"
 
 
+def _empty_index(factory: str, dim: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise UserError(f"FAISS cannot build index type {factory!r} ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+
+
+def _training_problem(factory: str, count: int, dim: int) -> str | None:
+    """Why ``factory`` cannot be trained on ``count`` vectors (None if it can), found by trying
+    on random unit vectors: the only test exact for every factory string FAISS accepts."""
+    index = _empty_index(factory, dim)
+    if index.is_trained or count > TRIAL_TRAINING_MAX:
+        return None
+    if count == 0:
+        return "it needs vectors to train on"
+    trial = np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)
+    trial /= np.linalg.norm(trial, axis=1, keepdims=True)
+    try:
+        index.train(trial)
+    except RuntimeError as error:
+        return _first_line(error)
+    return None
+
+
 def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> faiss.Index:
     """A FAISS index over ``vectors`` (inner product) that answers with ``ids``."""
-    dim = vectors.shape[1]
-    try:
-        index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise UserError(f"FAISS cannot build index type {factory!r} ({str(error).splitlines()[0][:200]})") from None
+    index = _empty_index(factory, vectors.shape[1])
     if not index.is_trained:
         if len(vectors) == 0:
             raise UserError(f"index type {factory} needs vectors to train on, and there are none")
-        index.train(vectors)
+        try:
+            index.train(vectors)
+        except RuntimeError as error:
+            raise UserError(f"index type {factory} cannot train on {len(vectors)} vectors ({_first_line(error)}): "
+                            "use --index-type flat") from None
     if len(vectors):
         index.add_with_ids(vectors, ids)
     _set_search_parameters(index)
@@ -112,7 +166,7 @@ def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
 
 
 # --------------------------------------------------------------------------------------------
-# The catalog
+# The catalog and the manifest
 
 
 @dataclass(frozen=True)
@@ -123,6 +177,9 @@ class CatalogEntry:
     mtime_ns: int
     label: str
     digest: str
+
+
+_CATALOG_TYPES = (int, str, int, int, str, str)
 
 
 def _write_catalog(path: Path, entries: list[CatalogEntry]) -> None:
@@ -147,6 +204,9 @@ def _read_catalog(path: Path) -> list[CatalogEntry]:
         rows = connection.execute("SELECT id, path, size, mtime_ns, label, digest FROM images ORDER BY id").fetchall()
     finally:
         connection.close()
+    for row in rows:
+        if not all(isinstance(value, kind) for value, kind in zip(row, _CATALOG_TYPES)):
+            raise ValueError(f"catalog row {row[:2]!r} has values of the wrong type")
     return [CatalogEntry(*row) for row in rows]
 
 
@@ -158,6 +218,53 @@ def content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class IndexManifest:
+    """``manifest.json``: what a generation holds and which encoder made it; validated when read."""
+
+    image_dir: str
+    encoder_kind: str          # "onnx" or "torch"
+    encoder_file: str          # inside the generation: one of ENCODER_FILES' names
+    encoder_digest: str        # SHA-256 of that file
+    encoder_source: str        # where it was copied from (information only, never opened)
+    dim: int
+    index_type: str
+    requested_type: str | None
+    count: int
+    skipped: int
+    updated: str
+    package_version: str = __version__
+    format: str = MANIFEST_FORMAT
+    metric: str = "cosine (inner product of l2-normalised vectors)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any, path: Path) -> "IndexManifest":
+        if not isinstance(raw, dict):
+            raise UserError(f"{path} is damaged (not a JSON object): {REBUILD}")
+        if raw.get("format") != MANIFEST_FORMAT:
+            raise UserError(f"{path} is not a manifest this version reads (format {raw.get('format')!r}): {REBUILD}")
+        types = {"image_dir": str, "encoder_kind": str, "encoder_file": str, "encoder_digest": str,
+                 "encoder_source": str, "dim": int, "index_type": str, "requested_type": (str, type(None)),
+                 "count": int, "skipped": int, "updated": str, "package_version": str, "metric": str}
+        for name, kind in types.items():
+            value = raw.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UserError(f"{path} is damaged: its field {name!r} is {value!r}: {REBUILD}")
+        if ENCODER_FILES.get(raw["encoder_kind"]) != raw["encoder_file"]:
+            # The one guarantee that lets a received index be searched: its encoder is a file
+            # inside the generation, never a path that could point anywhere else.
+            raise UserError(f"{path} is damaged: its encoder {raw['encoder_file']!r} ({raw['encoder_kind']!r}) is not "
+                            f"one of {', '.join(ENCODER_FILES.values())} inside the index: {REBUILD}")
+        if not re.fullmatch(r"[0-9a-f]{64}", raw["encoder_digest"]):
+            raise UserError(f"{path} is damaged: its field 'encoder_digest' is not a SHA-256: {REBUILD}")
+        if raw["dim"] < 1 or raw["count"] < 0 or raw["skipped"] < 0:
+            raise UserError(f"{path} is damaged: 'dim', 'count' or 'skipped' is out of range: {REBUILD}")
+        return cls(**{name: raw[name] for name in types}, format=MANIFEST_FORMAT)
+
+
 # --------------------------------------------------------------------------------------------
 # A loaded index
 
@@ -165,7 +272,8 @@ def content_digest(path: Path) -> str:
 @dataclass
 class LoadedIndex:
     folder: Path
-    manifest: dict
+    generation: Path
+    manifest: IndexManifest
     index: faiss.Index
     entries: dict[int, CatalogEntry]
     vectors: np.ndarray
@@ -175,41 +283,71 @@ class LoadedIndex:
     def count(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def encoder_path(self) -> Path:
+        return self.generation / self.manifest.encoder_file
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores and ids of the ``k`` nearest entries for each query (rows of -1 pad)."""
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
 def current_generation(index_dir: Path) -> Path | None:
+    """The live generation's folder; None when there is no index; an error when CURRENT is damaged."""
     marker = index_dir / "CURRENT"
     if not marker.is_file():
         return None
-    generation = index_dir / marker.read_text().strip()
-    return generation if generation.is_dir() else None
+    try:
+        name = marker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{marker} is unreadable ({error}): {REBUILD}") from None
+    if not GENERATION_NAME.fullmatch(name):
+        raise UserError(f"{marker} is damaged (it names {name[:40]!r}, not a generation gen-NNNNNN): {REBUILD}")
+    return index_dir / name
+
+
+class _GenerationUnreadable(Exception):
+    pass
 
 
 def load_index(index_dir: Path) -> LoadedIndex:
-    """Open the live generation of ``index_dir``, checking that its parts agree with each other."""
-    generation = current_generation(index_dir)
-    if generation is None:
-        raise UserError(f"no index in {index_dir}: build one with `simsiam-embed index`")
-    rebuild = "rebuild it with `simsiam-embed index --rebuild`"
+    """Open the live generation of ``index_dir``, checking that its parts agree with each other.
+
+    A generation can vanish between reading ``CURRENT`` and opening its files when updates
+    race this reader; then ``CURRENT`` has moved on, and the new generation is opened instead.
+    """
+    for _attempt in range(5):
+        generation = current_generation(index_dir)
+        if generation is None:
+            raise UserError(f"no index in {index_dir}: build one with `simsiam-embed index`")
+        try:
+            return _open_generation(index_dir, generation)
+        except _GenerationUnreadable as error:
+            if current_generation(index_dir) == generation:
+                raise UserError(f"the index in {index_dir} is damaged ({error}): {REBUILD}") from None
+    raise UserError(f"the index in {index_dir} changed five times while it was being opened: try again")
+
+
+def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
     try:
-        manifest = json.loads((generation / "manifest.json").read_text())
+        manifest_path = generation / "manifest.json"
+        manifest = IndexManifest.from_dict(json.loads(manifest_path.read_text()), manifest_path)
         index = faiss.read_index(str(generation / "faiss.index"))
         entries = {entry.id: entry for entry in _read_catalog(generation / "catalog.sqlite")}
         # Memory-mapped: searching needs only the FAISS index; updates read the rows they keep.
         vectors = np.load(generation / "vectors.npy", mmap_mode="r")
         ids = np.load(generation / "ids.npy")
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as error:
-        raise UserError(f"the index in {index_dir} is damaged ({str(error).splitlines()[0][:160]}): {rebuild}") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{index_dir} is not a simsiam-embed index: {rebuild}")
-    if not (index.ntotal == len(entries) == len(ids) == len(vectors) == manifest["count"]):
+        raise _GenerationUnreadable(_first_line(error)[:160]) from None
+    if not (index.ntotal == len(entries) == len(ids) == len(vectors) == manifest.count):
         raise UserError(f"the index in {index_dir} is inconsistent (index {index.ntotal}, catalog {len(entries)}, "
-                        f"manifest {manifest['count']}): {rebuild}")
+                        f"manifest {manifest.count}): {REBUILD}")
+    if index.d != manifest.dim or vectors.ndim != 2 or vectors.shape[1] != manifest.dim or ids.dtype != np.int64:
+        raise UserError(f"the index in {index_dir} is inconsistent (its vectors are not {manifest.dim}-d): {REBUILD}")
+    if manifest.count == 0:
+        raise UserError(f"the index in {index_dir} is empty: {REBUILD}")
     _set_search_parameters(index)
-    return LoadedIndex(index_dir, manifest, to_gpu_if_available(index), entries, vectors, ids)
+    return LoadedIndex(index_dir, generation, manifest, to_gpu_if_available(index), entries, vectors, ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +375,7 @@ class EncoderIdentity:
     """Which model made the vectors: an index only ever holds vectors of one encoder."""
 
     kind: str      # "onnx" or "torch"
-    path: str
+    path: str      # the file it is copied from into each generation
     digest: str
     dim: int
 
@@ -258,72 +396,100 @@ def update_index(
 
     Only new or changed files (by size and mtime) are embedded; deleted ones are dropped from
     index and catalog alike. Another encoder, another folder, or ``rebuild`` means starting over.
+    Holds the folder's writer lock throughout: a second update waits for this one.
     """
     started = time.monotonic()
     image_dir = image_dir.resolve()
     paths = discover_images(image_dir)
     if not paths:
         raise UserError(f"no images in {image_dir} to index")
-    index_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(index_dir)
+    with folder_lock(index_dir, "an `index` run", report):
+        _remove_abandoned_generations(index_dir)
+        previous, rebuilt_because = _previous_state(index_dir, identity, image_dir, rebuild)
+        old_by_path = {entry.path: entry for entry in previous.entries.values()} if previous else {}
+        stats, failures = _stat_files(paths)
+        unchanged = [old_by_path[p] for p, st in stats.items()
+                     if p in old_by_path and (old_by_path[p].size, old_by_path[p].mtime_ns) == (st.st_size, st.st_mtime_ns)]
+        keep_ids = {entry.id for entry in unchanged}
+        to_embed = [Path(p) for p in stats if p not in old_by_path or old_by_path[p].id not in keep_ids]
+        changed = sum(1 for path in to_embed if str(path) in old_by_path)
+        removed = len(old_by_path) - len(unchanged) - changed
 
-    previous, rebuilt_because = _previous_state(index_dir, identity, image_dir, rebuild)
-    old_by_path = {entry.path: entry for entry in previous.entries.values()} if previous else {}
-    stats = {str(path): path.stat() for path in paths}
-    unchanged = [old_by_path[p] for p, st in stats.items()
-                 if p in old_by_path and (old_by_path[p].size, old_by_path[p].mtime_ns) == (st.st_size, st.st_mtime_ns)]
-    keep_ids = {entry.id for entry in unchanged}
-    to_embed = [Path(p) for p in stats if p not in old_by_path or old_by_path[p].id not in keep_ids]
-    changed = sum(1 for path in to_embed if str(path) in old_by_path)
-    removed = len(old_by_path) - len(unchanged) - changed
+        report(f"{len(paths)} images in {image_dir}: {len(unchanged)} unchanged, {len(to_embed) - changed} new, "
+               f"{changed} changed, {removed} deleted")
+        requested = index_type or (previous.manifest.requested_type if previous else None)
+        # Everything that can be refused is refused before the embedding, which may take hours.
+        choose_index_type(len(unchanged) + len(to_embed), identity.dim, requested)
+        _check_free_space(index_dir, len(unchanged) + len(to_embed), identity)
+        result = embed_paths(to_embed, encoder, batch_size, workers, show_progress)
+        failures += [(str(to_embed[i]), reason) for i, reason in result.failures]
 
-    report(f"{len(paths)} images in {image_dir}: {len(unchanged)} unchanged, {len(to_embed) - changed} new, "
-           f"{changed} changed, {removed} deleted")
-    result = embed_paths(to_embed, encoder, batch_size, workers, show_progress)
-    failures = [(str(to_embed[i]), reason) for i, reason in result.failures]
-
-    next_id = int(previous.ids.max()) + 1 if previous is not None and len(previous.ids) else 0
-    new_entries = []
-    for offset, position in enumerate(result.indices):
-        path = to_embed[int(position)]
-        st = stats[str(path)]
-        new_entries.append(CatalogEntry(next_id + offset, str(path), st.st_size, st.st_mtime_ns,
-                                        label_of(path), content_digest(path)))
-    vectors, ids = _merged_vectors(previous, keep_ids, result.vectors, [e.id for e in new_entries], identity.dim)
-    entries = sorted(unchanged + new_entries, key=lambda entry: entry.id)
-    requested = index_type or (previous.manifest["requested_type"] if previous else None)
-    choice = choose_index_type(len(ids), identity.dim, requested)
-    index = build_faiss_index(vectors, ids, choice.factory)
-
-    _write_generation(index_dir, index, entries, vectors, ids, {
-        "format": MANIFEST_FORMAT,
-        "package_version": __version__,
-        "image_dir": str(image_dir),
-        "encoder": {"kind": identity.kind, "path": identity.path, "digest": identity.digest},
-        "dim": identity.dim,
-        "metric": "cosine (inner product of l2-normalised vectors)",
-        "index_type": choice.factory,
-        "requested_type": requested,
-        "count": len(ids),
-        "skipped": len(failures),
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+        next_id = int(previous.ids.max()) + 1 if previous is not None and len(previous.ids) else 0
+        new_entries = []
+        for offset, position in enumerate(result.indices):
+            path = to_embed[int(position)]
+            st = stats[str(path)]
+            new_entries.append(CatalogEntry(next_id + offset, str(path), st.st_size, st.st_mtime_ns,
+                                            label_of(path), content_digest(path)))
+        vectors, ids = _merged_vectors(previous, keep_ids, result.vectors, [e.id for e in new_entries], identity.dim)
+        if len(ids) == 0:
+            first = f": the first, {failures[0][0]}: {failures[0][1]}" if failures else ""
+            raise UserError(f"none of the {len(paths)} image files in {image_dir} could be read{first}; "
+                            "the index was not changed")
+        entries = sorted(unchanged + new_entries, key=lambda entry: entry.id)
+        choice = choose_index_type(len(ids), identity.dim, requested)
+        index = build_faiss_index(vectors, ids, choice.factory)
+        manifest = IndexManifest(
+            image_dir=str(image_dir), encoder_kind=identity.kind, encoder_file=ENCODER_FILES[identity.kind],
+            encoder_digest=identity.digest, encoder_source=identity.path, dim=identity.dim,
+            index_type=choice.factory, requested_type=requested, count=len(ids), skipped=len(failures),
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        _write_generation(index_dir, index, entries, vectors, ids, manifest, Path(identity.path))
     added = sum(1 for entry in new_entries if entry.path not in old_by_path)
     return IndexUpdate(index_dir, len(ids), added, len(new_entries) - added, removed, len(unchanged),
                        choice.factory, choice.reason, rebuilt_because, failures,
                        result.images_per_second, time.monotonic() - started)
 
 
+def _stat_files(paths: list[Path]) -> tuple[dict[str, os.stat_result], list[tuple[str, str]]]:
+    """Size and mtime of each file; dangling and looping links are listed as failures, not fatal."""
+    stats, failures = {}, []
+    for path in paths:
+        try:
+            stats[str(path)] = path.stat()
+        except OSError as error:
+            failures.append((str(path), f"cannot open ({error.strerror or error})"))
+    return stats, failures
+
+
+def _check_free_space(index_dir: Path, count: int, identity: EncoderIdentity) -> None:
+    """Refuse before the embedding when the new generation clearly cannot fit on the disk."""
+    vectors_bytes = count * identity.dim * 4
+    encoder_bytes = Path(identity.path).stat().st_size if Path(identity.path).is_file() else 0
+    # vectors.npy and the FAISS index each hold the vectors once; ~300 bytes a catalog row.
+    needed = 2 * vectors_bytes + 300 * count + encoder_bytes
+    free = shutil.disk_usage(index_dir).free
+    if free < needed:
+        raise UserError(f"{index_dir} has {free / 1e6:.0f} MB free and the new index needs about "
+                        f"{needed / 1e6:.0f} MB: free some space or choose another --index-dir")
+
+
 def _previous_state(index_dir: Path, identity: EncoderIdentity, image_dir: Path,
                     rebuild: bool) -> tuple[LoadedIndex | None, str | None]:
-    if current_generation(index_dir) is None:
-        return None, None
     if rebuild:
-        return None, "--rebuild"
-    previous = load_index(index_dir)
-    if previous.manifest["encoder"]["digest"] != identity.digest:
+        return None, "--rebuild" if (index_dir / "CURRENT").exists() else None
+    try:
+        if current_generation(index_dir) is None:
+            return None, None
+        previous = load_index(index_dir)
+    except UserError as error:   # a writer starts afresh where a reader would have to give up
+        return None, f"the previous index cannot be used ({str(error).split(': rebuild')[0]})"
+    if previous.manifest.encoder_digest != identity.digest:
         return None, "the encoder changed, so every vector must be recomputed"
-    if previous.manifest["image_dir"] != str(image_dir):
-        return None, f"the index was of another folder ({previous.manifest['image_dir']})"
+    if previous.manifest.image_dir != str(image_dir):
+        return None, f"the index was of another folder ({previous.manifest.image_dir})"
     return previous, None
 
 
@@ -338,31 +504,69 @@ def _merged_vectors(previous: LoadedIndex | None, keep_ids: set[int], new_vector
     return np.ascontiguousarray(vectors.reshape(-1, dim), dtype=np.float32), ids
 
 
-def _write_generation(index_dir: Path, index: faiss.Index, entries: list[CatalogEntry],
-                      vectors: np.ndarray, ids: np.ndarray, manifest: dict) -> None:
+def _generation_number(name: str) -> int | None:
+    match = GENERATION_NAME.fullmatch(name.removeprefix(".").removesuffix(".partial"))
+    return int(match.group(1)) if match else None
+
+
+def _live_name(index_dir: Path) -> str | None:
+    try:
+        live = current_generation(index_dir)
+    except UserError:   # a damaged CURRENT names nothing live
+        return None
+    return live.name if live is not None else None
+
+
+def _remove_abandoned_generations(index_dir: Path) -> None:
+    """A crashed writer's leftovers: partial folders, and generations newer than the live one
+    (renamed into place before the crash could write CURRENT). Called under the writer's lock."""
+    live = _live_name(index_dir)
+    live_number = _generation_number(live) if live else -1
+    for child in index_dir.iterdir():
+        number = _generation_number(child.name)
+        if number is not None and (child.name.endswith(".partial") or number > live_number):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _write_generation(index_dir: Path, index: faiss.Index, entries: list[CatalogEntry], vectors: np.ndarray,
+                      ids: np.ndarray, manifest: IndexManifest, encoder_source: Path) -> None:
     """Write a complete new generation beside the live one, then make it live in one rename."""
-    live = current_generation(index_dir)
-    number = int(live.name.split("-")[1]) + 1 if live else 1
-    name = f"gen-{number:06d}"
+    previous_live = _live_name(index_dir)
+    numbers = [n for n in (_generation_number(child.name) for child in index_dir.iterdir()) if n is not None]
+    name = f"gen-{max(numbers, default=0) + 1:06d}"
     staging = index_dir / f".{name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    faiss.write_index(index, str(staging / "faiss.index"))
-    _write_catalog(staging / "catalog.sqlite", entries)
-    np.save(staging / "vectors.npy", vectors)
-    np.save(staging / "ids.npy", ids)
-    write_json_atomic(staging / "manifest.json", manifest)
-    for part in staging.iterdir():
-        with open(part, "rb") as handle:
-            os.fsync(handle.fileno())
-    os.replace(staging, index_dir / name)
+    try:
+        staging.mkdir()
+        _place_encoder(encoder_source, staging / manifest.encoder_file)
+        faiss.write_index(index, str(staging / "faiss.index"))
+        _write_catalog(staging / "catalog.sqlite", entries)
+        np.save(staging / "vectors.npy", vectors)
+        np.save(staging / "ids.npy", ids)
+        write_json_atomic(staging / "manifest.json", manifest.to_dict())
+        for part in staging.iterdir():
+            with open(part, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(staging, index_dir / name)
+    except (OSError, RuntimeError, sqlite3.Error, UserError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write the new index in {index_dir} ({_first_line(error)[:120]}): free some space or "
+                        "choose a writable --index-dir; the previous index is unchanged") from None
     with atomic_write(index_dir / "CURRENT") as handle:
         handle.write(name + "\n")
-    _remove_stale_generations(index_dir, keep=name)
+    _remove_stale_generations(index_dir, keep={name, previous_live})
 
 
-def _remove_stale_generations(index_dir: Path, keep: str) -> None:
-    # Only after CURRENT names the new generation: until then the old one must stay readable.
+def _place_encoder(source: Path, target: Path) -> None:
+    """The encoder travels with the index: a hard link where the filesystem allows, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _remove_stale_generations(index_dir: Path, keep: set[str | None]) -> None:
+    # Only after CURRENT names the new generation. The one it replaced stays until the next
+    # update, for searches that read CURRENT just before the swap.
     for child in index_dir.iterdir():
-        if child.is_dir() and child.name != keep and (child.name.startswith("gen-") or child.name.endswith(".partial")):
+        if child.is_dir() and child.name not in keep and _generation_number(child.name) is not None:
             shutil.rmtree(child, ignore_errors=True)

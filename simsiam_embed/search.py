@@ -43,23 +43,23 @@ class QueryResult:
 
 
 def encoder_of_index(loaded: LoadedIndex, provider: str | None = None) -> Encoder:
-    """The very encoder that made the index's vectors; an error if its file has changed since."""
-    recorded = loaded.manifest["encoder"]
-    path = Path(recorded["path"])
+    """The very encoder that made the index's vectors: the copy inside the index folder (the
+    manifest can name no other), refused if its bytes are not the ones the index recorded."""
+    path = loaded.encoder_path
     if not path.is_file():
         raise UserError(f"the index's encoder {path} is gone: rebuild with `simsiam-embed index --rebuild`")
-    if file_digest(path) != recorded["digest"]:
-        raise UserError(f"{path} changed since the index was built: update it with `simsiam-embed index`")
-    if recorded["kind"] == "torch":
+    if file_digest(path) != loaded.manifest.encoder_digest:
+        raise UserError(f"{path} changed since the index was built: rebuild with `simsiam-embed index --rebuild`")
+    if loaded.manifest.encoder_kind == "torch":
         return TorchEncoder(path)
     return OnnxEncoder(path, provider)
 
 
 def check_model_matches(loaded: LoadedIndex, model: Path) -> None:
     """A query model the user named must be the one the index was built with."""
-    if file_digest(model) != loaded.manifest["encoder"]["digest"]:
+    if file_digest(model) != loaded.manifest.encoder_digest:
         raise UserError(
-            f"the index in {loaded.folder} was built with another encoder ({loaded.manifest['encoder']['path']}), "
+            f"the index in {loaded.folder} was built with another encoder ({loaded.manifest.encoder_source}), "
             f"not {model}: search without --model, or re-index with it"
         )
 

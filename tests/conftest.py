@@ -112,3 +112,68 @@ def make_awkward_files(folder: Path) -> dict[str, str]:
     photo.save(folder / "webp.webp")
     kinds["webp.webp"] = "ok"
     return kinds
+
+
+class PixelEncoder:
+    """A stand-in encoder for index tests: each image's mean colour in a 2x2 grid, 12 numbers.
+
+    No network and no model file: index, lock and search mechanics run in milliseconds.
+    ``delay_s`` makes each batch slow, so concurrent writers really overlap.
+    """
+
+    def __init__(self, delay_s: float = 0.0):
+        from simsiam_embed.data import Preprocessing
+
+        self.preprocessing = Preprocessing(input_size=8, resize_size=8)
+        self.dim = 12
+        self.description = "pixel means (test stand-in)"
+        self.delay_s = delay_s
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import time
+
+        time.sleep(self.delay_s)
+        return images.reshape(len(images), 3, 2, 4, 2, 4).mean(axis=(3, 5)).reshape(len(images), 12) + 3.0
+
+
+def pixel_identity(model_file: Path, kind: str = "onnx"):
+    """An EncoderIdentity for PixelEncoder; ``model_file`` is any file standing for its weights."""
+    from simsiam_embed.checkpoint import file_digest
+    from simsiam_embed.index import EncoderIdentity
+
+    return EncoderIdentity(kind, str(model_file), file_digest(model_file), 12)
+
+
+class CodeRunsIfUnpickled:
+    """A pickle payload that creates ``marker`` when unpickled: the attack a received file can carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def invoke(*args: str, cwd: Path | None = None):
+    """Run the command line in this process (fast, and monkeypatches apply); stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from simsiam_embed.cli.main import cli
+
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        return CliRunner().invoke(cli, list(args), catch_exceptions=True)
+    finally:
+        os.chdir(old)
+
+
+def assert_one_line_error_in_process(result, *fragments: str) -> None:
+    """As assert_one_line_error, for a result of :func:`invoke`."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
