@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ from ..config import default_amp
 from ..detection import INITS, NORMS, SCHEDULES, DetectionConfig, finetune_detection
 from ..detectron2_export import export_detectron2
 from ..models import BACKBONE_NAMES
-from .options import workspace_at, workspace_option
+from .options import FiniteFloatRange, workspace_at, workspace_option
 
 
 def _format_ap(value: float) -> str:
@@ -22,9 +23,11 @@ def _format_ap(value: float) -> str:
 
 @click.command("finetune-detection")
 @click.option("--data", type=click.Path(path_type=Path), required=True,
-              help="Training boxes: a COCO .json file, a PASCAL VOC folder of .xml files, or a YOLO folder "
-                   "(images/, labels/, classes.txt).")
-@click.option("--val-data", type=click.Path(path_type=Path), help="Validation boxes, any of the same formats (scored with COCO AP).")
+              help="Training boxes: a COCO .json file, a PASCAL VOC folder of .xml files, a YOLO folder "
+                   "(images/, labels/, classes.txt), or an Ultralytics / Roboflow data.yaml (or its folder): its train split.")
+@click.option("--val-data", type=click.Path(path_type=Path),
+              help="Validation boxes, any of the same formats (a data.yaml: its val split); scored with COCO AP.  "
+                   "[default: the val split of a --data data.yaml, if it names one]")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
               help="The SimSiam run folder or checkpoint to start from.  [default: the latest run]")
 @click.option("--init", type=click.Choice(INITS), default="simsiam", help="random: the same recipe from scratch, for comparison.")
@@ -34,7 +37,7 @@ def _format_ap(value: float) -> str:
 @click.option("--trainable-layers", type=click.IntRange(0, 5), default=5, help="Backbone stages that train (5: all, the paper's).")
 @click.option("--epochs", type=click.IntRange(min=1), default=12)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, help="Images per step over all processes.")
-@click.option("--base-lr", type=click.FloatRange(min=0, min_open=True), default=0.02, help="lr = base-lr x batch / 16.")
+@click.option("--base-lr", type=FiniteFloatRange(min=0, min_open=True), default=0.02, help="lr = base-lr x batch / 16.")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=100)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="step", help="step: x0.1 at 2/3 and 8/9 of training.")
 @click.option("--min-size", type=click.IntRange(min=32), default=512, help="Shorter image side the detector resizes to.")
@@ -69,14 +72,19 @@ def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Pa
         seed=seed, num_workers=workers, device=device, amp=default_amp(device) if on_gpu else "off", channels_last=on_gpu,
     )
     result = finetune_detection(config, place, name, resume, show_progress=not as_json)
-    if result.evaluation is None:
-        return
+    if not result.finished:
+        sys.exit(130)   # stopped by Ctrl-C or SIGTERM, checkpoint saved: as pretrain
     if as_json:
-        click.echo(json.dumps({"run": str(result.run_dir), "steps": result.step, "init": result.config.init,
+        click.echo(json.dumps({"run": str(result.run_dir), "steps": result.step, "finished": result.finished,
+                               "already_finished": result.already_finished, "init": result.config.init,
                                "loaded_tensors": result.loaded_tensors, "data_problems": result.data_problems,
-                               **result.evaluation.to_dict()}, indent=2))
+                               "evaluation": result.evaluation.to_dict() if result.evaluation else None}, indent=2))
         return
     evaluation = result.evaluation
+    if evaluation is None:
+        if not result.already_finished:
+            click.echo(f"{result.run_dir}: fine-tuned {result.step} steps (no --val-data, so no AP)")
+        return
     click.echo(f"{result.run_dir}: AP {_format_ap(evaluation.ap)}, AP50 {_format_ap(evaluation.ap50)}, "
                f"AP75 {_format_ap(evaluation.ap75)} on {evaluation.images} images ({evaluation.boxes} boxes)")
     click.echo("per class AP: " + ", ".join(f"{cls} {_format_ap(ap)}" for cls, ap in evaluation.per_class_ap.items()))

@@ -10,7 +10,7 @@ import click
 from ..checkpoint import resolve_checkpoint_path
 from ..embed import OnnxEncoder, TorchEncoder
 from ..evaluate import KNN_SETTINGS, evaluate_knn, evaluate_linear_probe
-from .options import workspace_at, workspace_option
+from .options import FiniteFloatRange, workspace_at, workspace_option
 
 
 def _labelled_folders_and_model(command):
@@ -32,7 +32,7 @@ def _labelled_folders_and_model(command):
 @click.command("knn")
 @_labelled_folders_and_model
 @click.option("-k", type=click.IntRange(min=1), help=f"Neighbours.  [default: {KNN_SETTINGS[0][0]}, and {KNN_SETTINGS[1][0]}]")
-@click.option("-t", "--temperature", type=click.FloatRange(min=0, min_open=True),
+@click.option("-t", "--temperature", type=FiniteFloatRange(min=0, min_open=True),
               help=f"Vote weight exp(sim / T).  [default: {KNN_SETTINGS[0][1]}, and {KNN_SETTINGS[1][1]}]")
 @click.option("--compare-random-init", is_flag=True, help="Also score the same network at its random initialisation.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)

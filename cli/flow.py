@@ -12,7 +12,7 @@ from ..embed import embed_folder
 from ..export import HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32, export_onnx
 from ..pipeline import index_folder, resolve_encoder
 from ..search import search_images, write_results_html
-from .options import workspace_at, workspace_option
+from .options import printable, workspace_at, workspace_option
 
 _echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
 
@@ -54,7 +54,7 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, he
 @click.command("embed")
 @click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for embeddings.npy, paths.txt, labels.txt and skipped.txt.")
+              help="Folder for embeddings.npy, paths.jsonl (each row's path and label) and skipped.jsonl.")
 @workspace_option
 @click.option("--model", type=click.Path(exists=True, path_type=Path),
               help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run's encoder]")
@@ -68,7 +68,7 @@ def embed_command(image_dir: Path, output: Path, workspace: Path, model: Path | 
     encoder, _ = resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err)
     _echo_err(f"encoder: {encoder.description}")
     result = embed_folder(image_dir, encoder, output, batch_size, workers)
-    skipped = f", {len(result.failures)} unreadable skipped (skipped.txt)" if result.failures else ""
+    skipped = f", {len(result.failures)} unreadable skipped (skipped.jsonl)" if result.failures else ""
     click.echo(f"embedded {result.count} images into {result.output / 'embeddings.npy'} "
                f"({result.images_per_second:.0f} images/s{skipped})")
 
@@ -134,6 +134,6 @@ def search_command(queries: tuple[Path, ...], workspace: Path, k: int | None, in
         click.echo(json.dumps([result.to_dict() for result in results], indent=2))
         return
     for result in results:
-        click.echo(f"{result.query}")
+        click.echo(printable(result.query))
         for hit in result.hits:
-            click.echo(f"  {hit.rank:>3}  {hit.score:.4f}  {hit.path}")
+            click.echo(f"  {hit.rank:>3}  {hit.score:.4f}  {printable(hit.path)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -19,3 +20,22 @@ workspace_option = click.option(
 
 def workspace_at(path: Path) -> Workspace:
     return Workspace(path.resolve())
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, which lets ``nan`` through (every comparison with it is False), minus
+    nan and infinity: a learning rate of nan trains to NaN weights without a word."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (newlines, escape sequences) shown as
+    escapes, so a file name cannot forge output lines or recolour the screen."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -10,9 +10,9 @@ import click
 from ..config import RECIPES, parse_duration
 from ..models import BACKBONE_NAMES
 from ..pretrain import pretrain
-from .options import workspace_at, workspace_option
+from .options import FiniteFloatRange, workspace_at, workspace_option
 
-_positive = click.FloatRange(min=0, min_open=True)
+_positive = FiniteFloatRange(min=0, min_open=True)
 
 
 @click.command("pretrain")
@@ -27,17 +27,17 @@ _positive = click.FloatRange(min=0, min_open=True)
 @click.option("--crop-size", type=click.IntRange(min=8), help="Training crop side in pixels.  [default: 224, or the image size if smaller]")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Total batch over all processes.  [default: 512 on GPU, 256 on CPU]")
 @click.option("--base-lr", type=_positive, help="lr = base-lr x batch / 256.  [default: 0.05, cifar 0.03]")
-@click.option("--weight-decay", type=click.FloatRange(min=0), help="[default: 1e-4, cifar 5e-4]")
-@click.option("--momentum", type=click.FloatRange(min=0, max=1), help="[default: 0.9]")
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), help="[default: 1e-4, cifar 5e-4]")
+@click.option("--momentum", type=FiniteFloatRange(min=0, max=1), help="[default: 0.9]")
 @click.option("--fix-predictor-lr/--decay-predictor-lr", default=None, help="Keep the predictor at the initial lr.  [default: fixed]")
 @click.option("--dim", type=click.IntRange(min=1), help="Projector output and predictor input width.  [default: 2048]")
 @click.option("--projector-layers", type=click.IntRange(min=1), help="[default: 3, cifar 2]")
 @click.option("--projector-hidden-dim", type=click.IntRange(min=1), help="[default: 2048]")
 @click.option("--predictor-hidden-dim", type=click.IntRange(min=1), help="The bottleneck.  [default: 512]")
 @click.option("--blur/--no-blur", default=None, help="Gaussian blur augmentation.  [default: on, cifar off]")
-@click.option("--min-crop-scale", type=click.FloatRange(min=0, max=1, min_open=True), help="Smallest crop area fraction.  [default: 0.2]")
-@click.option("--color-jitter", type=click.FloatRange(min=0), help="Brightness, contrast, saturation strength (hue: a quarter).  [default: 0.4]")
-@click.option("--warmup-fraction", type=click.FloatRange(0, 1, max_open=True), help="Share of steps with a linear lr warm-up.  [default: 0, the paper's]")
+@click.option("--min-crop-scale", type=FiniteFloatRange(min=0, max=1, min_open=True), help="Smallest crop area fraction.  [default: 0.2]")
+@click.option("--color-jitter", type=FiniteFloatRange(min=0), help="Brightness, contrast, saturation strength (hue: a quarter).  [default: 0.4]")
+@click.option("--warmup-fraction", type=FiniteFloatRange(0, 1, max_open=True), help="Share of steps with a linear lr warm-up.  [default: 0, the paper's]")
 @click.option("--stem-stride", type=click.IntRange(1, 2), help="Small-image stem stride; 2 is 4x cheaper and coarser.  [default: 1]")
 @click.option("--no-stop-grad", "no_stop_grad", is_flag=True, help="Ablation (paper Fig. 2): remove the stop-gradient; collapses.")
 @click.option("--no-predictor", "no_predictor", is_flag=True, help="Ablation (paper Table 1a): no prediction MLP; collapses.")
@@ -76,7 +76,7 @@ def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: 
         return
     if not result.finished:
         sys.exit(130)   # stopped by Ctrl-C or SIGTERM, checkpoint saved: not a success for scripts
-    skipped = f"; {len(result.skipped)} unreadable files skipped (see {result.run_dir / 'skipped.txt'})" if result.skipped else ""
+    skipped = f"; {len(result.skipped)} unreadable files skipped (see {result.run_dir / 'skipped.jsonl'})" if result.skipped else ""
     click.echo(
         f"done: {result.step} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s / 60:.1f} min, "
         f"loss {result.loss:.3f}, z-std {result.z_std:.4f} (healthy ~{result.config.dim ** -0.5:.4f}), "

@@ -26,7 +26,7 @@ from .checkpoint import load_trained_backbone
 from .data import EvalImageDataset, Preprocessing, collate_skipping_unreadable, discover_images, label_of
 from .distributed import init_distributed
 from .errors import UserError
-from .files import atomic_path, atomic_write
+from .files import atomic_path, ensure_writable_folder, read_jsonl, write_jsonl_atomic
 
 #: ONNX Runtime providers, fastest first; the first one that loads is used.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -81,7 +81,7 @@ class OnnxEncoder:
 
         self.path = path
         self.metadata = read_encoder_metadata(path)
-        self.preprocessing = preprocessing_from_metadata(self.metadata)
+        self.preprocessing = preprocessing_from_metadata(self.metadata, path)
         self.dim = int(self.metadata["embedding_dim"])
         self.session, self.provider = onnx_session(path, provider)
         self.description = f"ONNX Runtime ({self.provider}) {path}"
@@ -188,14 +188,15 @@ def embed_folder(
     show_progress: bool = True,
 ) -> EmbedFolderResult:
     """Embed every image under ``image_dir`` into ``output/``: ``embeddings.npy`` (n x dim,
-    unit-length float32), ``paths.txt`` (row i's file), ``labels.txt`` (its folder) and
-    ``skipped.txt``. Under torchrun each rank embeds its shard and rank 0 merges the shards.
+    unit-length float32), ``paths.jsonl`` (line i: row i's ``path`` and ``label``, its folder)
+    and ``skipped.jsonl`` (``path`` and ``reason``). JSON lines, because a file name may hold
+    a newline or a tab. Under torchrun each rank embeds its shard and rank 0 merges the shards.
     """
     paths = discover_images(image_dir)
     if not paths:
         raise UserError(f"no images in {image_dir}")
     context = init_distributed("cpu")
-    output.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(output)   # before the embedding, which may take hours
     mine = shard_for_rank(len(paths), context.rank, context.world_size)
     result = embed_paths([paths[i] for i in mine], encoder, batch_size, workers, show_progress and context.is_main)
     global_rows = np.asarray(list(mine), dtype=np.int64)[result.indices] if len(result.indices) else np.zeros(0, np.int64)
@@ -203,27 +204,26 @@ def embed_folder(
     if context.enabled:
         # Shards meet through files, which every rank of a torchrun job on one machine or a
         # shared filesystem can see; rank 0 merges after the barrier.
-        np.savez(output / f".shard-{context.rank}.npz", vectors=result.vectors, rows=global_rows,
-                 failures=np.array(failures, dtype=object).reshape(-1, 2))
+        np.savez(output / f".shard-{context.rank}.npz", vectors=result.vectors, rows=global_rows)
+        write_jsonl_atomic(output / f".shard-{context.rank}.failures.jsonl",
+                           [{"path": path, "reason": reason} for path, reason in failures])
         dist.barrier()
         if not context.is_main:
             return EmbedFolderResult(output, len(global_rows), failures, result.images_per_second, result.decode_share)
-        shards = [np.load(output / f".shard-{rank}.npz", allow_pickle=True) for rank in range(context.world_size)]
+        shards = [np.load(output / f".shard-{rank}.npz") for rank in range(context.world_size)]
         vectors = np.concatenate([shard["vectors"] for shard in shards])
         global_rows = np.concatenate([shard["rows"] for shard in shards])
-        failures = [tuple(row) for shard in shards for row in shard["failures"].tolist()]
+        failures = [(record["path"], record["reason"]) for rank in range(context.world_size)
+                    for record in read_jsonl(output / f".shard-{rank}.failures.jsonl")]
         for rank in range(context.world_size):
             (output / f".shard-{rank}.npz").unlink()
+            (output / f".shard-{rank}.failures.jsonl").unlink()
     else:
         vectors = result.vectors
     kept = [paths[i] for i in global_rows]
     with atomic_path(output / "embeddings.npy") as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, vectors)
-    with atomic_write(output / "paths.txt") as handle:
-        handle.write("".join(f"{path}\n" for path in kept))
-    with atomic_write(output / "labels.txt") as handle:
-        handle.write("".join(f"{label_of(path)}\n" for path in kept))
-    with atomic_write(output / "skipped.txt") as handle:
-        handle.write("".join(f"{path}\t{reason}\n" for path, reason in failures))
+    write_jsonl_atomic(output / "paths.jsonl", [{"path": str(path), "label": label_of(path)} for path in kept])
+    write_jsonl_atomic(output / "skipped.jsonl", [{"path": path, "reason": reason} for path, reason in failures])
     return EmbedFolderResult(output, len(kept), failures, result.images_per_second, result.decode_share)

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from .data import discover_images, label_of
-from .embed import Encoder, embed_paths
+from .embed import EmbedResult, Encoder, embed_paths
 from .errors import UserError
 
 #: (k, temperature) pairs reported by default: the InstDisc setting and solo-learn's.
@@ -49,6 +49,8 @@ def knn_classify(
     ``exclude_first`` drops each query's nearest neighbour (when the queries are the bank itself).
     """
     k = min(k, len(bank) - int(exclude_first))
+    if k < 1:
+        raise UserError(f"kNN needs at least {1 + int(exclude_first)} readable bank images, and there are {len(bank)}")
     index = faiss.IndexFlatIP(bank.shape[1])
     index.add(np.ascontiguousarray(bank, dtype=np.float32))
     similarities, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + int(exclude_first))
@@ -132,11 +134,21 @@ def embed_labelled_pair(
                         "a classifier needs two or more")
     test = labelled_folder(test_dir, train.class_names)
     embedded = []
-    for images in (train, test):
-        result = embed_paths(images.paths, encoder, batch_size, workers, show_progress)
+    for images, folder in ((train, train_dir), (test, test_dir)):
+        result = embed_readable(images.paths, encoder, folder, batch_size, workers, show_progress)
         embedded.append(EmbeddedLabelledImages(result.vectors, images.labels[result.indices],
                                                test.class_names, len(result.failures)))
     return embedded[0], embedded[1]
+
+
+def embed_readable(paths: list[Path], encoder: Encoder, folder: Path, batch_size: int, workers: int,
+                   show_progress: bool) -> EmbedResult:
+    """Embed ``paths``; a folder none of whose images can be read is an error, not a score of nan."""
+    result = embed_paths(paths, encoder, batch_size, workers, show_progress)
+    if len(result.indices) == 0:
+        first = f": the first, {paths[result.failures[0][0]]}: {result.failures[0][1]}" if result.failures else ""
+        raise UserError(f"none of the {len(paths)} images in {folder} could be read{first}")
+    return result
 
 
 class _LiveBackbone:
@@ -168,13 +180,13 @@ class KnnMonitor:
         self.images = labelled_folder(val_dir)
         if len(self.images.class_names) < 2:
             raise UserError(f"--val-dir {val_dir} has a single class: kNN accuracy needs two or more")
-        self.preprocessing, self.device = preprocessing, device
+        self.preprocessing, self.device, self.val_dir = preprocessing, device, val_dir
         self.k, self.temperature, self.workers = k, temperature, workers
         self.random_init_top1: float | None = None
 
     def top1(self, backbone) -> float:
-        result = embed_paths(self.images.paths, _LiveBackbone(backbone, self.preprocessing, self.device),
-                             batch_size=256, workers=self.workers, show_progress=False)
+        result = embed_readable(self.images.paths, _LiveBackbone(backbone, self.preprocessing, self.device),
+                                self.val_dir, batch_size=256, workers=self.workers, show_progress=False)
         labels = self.images.labels[result.indices]
         report = knn_classify(result.vectors, labels, result.vectors, labels, self.images.class_names,
                               self.k, self.temperature, exclude_first=True)

@@ -11,6 +11,7 @@ digest and the package version. :func:`read_encoder_metadata` reads them back.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +25,7 @@ from . import __version__
 from .checkpoint import file_digest, load_trained_model, preprocessing_for
 from .data import Preprocessing, UnreadableImage, discover_images, open_image
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, ensure_writable_folder
 
 HEADS = ("backbone", "projector")
 #: The parity bar of every fp32 export: ONNX Runtime and PyTorch must agree this closely.
@@ -86,7 +87,7 @@ def export_onnx(
     with torch.no_grad():
         reference = encoder(batch).numpy()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(output.parent)
     with atomic_path(output) as tmp_path:
         export_model = encoder
         if fp16:
@@ -110,7 +111,7 @@ def export_onnx(
         })
         max_abs, min_cos = _parity(tmp_path, batch.numpy(), reference)
         required = MIN_COSINE_FP16 if fp16 else MIN_COSINE_FP32
-        if min_cos < required:
+        if not min_cos >= required:   # NaN (weights gone non-finite) fails too
             raise UserError(
                 f"export failed its parity check: ONNX Runtime and PyTorch disagree (smallest cosine {min_cos:.6f} "
                 f"< {required}, largest difference {max_abs:.3g}); {output} was not written"
@@ -139,8 +140,17 @@ def _write_metadata(path: Path, values: dict) -> None:
     onnx.save(proto, str(path))
 
 
+#: Resize rules a consumer may apply (torchvision's InterpolationMode values).
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+MAX_INPUT_SIZE = 8192
+
+
 def read_encoder_metadata(path: Path | str) -> dict[str, str]:
-    """The ``metadata_props`` of an exported encoder, or a clear error if it is not one."""
+    """The ``metadata_props`` of an exported encoder, or a clear error if it is not one.
+
+    An encoder is a file that travels: every field a consumer uses is checked here, against
+    its type and range and against the graph's own output width, with an error naming it.
+    """
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError, OSError, ... for broken files
@@ -149,13 +159,50 @@ def read_encoder_metadata(path: Path | str) -> dict[str, str]:
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
     if metadata.get("format") != METADATA_FORMAT:
         raise UserError(f"{path} was not exported by simsiam-embed (run `simsiam-embed export`)")
+    preprocessing_from_metadata(metadata, path)
+    dim = _metadata_int(metadata, "embedding_dim", path, 1, 1 << 20)
+    outputs = proto.graph.output
+    declared = outputs[0].type.tensor_type.shape.dim[-1].dim_value if outputs and outputs[0].type.tensor_type.shape.dim else 0
+    if declared and declared != dim:
+        raise UserError(f"{path}: its metadata field 'embedding_dim' says {dim}, but the network outputs {declared}")
     return metadata
 
 
-def preprocessing_from_metadata(metadata: dict[str, str]) -> Preprocessing:
+def _metadata_int(metadata: dict[str, str], name: str, path: Path | str, low: int, high: int) -> int:
+    try:
+        value = int(metadata.get(name, ""))
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise UserError(f"{path}: its metadata field {name!r} is {metadata.get(name)!r}, not a whole number "
+                        f"in {low}..{high}: export the encoder again")
+    return value
+
+
+def _metadata_triple(metadata: dict[str, str], name: str, path: Path | str, positive: bool) -> tuple[float, ...]:
+    try:
+        values = json.loads(metadata.get(name, ""))
+    except ValueError:
+        values = None
+    if not (isinstance(values, list) and len(values) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+            and (not positive or all(v > 0 for v in values))):
+        raise UserError(f"{path}: its metadata field {name!r} is {metadata.get(name)!r}, not three finite "
+                        f"{'positive ' if positive else ''}numbers: export the encoder again")
+    return tuple(float(v) for v in values)
+
+
+def preprocessing_from_metadata(metadata: dict[str, str], path: Path | str = "the encoder") -> Preprocessing:
+    """The encoder's preprocessing, each field validated (see :func:`read_encoder_metadata`)."""
+    input_size = _metadata_int(metadata, "input_size", path, 1, MAX_INPUT_SIZE)
+    resize_size = _metadata_int(metadata, "resize_size", path, input_size, 4 * MAX_INPUT_SIZE)
+    if metadata.get("interpolation") not in INTERPOLATIONS:
+        raise UserError(f"{path}: its metadata field 'interpolation' is {metadata.get('interpolation')!r}, "
+                        f"not one of {', '.join(INTERPOLATIONS)}: export the encoder again")
     return Preprocessing(
-        input_size=int(metadata["input_size"]), resize_size=int(metadata["resize_size"]),
-        mean=tuple(json.loads(metadata["mean"])), std=tuple(json.loads(metadata["std"])),
+        input_size=input_size, resize_size=resize_size,
+        mean=_metadata_triple(metadata, "mean", path, positive=False),
+        std=_metadata_triple(metadata, "std", path, positive=True),
         interpolation=metadata["interpolation"],
     )
 

@@ -44,7 +44,7 @@ from .distributed import (
 )
 from .errors import UserError
 from .evaluate import KnnMonitor
-from .files import atomic_write, ensure_writable_folder, write_json_atomic
+from .files import atomic_write, ensure_writable_folder, write_json_atomic, write_jsonl_atomic
 from .models import SimSiam, simsiam_loss
 from .workspace import Workspace, run_name_for
 
@@ -190,9 +190,13 @@ def stop_on_signals(stop: StopRequest, report: Report) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _ignore_sigint_in_worker(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process decides when loaders stop.
+def ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C and SIGTERM reach the whole process group (a terminal,
+    systemd, Slurm and Kubernetes all signal the group); the main process decides when loaders
+    stop. A worker that died of SIGTERM would make the main process raise instead of saving.
+    Workers still exit when the main process does (PyTorch's worker watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,9 +255,9 @@ def pretrain(
     run_dir = workspace.run_dir(run_name)
     checkpoint_path = run_dir / "checkpoint.pt"
 
-    previous = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    previous = load_checkpoint(checkpoint_path, kind="pretrain") if checkpoint_path.exists() else None
     if previous is not None and previous.get("finished"):
-        config = PretrainConfig.from_dict(previous["config"])
+        config = PretrainConfig.from_dict(previous["config"], source=checkpoint_path)
         report(f"{run_dir} is a finished run ({previous['step']} steps): nothing to do. "
                "Use --name NEW for another run, or `simsiam-embed index` to use this one.")
         return PretrainResult(run_dir, config, previous["step"], previous["step"],
@@ -285,10 +289,10 @@ def pretrain(
     if context.is_main:
         ensure_writable_folder(run_dir)
         write_json_atomic(run_dir / "config.json", config.to_dict())
-        workspace.mark_latest(run_name)
         _report_settings(config, run_dir, report)
 
     trainer = _Trainer(config, scan.paths, run_dir, context, device_for_rank(device, context), rank_report)
+    trainer.on_first_save = lambda: workspace.mark_latest(run_name)
     trainer.skipped = {str(path): reason for path, reason in scan.skipped}
     if previous is not None:
         trainer.restore(previous)
@@ -310,13 +314,13 @@ def _scan_folder(data_dir: Path, report: Report):
         raise UserError(f"none of the {len(candidates)} image files in {data_dir} could be read: "
                         f"the first, {scan.skipped[0][0]}: {scan.skipped[0][1]}")
     if scan.skipped:
-        report(f"{len(scan.skipped)} unreadable files will be skipped (listed in the run folder's skipped.txt)")
+        report(f"{len(scan.skipped)} unreadable files will be skipped (listed in the run folder's skipped.jsonl)")
     return scan
 
 
 def _config_for_resume(previous: dict[str, Any], overrides: dict[str, Any], run_dir: Path) -> PretrainConfig:
     """The checkpoint's own settings; an explicit setting that contradicts them is an error."""
-    config = PretrainConfig.from_dict(previous["config"])
+    config = PretrainConfig.from_dict(previous["config"], source=run_dir / "checkpoint.pt")
     for key, value in overrides.items():
         if key in RESUMABLE_OVERRIDES:
             setattr(config, key, value)
@@ -396,6 +400,9 @@ class _Trainer:
         self.plan_origin: tuple[int, float] | None = None   # (step, time) when a budget was planned
         self.replans: list[dict] = []   # corrections of that plan, written to metrics.jsonl
         self.last_save_seconds = 0.0
+        self.on_first_save: Callable[[], None] = lambda: None   # LATEST moves once the run has a checkpoint
+        self.saved_step: int | None = None
+        self.resumed_from: int | None = None
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -408,7 +415,7 @@ class _Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step = self.saved_step = self.resumed_from = state["step"]
         self.total_steps = state["total_steps"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
         if self.monitor is not None:
@@ -430,9 +437,11 @@ class _Trainer:
         """Write the checkpoint (main process only; every rank must call it); returns its seconds."""
         began = time.monotonic()
         average_bn_statistics(self.model, self.context)
+        self._stop_if_diverged(all(bool(torch.isfinite(p).all()) for p in self.model.parameters()), "the weights")
         if not self.context.is_main:
             return 0.0
         save_checkpoint(self.run_dir / "checkpoint.pt", {
+            "kind": "pretrain",
             "config": self.config.to_dict(),
             "step": self.step,
             "total_steps": self.total_steps,
@@ -447,8 +456,11 @@ class _Trainer:
             "skipped": self.skipped,
             "knn_random_init_top1": self.monitor.random_init_top1 if self.monitor else None,
         })
-        with atomic_write(self.run_dir / "skipped.txt") as handle:
-            handle.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(self.skipped.items())))
+        write_jsonl_atomic(self.run_dir / "skipped.jsonl",
+                           [{"path": path, "reason": reason} for path, reason in sorted(self.skipped.items())])
+        if self.saved_step is None or self.saved_step == self.resumed_from:
+            self.on_first_save()
+        self.saved_step = self.step
         self.last_save_seconds = time.monotonic() - began
         return self.last_save_seconds
 
@@ -468,7 +480,7 @@ class _Trainer:
             collate_fn=collate_skipping_unreadable,
             pin_memory=self.device.startswith("cuda"),
             persistent_workers=workers > 0,
-            worker_init_fn=_ignore_sigint_in_worker if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None,
         )
 
@@ -536,6 +548,7 @@ class _Trainer:
 
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     last = {key: float(mean_over_ranks(value, self.context)) for key, value in window.means().items()}
+                    self._stop_if_diverged(math.isfinite(last.get("loss", 0.0)), "the loss")
                     window = RunningMeans()
                     record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr,
                               **last, "z_std_reference": 1 / math.sqrt(config.dim),
@@ -578,6 +591,15 @@ class _Trainer:
         elapsed = self.elapsed_before + time.monotonic() - started
         self.save(finished=True, elapsed_s=elapsed)
         return self._result(True, last, pairs_per_s, elapsed)
+
+    def _stop_if_diverged(self, finite: bool, what: str) -> None:
+        """A non-finite loss or weight never reaches a checkpoint: the last good one is kept."""
+        if finite:
+            return
+        kept = (f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step is not None
+                else "no checkpoint was written")
+        raise UserError(f"training diverged: {what} became NaN or infinite by step {self.step}; {kept}. "
+                        f"Lower --base-lr (now {self.config.base_lr:g}) and start again with --name NEW")
 
     def _knn_top1(self) -> float:
         # Embedding draws from the global generator (DataLoader seeds); training must not notice.

@@ -14,6 +14,8 @@ from pathlib import Path
 from .errors import UserError
 from .files import atomic_write
 
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
 
 @dataclass(frozen=True)
 class Workspace:
@@ -28,17 +30,26 @@ class Workspace:
         return self.root / "index"
 
     def run_dir(self, name: str) -> Path:
+        """``runs/<name>``; a name that is not one plain folder name (``../x``, ``a/b``) is refused."""
+        if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+            raise UserError(f"run name {name!r} is not a plain folder name: use letters, digits, '.', '_' and '-' "
+                            "(not starting with '.')")
         return self.runs_dir / name
 
     def mark_latest(self, name: str) -> None:
+        """Called once a run has a checkpoint, so LATEST never names a run that failed to start."""
         with atomic_write(self.runs_dir / "LATEST") as handle:
             handle.write(name + "\n")
 
     def latest_run_dir(self) -> Path:
-        """The run the last ``pretrain`` started here; a clear error if there is none."""
+        """The newest run here that has a checkpoint; a clear error if there is none."""
         marker = self.runs_dir / "LATEST"
         if marker.is_file():
-            run = self.run_dir(marker.read_text().strip())
+            try:
+                run = self.run_dir(marker.read_text().strip())
+            except (UserError, UnicodeDecodeError):
+                raise UserError(f"{marker} is damaged (it must hold one run name): delete it, or name the run "
+                                "folder or checkpoint") from None
             if (run / "checkpoint.pt").is_file():
                 return run
         raise UserError(

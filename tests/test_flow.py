@@ -11,15 +11,18 @@ import pytest
 
 from simsiam_embed.checkpoint import file_digest
 from simsiam_embed.data import discover_images
-from simsiam_embed.embed import OnnxEncoder, TorchEncoder, embed_paths
+from simsiam_embed.embed import OnnxEncoder, TorchEncoder, embed_folder, embed_paths
 from simsiam_embed.errors import UserError
+from simsiam_embed.files import read_jsonl
 from simsiam_embed.export import MIN_COSINE_FP16, export_onnx, max_abs_and_min_cosine, read_encoder_metadata
 from simsiam_embed.index import EncoderIdentity, build_faiss_index, choose_index_type, load_index, update_index
 from simsiam_embed.pretrain import pretrain
 from simsiam_embed.search import search_images
 from simsiam_embed.workspace import Workspace
 
-from conftest import FAST_TRAINING, SAMPLE, assert_one_line_error, draw_shape_image, make_image_folder, run_cli
+from conftest import (
+    FAST_TRAINING, SAMPLE, PixelEncoder, assert_one_line_error, draw_shape_image, make_image_folder, run_cli,
+)
 
 TINY = dict(batch_size=8, num_workers=0, projector_hidden_dim=64, dim=64, predictor_hidden_dim=16, epochs=1)
 
@@ -175,7 +178,7 @@ def test_another_encoder_means_a_full_rebuild(sample_run, sample_encoder, tmp_pa
     other_encoder = OnnxEncoder(other)
     update = update_index(folder, other_encoder, _identity(other, other_encoder), index_dir, **quiet)
     assert update.rebuilt_because and "encoder changed" in update.rebuilt_because
-    assert update.added == 6 and load_index(index_dir).manifest["dim"] == 64
+    assert update.added == 6 and load_index(index_dir).manifest.dim == 64
     with pytest.raises(UserError, match="another encoder"):
         search_images(index_dir, [folder], k=1, model=sample_encoder)
 
@@ -244,10 +247,21 @@ def test_embed_writes_vectors_paths_and_labels(sample_encoder, tmp_path):
     result = run_cli("embed", str(folder), "-o", "out", "--model", str(sample_encoder), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     vectors = np.load(tmp_path / "out" / "embeddings.npy")
-    paths = (tmp_path / "out" / "paths.txt").read_text().splitlines()
-    labels = (tmp_path / "out" / "labels.txt").read_text().splitlines()
-    assert vectors.shape == (9, 512) and len(paths) == len(labels) == 9
-    assert labels.count("disc") == 3 and "bad.png" in (tmp_path / "out" / "skipped.txt").read_text()
+    rows = read_jsonl(tmp_path / "out" / "paths.jsonl")
+    labels = [row["label"] for row in rows]
+    assert vectors.shape == (9, 512) and len(rows) == 9
+    assert labels.count("disc") == 3
+    assert [Path(row["path"]).name for row in read_jsonl(tmp_path / "out" / "skipped.jsonl")] == ["bad.png"]
+
+
+def test_embed_keeps_rows_and_file_names_aligned_whatever_the_names_hold(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=2)
+    odd = folder / "disc" / "two\nlines\tand\x1b[31mred.png"
+    shutil.copy(folder / "disc" / "disc-00.png", odd)
+    result = embed_folder(folder, PixelEncoder(), tmp_path / "out", workers=0, show_progress=False)
+    rows = read_jsonl(tmp_path / "out" / "paths.jsonl")
+    assert result.count == len(rows) == len(np.load(tmp_path / "out" / "embeddings.npy")) == 7
+    assert str(odd.resolve()) in {str(Path(row["path"]).resolve()) for row in rows}
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -274,3 +288,43 @@ def test_index_and_search_option_values_get_one_line_errors(sample_encoder, tmp_
     query = str(folder / "disc" / "disc-00.png")
     assert_one_line_error(run_cli("search", query, "--html", "no/such/folder/page.html", cwd=tmp_path),
                           "does not exist")
+
+
+def _with_metadata(source: Path, target: Path, **changes: str) -> Path:
+    import onnx
+
+    proto = onnx.load(str(source))
+    for entry in proto.metadata_props:
+        if entry.key in changes:
+            entry.value = changes[entry.key]
+    onnx.save(proto, str(target))
+    return target
+
+
+@pytest.mark.parametrize("field, value", [
+    ("input_size", "abc"), ("input_size", "0"), ("resize_size", "3"), ("mean", "[0.5, 0.5]"), ("mean", "oops"),
+    ("std", "[0.2, 0.0, 0.2]"), ("std", "[0.2, NaN, 0.2]"), ("interpolation", "magic"), ("embedding_dim", "7"),
+    ("embedding_dim", "x"),
+])
+def test_tampered_encoder_metadata_is_one_line_naming_the_field(sample_encoder, tmp_path, field, value):
+    tampered = _with_metadata(sample_encoder, tmp_path / "tampered.onnx", **{field: value})
+    with pytest.raises(UserError, match=f"'{field}'"):
+        OnnxEncoder(tampered)
+
+
+def test_tampered_encoder_metadata_through_the_command_line(sample_encoder, tmp_path):
+    tampered = _with_metadata(sample_encoder, tmp_path / "tampered.onnx", std="[0, 0, 0]")
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    assert_one_line_error(run_cli("embed", str(folder), "-o", "out", "--model", str(tampered), cwd=tmp_path), "'std'")
+
+
+def test_search_output_escapes_control_characters_in_file_names(sample_encoder, tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    shutil.copy(folder / "disc" / "disc-00.png", folder / "disc" / "evil\n  1  1.0000  forged\x1b[2J.png")
+    indexed = run_cli("index", str(folder), "--model", str(sample_encoder), cwd=tmp_path)
+    assert indexed.returncode == 0, indexed.stderr
+    found = run_cli("search", str(folder / "disc" / "disc-00.png"), cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert len(lines) == 1 + 4 and "\x1b" not in found.stdout
+    assert any("evil\\n  1  1.0000  forged\\x1b[2J.png" in line for line in lines)
