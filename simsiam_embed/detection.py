@@ -34,9 +34,9 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_checkpoint_path, restore_rng_state, save_checkpoint
-from .config import SavedSettings
+from .config import PretrainConfig, SavedSettings
 from .data import UnreadableImage, collate_skipping_unreadable, open_image
-from .detection_data import DetectionImage, DetectionSet, load_detection_set
+from .detection_data import DetectionImage, DetectionSet, data_yaml_of, has_split, load_detection_set
 from .detection_eval import DetectionEvaluation, evaluate_detector
 from .distributed import (
     DistributedContext, any_rank, average_bn_statistics, device_for_rank, init_distributed, launched_by_torchrun,
@@ -45,8 +45,8 @@ from .distributed import (
 from .errors import UserError
 from .files import ensure_writable_folder, write_json_atomic
 from .models.backbones import BACKBONE_NAMES
-from .pretrain import RunningMeans, StepBatchSampler, StopRequest, stop_on_signals
-from .workspace import Workspace
+from .pretrain import RunningMeans, StepBatchSampler, StopRequest, ignore_stop_signals_in_worker, stop_on_signals
+from .workspace import Workspace, run_name_for
 
 NORMS = ("frozen", "bn", "syncbn")
 INITS = ("simsiam", "random")
@@ -102,16 +102,16 @@ def simsiam_backbone_weights(checkpoint: Path | str) -> tuple[dict[str, torch.Te
     Refuses runs trained with the small-image stem: a 3x3 stride-1 stem on full-size photos is
     not the network the detector's FPN expects, and its weights do not fit the 7x7 stem.
     """
-    state = load_checkpoint(resolve_checkpoint_path(checkpoint))
-    config = state["config"]
-    if config.get("small_image_stem"):
+    state = load_checkpoint(resolve_checkpoint_path(checkpoint), kind="pretrain")
+    config = PretrainConfig.from_dict(state["config"], source=checkpoint)
+    if config.small_image_stem:
         raise UserError(f"{checkpoint} was pretrained with the small-image stem (images <= 64 px); detection needs "
                         "a backbone pretrained on larger images: run `simsiam-embed pretrain` on your photos")
     prefix = "backbone.resnet."
     weights = {key[len(prefix):]: value for key, value in state["model"].items() if key.startswith(prefix)}
     if not weights:
         raise UserError(f"{checkpoint} holds no SimSiam backbone weights")
-    return weights, config["backbone"]
+    return weights, config.backbone
 
 
 def load_backbone_weights(resnet: tv_models.ResNet, weights: dict[str, torch.Tensor]) -> int:
@@ -214,8 +214,20 @@ class DetectionResult:
     evaluation: DetectionEvaluation | None
     losses: list[float]
     elapsed_s: float
-    detector: FasterRCNN                # the fine-tuned network, on its training device
+    detector: FasterRCNN | None         # the fine-tuned network, on its training device (None if not trained now)
     data_problems: dict[str, int] = field(default_factory=dict)  # training annotations fixed or dropped, by kind
+    already_finished: bool = False
+
+
+def _recorded_evaluation(run_dir: Path) -> DetectionEvaluation | None:
+    """The evaluation a finished run wrote, if it had --val-data."""
+    path = run_dir / "evaluation.json"
+    if not path.is_file():
+        return None
+    try:
+        return DetectionEvaluation.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"{path} is damaged: delete it, or fine-tune again with --name NEW") from None
 
 
 def _stderr(message: str) -> None:
@@ -227,19 +239,30 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
                        stop: StopRequest | None = None) -> DetectionResult:
     """Fine-tune a detector on ``config.data`` and score it on ``config.val_data`` (COCO AP)."""
     started = time.monotonic()
-    run_dir = workspace.run_dir(run_name or f"detection-{Path(config.data).stem}-{config.init}")
+    run_dir = workspace.run_dir(run_name or default_run_name(config))
     checkpoint_path = run_dir / "checkpoint.pt"
-    previous = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    previous = load_checkpoint(checkpoint_path, kind="detection") if checkpoint_path.exists() else None
+    if previous is not None and previous["finished"]:
+        # As pretraining: a finished run is done; running it again changes nothing.
+        report(f"{run_dir} is a finished detection run ({previous['step']} steps): nothing to do. "
+               "Use --name NEW for another run.")
+        return DetectionResult(run_dir, DetectionConfig.from_dict(previous["config"], source=checkpoint_path),
+                               previous["step"], previous["step"], True, int(previous.get("loaded_tensors", 0)),
+                               _recorded_evaluation(run_dir), [], float(previous.get("elapsed_s", 0.0)), None,
+                               already_finished=True)
     if previous is not None and not resume:
-        state = "a finished" if previous.get("finished") else "an unfinished"
-        raise UserError(f"{run_dir} holds {state} detection run: add --resume to continue it, or --name NEW")
+        raise UserError(f"{run_dir} holds an unfinished detection run (step {previous['step']}): add --resume to "
+                        "continue it, or --name NEW to start another")
     if previous is None and resume:
         raise UserError(f"nothing to resume: {checkpoint_path} does not exist (drop --resume to start a run)")
     if previous is not None:
         config = DetectionConfig.from_dict({**previous["config"], "device": config.device,
-                                            "num_workers": config.num_workers})
+                                            "num_workers": config.num_workers}, source=checkpoint_path)
 
     _validate(config)
+    if config.val_data is None and has_split(Path(config.data), "val"):
+        config.val_data = config.data   # a data.yaml's own val split scores the run
+        report(f"validation: the 'val' split of {config.data}")
     if config.val_data:
         _require_coco_evaluator()
     device = config.device
@@ -247,7 +270,7 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
     rank_report = report if context.is_main else (lambda _m: None)
     train_set = load_detection_set(Path(config.data), config.class_names or None)
     config.class_names = train_set.class_names
-    val_set = load_detection_set(Path(config.val_data), train_set.class_names) if config.val_data else None
+    val_set = load_detection_set(Path(config.val_data), train_set.class_names, split="val") if config.val_data else None
     _report_data(train_set, val_set, rank_report)
 
     weights = None
@@ -284,6 +307,13 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
     return DetectionResult(run_dir, config, trainer.step, trainer.total_steps, finished, loaded, evaluation,
                            trainer.losses, trainer.elapsed_before + time.monotonic() - started, trainer.model,
                            dict(train_set.problems.counts))
+
+
+def default_run_name(config: DetectionConfig) -> str:
+    """detection-<data>-<init>; a data.yaml is named by its dataset's folder."""
+    data = Path(config.data)
+    stem = data.resolve().parent.name if data.is_file() and data_yaml_of(data) == data else data.stem
+    return run_name_for(Path(f"detection-{stem}-{config.init}"))
 
 
 def _validate(config: DetectionConfig) -> None:
@@ -397,6 +427,7 @@ class _DetectionTrainer:
         return DataLoader(DetectionTrainingSet(self.images, flip=True), batch_sampler=sampler, num_workers=workers,
                           collate_fn=partial(collate_skipping_unreadable, stack=_images_and_targets),
                           persistent_workers=workers > 0,
+                          worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
                           pin_memory=self.device.startswith("cuda"))
 
     def _step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
-"""Detection annotations: COCO JSON, PASCAL VOC XML folders and YOLO txt folders, one interface.
+"""Detection annotations: COCO JSON, PASCAL VOC XML folders and YOLO txt labels, one interface.
 
-    >>> dataset = load_detection_set(Path("raccoon/annotations"))     # any of the three formats
+    >>> dataset = load_detection_set(Path("raccoon/annotations"))     # any of the formats
+    >>> val_set = load_detection_set(Path("data.yaml"), split="val")  # Ultralytics / Roboflow
     >>> dataset.images[0].boxes      # float32 [N, 4], x1 y1 x2 y2 in pixels, clipped to the image
     >>> print(dataset.problems.summary())
 
@@ -29,6 +30,8 @@ MIN_BOX_SIDE = 1.0
 CLIP_TOLERANCE = 0.5
 
 YOLO_CLASS_FILES = ("classes.txt", "obj.names", "classes.names")
+DATA_YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml")
+SPLITS = ("train", "val")
 
 
 @dataclass
@@ -67,19 +70,24 @@ class DetectionSet:
         return sum(len(image.boxes) for image in self.images)
 
 
-def load_detection_set(source: Path, class_names: list[str] | None = None) -> DetectionSet:
-    """Read ``source`` in whichever format it is: a COCO ``.json`` file, or a folder of VOC
-    ``.xml`` files, or a YOLO folder (``images/`` and ``labels/`` with a class-name file).
+def load_detection_set(source: Path, class_names: list[str] | None = None, split: str = "train") -> DetectionSet:
+    """Read ``source`` in whichever format it is: a COCO ``.json`` file, a folder of VOC
+    ``.xml`` files, a YOLO folder (``images/`` and ``labels/`` with a class-name file), or an
+    Ultralytics / Roboflow ``data.yaml`` (the file or its folder), of which ``split`` is read.
 
     ``class_names`` fixes the class order (a validation set must use its training set's);
     annotations of other classes are then dropped and counted as unknown.
     """
     source = Path(source)
     if not source.exists():
-        raise UserError(f"no annotations at {source}: give a COCO .json file, a VOC folder or a YOLO folder")
-    if source.is_file():
+        raise UserError(f"no annotations at {source}: give a COCO .json file, a VOC folder, a YOLO folder or a data.yaml")
+    data_yaml = data_yaml_of(source)
+    if data_yaml is not None:
+        dataset = _load_ultralytics(data_yaml, split, class_names)
+    elif source.is_file():
         if source.suffix.lower() != ".json":
-            raise UserError(f"{source} is not a COCO .json file: give a .json file, a VOC folder or a YOLO folder")
+            raise UserError(f"{source} is not a COCO .json file: give a .json file, a VOC folder, a YOLO folder "
+                            "or a data.yaml")
         dataset = _load_coco(source, class_names)
     elif _voc_xml_files(source):
         dataset = _load_voc(source, class_names)
@@ -270,15 +278,21 @@ def _yolo_class_names(folder: Path) -> list[str]:
 
 def _load_yolo(folder: Path, class_names: list[str] | None) -> DetectionSet:
     file_names = _yolo_class_names(folder)
-    names = list(class_names) if class_names is not None else file_names   # the file's order is the ids'
-    index_of = {name: index for index, name in enumerate(names)}
-    problems = AnnotationProblems()
-    image_folder = folder / "images"
+    image_folder, label_folder = folder / "images", folder / "labels"
     image_paths = sorted(p for p in image_folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    label_folder = folder / "labels"
+    problems = AnnotationProblems()
     for orphan in sorted(label_folder.rglob("*.txt")):
         if _find_image([image_folder / orphan.parent.relative_to(label_folder)], orphan.stem, orphan.stem) is None:
             problems.add("annotated images missing on disk, skipped", orphan.name)
+    label_of = lambda image: label_folder / image.relative_to(image_folder).with_suffix(".txt")  # noqa: E731
+    return _yolo_set(image_paths, label_of, file_names, class_names, problems)
+
+
+def _yolo_set(image_paths: list[Path], label_file_of, file_names: list[str], class_names: list[str] | None,
+              problems: AnnotationProblems) -> DetectionSet:
+    """Images with their YOLO label files (class cx cy w h, normalised); ids index ``file_names``."""
+    names = list(class_names) if class_names is not None else file_names   # the file's order is the ids'
+    index_of = {name: index for index, name in enumerate(names)}
     images = []
     for image_path in image_paths:
         size = _image_size(image_path)
@@ -286,7 +300,7 @@ def _load_yolo(folder: Path, class_names: list[str] | None) -> DetectionSet:
             problems.add("unreadable images skipped", str(image_path))
             continue
         width, height = size
-        label_file = label_folder / image_path.relative_to(image_folder).with_suffix(".txt")
+        label_file = label_file_of(image_path)
         raw, labels = [], []
         lines = label_file.read_text().splitlines() if label_file.is_file() else []
         for line in filter(str.strip, lines):
@@ -305,3 +319,120 @@ def _load_yolo(folder: Path, class_names: list[str] | None) -> DetectionSet:
         boxes, label_array = _clean_boxes(raw, labels, width, height, label_file.name, problems)
         images.append(DetectionImage(image_path, width, height, boxes, label_array))
     return DetectionSet(images, names, "yolo", problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Ultralytics / Roboflow: a data.yaml naming the splits and the classes
+
+
+def data_yaml_of(source: Path) -> Path | None:
+    """``source`` itself if it is a YAML file, else the data.yaml in the folder ``source`` (which
+    describes the folder better than its layout: Ultralytics' has images/ and labels/ too)."""
+    if source.is_file():
+        return source if source.suffix.lower() in (".yaml", ".yml") else None
+    return next((source / name for name in DATA_YAML_NAMES if (source / name).is_file()), None)
+
+
+def _read_data_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text())   # safe_load: a YAML file builds no Python objects
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path} is not a dataset description: it must be a mapping with train, val and names")
+    return document
+
+
+def has_split(source: Path, split: str) -> bool:
+    """Whether ``source`` is a data.yaml (or its folder) that names ``split``."""
+    data_yaml = data_yaml_of(Path(source)) if Path(source).exists() else None
+    return data_yaml is not None and bool(_read_data_yaml(data_yaml).get(split))
+
+
+def _yaml_class_names(document: dict, path: Path) -> list[str]:
+    names = document.get("names")
+    if isinstance(names, dict):
+        try:
+            ordered = sorted((int(key), value) for key, value in names.items())
+        except (TypeError, ValueError):
+            ordered = []
+        if not ordered or [key for key, _ in ordered] != list(range(len(ordered))):
+            raise UserError(f"{path}: 'names' must map the class ids 0, 1, 2, ... to names")
+        names = [value for _, value in ordered]
+    if not isinstance(names, list) or not names or not all(isinstance(name, (str, int)) for name in names):
+        raise UserError(f"{path}: 'names' must list the class names (a list, or a mapping from id to name)")
+    return [str(name) for name in names]
+
+
+def _split_folders(document: dict, split: str, path: Path) -> list[Path]:
+    """The image folders (or list files) of ``split``, found on this machine.
+
+    As Ultralytics reads them: relative to ``path:`` (itself relative to the YAML's folder), or
+    to the YAML's folder; a leading ``../`` that leads nowhere is dropped (Roboflow's exports
+    say ``../train/images`` from inside the dataset folder). An absolute path from another
+    machine is re-rooted: the longest tail of it that exists under the YAML's folder.
+    """
+    entries = document.get(split)
+    if not entries:
+        raise UserError(f"{path} names no {split!r} split")
+    entries = entries if isinstance(entries, list) else [entries]
+    here = path.parent
+    root_value = document.get("path")
+    root = here
+    if isinstance(root_value, str) and root_value:
+        root = Path(root_value) if Path(root_value).is_absolute() else here / root_value
+        if not root.is_dir():
+            root = here   # a dataset root on another machine: this folder stands in for it
+    found = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise UserError(f"{path}: {split!r} must be a path or a list of paths")
+        if Path(entry).is_absolute():
+            parts = Path(entry).parts
+            candidates = [Path(entry)] + [here.joinpath(*parts[i:]) for i in range(1, len(parts))]
+        else:
+            candidates = [root / entry, here / entry]
+            if entry.startswith("../"):
+                candidates += [root / entry[3:], here / entry[3:]]
+        match = next((candidate for candidate in candidates if candidate.exists()), None)
+        if match is None:
+            raise UserError(f"{path}: the {split} images {entry!r} are not on this machine (looked in {root})")
+        found.append(match.resolve())
+    return found
+
+
+def _split_images(sources: list[Path]) -> list[Path]:
+    images: list[Path] = []
+    for source in sources:
+        if source.is_dir():
+            images += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:   # a .txt list of image paths, relative to the list's folder
+            for line in filter(str.strip, source.read_text().splitlines()):
+                image = Path(line.strip())
+                images.append(image if image.is_absolute() else (source.parent / image).resolve())
+    return images
+
+
+def ultralytics_label_file(image: Path) -> Path:
+    """Ultralytics' rule: the label of ``.../images/x.jpg`` is ``.../labels/x.txt`` (last ``images``)."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _load_ultralytics(path: Path, split: str, class_names: list[str] | None) -> DetectionSet:
+    document = _read_data_yaml(path)
+    file_names = _yaml_class_names(document, path)
+    images = _split_images(_split_folders(document, split, path))
+    problems = AnnotationProblems()
+    existing = [image for image in images if image.is_file()]
+    for missing in sorted(set(images) - set(existing)):
+        problems.add("listed images missing on disk, skipped", missing.name)
+    dataset = _yolo_set(existing, ultralytics_label_file, file_names, class_names, problems)
+    dataset.source_format = f"ultralytics {split}"
+    return dataset

@@ -39,6 +39,14 @@ class DetectionEvaluation:
                 "per_class_AP": {name: as_number(v) for name, v in self.per_class_ap.items()},
                 "images": self.images, "boxes": self.boxes, "detections": self.detections}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "DetectionEvaluation":
+        """Read back :meth:`to_dict`'s JSON (None -> NaN); raises ValueError/TypeError/KeyError if malformed."""
+        as_float = lambda v: math.nan if v is None else float(v)  # noqa: E731
+        return cls(as_float(values["AP"]), as_float(values["AP50"]), as_float(values["AP75"]),
+                   {str(name): as_float(v) for name, v in dict(values["per_class_AP"]).items()},
+                   int(values["images"]), int(values["boxes"]), int(values["detections"]))
+
 
 def coco_ground_truth(dataset: DetectionSet) -> dict:
     """The validation set as a COCO annotation document (category ids are class index + 1)."""

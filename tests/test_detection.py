@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import assert_one_line_error, run_cli
-from simsiam_embed.checkpoint import build_model, save_checkpoint
+from simsiam_embed.checkpoint import build_model, load_checkpoint, save_checkpoint
 from simsiam_embed.config import PretrainConfig
 from simsiam_embed.detection import DetectionConfig, build_detector, finetune_detection, simsiam_backbone_weights
 from simsiam_embed.detection_data import load_detection_set
@@ -256,8 +256,8 @@ def test_interrupted_finetuning_resumes_to_the_same_weights(three_formats, tmp_p
     resumed = finetune_detection(_tiny_config(coco, val_data=None, epochs=2), Workspace(tmp_path / "b"), resume=True,
                                  report=lambda _m: None, show_progress=False)
     assert resumed.finished and resumed.step == straight.step
-    a = torch.load(straight.run_dir / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(resumed.run_dir / "checkpoint.pt", weights_only=False)["model"]
+    a = load_checkpoint(straight.run_dir / "checkpoint.pt")["model"]
+    b = load_checkpoint(resumed.run_dir / "checkpoint.pt")["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
@@ -272,7 +272,7 @@ def test_cli_finetunes_from_a_simsiam_run_and_reports_json(three_formats, tmp_pa
     assert report["init"] == "simsiam" and report["loaded_tensors"] > 100 and report["steps"] == 4
     assert report["data_problems"] == {}
     assert json.loads((Path(report["run"]) / "config.json").read_text())["roi_samples"] == 32
-    assert set(report["per_class_AP"]) == set(CLASSES)
+    assert set(report["evaluation"]["per_class_AP"]) == set(CLASSES)
     assert "tensors loaded from the SimSiam checkpoint" in result.stderr
 
 
@@ -290,3 +290,91 @@ def test_cli_bad_detection_input_is_one_line(tmp_path: Path):
                                   cwd=tmp_path), "small-image stem")
     assert_one_line_error(run_cli("export-detectron2", "-o", "out.pkl", cwd=tmp_path / "images"), "pretrain")
     assert_one_line_error(run_cli("export-detectron2", str(run), "-o", "out.pkl", cwd=tmp_path), "small-image stem")
+
+
+def _yolo_labels(folder: Path, truth: dict, size: int = 64) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, shapes in truth.items():
+        lines = [f"{label} {(x1 + x2) / 2 / size:.6f} {(y1 + y2) / 2 / size:.6f} {(x2 - x1) / size:.6f} {(y2 - y1) / size:.6f}"
+                 for x1, y1, x2, y2, label in shapes]
+        (folder / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
+
+
+def make_ultralytics(root: Path, yaml_text: str) -> dict[str, dict]:
+    """images/{train,val}/ and labels/{train,val}/ under ``root``, with ``yaml_text`` as data.yaml."""
+    truths = {}
+    for split, seed in (("train", 0), ("val", 1)):
+        truths[split] = draw_detection_images(root / "images" / split, count=4, seed=seed)
+        _yolo_labels(root / "labels" / split, truths[split])
+    (root / "data.yaml").write_text(yaml_text)
+    return truths
+
+
+@pytest.mark.parametrize("yaml_text", [
+    "train: images/train\nval: images/val\nnames: [box, disc]\n",
+    "path: .\ntrain: images/train\nval: images/val\nnames:\n  0: box\n  1: disc\n",
+    # Written on another machine: absolute paths there, re-rooted here.
+    "path: /home/alice/datasets/shapes\ntrain: /home/alice/datasets/shapes/images/train\n"
+    "val: /home/alice/datasets/shapes/images/val\nnames: {0: box, 1: disc}\n",
+])
+def test_ultralytics_data_yaml_gives_the_boxes_of_each_split(tmp_path: Path, yaml_text: str):
+    truths = make_ultralytics(tmp_path / "shapes", yaml_text)
+    for source in (tmp_path / "shapes" / "data.yaml", tmp_path / "shapes"):   # the file or its folder
+        for split in ("train", "val"):
+            dataset = load_detection_set(source, split=split)
+            assert dataset.class_names == CLASSES and not dataset.problems.counts, dataset.problems.summary()
+            boxes = _by_name(dataset)
+            assert set(boxes) == set(truths[split])
+            for name, shapes in truths[split].items():
+                np.testing.assert_allclose(boxes[name][0], np.array([s[:4] for s in shapes], dtype=np.float32), atol=1e-3)
+                assert boxes[name][1].tolist() == [s[4] for s in shapes]
+
+
+def test_roboflow_export_layout(tmp_path: Path):
+    root = tmp_path / "export"
+    truths = {}
+    for split, seed in (("train", 0), ("valid", 1)):
+        truths[split] = draw_detection_images(root / split / "images", count=3, seed=seed)
+        _yolo_labels(root / split / "labels", truths[split])
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 2\nnames: ['box', 'disc']\n")
+    assert set(_by_name(load_detection_set(root))) == set(truths["train"])
+    assert set(_by_name(load_detection_set(root, split="val"))) == set(truths["valid"])
+
+
+@pytest.mark.parametrize("yaml_text, fragment", [
+    ("train: [unclosed\n", "not valid YAML"),
+    ("- a\n- b\n", "mapping"),
+    ("train: images/train\nnames: {0: box, 2: disc}\n", "'names'"),
+    ("train: nowhere/train\nnames: [box]\n", "not on this machine"),
+    ("val: images/val\nnames: [box]\n", "no 'train' split"),
+    ("train: !!python/object/apply:os.system ['true']\nnames: [box]\n", "not valid YAML"),
+])
+def test_a_bad_data_yaml_is_one_line(tmp_path: Path, yaml_text: str, fragment: str):
+    make_ultralytics(tmp_path, yaml_text)
+    with pytest.raises(UserError, match=fragment):
+        load_detection_set(tmp_path / "data.yaml")
+
+
+def test_cli_fine_tunes_from_a_data_yaml_scores_its_val_split_and_is_done_after(tmp_path: Path):
+    make_ultralytics(tmp_path / "shapes", "train: images/train\nval: images/val\nnames: [box, disc]\n")
+    common = ["finetune-detection", "--data", "shapes", "--init", "random", "--epochs", "1", "--batch-size", "2",
+              "--min-size", "64", "--max-size", "64", "--roi-samples", "16", "--workers", "0", "--json"]
+    first = run_cli(*common, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["finished"] and report["evaluation"]["images"] == 4
+    assert "the 'val' split of shapes" in first.stderr and Path(report["run"]).name == "detection-shapes-random"
+    again = run_cli(*common, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["already_finished"] and "nothing to do" in again.stderr
+
+
+def test_cli_json_without_val_data_still_reports_the_run(tmp_path: Path):
+    truth = draw_detection_images(tmp_path / "yolo" / "images", count=4)
+    write_yolo(tmp_path / "yolo", truth)
+    result = run_cli("finetune-detection", "--data", "yolo", "--init", "random", "--epochs", "1", "--batch-size", "2",
+                     "--min-size", "64", "--max-size", "64", "--roi-samples", "16", "--workers", "0", "--json",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == 2 and report["evaluation"] is None and report["finished"]
