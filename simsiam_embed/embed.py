@@ -10,11 +10,13 @@ torchrun each rank embeds its own shard of the files and rank 0 merges them.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_trained_backbone
 from .data import EvalImageDataset, Preprocessing, collate_skipping_unreadable, discover_images, label_of
-from .distributed import init_distributed
+from .distributed import DistributedContext, distributed_session
 from .errors import UserError
 from .files import atomic_path, ensure_writable_folder, read_jsonl, write_jsonl_atomic
 
@@ -42,12 +44,76 @@ class Encoder(Protocol):
         """A batch of preprocessed images (n, 3, s, s) float32 -> features (n, dim) float32."""
 
 
-def onnx_session(path: Path | str, provider: str | None = None):
+#: The TensorRT runtime ONNX Runtime's TensorRT provider needs; onnxruntime-gpu lists the
+#: provider whether or not it is installed.
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll", "nvinfer.dll")
+
+
+def tensorrt_installed() -> bool:
+    import ctypes
+
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever is printed to stdout, by Python or by native code, to stderr for the block.
+
+    ONNX Runtime prints its provider fallback banner ("EP Error ... Falling back") with Python's
+    print, and native libraries write to file descriptor 1: either would break ``--json``.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:   # no real stdout (an embedding host): Python's redirect still applies
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _provider_options(name: str, path: Path, max_batch: int, input_size: int | None) -> dict[str, str]:
+    """Under torchrun each process uses its own GPU; TensorRT keeps its engines between commands.
+
+    Without an engine cache TensorRT rebuilds its engine (minutes for a ResNet-50) in every
+    command and for every new batch size; one optimisation profile from batch 1 to ``max_batch``
+    serves the last partial batch, the parity check and a single search query alike.
+    """
+    device = os.environ.get("LOCAL_RANK", "0")
+    if name == "CUDAExecutionProvider":
+        return {"device_id": device}
+    if name == "TensorrtExecutionProvider":
+        cache = Path(path).resolve().parent / ".tensorrt-cache"
+        options = {"device_id": device, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                   "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache), "trt_fp16_enable": "False"}
+        if input_size:
+            shape = lambda batch: f"images:{batch}x3x{input_size}x{input_size}"  # noqa: E731
+            options.update(trt_profile_min_shapes=shape(1), trt_profile_opt_shapes=shape(max_batch),
+                           trt_profile_max_shapes=shape(max_batch))
+        return options
+    return {}
+
+
+def onnx_session(path: Path | str, provider: str | None = None, max_batch: int = 256, input_size: int | None = None):
     """An ONNX Runtime session on the best available provider (or ``provider``) and its name.
 
     onnxruntime-gpu lists the CUDA and TensorRT providers even on machines without a GPU, so
-    they are only asked for when PyTorch sees a GPU; ONNX Runtime itself falls back to the next
-    provider when one fails to load, and the one it actually used is returned.
+    CUDA is only asked for when PyTorch sees a GPU, and TensorRT only when its runtime library
+    loads too. ONNX Runtime itself falls back to the next provider when one fails to start
+    (printing a banner, kept off stdout), and the one it actually used is returned.
     """
     import onnxruntime as ort
 
@@ -59,12 +125,16 @@ def onnx_session(path: Path | str, provider: str | None = None):
         providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
     else:
         gpu = torch.cuda.is_available()
-        providers = [p for p in PROVIDER_PREFERENCE if p in available and (gpu or p == "CPUExecutionProvider")]
+        usable = {"CPUExecutionProvider": True, "CUDAExecutionProvider": gpu,
+                  "TensorrtExecutionProvider": gpu and tensorrt_installed()}
+        providers = [p for p in PROVIDER_PREFERENCE if p in available and usable[p]]
     options = ort.SessionOptions()
     options.log_severity_level = 3   # provider fallbacks are reported by us, once, not as stack traces
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with_options = [(name, _provider_options(name, Path(path), max_batch, input_size)) for name in providers]
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        with stdout_to_stderr():
+            session = ort.InferenceSession(str(path), sess_options=options, providers=with_options)
     except Exception as error:  # ONNX Runtime raises its own Fail / InvalidGraph / NoSuchFile types
         raise UserError(f"ONNX Runtime cannot load {path} ({str(error).splitlines()[0]})") from None
     used = session.get_providers()[0]
@@ -83,7 +153,7 @@ class OnnxEncoder:
         self.metadata = read_encoder_metadata(path)
         self.preprocessing = preprocessing_from_metadata(self.metadata, path)
         self.dim = int(self.metadata["embedding_dim"])
-        self.session, self.provider = onnx_session(path, provider)
+        self.session, self.provider = onnx_session(path, provider, input_size=self.preprocessing.input_size)
         self.description = f"ONNX Runtime ({self.provider}) {path}"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -97,7 +167,8 @@ class TorchEncoder:
         """``random_init``: the checkpoint's architecture with the weights it started from (the
         run's seed), as the baseline a trained encoder must beat."""
         backbone, self.preprocessing, _ = load_trained_backbone(checkpoint, random_init=random_init)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Under torchrun each process embeds its shard on its own GPU, not all of them on GPU 0.
+        self.device = device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
         self.backbone = backbone.to(self.device).eval()
         self.dim = backbone.feature_dim
         self.description = f"PyTorch ({self.device}) {checkpoint}{' at random init' if random_init else ''}"
@@ -195,8 +266,14 @@ def embed_folder(
     paths = discover_images(image_dir)
     if not paths:
         raise UserError(f"no images in {image_dir}")
-    context = init_distributed("cpu")
     ensure_writable_folder(output)   # before the embedding, which may take hours
+    # The shards meet through files and one barrier: gloo serves that on GPU machines too.
+    with distributed_session("cpu") as context:
+        return _embed_shards(paths, encoder, output, batch_size, workers, show_progress, context)
+
+
+def _embed_shards(paths: list[Path], encoder: Encoder, output: Path, batch_size: int, workers: int,
+                  show_progress: bool, context: DistributedContext) -> EmbedFolderResult:
     mine = shard_for_rank(len(paths), context.rank, context.world_size)
     result = embed_paths([paths[i] for i in mine], encoder, batch_size, workers, show_progress and context.is_main)
     global_rows = np.asarray(list(mine), dtype=np.int64)[result.indices] if len(result.indices) else np.zeros(0, np.int64)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .checkpoint import file_digest
 from .data import UnreadableImage, discover_images, open_image
-from .embed import Encoder, OnnxEncoder, TorchEncoder, l2_normalize
+from .embed import Encoder, OnnxEncoder, TorchEncoder, embed_paths
 from .errors import UserError
 from .index import LoadedIndex, content_digest, load_index
 
@@ -80,15 +80,19 @@ def expand_queries(queries: list[Path]) -> list[Path]:
     return expanded
 
 
+#: Queries go through the encoder in batches of this many, as ``embed`` does: a folder of
+#: thousands of queries in one batch would run a GPU out of memory.
+QUERY_BATCH = 64
+
+
 def embed_queries(paths: list[Path], encoder: Encoder) -> np.ndarray:
-    transform = encoder.preprocessing.transform()
-    tensors = []
-    for path in paths:
-        try:
-            tensors.append(transform(open_image(path, encoder.preprocessing.draft_side)).numpy())
-        except UnreadableImage as reason:
-            raise UserError(f"cannot read the query {path}: {reason}") from None
-    return l2_normalize(encoder(np.stack(tensors)))
+    """Unit vectors of the query images, in order; an unreadable query is an error."""
+    workers = 2 if len(paths) > QUERY_BATCH else 0   # a few queries are faster without worker start-up
+    result = embed_paths(paths, encoder, QUERY_BATCH, workers, show_progress=len(paths) > 10 * QUERY_BATCH)
+    if result.failures:
+        position, reason = result.failures[0]
+        raise UserError(f"cannot read the query {paths[position]}: {reason}")
+    return result.vectors
 
 
 def search_images(

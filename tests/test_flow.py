@@ -328,3 +328,22 @@ def test_search_output_escapes_control_characters_in_file_names(sample_encoder, 
     lines = found.stdout.splitlines()
     assert len(lines) == 1 + 4 and "\x1b" not in found.stdout
     assert any("evil\\n  1  1.0000  forged\\x1b[2J.png" in line for line in lines)
+
+
+def test_json_stays_clean_when_onnx_runtime_falls_back_from_a_provider(sample_encoder, tmp_path, monkeypatch):
+    """onnxruntime-gpu prints an "EP Error ... Falling back" banner on stdout when a provider it
+    lists cannot start (TensorRT not installed, or no GPU): forced here on the CPU."""
+    import torch
+
+    import simsiam_embed.embed as embed_module
+    from conftest import invoke
+
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    update_index(folder, OnnxEncoder(sample_encoder), _identity(sample_encoder, OnnxEncoder(sample_encoder)),
+                 tmp_path / "index", report=lambda _m: None, show_progress=False, workers=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(embed_module, "tensorrt_installed", lambda: True, raising=False)
+    result = invoke("search", str(folder / "disc" / "disc-00.png"), "--json", "--index-dir", str(tmp_path / "index"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["hits"][0]["score"] > 0.999
+    assert "Falling back" in result.stderr   # the banner still reaches the user, on stderr

@@ -252,3 +252,22 @@ def test_a_malformed_manifest_is_one_line_naming_the_field(tmp_path, change):
     result = invoke("search", "images", "--index-dir", "index", cwd=tmp_path)
     name = next(iter(change)) if isinstance(change, dict) else "manifest"
     assert_one_line_error_in_process(result, name if name != "format" else "manifest")
+
+
+def test_many_queries_are_embedded_in_bounded_batches(tmp_path):
+    """A folder of thousands of queries must not become one GPU batch."""
+    from simsiam_embed.search import QUERY_BATCH, embed_queries
+
+    class RecordingEncoder(PixelEncoder):
+        batches: list[int] = []
+
+        def __call__(self, images):
+            self.batches.append(len(images))
+            return super().__call__(images)
+
+    folder = make_image_folder(tmp_path / "queries", per_class=45)
+    paths = sorted(folder.rglob("*.png"))
+    encoder = RecordingEncoder()
+    vectors = embed_queries(paths, encoder)
+    assert len(vectors) == 135 and max(encoder.batches) == QUERY_BATCH
+    assert np.allclose(vectors[7], embed_queries([paths[7]], encoder)[0], atol=1e-6)
