@@ -284,13 +284,37 @@ def training_draft_side(crop_size: int, min_crop_scale: float = 0.2) -> int:
 # Datasets
 
 
+#: How many following images a training sample tries in place of an unreadable one.
+REFILL_ATTEMPTS = 32
+
+
+def first_readable(index: int, paths: Sequence[Path | str],
+                   load: Callable[[int], Any]) -> tuple[Any, list[tuple[str, str]]]:
+    """``load(index)``, or, if that image is unreadable, the next readable one after it.
+
+    Training batches keep their size this way: under torchrun a rank whose whole share of a
+    batch was unreadable would skip a step the other ranks take, and hang their all-reduce.
+    Returns the loaded value (None if none of REFILL_ATTEMPTS images could be read) and the
+    (path, reason) of each unreadable image met on the way.
+    """
+    failures: list[tuple[str, str]] = []
+    for offset in range(min(REFILL_ATTEMPTS, len(paths))):
+        position = (index + offset) % len(paths)
+        try:
+            return load(position), failures
+        except UnreadableImage as reason:
+            failures.append((str(paths[position]), str(reason)))
+    return None, failures
+
+
 class TwoViewDataset(Dataset):
     """Two independently augmented views of each image, for SimSiam.
 
-    Indexed by ``(seed, index)`` pairs (see :class:`~simsiam_embed.pretrain.EpochSampler`): the
-    augmentation of a sample depends only on that seed, not on which worker draws it or where a
-    run was resumed, so an interrupted run continues exactly as an uninterrupted one would.
-    An unreadable file yields ``None`` with its path; :func:`collate_skipping_unreadable` drops it.
+    Indexed by ``(seed, index)`` pairs (see :class:`~simsiam_embed.pretrain.StepBatchSampler`):
+    the augmentation of a sample depends only on that seed, not on which worker draws it or
+    where a run was resumed, so an interrupted run continues exactly as an uninterrupted one
+    would. An unreadable file is replaced by the next readable one (:func:`first_readable`) and
+    listed beside the sample; :func:`collate_skipping_unreadable` collects the list.
     """
 
     def __init__(self, paths: Sequence[Path], augment: Callable, draft_side: int | None = None):
@@ -303,14 +327,12 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         sample_seed, index = key
-        path = self.paths[index]
-        try:
-            image = open_image(path, self.draft_side)
-        except UnreadableImage as reason:
-            return None, (str(path), str(reason))
+        image, failures = first_readable(index, self.paths, lambda i: open_image(self.paths[i], self.draft_side))
+        if image is None:
+            return None, failures
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
-            return (self.augment(image), self.augment(image)), None
+            return (self.augment(image), self.augment(image)), failures
 
 
 class EvalImageDataset(Dataset):
@@ -333,11 +355,19 @@ class EvalImageDataset(Dataset):
 
 
 def collate_skipping_unreadable(batch: Iterable[tuple], stack: Callable[[list], Any] = default_collate):
-    """Stack the good samples of a batch; return the failures beside them as (path, reason).
+    """Stack the good samples of a batch; return the failures beside them.
 
-    ``stack`` joins the good samples (``None`` if there are none); the default stacks tensors,
-    which needs samples of one shape.
+    Each item is ``(sample or None, failure)``, the failure None, one ``(key, reason)``, or a
+    list of them (a refilled training sample). ``stack`` joins the good samples (``None`` if
+    there are none); the default stacks tensors, which needs samples of one shape.
     """
-    good = [sample for sample, failure in batch if sample is not None]
-    failures = [failure for sample, failure in batch if failure is not None]
+    batch = list(batch)
+    good = [sample for sample, _ in batch if sample is not None]
+    failures = [failure for _, found in batch for failure in _failure_list(found)]
     return (stack(good) if good else None), failures
+
+
+def _failure_list(found: Any) -> list:
+    if found is None:
+        return []
+    return list(found) if isinstance(found, list) else [found]

@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_checkpoint_path, restore_rng_state, save_checkpoint
 from .config import PretrainConfig, SavedSettings
-from .data import UnreadableImage, collate_skipping_unreadable, open_image
+from .data import collate_skipping_unreadable, first_readable, open_image
 from .detection_data import DetectionImage, DetectionSet, data_yaml_of, has_split, load_detection_set
 from .detection_eval import DetectionEvaluation, evaluate_detector
 from .distributed import (
-    DistributedContext, any_rank, average_bn_statistics, device_for_rank, init_distributed, launched_by_torchrun,
+    DistributedContext, any_rank, average_bn_statistics, device_for_rank, distributed_session, launched_by_torchrun,
     mean_over_ranks,
 )
 from .errors import UserError
@@ -164,6 +164,7 @@ class DetectionTrainingSet(Dataset):
 
     def __init__(self, images: list[DetectionImage], flip: bool):
         self.images = images
+        self.paths = [record.path for record in images]
         self.flip = flip
 
     def __len__(self) -> int:
@@ -171,16 +172,19 @@ class DetectionTrainingSet(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         sample_seed, index = key
+        # An unreadable image is replaced by the next readable one, boxes and all, so every
+        # rank always has a full share of the batch (see data.first_readable).
+        loaded, failures = first_readable(index, self.paths, lambda i: (i, open_image(self.images[i].path, upright=False)))
+        if loaded is None:
+            return None, failures
+        index, picture = loaded
         record = self.images[index]
-        try:
-            image = TF.to_tensor(open_image(record.path, upright=False))
-        except UnreadableImage as reason:
-            return None, (str(record.path), str(reason))
+        image = TF.to_tensor(picture)
         boxes = torch.from_numpy(record.boxes.copy())
         if self.flip and torch.randint(2, (1,), generator=torch.Generator().manual_seed(sample_seed)).item():
             image = image.flip(-1)
             boxes[:, [0, 2]] = record.width - boxes[:, [2, 0]]
-        return (image, {"boxes": boxes, "labels": torch.from_numpy(record.labels + 1)}), None
+        return (image, {"boxes": boxes, "labels": torch.from_numpy(record.labels + 1)}), failures
 
 
 def _images_and_targets(samples: list[tuple]) -> tuple[list, list]:
@@ -266,7 +270,14 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
     if config.val_data:
         _require_coco_evaluator()
     device = config.device
-    context = init_distributed(device)
+    with distributed_session(device) as context:   # the process group ends with the run
+        return _finetune(config, run_dir, previous, report, show_progress, stop, started, context)
+
+
+def _finetune(config: DetectionConfig, run_dir: Path, previous: dict[str, Any] | None, report: Report,
+              show_progress: bool, stop: StopRequest | None, started: float,
+              context: DistributedContext) -> DetectionResult:
+    device = config.device
     rank_report = report if context.is_main else (lambda _m: None)
     train_set = load_detection_set(Path(config.data), config.class_names or None)
     config.class_names = train_set.class_names

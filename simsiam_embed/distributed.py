@@ -5,12 +5,16 @@ No home-made cluster code: torchrun starts the processes and sets RANK, WORLD_SI
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,11 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(device: str) -> DistributedContext:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs), or run as a single process."""
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs), or run as a single process.
+
+    On GPUs each process binds its own GPU *before* the group exists: otherwise every rank's
+    first CUDA call (NCCL's, or the pin-memory thread's) creates a context on GPU 0.
+    """
     if not launched_by_torchrun():
         return DistributedContext()
     context = DistributedContext(
@@ -43,15 +51,68 @@ def init_distributed(device: str) -> DistributedContext:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            own_gpu = torch.device(device_for_rank(device, context))
+            torch.cuda.set_device(own_gpu)
+            dist.init_process_group(backend="nccl", device_id=own_gpu)
+        else:
+            dist.init_process_group(backend="gloo")
     return context
 
 
+@contextlib.contextmanager
+def distributed_session(device: str) -> Iterator[DistributedContext]:
+    """:func:`init_distributed` for a block; the group is destroyed at its end if the block made it
+    (a library call made under torchrun leaves no process group behind)."""
+    made_here = launched_by_torchrun() and not dist.is_initialized()
+    context = init_distributed(device)
+    try:
+        yield context
+    finally:
+        if made_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def device_for_rank(device: str, context: DistributedContext) -> str:
-    """Each process on a multi-GPU machine takes its own GPU."""
-    if context.enabled and device == "cuda":
+    """Each process on a multi-GPU machine takes the GPU of its LOCAL_RANK."""
+    if context.enabled and device.startswith("cuda"):
+        if device not in ("cuda", f"cuda:{context.local_rank}"):
+            raise UserError(f"--device {device} under torchrun would put every process on one GPU: pass --device "
+                            "cuda (each process takes its LOCAL_RANK's GPU; choose GPUs with CUDA_VISIBLE_DEVICES)")
         return f"cuda:{context.local_rank}"
     return device
+
+
+def agree_on_every_rank(flag: bool, what: str, context: DistributedContext, device: str) -> None:
+    """One line on every rank, instead of a hang, when ranks see different things: on several
+    machines, a workspace that is not on a shared filesystem."""
+    if not context.enabled:
+        return
+    seen = torch.tensor([1.0 if flag else 0.0], device=device)
+    low, high = seen.clone(), seen.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise UserError(f"the processes disagree on {what} (this is rank {context.rank}: {flag}): with several "
+                        "machines, the workspace must be on a filesystem they all share")
+
+
+def gather_to_main(value: Any, context: DistributedContext) -> list[Any]:
+    """Every rank's ``value`` (picklable, between this job's own processes), on rank 0; [] elsewhere."""
+    if not context.enabled:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size if context.is_main else []
+    dist.gather_object(value, gathered if context.is_main else None, dst=0)
+    return gathered
+
+
+def from_main(value: Any, context: DistributedContext) -> Any:
+    """Rank 0's ``value`` (picklable, between this job's own processes) on every rank."""
+    if not context.enabled:
+        return value
+    holder = [value if context.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def any_rank(flag: bool, context: DistributedContext, device: str) -> bool:
@@ -61,6 +122,16 @@ def any_rank(flag: bool, context: DistributedContext, device: str) -> bool:
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item() > 0)
+
+
+def value_of_main(value: int, context: DistributedContext, device: str) -> int:
+    """Rank 0's ``value`` on every rank: decisions that must agree (how many steps a time budget
+    allows) are taken on one clock, not on each rank's own."""
+    if not context.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
 
 
 def mean_over_ranks(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
@@ -84,8 +155,3 @@ def average_bn_statistics(model: nn.Module, context: DistributedContext) -> None
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             module.running_mean.copy_(mean_over_ranks(module.running_mean, context))
             module.running_var.copy_(mean_over_ranks(module.running_var, context))
-
-
-def shutdown(context: DistributedContext) -> None:
-    if context.enabled and dist.is_initialized():
-        dist.destroy_process_group()

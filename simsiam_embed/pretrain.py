@@ -40,12 +40,14 @@ from .data import (
     training_draft_side,
 )
 from .distributed import (
-    DistributedContext, any_rank, average_bn_statistics, device_for_rank, init_distributed, mean_over_ranks,
+    DistributedContext, agree_on_every_rank, any_rank, average_bn_statistics, device_for_rank, distributed_session,
+    from_main, gather_to_main, mean_over_ranks, value_of_main,
 )
 from .errors import UserError
 from .evaluate import KnnMonitor
 from .files import atomic_write, ensure_writable_folder, write_json_atomic, write_jsonl_atomic
 from .models import SimSiam, simsiam_loss
+from .training import TimeBudget
 from .workspace import Workspace, run_name_for
 
 #: Settings that may differ when resuming: they change how, not what, the run computes.
@@ -253,8 +255,20 @@ def pretrain(
         raise UserError(f"{data_dir} is not a folder: give the folder that holds your images")
     run_name = run_name or run_name_for(data_dir)
     run_dir = workspace.run_dir(run_name)
-    checkpoint_path = run_dir / "checkpoint.pt"
+    device = overrides.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    with distributed_session(device) as context:
+        return _pretrain(data_dir, workspace, overrides, run_name, run_dir, resume, report, show_progress, stop,
+                         started, device, context)
 
+
+def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], run_name: str, run_dir: Path,
+              resume: bool, report: Report, show_progress: bool, stop: StopRequest | None, started: float,
+              device: str, context: DistributedContext) -> PretrainResult:
+    rank_device = device_for_rank(device, context)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    agree_on_every_rank(checkpoint_path.exists(), f"whether {checkpoint_path} exists", context, rank_device)
     previous = load_checkpoint(checkpoint_path, kind="pretrain") if checkpoint_path.exists() else None
     if previous is not None and previous.get("finished"):
         config = PretrainConfig.from_dict(previous["config"], source=checkpoint_path)
@@ -270,14 +284,12 @@ def pretrain(
     if previous is None and resume:
         raise UserError(f"nothing to resume: {checkpoint_path} does not exist (drop --resume to start a run)")
 
-    device = overrides.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-    context = init_distributed(device)
     quiet: Report = lambda _message: None  # noqa: E731  (ranks other than 0 stay silent)
     rank_report = report if context.is_main else quiet
 
-    scan = _scan_folder(data_dir, rank_report)
+    # Rank 0 scans and every rank trains on its list: ranks that each scanned a changing folder
+    # could index different files and train on different samples.
+    scan = from_main(_scan_folder(data_dir, rank_report) if context.is_main else None, context)
     if previous is not None:
         config = _config_for_resume(previous, overrides, run_dir)
         config.device = device
@@ -291,7 +303,7 @@ def pretrain(
         write_json_atomic(run_dir / "config.json", config.to_dict())
         _report_settings(config, run_dir, report)
 
-    trainer = _Trainer(config, scan.paths, run_dir, context, device_for_rank(device, context), rank_report)
+    trainer = _Trainer(config, scan.paths, run_dir, context, rank_device, rank_report)
     trainer.on_first_save = lambda: workspace.mark_latest(run_name)
     trainer.skipped = {str(path): reason for path, reason in scan.skipped}
     if previous is not None:
@@ -397,9 +409,8 @@ class _Trainer:
         self.monitor = (KnnMonitor(Path(config.val_dir), preprocessing_for(config), device)
                         if config.val_dir and context.is_main else None)
         self.knn_top1: float | None = None
-        self.plan_origin: tuple[int, float] | None = None   # (step, time) when a budget was planned
-        self.replans: list[dict] = []   # corrections of that plan, written to metrics.jsonl
-        self.last_save_seconds = 0.0
+        self.budget = TimeBudget(config.time_budget_s, self.steps_per_epoch) if config.time_budget_s else None
+        self.replans: list[dict] = []   # corrections of the budget's plan, written to metrics.jsonl
         self.on_first_save: Callable[[], None] = lambda: None   # LATEST moves once the run has a checkpoint
         self.saved_step: int | None = None
         self.resumed_from: int | None = None
@@ -438,6 +449,8 @@ class _Trainer:
         began = time.monotonic()
         average_bn_statistics(self.model, self.context)
         self._stop_if_diverged(all(bool(torch.isfinite(p).all()) for p in self.model.parameters()), "the weights")
+        for found in gather_to_main(self.skipped, self.context):   # each rank met its own unreadable files
+            self.skipped.update(found)
         if not self.context.is_main:
             return 0.0
         save_checkpoint(self.run_dir / "checkpoint.pt", {
@@ -461,8 +474,10 @@ class _Trainer:
         if self.saved_step is None or self.saved_step == self.resumed_from:
             self.on_first_save()
         self.saved_step = self.step
-        self.last_save_seconds = time.monotonic() - began
-        return self.last_save_seconds
+        seconds = time.monotonic() - began
+        if self.budget is not None:
+            self.budget.save_seconds = seconds   # the final checkpoint is paid out of the budget too
+        return seconds
 
     # -- training ----------------------------------------------------------------------------
 
@@ -514,8 +529,9 @@ class _Trainer:
                    dynamic_ncols=True, mininterval=0.5 if is_tty else 30, file=sys.stderr)
         loader = iter(self._loader())
         metrics = open(self.metrics_path, "a") if self.context.is_main else None
-        if config.time_budget_s and self.total_steps is not None:
-            self.plan_origin = (self.step, time.monotonic())   # a resumed budget run keeps checking its plan
+        elapsed = lambda: self.elapsed_before + time.monotonic() - started  # noqa: E731  (this run's own clock)
+        if self.budget is not None and self.total_steps is not None:
+            self.budget.resume(self.step, elapsed(), self.total_steps)   # a resumed budget run keeps checking its plan
         if self.monitor is not None and self.monitor.random_init_top1 is None and self.step == 0:
             self.monitor.random_init_top1 = self._knn_top1()
             self.report(f"kNN top-1 on {config.val_dir} at random init: {self.monitor.random_init_top1:.3f}")
@@ -540,7 +556,7 @@ class _Trainer:
                 if timed_steps == self.BUDGET_WARMUP_STEPS:
                     seconds_per_step = (now - timed_from[1]) / timed_steps
                     if self.total_steps is None:
-                        self._plan_time_budget(seconds_per_step, started)
+                        self._plan_time_budget(seconds_per_step, elapsed)
                         bar.total = self.total_steps
                         bar.refresh()
                     else:
@@ -569,17 +585,20 @@ class _Trainer:
                     self._end_epoch(epoch_record, collapse_level, metrics)
                 if finished:
                     break
-                if any_rank(stop.should_stop(self.step), self.context, self.device):
-                    elapsed = self.elapsed_before + time.monotonic() - started
-                    self.save(finished=False, elapsed_s=elapsed)
+                # Under torchrun, asking every rank is a collective (a device sync on GPUs): only at
+                # logged steps. A single process checks its own flag every step.
+                ask_ranks = not self.context.enabled or self.step % config.log_every == 0
+                if ask_ranks and any_rank(stop.should_stop(self.step), self.context, self.device):
+                    stopped_at = elapsed()
+                    self.save(finished=False, elapsed_s=stopped_at)
                     bar.close()
                     self.report(f"stopped at step {self.step}/{self.total_steps or '?'}; checkpoint saved. "
                                 f"Continue with: simsiam-embed pretrain {config.data_dir} --resume"
                                 + (f" --name {config.run_name}" if config.run_name != run_name_for(Path(config.data_dir)) else ""))
-                    return self._result(False, last, pairs_per_s, elapsed)
+                    return self._result(False, last, pairs_per_s, stopped_at)
                 elif end_of_epoch:
-                    self.save(finished=False, elapsed_s=self.elapsed_before + time.monotonic() - started)
-                if self.plan_origin is not None and self.step % config.log_every == 0 and self._correct_time_plan(started):
+                    self.save(finished=False, elapsed_s=elapsed())
+                if self.budget is not None and self.step % config.log_every == 0 and self._correct_time_plan(elapsed()):
                     bar.total = self.total_steps
                     bar.refresh()
                     if metrics:
@@ -620,16 +639,17 @@ class _Trainer:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
-    def _plan_time_budget(self, seconds_per_step: float, started: float) -> None:
-        """Fix the number of steps that fits the budget, so the cosine schedule finishes on time."""
+    def _plan_time_budget(self, seconds_per_step: float, elapsed: Callable[[], float]) -> None:
+        """Fix the number of steps that fits the budget, so the cosine schedule finishes on time.
+
+        Planned on rank 0's clock and broadcast: ranks that planned on their own clocks would
+        stop at different steps (and hang in a collective), after drifting on different lrs.
+        """
         config = self.config
-        elapsed = self.elapsed_before + time.monotonic() - started
-        save_seconds = self.save(finished=False, elapsed_s=elapsed)   # also measures a checkpoint's cost
-        self.plan_origin = (self.step, time.monotonic())
-        remaining = config.time_budget_s - elapsed - save_seconds - save_seconds   # this save and the last
-        per_step = seconds_per_step + save_seconds / self.steps_per_epoch
-        self.total_steps = self.step + max(0, int(remaining / per_step))
-        config.total_steps = self.total_steps
+        save_seconds = self.save(finished=False, elapsed_s=elapsed())   # also measures a checkpoint's cost
+        planned = self.budget.plan(self.step, elapsed(), seconds_per_step, save_seconds)
+        self.total_steps = value_of_main(planned, self.context, self.device)
+        self.budget.total_steps = config.total_steps = self.total_steps
         if self.context.is_main:
             write_json_atomic(self.run_dir / "config.json", config.to_dict())
         self.report(
@@ -638,29 +658,17 @@ class _Trainer:
             "cosine schedule planned over exactly those"
         )
 
-    def _correct_time_plan(self, started: float) -> bool:
-        """Re-plan if the steps since planning ran more than 3% slower (or faster) than measured.
-
-        The warm-up is short and machines drift (other load, thermal limits, slower epochs), so
-        the plan is checked at every logged step; the cosine schedule is then re-planned over the
-        corrected total, so the run still ends on time and on a finished schedule.
-        """
-        origin_step, origin_time = self.plan_origin
-        done = self.step - origin_step
-        if done < 2 or self.step >= self.total_steps:
-            return False
-        seconds_per_step = (time.monotonic() - origin_time) / done   # checkpoints included
-        elapsed = self.elapsed_before + time.monotonic() - started
-        remaining = self.config.time_budget_s - elapsed - self.last_save_seconds
-        corrected = self.step + max(1, int(remaining / seconds_per_step))
-        if abs(corrected - self.total_steps) <= 0.03 * self.total_steps:
+    def _correct_time_plan(self, elapsed_s: float) -> bool:
+        """Re-plan (on rank 0's clock, for every rank) if the pace since planning drifted by more
+        than 3%: the run still ends on time and on a finished schedule."""
+        corrected = value_of_main(self.budget.observe(self.step, elapsed_s) or 0, self.context, self.device)
+        if corrected == 0:
             return False
         if not self.replans:   # the first correction is news; later ones are in metrics.jsonl
-            self.report(f"\nre-planned: {seconds_per_step:.2f} s/step since the plan -> {corrected} steps instead "
-                        f"of {self.total_steps}, to end on time (further corrections: metrics.jsonl)")
-        self.replans.append({"step": self.step, "replanned_total_steps": corrected,
-                             "seconds_per_step": round(seconds_per_step, 4)})
-        self.total_steps = self.config.total_steps = corrected
+            self.report(f"\nre-planned: the pace since the plan -> {corrected} steps instead of {self.total_steps}, "
+                        "to end on time (further corrections: metrics.jsonl)")
+        self.replans.append({"step": self.step, "replanned_total_steps": corrected})
+        self.total_steps = self.budget.total_steps = self.config.total_steps = corrected
         if self.context.is_main:
             write_json_atomic(self.run_dir / "config.json", self.config.to_dict())
         return True

@@ -10,7 +10,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from simsiam_embed.checkpoint import build_model, load_checkpoint, save_checkpoint

@@ -109,18 +109,25 @@ def test_two_views_are_reproducible_from_the_sample_seed(tmp_path):
     (v1, v2), failure = dataset[(123, 0)]
     (w1, w2), _ = dataset[(123, 0)]
     (u1, _), _ = dataset[(124, 0)]
-    assert failure is None and v1.shape == (3, 16, 16)
+    assert failure == [] and v1.shape == (3, 16, 16)
     assert torch.equal(v1, w1) and torch.equal(v2, w2)
     assert not torch.equal(v1, v2) and not torch.equal(v1, u1)
 
 
-def test_unreadable_samples_are_dropped_from_the_batch(tmp_path):
+def test_unreadable_samples_are_replaced_so_the_batch_keeps_its_size(tmp_path):
     draw_shape_image(np.random.default_rng(0), 32, "disc").save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"")
     dataset = TwoViewDataset([tmp_path / "good.png", tmp_path / "bad.png"], simsiam_augmentation(16, blur=False))
     (views, failures) = collate_skipping_unreadable([dataset[(1, 0)], dataset[(2, 1)], dataset[(3, 0)]])
-    assert views[0].shape == (2, 3, 16, 16)
+    assert views[0].shape == (3, 3, 16, 16)   # the bad image's place is taken by the next readable one
     assert failures == [(str(tmp_path / "bad.png"), "not an image")]
+
+
+def test_a_folder_with_nothing_readable_yields_no_sample(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"")
+    dataset = TwoViewDataset([tmp_path / "bad.png"], simsiam_augmentation(16, blur=False))
+    batch, failures = collate_skipping_unreadable([dataset[(1, 0)]])
+    assert batch is None and failures == [(str(tmp_path / "bad.png"), "not an image")]
 
 
 def test_evaluation_transform_resizes_then_centre_crops():

@@ -22,11 +22,11 @@ def run_two_ranks(*command: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def weights_of_both_ranks(worker: Path, *args: Path) -> tuple[dict, dict]:
-    """Run ``worker`` on two ranks; each saves its weights as OUT/rank{N}.pt (OUT, the last arg)."""
+def weights_of_both_ranks(worker: Path, *args: Path, settings: str | None = None) -> tuple[dict, dict]:
+    """Run ``worker`` on two ranks; each saves its weights as OUT/rank{N}.pt (OUT, the last path)."""
     out = args[-1]
     out.mkdir()
-    run_two_ranks(str(worker), *map(str, args))
+    run_two_ranks(str(worker), *map(str, args), *([settings] if settings else []))
     return tuple(torch.load(out / f"rank{rank}.pt") for rank in (0, 1))
 
 
@@ -89,3 +89,56 @@ def test_detection_under_torchrun_keeps_the_replicas_identical(tmp_path):
     assert all(torch.equal(state["model"][key], rank0[key]) for key in rank0)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     assert (run / "evaluation.json").is_file()
+
+
+def _trained_on_two_ranks(tmp_path: Path, images: Path, settings: dict) -> tuple[dict, dict, list[dict]]:
+    import json
+
+    rank0, rank1 = weights_of_both_ranks(WORKER, images, tmp_path / "ws", tmp_path / "out", settings=json.dumps(settings))
+    reports = [json.loads((tmp_path / "out" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return rank0, rank1, reports
+
+
+def test_a_time_budget_is_planned_once_for_every_rank(tmp_path):
+    """Ranks that planned on their own clocks stopped at different steps (a hang) after training
+    on different learning rates; rank 0 plans and broadcasts."""
+    images = make_image_folder(tmp_path / "images")
+    rank0, rank1, reports = _trained_on_two_ranks(tmp_path, images, {"epochs": None, "time_budget_s": 6})
+    assert reports[0]["step"] == reports[1]["step"] and reports[0]["finished"] and reports[1]["finished"]
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    assert load_checkpoint(tmp_path / "ws" / "runs" / "images" / "checkpoint.pt")["step"] == reports[0]["step"]
+
+
+def test_a_rank_whose_whole_share_is_unreadable_still_steps(tmp_path):
+    """Truncated JPEGs pass the header scan and fail to decode; a rank with no usable image in a
+    batch used to skip the step alone and hang the others' all-reduce."""
+    from simsiam_embed.files import read_jsonl
+    from simsiam_embed.pretrain import StepBatchSampler
+    from simsiam_embed.distributed import DistributedContext
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    count = 24
+    for number in range(count):
+        path = images / f"photo-{number:02d}.jpg"
+        # Noise compresses badly: the file is large, and cutting it in half leaves the header whole.
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path, quality=95)
+        if number % 2:
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    truncated = {number for number in range(count) if number % 2}
+    from simsiam_embed.data import discover_images, scan_images
+    assert len(scan_images(discover_images(images)).paths) == count   # the headers are all fine
+    # A seed under which some step gives some rank only truncated files: the case that hung.
+    def hangs_without_refill(seed: int) -> bool:
+        samplers = [StepBatchSampler(count, 8, seed, context=DistributedContext(rank, 2)) for rank in (0, 1)]
+        return any(all(index in truncated for _, index in sampler.batch_at(step))
+                   for sampler in samplers for step in range(2 * (count // 8)))
+    seed = next(seed for seed in range(200) if hangs_without_refill(seed))
+    rank0, rank1, reports = _trained_on_two_ranks(tmp_path, images, {"seed": seed, "crop_size": 32})
+    assert reports[0]["finished"] and reports[0]["step"] == reports[1]["step"] == 2 * (count // 8)
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    listed = {Path(record["path"]).name for record in read_jsonl(tmp_path / "ws" / "runs" / "images" / "skipped.jsonl")}
+    assert listed and listed <= {f"photo-{number:02d}.jpg" for number in truncated}
