@@ -16,7 +16,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torchvision import models as tv_models
 from torchvision.models.detection import FasterRCNN
@@ -35,17 +33,20 @@ from tqdm import tqdm
 
 from .checkpoint import capture_rng_state, load_checkpoint, resolve_checkpoint_path, restore_rng_state, save_checkpoint
 from .config import PretrainConfig, SavedSettings
-from .data import collate_skipping_unreadable, first_readable, open_image
+from .data import collate_skipping_unreadable, first_readable, open_image, start_workers
 from .detection_data import DetectionImage, DetectionSet, data_yaml_of, has_split, load_detection_set
 from .detection_eval import DetectionEvaluation, evaluate_detector
 from .distributed import (
-    DistributedContext, any_rank, average_bn_statistics, device_for_rank, distributed_session, launched_by_torchrun,
-    mean_over_ranks,
+    DistributedContext, any_rank, average_bn_statistics, device_for_rank, distributed_session, gather_to_main,
+    launched_by_torchrun, mean_over_ranks,
 )
 from .errors import UserError
-from .files import ensure_writable_folder, write_json_atomic
+from .files import ensure_writable_folder, write_json_atomic, write_jsonl_atomic
 from .models.backbones import BACKBONE_NAMES
-from .pretrain import RunningMeans, StepBatchSampler, StopRequest, ignore_stop_signals_in_worker, stop_on_signals
+from .training import (
+    MetricsLog, MixedPrecision, RunningMeans, StepBatchSampler, StopRequest, ignore_stop_signals_in_worker, open_run,
+    place_model, refuse_changed_settings, stop_on_signals,
+)
 from .workspace import Workspace, run_name_for
 
 NORMS = ("frozen", "bn", "syncbn")
@@ -192,6 +193,30 @@ def _images_and_targets(samples: list[tuple]) -> tuple[list, list]:
     return [image for image, _ in samples], [target for _, target in samples]
 
 
+#: Training memory of one image for Faster R-CNN R50-FPN at max_size 853 under fp16 AMP: an
+#: estimate (detectron2 fits 2 images of up to 1333 px in fp32 on a 16 GB V100); memory grows
+#: with the image's area. bench/gpu_check.py measures the real peak.
+DETECTION_IMAGE_BYTES_853_AMP = 1 << 30
+#: detectron2's batch (16 images) on a CPU would take minutes a step: the CPU default is 4.
+DETECTION_BATCH_GPU_MAX, DETECTION_BATCH_CPU = 16, 4
+
+
+def default_detection_batch(device: str, max_size: int, processes: int) -> tuple[int, str]:
+    """The batch over all processes when none is given, and why: 4 on a CPU; on GPUs, as many
+    images as their memory fits (an estimate with a margin), up to detectron2's 16."""
+    if not device.startswith("cuda"):
+        return DETECTION_BATCH_CPU, f"batch {DETECTION_BATCH_CPU}: on a CPU (detectron2's 16 would take minutes a step)"
+    from .config import GPU_MEMORY_SHARE, GPU_RESERVE_BYTES, _largest_power_of_two_at_most, gpu_memory_bytes
+
+    memory = gpu_memory_bytes(device)
+    per_image = DETECTION_IMAGE_BYTES_853_AMP * (max_size / 853) ** 2
+    fits = int(GPU_MEMORY_SHARE * max(memory - GPU_RESERVE_BYTES, 0) / per_image)
+    batch = min(DETECTION_BATCH_GPU_MAX, _largest_power_of_two_at_most(max(fits, 1)) * processes)
+    return batch, (f"batch {batch}: {processes} GPU(s) of {memory / 2**30:.0f} GiB fit about {fits} images each "
+                   f"(estimate {per_image / 2**30:.1f} GiB an image), at most detectron2's {DETECTION_BATCH_GPU_MAX}; "
+                   "the lr follows the batch (base_lr x batch / 16)")
+
+
 def detection_lr(config: DetectionConfig, step: int, total_steps: int) -> float:
     """Linear warm-up from 0.1%, then detectron2's steps (x0.1 at 2/3 and 8/9) or a cosine."""
     warmup = min(config.warmup_steps, max(total_steps // 4, 1))
@@ -238,14 +263,22 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+#: Settings that may differ on --resume: they change how, not what, the run computes.
+RESUMABLE_SETTINGS = frozenset({"device", "num_workers", "log_every", "val_data", "amp", "channels_last"})
+
+
 def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: str | None = None,
                        resume: bool = False, report: Report = _stderr, show_progress: bool = True,
-                       stop: StopRequest | None = None) -> DetectionResult:
-    """Fine-tune a detector on ``config.data`` and score it on ``config.val_data`` (COCO AP)."""
+                       stop: StopRequest | None = None, explicit: set[str] | None = None) -> DetectionResult:
+    """Fine-tune a detector on ``config.data`` and score it on ``config.val_data`` (COCO AP).
+
+    ``explicit``: the settings the user gave (the rest are defaults). On ``resume`` the run's
+    own settings are used, and an explicit one that contradicts them is refused.
+    """
     started = time.monotonic()
     run_dir = workspace.run_dir(run_name or default_run_name(config))
     checkpoint_path = run_dir / "checkpoint.pt"
-    previous = load_checkpoint(checkpoint_path, kind="detection") if checkpoint_path.exists() else None
+    previous = open_run(run_dir, "detection", resume)
     if previous is not None and previous["finished"]:
         # As pretraining: a finished run is done; running it again changes nothing.
         report(f"{run_dir} is a finished detection run ({previous['step']} steps): nothing to do. "
@@ -254,14 +287,15 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
                                previous["step"], previous["step"], True, int(previous.get("loaded_tensors", 0)),
                                _recorded_evaluation(run_dir), [], float(previous.get("elapsed_s", 0.0)), None,
                                already_finished=True)
-    if previous is not None and not resume:
-        raise UserError(f"{run_dir} holds an unfinished detection run (step {previous['step']}): add --resume to "
-                        "continue it, or --name NEW to start another")
-    if previous is None and resume:
-        raise UserError(f"nothing to resume: {checkpoint_path} does not exist (drop --resume to start a run)")
     if previous is not None:
-        config = DetectionConfig.from_dict({**previous["config"], "device": config.device,
-                                            "num_workers": config.num_workers}, source=checkpoint_path)
+        saved = DetectionConfig.from_dict(previous["config"], source=checkpoint_path)
+        given = {key: getattr(config, key) for key in (explicit or set())}
+        refuse_changed_settings(saved, given, RESUMABLE_SETTINGS, run_dir)
+        for key in RESUMABLE_SETTINGS - {"val_data"}:   # this machine's, not the old run's
+            setattr(saved, key, getattr(config, key))
+        if "val_data" in given:
+            saved.val_data = config.val_data
+        config = saved
 
     _validate(config)
     if config.val_data is None and has_split(Path(config.data), "val"):
@@ -387,19 +421,12 @@ class _DetectionTrainer:
         self.device = device
         self.run_dir = run_dir
         self.loaded = loaded
-        if context.enabled and config.norm == "syncbn":
-            detector = nn.SyncBatchNorm.convert_sync_batchnorm(detector)
-        detector.to(device)
-        if config.channels_last:
-            detector.to(memory_format=torch.channels_last)
-        self.model = detector
-        self.network = (DistributedDataParallel(detector, device_ids=[torch.device(device).index]
-                                                if device.startswith("cuda") else None)
-                        if context.enabled else detector)
-        trainable = [p for p in detector.parameters() if p.requires_grad]
+        self.model, self.network = place_model(detector, device, context, config.channels_last,
+                                               sync_bn=config.norm == "syncbn")
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
+        self.amp = MixedPrecision(config.amp, device)
         self.images = train_set.images
         self.steps_per_epoch = len(self.images) // config.batch_size
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -407,30 +434,38 @@ class _DetectionTrainer:
         self.elapsed_before = 0.0
         self.losses: list[float] = []
         self.skipped: dict[str, str] = {}
+        self.resumed_from: int | None = None
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise UserError(f"the checkpoint does not fit its own detector ({str(error).splitlines()[0]})") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.amp.load_state_dict(state.get("scaler"))
         restore_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step = self.resumed_from = state["step"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.losses = list(state.get("losses", []))
+        self.skipped.update(state.get("skipped", {}))
 
     def save(self, finished: bool, elapsed_s: float) -> None:
         """Write the checkpoint (main process only; every rank must call it)."""
         average_bn_statistics(self.model, self.context)
+        for found in gather_to_main(self.skipped, self.context):   # each rank met its own unreadable files
+            self.skipped.update(found)
         if not self.context.is_main:
             return
         save_checkpoint(self.run_dir / "checkpoint.pt", {
             "kind": "detection", "config": self.config.to_dict(), "step": self.step,
             "total_steps": self.total_steps, "finished": finished, "elapsed_s": elapsed_s,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "scaler": self.amp.state_dict(),
             "rng": capture_rng_state(), "losses": self.losses, "loaded_tensors": self.loaded,
             "skipped": self.skipped,
         })
+        write_jsonl_atomic(self.run_dir / "skipped.jsonl",
+                           [{"path": path, "reason": reason} for path, reason in sorted(self.skipped.items())])
 
     def _loader(self) -> DataLoader:
         sampler = StepBatchSampler(len(self.images), self.config.batch_size, self.config.seed, self.step, self.context)
@@ -444,30 +479,25 @@ class _DetectionTrainer:
     def _step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = [{key: value.to(self.device) for key, value in target.items()} for target in targets]
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
-        autocast = torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
-        with autocast:
+        with self.amp.autocast():
             losses = self.network(images, targets)
             total = sum(losses.values())
         if not torch.isfinite(total):
             raise UserError(f"the detection loss became {float(total)} at step {self.step}: "
                             "lower --base-lr or lengthen --warmup-steps")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.amp.backward_and_step(total, self.optimizer)
         return {"loss": total.detach(), **{key: value.detach() for key, value in losses.items()}}
 
     def train(self, stop: StopRequest, started: float, show_progress: bool) -> bool:
         """Train to the last step (True), or until ``stop`` asks (False); checkpoints every epoch."""
         self.network.train()
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.context.is_main else None
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.resumed_from, self.context.is_main)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
                    dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
         # The loader draws its base seed from the global generator, which the detector's box
         # samplers also use: isolate it, so a resumed run draws what the uninterrupted one would.
         with torch.random.fork_rng(devices=[]):
-            loader = iter(self._loader())
+            loader = start_workers(self._loader())
         window = RunningMeans()
         timed_from = None
         try:
@@ -487,22 +517,20 @@ class _DetectionTrainer:
                     self.losses.append(means["loss"])
                     rate = (self.step - timed_from[0]) * self.config.batch_size / max(time.monotonic() - timed_from[1], 1e-9)
                     bar.set_postfix_str(f"loss {means['loss']:.3f}, lr {lr:.3g}, {rate:.1f} img/s", refresh=False)
-                    if metrics:
-                        metrics.write(json.dumps({"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                                  "lr": lr, **means, "images_per_s": rate}) + "\n")
-                        metrics.flush()
+                    metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                   "lr": lr, **means, "images_per_s": rate})
                     window = RunningMeans()
                 elapsed = self.elapsed_before + time.monotonic() - started
                 if self.step == self.total_steps:
                     break
-                if any_rank(stop.should_stop(self.step), self.context, self.device):
+                ask_ranks = not self.context.enabled or self.step % self.config.log_every == 0   # a collective
+                if ask_ranks and any_rank(stop.should_stop(self.step), self.context, self.device):
                     self.save(finished=False, elapsed_s=elapsed)
                     return False
                 if self.step % self.steps_per_epoch == 0:
                     self.save(finished=False, elapsed_s=elapsed)
         finally:
             bar.close()
-            if metrics:
-                metrics.close()
+            metrics.close()
         self.save(finished=True, elapsed_s=self.elapsed_before + time.monotonic() - started)
         return True

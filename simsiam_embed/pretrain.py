@@ -1,34 +1,29 @@
-"""The SimSiam training loop: optimizer, cosine schedule, AMP, DDP, checkpoints, collapse monitor.
+"""The SimSiam training loop: optimizer, cosine schedule, collapse monitor, kNN monitor.
 
     >>> result = pretrain("./images", Workspace(Path.cwd()), overrides={"epochs": 10})
 
-Training is organised by global *step*, not by epoch: the sampler maps a step to its batch, the
-schedule maps a step to its learning rate, and a checkpoint records the step. That is what makes
-a run resumable mid-epoch, and a time budget plannable as an exact number of steps.
+What is not SimSiam (step sampler, signals, model placement, the mixed-precision step, the run
+folder's resume rules, the metrics log, the time-budget planner) is in :mod:`.training`, which
+detection fine-tuning shares.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import (
-    build_model, capture_rng_state, load_checkpoint, preprocessing_for, restore_rng_state, save_checkpoint,
+    build_model, capture_rng_state, preprocessing_for, restore_rng_state, save_checkpoint,
 )
 from .config import PretrainConfig, resolve_pretrain_config
 from .data import (
@@ -36,6 +31,7 @@ from .data import (
     collate_skipping_unreadable,
     discover_images,
     scan_images,
+    start_workers,
     simsiam_augmentation,
     training_draft_side,
 )
@@ -45,9 +41,14 @@ from .distributed import (
 )
 from .errors import UserError
 from .evaluate import KnnMonitor
-from .files import atomic_write, ensure_writable_folder, write_json_atomic, write_jsonl_atomic
+from .files import ensure_writable_folder, write_json_atomic, write_jsonl_atomic
+from .augment import AugmentationRecipe, BatchAugment, draw_view
 from .models import SimSiam, simsiam_loss
-from .training import TimeBudget
+from .training import (
+    plan_loader_memory,
+    MetricsLog, MixedPrecision, RunningMeans, StepBatchSampler, StopRequest, TimeBudget, ignore_stop_signals_in_worker,
+    open_run, place_model, refuse_changed_settings, stop_on_signals,
+)
 from .workspace import Workspace, run_name_for
 
 #: Settings that may differ when resuming: they change how, not what, the run computes.
@@ -65,51 +66,6 @@ def _stderr(message: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # What the loop reads: batches by step, learning rate by step
-
-
-class StepBatchSampler:
-    """Global step -> the batch of ``(sample_seed, image_index)`` that this rank trains on.
-
-    Each epoch is a fresh permutation seeded by (seed, epoch); each rank takes its own slice of
-    the global batch (as DistributedSampler does). The per-sample seed fixes that sample's
-    augmentation wherever and whenever it is drawn. Infinite: the loop decides when to stop.
-    """
-
-    def __init__(self, num_images: int, global_batch: int, seed: int, start_step: int = 0,
-                 context: DistributedContext = DistributedContext()):
-        if global_batch % context.world_size:
-            raise UserError(f"--batch-size {global_batch} must divide evenly over {context.world_size} processes")
-        self.num_images = num_images
-        self.global_batch = global_batch
-        self.seed = seed
-        self.start_step = start_step
-        self.context = context
-        self.steps_per_epoch = num_images // global_batch
-        self._cached: tuple[int, torch.Tensor] | None = None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._cached is None or self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cached = (epoch, torch.randperm(self.num_images, generator=generator))
-        return self._cached[1]
-
-    def batch_at(self, step: int) -> list[tuple[int, int]]:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        start = position * self.global_batch
-        indices = self._permutation(epoch)[start:start + self.global_batch]
-        per_rank = self.global_batch // self.context.world_size
-        mine = indices[self.context.rank * per_rank:(self.context.rank + 1) * per_rank].tolist()
-        return [(_sample_seed(self.seed, epoch, index), index) for index in mine]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step = self.start_step
-        while True:
-            yield self.batch_at(step)
-            step += 1
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 ** 2 + epoch * 1_000_003 + index) % (2 ** 63)
 
 
 def cosine_lr(initial_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
@@ -158,47 +114,6 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Stopping on request (Ctrl-C, SIGTERM) at a step boundary
-
-
-class StopRequest:
-    """Set by a signal handler (or a test); the loop checkpoints and stops at the next step."""
-
-    def __init__(self, stop_at_step: int | None = None):
-        self.requested = False
-        self.stop_at_step = stop_at_step
-
-    def should_stop(self, step: int) -> bool:
-        return self.requested or (self.stop_at_step is not None and step >= self.stop_at_step)
-
-
-@contextmanager
-def stop_on_signals(stop: StopRequest, report: Report) -> Iterator[None]:
-    """First Ctrl-C or SIGTERM: finish the step, save, stop. A second Ctrl-C aborts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum, frame):
-        if stop.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.requested = True
-        report("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def ignore_stop_signals_in_worker(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C and SIGTERM reach the whole process group (a terminal,
-    systemd, Slurm and Kubernetes all signal the group); the main process decides when loaders
-    stop. A worker that died of SIGTERM would make the main process raise instead of saving.
-    Workers still exit when the main process does (PyTorch's worker watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,20 +184,13 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
     rank_device = device_for_rank(device, context)
     checkpoint_path = run_dir / "checkpoint.pt"
     agree_on_every_rank(checkpoint_path.exists(), f"whether {checkpoint_path} exists", context, rank_device)
-    previous = load_checkpoint(checkpoint_path, kind="pretrain") if checkpoint_path.exists() else None
-    if previous is not None and previous.get("finished"):
+    previous = open_run(run_dir, "pretrain", resume)
+    if previous is not None and previous["finished"]:
         config = PretrainConfig.from_dict(previous["config"], source=checkpoint_path)
         report(f"{run_dir} is a finished run ({previous['step']} steps): nothing to do. "
                "Use --name NEW for another run, or `simsiam-embed index` to use this one.")
         return PretrainResult(run_dir, config, previous["step"], previous["step"],
-                              previous["steps_per_epoch"], finished=True, already_finished=True)
-    if previous is not None and not resume:
-        raise UserError(
-            f"{run_dir} holds an unfinished run (step {previous['step']}): add --resume to continue it, "
-            "or --name NEW to start another"
-        )
-    if previous is None and resume:
-        raise UserError(f"nothing to resume: {checkpoint_path} does not exist (drop --resume to start a run)")
+                              previous.get("steps_per_epoch", 1), finished=True, already_finished=True)
 
     quiet: Report = lambda _message: None  # noqa: E731  (ranks other than 0 stay silent)
     rank_report = report if context.is_main else quiet
@@ -295,7 +203,8 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         config.device = device
     else:
         config = resolve_pretrain_config(
-            str(data_dir.resolve()), run_name, len(scan.paths), scan.median_short_side, device, overrides
+            str(data_dir.resolve()), run_name, len(scan.paths), scan.median_short_side, device, overrides,
+            processes=context.world_size,
         )
 
     if context.is_main:
@@ -312,6 +221,11 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
     stop = stop or StopRequest()
     with stop_on_signals(stop, rank_report):
         return trainer.run(stop, started, show_progress and context.is_main)
+
+
+def _pairs_in(batch: tuple) -> int:
+    first = batch[0]
+    return len(first[0] if isinstance(first, (tuple, list)) else first)
 
 
 def _scan_folder(data_dir: Path, report: Report):
@@ -333,14 +247,9 @@ def _scan_folder(data_dir: Path, report: Report):
 def _config_for_resume(previous: dict[str, Any], overrides: dict[str, Any], run_dir: Path) -> PretrainConfig:
     """The checkpoint's own settings; an explicit setting that contradicts them is an error."""
     config = PretrainConfig.from_dict(previous["config"], source=run_dir / "checkpoint.pt")
-    for key, value in overrides.items():
-        if key in RESUMABLE_OVERRIDES:
-            setattr(config, key, value)
-        elif getattr(config, key, None) != value:
-            raise UserError(
-                f"the run in {run_dir} was trained with {key}={getattr(config, key, None)!r}, not {value!r}: "
-                "drop that option to resume, or start a new run with --name NEW"
-            )
+    refuse_changed_settings(config, overrides, RESUMABLE_OVERRIDES, run_dir)
+    for key in RESUMABLE_OVERRIDES & set(overrides):
+        setattr(config, key, overrides[key])
     return config
 
 
@@ -382,22 +291,15 @@ class _Trainer:
         self.device = device
         self.report = report
         torch.manual_seed(config.seed)
-        model = build_model(config)
-        if context.enabled and device.startswith("cuda"):
-            # BN statistics over the global batch, as the paper's 8-GPU runs. PyTorch's SyncBN is
-            # GPU-only: on CPUs each process normalises over its own share of the batch (and DDP
-            # broadcasts rank 0's running statistics, so the replicas stay identical).
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(device)
-        if config.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.network = (
-            DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-            if context.enabled else model
-        )
-        self.optimizer = make_optimizer(model, config)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
+        self.model, self.network = place_model(build_model(config), device, context, config.channels_last, sync_bn=True)
+        if device.startswith("cuda"):
+            # Training crops have one fixed size, so cuDNN's per-shape algorithm search pays off
+            # after the first step (GPU-only; checked by bench/gpu_check.py).
+            torch.backends.cudnn.benchmark = True
+        self.optimizer = make_optimizer(self.model, config)
+        self.amp = MixedPrecision(config.amp, device)
+        self.recipe = AugmentationRecipe(config.crop_size, config.min_crop_scale, config.color_jitter, config.blur)
+        self.augment_batch = BatchAugment(self.recipe, device)
         self.steps_per_epoch = len(paths) // config.batch_size
         self.step = 0
         self.total_steps: int | None = config.total_steps or (
@@ -406,8 +308,9 @@ class _Trainer:
         self.elapsed_before = 0.0
         self.skipped: dict[str, str] = {}   # path -> why it could not be read
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.monitor = (KnnMonitor(Path(config.val_dir), preprocessing_for(config), device)
-                        if config.val_dir and context.is_main else None)
+        # On every rank: each embeds its share of the labelled images (see KnnMonitor.top1).
+        self.monitor = (KnnMonitor(Path(config.val_dir), preprocessing_for(config), device, context=context)
+                        if config.val_dir else None)
         self.knn_top1: float | None = None
         self.budget = TimeBudget(config.time_budget_s, self.steps_per_epoch) if config.time_budget_s else None
         self.replans: list[dict] = []   # corrections of the budget's plan, written to metrics.jsonl
@@ -423,8 +326,7 @@ class _Trainer:
         except RuntimeError as error:
             raise UserError(f"the checkpoint does not fit its own architecture ({str(error).splitlines()[0]})") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.amp.load_state_dict(state.get("scaler"))
         restore_rng_state(state["rng"])
         self.step = self.saved_step = self.resumed_from = state["step"]
         self.total_steps = state["total_steps"]
@@ -432,17 +334,6 @@ class _Trainer:
         if self.monitor is not None:
             self.monitor.random_init_top1 = state.get("knn_random_init_top1")
         self.skipped.update(state.get("skipped", {}))
-        if self.context.is_main:
-            self._forget_metrics_after(self.step)
-
-    def _forget_metrics_after(self, step: int) -> None:
-        """Lines logged after the checkpoint was taken describe steps that will be run again."""
-        if not self.metrics_path.exists():
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        with atomic_write(self.metrics_path) as handle:
-            handle.write("".join(line + "\n" for line in kept))
 
     def save(self, finished: bool, elapsed_s: float) -> float:
         """Write the checkpoint (main process only; every rank must call it); returns its seconds."""
@@ -464,7 +355,7 @@ class _Trainer:
             "elapsed_s": elapsed_s,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "scaler": self.amp.state_dict(),
             "rng": capture_rng_state(),
             "skipped": self.skipped,
             "knn_random_init_top1": self.monitor.random_init_top1 if self.monitor else None,
@@ -483,11 +374,19 @@ class _Trainer:
 
     def _loader(self) -> DataLoader:
         config = self.config
-        augment = simsiam_augmentation(config.crop_size, config.blur, min_crop_scale=config.min_crop_scale,
-                                       color_jitter=config.color_jitter)
+        if config.augment_on_device:
+            augment = partial(draw_view, recipe=self.recipe)
+        else:   # the per-image path, kept as the baseline bench/bench_pretrain.py compares against
+            augment = simsiam_augmentation(config.crop_size, config.blur, min_crop_scale=config.min_crop_scale,
+                                           color_jitter=config.color_jitter)
         draft = training_draft_side(config.crop_size, config.min_crop_scale) if config.decode_draft else None
         sampler = StepBatchSampler(len(self.paths), config.batch_size, config.seed, self.step, self.context)
         workers = config.num_workers
+        plan = plan_loader_memory(config.batch_size // self.context.world_size, config.crop_size, workers,
+                                  float_views=not config.augment_on_device)
+        self.report(plan.summary)
+        if plan.shared_memory_hint:
+            self.report(plan.shared_memory_hint)
         return DataLoader(
             TwoViewDataset(self.paths, augment, draft),
             batch_sampler=sampler,
@@ -496,24 +395,28 @@ class _Trainer:
             pin_memory=self.device.startswith("cuda"),
             persistent_workers=workers > 0,
             worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=plan.prefetch if workers > 0 else None,
         )
 
-    def _train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views_on_device(self, first: Any, second: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views as normalised float batches on the training device, in its memory format."""
+        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        if not self.config.augment_on_device:
+            return (first.to(self.device, non_blocking=True, memory_format=memory_format),
+                    second.to(self.device, non_blocking=True, memory_format=memory_format))
+        (crops1, parameters1), (crops2, parameters2) = first, second
+        crops = torch.cat([crops1, crops2]).to(self.device, non_blocking=True)
+        parameters = torch.cat([parameters1, parameters2]).to(self.device, non_blocking=True)
+        views = self.augment_batch(crops, parameters).contiguous(memory_format=memory_format)
+        return views[:len(crops1)], views[len(crops1):]
+
+    def _train_step(self, first: Any, second: Any) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
-        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        view1 = view1.to(self.device, non_blocking=True, memory_format=memory_format)
-        view2 = view2.to(self.device, non_blocking=True, memory_format=memory_format)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
-        autocast = (torch.autocast(device_type=torch.device(self.device).type, dtype=amp_dtype)
-                    if amp_dtype else nullcontext())
-        with autocast:
+        view1, view2 = self._views_on_device(first, second)
+        with self.amp.autocast():
             output = self.network(view1, view2)
             loss = simsiam_loss(output, symmetric=config.symmetric_loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.amp.backward_and_step(loss, self.optimizer)
         return loss.detach(), output_std(output.z1.detach())
 
     def run(self, stop: StopRequest, started: float, show_progress: bool) -> PretrainResult:
@@ -527,21 +430,21 @@ class _Trainer:
         is_tty = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
                    dynamic_ncols=True, mininterval=0.5 if is_tty else 30, file=sys.stderr)
-        loader = iter(self._loader())
-        metrics = open(self.metrics_path, "a") if self.context.is_main else None
+        loader = start_workers(self._loader())
+        metrics = MetricsLog(self.metrics_path, self.resumed_from, self.context.is_main)
         elapsed = lambda: self.elapsed_before + time.monotonic() - started  # noqa: E731  (this run's own clock)
         if self.budget is not None and self.total_steps is not None:
             self.budget.resume(self.step, elapsed(), self.total_steps)   # a resumed budget run keeps checking its plan
         if self.monitor is not None and self.monitor.random_init_top1 is None and self.step == 0:
             self.monitor.random_init_top1 = self._knn_top1()
             self.report(f"kNN top-1 on {config.val_dir} at random init: {self.monitor.random_init_top1:.3f}")
-            metrics.write(json.dumps({"step": 0, "knn_top1_random_init": self.monitor.random_init_top1}) + "\n")
+            metrics.write({"step": 0, "knn_top1_random_init": self.monitor.random_init_top1})
         try:
             while self.total_steps is None or self.step < self.total_steps:
                 batch, failures = next(loader)
                 self.skipped.update(failures)
                 lr = set_learning_rate(self.optimizer, config, self.step, self.total_steps)
-                if batch is not None and len(batch[0]) >= 2:
+                if batch is not None and _pairs_in(batch) >= 2:
                     loss, z_std = self._train_step(*batch)
                     window.add(loss=loss, z_std=z_std)
                     epoch_means.add(loss=loss, z_std=z_std)
@@ -570,9 +473,7 @@ class _Trainer:
                               **last, "z_std_reference": 1 / math.sqrt(config.dim),
                               "pairs_per_s": pairs_per_s, "time_s": round(self.elapsed_before + now - started, 2)}
                     bar.set_postfix_str(self._postfix(last, lr, pairs_per_s), refresh=False)
-                    if metrics:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
+                    metrics.write(record)
 
                 end_of_epoch = self.step % self.steps_per_epoch == 0
                 finished = self.total_steps is not None and self.step >= self.total_steps
@@ -601,12 +502,10 @@ class _Trainer:
                 if self.budget is not None and self.step % config.log_every == 0 and self._correct_time_plan(elapsed()):
                     bar.total = self.total_steps
                     bar.refresh()
-                    if metrics:
-                        metrics.write(json.dumps(self.replans[-1]) + "\n")
+                    metrics.write(self.replans[-1])
         finally:
             bar.close()
-            if metrics:
-                metrics.close()
+            metrics.close()
         elapsed = self.elapsed_before + time.monotonic() - started
         self.save(finished=True, elapsed_s=elapsed)
         return self._result(True, last, pairs_per_s, elapsed)
@@ -625,7 +524,7 @@ class _Trainer:
         with torch.random.fork_rng(devices=[]):
             return self.monitor.top1(self.model.backbone)
 
-    def _end_epoch(self, means: dict[str, float], collapse_level: float, metrics) -> None:
+    def _end_epoch(self, means: dict[str, float], collapse_level: float, metrics: MetricsLog) -> None:
         epoch = math.ceil(self.step / self.steps_per_epoch)
         record = {"step": self.step, "epoch_end": epoch, **means}
         z_std = means.get("z_std")
@@ -635,9 +534,7 @@ class _Trainer:
                 f"warning: epoch {epoch}: the outputs are collapsing (z-std {z_std:.4f}, a healthy run stays near "
                 f"1/sqrt(dim) = {1 / math.sqrt(self.config.dim):.4f}); lower the learning rate, or check the ablation flags"
             )
-        if metrics:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+        metrics.write(record)
 
     def _plan_time_budget(self, seconds_per_step: float, elapsed: Callable[[], float]) -> None:
         """Fix the number of steps that fits the budget, so the cosine schedule finishes on time.
@@ -698,17 +595,3 @@ class _Trainer:
         )
 
 
-class RunningMeans:
-    """Sums of per-step tensors, read out (one device sync) only when logged."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, **values: torch.Tensor) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0) + value.float()
-        self.count += 1
-
-    def means(self) -> dict[str, torch.Tensor]:
-        return {key: total / self.count for key, total in self.sums.items()} if self.count else {}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error_in_process, invoke, run_cli
 from simsiam_embed.checkpoint import build_model, load_checkpoint, save_checkpoint
 from simsiam_embed.config import PretrainConfig
 from simsiam_embed.detection import DetectionConfig, build_detector, finetune_detection, simsiam_backbone_weights
@@ -19,7 +19,7 @@ from simsiam_embed.detection_data import load_detection_set
 from simsiam_embed.detection_eval import coco_ground_truth, coco_metrics
 from simsiam_embed.detectron2_export import detectron2_key, export_detectron2
 from simsiam_embed.errors import UserError
-from simsiam_embed.pretrain import StopRequest
+from simsiam_embed.training import StopRequest
 from simsiam_embed.workspace import Workspace
 
 CLASSES = ["box", "disc"]
@@ -226,7 +226,7 @@ def test_detectron2_key_mapping_and_export(tmp_path: Path):
 
 
 def _tiny_config(coco: Path, **overrides) -> DetectionConfig:
-    values = dict(data=str(coco), val_data=str(coco), init="random", backbone="resnet18", epochs=6, batch_size=2,
+    values = dict(data=str(coco), val_data=str(coco), init="random", backbone="resnet18", epochs=4, batch_size=2,
                   base_lr=0.08, warmup_steps=2, min_size=64, max_size=64, num_workers=0, log_every=1)
     return DetectionConfig(**{**values, **overrides})
 
@@ -235,12 +235,12 @@ def test_finetuning_lowers_the_loss_and_is_scored_by_coco_ap(three_formats, tmp_
     _, coco, _, _ = three_formats
     result = finetune_detection(_tiny_config(coco), Workspace(tmp_path / "ws"), report=lambda _m: None,
                                 show_progress=False)
-    assert result.finished and result.step == 6 * 4
+    assert result.finished and result.step == 4 * 4
     assert np.mean(result.losses[-4:]) < np.mean(result.losses[:4])
     assert 0.0 <= result.evaluation.ap50 <= 1.0 and result.evaluation.images == 8
     saved = json.loads((result.run_dir / "evaluation.json").read_text())
     assert saved["AP50"] == pytest.approx(result.evaluation.ap50, abs=1e-4)
-    assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 24
+    assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 16
 
 
 def test_interrupted_finetuning_resumes_to_the_same_weights(three_formats, tmp_path: Path):
@@ -253,12 +253,22 @@ def test_interrupted_finetuning_resumes_to_the_same_weights(three_formats, tmp_p
     with pytest.raises(UserError, match="--resume"):
         finetune_detection(_tiny_config(coco, val_data=None, epochs=2), Workspace(tmp_path / "b"),
                            report=lambda _m: None, show_progress=False)
+    # A changed setting on resume is refused, as pretrain refuses it; the device may change.
+    with pytest.raises(UserError, match="epochs=2, not 3"):
+        finetune_detection(_tiny_config(coco, val_data=None, epochs=3), Workspace(tmp_path / "b"), resume=True,
+                           report=lambda _m: None, show_progress=False, explicit={"epochs", "device"})
+    # Steps logged after the checkpoint (here: a crash after step 3's log line) are not logged twice.
+    metrics = stopped.run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps({"step": 4, "loss": 9.0}) + "\n")
     resumed = finetune_detection(_tiny_config(coco, val_data=None, epochs=2), Workspace(tmp_path / "b"), resume=True,
-                                 report=lambda _m: None, show_progress=False)
+                                 report=lambda _m: None, show_progress=False, explicit={"device"})
     assert resumed.finished and resumed.step == straight.step
     a = load_checkpoint(straight.run_dir / "checkpoint.pt")["model"]
     b = load_checkpoint(resumed.run_dir / "checkpoint.pt")["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and 9.0 not in [json.loads(line).get("loss") for line in metrics.read_text().splitlines()]
+    assert (resumed.run_dir / "skipped.jsonl").exists()
 
 
 def test_cli_finetunes_from_a_simsiam_run_and_reports_json(three_formats, tmp_path: Path):
@@ -278,18 +288,19 @@ def test_cli_finetunes_from_a_simsiam_run_and_reports_json(three_formats, tmp_pa
 
 def test_cli_bad_detection_input_is_one_line(tmp_path: Path):
     (tmp_path / "empty.json").write_text("")
-    assert_one_line_error(run_cli("finetune-detection", "--data", "empty.json", "--init", "random", cwd=tmp_path),
-                          "empty.json")
-    assert_one_line_error(run_cli("finetune-detection", "--data", "x.json", cwd=tmp_path), "pretrain")
-    assert_one_line_error(run_cli("finetune-detection", "--data", "x.json", "--roi-samples", "0", cwd=tmp_path),
-                          "--roi-samples")
+    assert_one_line_error_in_process(
+        invoke("finetune-detection", "--data", "empty.json", "--init", "random", cwd=tmp_path), "empty.json")
+    assert_one_line_error_in_process(invoke("finetune-detection", "--data", "x.json", cwd=tmp_path), "pretrain")
+    assert_one_line_error_in_process(
+        invoke("finetune-detection", "--data", "x.json", "--roi-samples", "0", cwd=tmp_path), "--roi-samples")
     run = _simsiam_checkpoint(tmp_path / "small", small_image_stem=True)
     truth = draw_detection_images(tmp_path / "images", count=2)
     write_coco(tmp_path / "images" / "a.json", truth)
-    assert_one_line_error(run_cli("finetune-detection", "--data", "images/a.json", "--checkpoint", str(run),
-                                  cwd=tmp_path), "small-image stem")
-    assert_one_line_error(run_cli("export-detectron2", "-o", "out.pkl", cwd=tmp_path / "images"), "pretrain")
-    assert_one_line_error(run_cli("export-detectron2", str(run), "-o", "out.pkl", cwd=tmp_path), "small-image stem")
+    assert_one_line_error_in_process(
+        invoke("finetune-detection", "--data", "images/a.json", "--checkpoint", str(run), cwd=tmp_path), "small-image stem")
+    assert_one_line_error_in_process(invoke("export-detectron2", "-o", "out.pkl", cwd=tmp_path / "images"), "pretrain")
+    assert_one_line_error_in_process(
+        invoke("export-detectron2", str(run), "-o", "out.pkl", cwd=tmp_path), "small-image stem")
 
 
 def _yolo_labels(folder: Path, truth: dict, size: int = 64) -> None:
@@ -378,3 +389,16 @@ def test_cli_json_without_val_data_still_reports_the_run(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["steps"] == 2 and report["evaluation"] is None and report["finished"]
+
+
+@pytest.mark.parametrize("memory_gib, processes, max_size, expected", [
+    (80, 1, 853, 16), (24, 1, 853, 16), (16, 1, 853, 8), (8, 1, 853, 4), (8, 2, 853, 8), (16, 1, 1333, 4),
+])
+def test_the_gpu_detection_batch_follows_the_memory(monkeypatch, memory_gib, processes, max_size, expected):
+    import simsiam_embed.config as config_module
+    from simsiam_embed.detection import default_detection_batch
+
+    monkeypatch.setattr(config_module, "gpu_memory_bytes", lambda _device: int(memory_gib * 2 ** 30))
+    batch, reason = default_detection_batch("cuda", max_size, processes)
+    assert batch == expected and reason.startswith(f"batch {expected}:")
+    assert default_detection_batch("cpu", 853, 1)[0] == 4

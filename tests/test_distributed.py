@@ -103,17 +103,33 @@ def test_a_time_budget_is_planned_once_for_every_rank(tmp_path):
     """Ranks that planned on their own clocks stopped at different steps (a hang) after training
     on different learning rates; rank 0 plans and broadcasts."""
     images = make_image_folder(tmp_path / "images")
-    rank0, rank1, reports = _trained_on_two_ranks(tmp_path, images, {"epochs": None, "time_budget_s": 6})
+    # With the kNN monitor too: every rank embeds its share of --val-dir, rank 0 scores it.
+    rank0, rank1, reports = _trained_on_two_ranks(tmp_path, images, {"epochs": None, "time_budget_s": 6,
+                                                                     "val_dir": str(images)})
     assert reports[0]["step"] == reports[1]["step"] and reports[0]["finished"] and reports[1]["finished"]
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     assert load_checkpoint(tmp_path / "ws" / "runs" / "images" / "checkpoint.pt")["step"] == reports[0]["step"]
+    metrics = (tmp_path / "ws" / "runs" / "images" / "metrics.jsonl").read_text()
+    assert "knn_top1_random_init" in metrics and '"knn_top1"' in metrics
+
+
+def test_under_torchrun_a_named_gpu_is_refused_rather_than_shared():
+    import pytest
+
+    from simsiam_embed.distributed import DistributedContext, device_for_rank
+    from simsiam_embed.errors import UserError
+
+    context = DistributedContext(rank=1, world_size=2, local_rank=1)
+    assert device_for_rank("cuda", context) == "cuda:1" and device_for_rank("cuda:1", context) == "cuda:1"
+    with pytest.raises(UserError, match="every process on one GPU"):
+        device_for_rank("cuda:0", context)
 
 
 def test_a_rank_whose_whole_share_is_unreadable_still_steps(tmp_path):
     """Truncated JPEGs pass the header scan and fail to decode; a rank with no usable image in a
     batch used to skip the step alone and hang the others' all-reduce."""
     from simsiam_embed.files import read_jsonl
-    from simsiam_embed.pretrain import StepBatchSampler
+    from simsiam_embed.training import StepBatchSampler
     from simsiam_embed.distributed import DistributedContext
     import numpy as np
     from PIL import Image

@@ -13,7 +13,8 @@ from simsiam_embed.checkpoint import load_checkpoint
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import read_jsonl
 from simsiam_embed.config import PretrainConfig
-from simsiam_embed.pretrain import StepBatchSampler, StopRequest, cosine_lr, pretrain, set_learning_rate
+from simsiam_embed.pretrain import cosine_lr, pretrain, set_learning_rate
+from simsiam_embed.training import StepBatchSampler, StopRequest
 from simsiam_embed.workspace import Workspace
 
 from conftest import CONSOLE_SCRIPT, FAST_TRAINING, assert_one_line_error, make_awkward_files, make_image_folder, run_cli
@@ -111,7 +112,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(image_folder, tmp_path):
 def test_time_budget_plans_a_finished_schedule(image_folder, tmp_path):
     """The mechanism end to end; how many steps fit, and ending on time, depend on this machine's
     speed and are tested with a fake clock (tests/test_training.py)."""
-    result = run_cli("pretrain", str(image_folder), "--time-budget", "12s", *FAST_TRAINING, cwd=tmp_path)
+    result = run_cli("pretrain", str(image_folder), "--time-budget", "8s", *FAST_TRAINING, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "cosine schedule planned over exactly those" in result.stderr
     config = json.loads((tmp_path / "runs" / "images" / "config.json").read_text())
