@@ -72,8 +72,13 @@ class SimSiam(nn.Module):
 
 
 def negative_cosine_similarity(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """D(p, z) of the paper (Eq. 1), averaged over the batch. Any stop-gradient is the caller's."""
-    return -F.cosine_similarity(p, z, dim=-1).mean()
+    """D(p, z) of the paper (Eq. 1), averaged over the batch. Any stop-gradient is the caller's.
+
+    Always in fp32, also under autocast: CPU autocast would run it in bf16 (8 bits of mantissa),
+    too coarse for a loss whose useful range is a few thousandths near -1.
+    """
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        return -F.cosine_similarity(p.float(), z.float(), dim=-1).mean()
 
 
 def simsiam_loss(output: SimSiamOutput, symmetric: bool = True) -> torch.Tensor:

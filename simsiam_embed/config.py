@@ -116,6 +116,9 @@ class PretrainConfig(SavedSettings):
     val_dir: str | None = None
     val_every: int = 1
     decode_draft: bool = True
+    # Colour jitter, grayscale, blur and normalisation batched on the training device (loader
+    # workers only decode, crop and flip); False: all of it per image in the workers, as before.
+    augment_on_device: bool = True
     choices: list[str] = field(default_factory=list)
 
     @property
@@ -182,7 +185,9 @@ def default_amp(device: str) -> str:
     import torch
 
     if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # is_bf16_supported() alone says True on V100 and T4 too, where bf16 is emulated (slow):
+        # only native bf16 (compute capability 8.0+, Ampere on) gets it; the rest fp16 + scaler.
+        return "bf16" if gpu_has_native_bf16(device) else "fp16"
     # Private but long-standing helpers: bf16 autocast on a CPU without AMX or AVX512-BF16 is
     # emulated and slower than fp32, so it is only the default where these units exist.
     try:
@@ -190,6 +195,52 @@ def default_amp(device: str) -> str:
     except AttributeError:
         native_bf16 = False
     return "bf16" if native_bf16 else "off"
+
+
+def gpu_has_native_bf16(device: str) -> bool:
+    import torch
+
+    index = torch.device(device).index
+    major, _minor = torch.cuda.get_device_capability(index)
+    return major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+#: Training memory of one image pair (two views, forward and backward, activations kept for the
+#: backward pass) at 224 px under AMP: an estimate from ResNet-50's ~55 MB an image at batch
+#: 1,024 (50-60 GB), the smaller ResNets by their activation sizes. fp32 doubles it; memory grows
+#: with the crop's area; the small-image stem keeps 16x the pixels (no stride 2, no max-pool).
+#: bench/gpu_check.py measures the real peak at the chosen batch.
+PAIR_BYTES_224_AMP = {"resnet18": 40 << 20, "resnet34": 60 << 20, "resnet50": 110 << 20}
+#: Kept free on the GPU: weights, optimizer state, cuDNN workspaces, allocator fragmentation.
+GPU_RESERVE_BYTES = 2 << 30
+GPU_MEMORY_SHARE = 0.85
+
+
+def gpu_memory_bytes(device: str) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
+
+
+def gpu_batch(device: str, settings: dict[str, Any], processes: int) -> tuple[int, str | None]:
+    """The paper's 512 pairs, or the largest power of two that fits the GPUs' memory if less.
+
+    The global batch is what the lr rule (base_lr x batch / 256) scales with, so a smaller
+    batch on a smaller GPU keeps the paper's per-pair learning rate.
+    """
+    per_pair = PAIR_BYTES_224_AMP.get(settings.get("backbone", "resnet50"), PAIR_BYTES_224_AMP["resnet50"])
+    per_pair *= (settings.get("crop_size", 224) / 224) ** 2
+    per_pair *= 16 if settings.get("small_image_stem") else 1
+    per_pair *= 2 if settings.get("amp", "bf16") == "off" else 1
+    memory = gpu_memory_bytes(device)
+    fits = int(GPU_MEMORY_SHARE * max(memory - GPU_RESERVE_BYTES, 0) / per_pair)
+    per_gpu = _largest_power_of_two_at_most(max(fits, 2))
+    if per_gpu * processes >= 512:
+        return 512, None
+    batch = per_gpu * processes
+    return batch, (f"batch {batch}: {processes} GPU(s) of {memory / 2**30:.0f} GiB fit about {fits} pairs each "
+                   f"(estimate {per_pair / 2**20:.0f} MiB a pair); the paper's 512 would run out of memory, "
+                   "and the lr follows the batch (base_lr x batch / 256)")
 
 
 def _largest_power_of_two_at_most(n: int) -> int:
@@ -203,6 +254,7 @@ def resolve_pretrain_config(
     median_short_side: int,
     device: str,
     overrides: dict[str, Any],
+    processes: int = 1,
 ) -> PretrainConfig:
     """Fill every setting: the user's explicit ``overrides`` first, then the recipe's defaults.
 
@@ -247,6 +299,10 @@ def resolve_pretrain_config(
     batch = given.get("batch_size")
     if batch is None:
         batch = 512 if on_gpu else 256
+        if on_gpu:
+            batch, reason = gpu_batch(device, {**recipe_defaults, **given}, processes)
+            if reason:
+                choices.append(reason)
         if batch > num_images:
             batch = _largest_power_of_two_at_most(num_images)
             choices.append(f"batch {batch}: the folder has only {num_images} usable images")
@@ -269,7 +325,9 @@ def resolve_pretrain_config(
         choices.append("AMP bf16 on the CPU: it has bf16 matrix units (2x the fp32 speed in bench/RESULTS.md)")
     # NHWC convolutions are faster in oneDNN (CPU) and cuDNN (tensor cores) alike.
     recipe_defaults["channels_last"] = True
-    recipe_defaults["num_workers"] = min(8, os.cpu_count() or 1)
+    # Every process on this machine runs its own loader: the cores are shared out among them.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    recipe_defaults["num_workers"] = max(1, (os.cpu_count() or 1) // local_processes)
 
     for key, value in {**recipe_defaults, **given}.items():
         setattr(config, key, value)

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from .data import discover_images, label_of
+from .distributed import DistributedContext, from_main, gather_to_main
 from .embed import EmbedResult, Encoder, embed_paths
 from .errors import UserError
 
@@ -176,21 +177,38 @@ class KnnMonitor:
     classified by all the others), with the score at random init as the bar to clear."""
 
     def __init__(self, val_dir: Path, preprocessing, device: str, k: int = 20, temperature: float = 0.07,
-                 workers: int = 0):
+                 workers: int = 0, context: DistributedContext = DistributedContext()):
         self.images = labelled_folder(val_dir)
         if len(self.images.class_names) < 2:
             raise UserError(f"--val-dir {val_dir} has a single class: kNN accuracy needs two or more")
-        self.preprocessing, self.device, self.val_dir = preprocessing, device, val_dir
+        self.preprocessing, self.device, self.val_dir, self.context = preprocessing, device, val_dir, context
         self.k, self.temperature, self.workers = k, temperature, workers
         self.random_init_top1: float | None = None
 
     def top1(self, backbone) -> float:
-        result = embed_readable(self.images.paths, _LiveBackbone(backbone, self.preprocessing, self.device),
-                                self.val_dir, batch_size=256, workers=self.workers, show_progress=False)
-        labels = self.images.labels[result.indices]
-        report = knn_classify(result.vectors, labels, result.vectors, labels, self.images.class_names,
-                              self.k, self.temperature, exclude_first=True)
-        return report.top1
+        """Every rank must call it: under torchrun each embeds its shard of the images, and rank 0
+        scores them all, so no rank waits on a long single-process evaluation (NCCL's time-out)."""
+        from .embed import shard_for_rank
+
+        mine = shard_for_rank(len(self.images.paths), self.context.rank, self.context.world_size)
+        result = embed_paths([self.images.paths[i] for i in mine], _LiveBackbone(backbone, self.preprocessing, self.device),
+                             batch_size=256, workers=self.workers, show_progress=False)
+        shards = gather_to_main((result.vectors, np.asarray(list(mine), dtype=np.int64)[result.indices]), self.context)
+        top1 = None
+        if self.context.is_main:
+            vectors = np.concatenate([vectors for vectors, _ in shards])
+            rows = np.concatenate([rows for _, rows in shards])
+            if len(rows) < 2:
+                top1 = -1.0   # said on every rank below
+            else:
+                labels = self.images.labels[rows]
+                top1 = knn_classify(vectors, labels, vectors, labels, self.images.class_names,
+                                    self.k, self.temperature, exclude_first=True).top1
+        top1 = from_main(top1, self.context)
+        if top1 < 0:
+            raise UserError(f"fewer than 2 of the {len(self.images.paths)} images in {self.val_dir} could be read: "
+                            "the kNN monitor needs a readable --val-dir")
+        return top1
 
     def verdict(self, top1: float) -> str:
         """One sentence: has training beaten the random network yet?"""

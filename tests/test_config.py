@@ -6,8 +6,23 @@ from simsiam_embed.config import (
 from simsiam_embed.errors import UserError
 
 
-def resolve(num_images=10_000, side=32, device="cpu", **overrides):
-    return resolve_pretrain_config("/data", "run", num_images, side, device, overrides)
+def resolve(num_images=10_000, side=32, device="cpu", processes=1, **overrides):
+    return resolve_pretrain_config("/data", "run", num_images, side, device, overrides, processes=processes)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A GPU of the given memory (GiB) and compute capability, as far as the config rules can tell."""
+    import torch
+
+    import simsiam_embed.config as config_module
+
+    def install(memory_gib: float = 80, capability: tuple[int, int] = (8, 0)):
+        monkeypatch.setattr(config_module, "gpu_memory_bytes", lambda _device: int(memory_gib * 2 ** 30))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _index=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability[0] >= 8)
+    install()
+    return install
 
 
 def test_lr_follows_the_linear_scaling_rule():
@@ -24,7 +39,7 @@ def test_small_images_get_the_cifar_recipe():
     assert any("recipe cifar" in choice for choice in config.choices)
 
 
-def test_large_images_get_the_imagenet_recipe():
+def test_large_images_get_the_imagenet_recipe(fake_gpu):
     gpu = resolve(num_images=1_281_167, side=375, device="cuda")
     assert (gpu.recipe, gpu.backbone, gpu.crop_size, gpu.base_lr, gpu.weight_decay) == ("imagenet", "resnet50", 224, 0.05, 1e-4)
     assert gpu.epochs == 100 and gpu.batch_size == 512 and gpu.projector_layers == 3 and gpu.blur
@@ -79,3 +94,19 @@ def test_durations(text, seconds):
 def test_bad_durations_are_refused(text):
     with pytest.raises(UserError, match="duration|positive"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("memory_gib, processes, expected", [(80, 1, 512), (40, 1, 256), (24, 1, 128), (16, 1, 64),
+                                                             (24, 4, 512), (16, 2, 128)])
+def test_the_gpu_batch_follows_the_memory_and_keeps_the_lr_rule(fake_gpu, memory_gib, processes, expected):
+    """The default 512 pairs of ResNet-50 at 224 px need about 55 GB under AMP: an OOM on 24-40 GB cards."""
+    fake_gpu(memory_gib)
+    config = resolve(num_images=100_000, side=375, device="cuda", processes=processes)
+    assert config.batch_size == expected and config.lr == pytest.approx(0.05 * expected / 256)
+    said = [choice for choice in config.choices if choice.startswith(f"batch {expected}:")]
+    assert bool(said) == (expected < 512)
+
+
+def test_an_explicit_gpu_batch_is_kept(fake_gpu):
+    fake_gpu(16)
+    assert resolve(num_images=100_000, side=375, device="cuda", batch_size=512).batch_size == 512

@@ -8,7 +8,7 @@ import pytest
 from simsiam_embed.errors import UserError
 from simsiam_embed.evaluate import knn_classify, labelled_folder
 
-from conftest import assert_one_line_error, make_image_folder, run_cli
+from conftest import assert_one_line_error_in_process, invoke, make_image_folder, run_cli
 
 
 def brute_force_knn(bank, bank_labels, queries, classes, k, temperature):
@@ -61,9 +61,9 @@ def test_knn_command_compares_trained_and_random_init(tmp_path):
 
     images = make_image_folder(tmp_path / "train", per_class=6)
     make_image_folder(tmp_path / "test", per_class=3, seed=1)
-    assert run_cli("pretrain", "train", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path).returncode == 0
-    result = run_cli("knn", "--train", "train", "--test", "test", "--compare-random-init", "--json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert invoke("pretrain", "train", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path).exit_code == 0
+    result = invoke("knn", "--train", "train", "--test", "test", "--compare-random-init", "--json", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
     assert set(scores) == {"trained", "random init"}
     for name in scores:
@@ -73,7 +73,7 @@ def test_knn_command_compares_trained_and_random_init(tmp_path):
 
     single = tmp_path / "single"
     make_image_folder(single, per_class=3, classes=("disc",))
-    assert_one_line_error(run_cli("knn", "--train", "single", "--test", "test", cwd=tmp_path), "single class")
+    assert_one_line_error_in_process(invoke("knn", "--train", "single", "--test", "test", cwd=tmp_path), "single class")
 
 
 def test_val_dir_monitor_logs_knn_and_says_whether_training_beat_random_init(tmp_path):
@@ -111,12 +111,12 @@ def test_linear_probe_command(tmp_path):
 
     make_image_folder(tmp_path / "train", per_class=6)
     make_image_folder(tmp_path / "test", per_class=3, seed=1)
-    assert run_cli("pretrain", "train", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path).returncode == 0
-    result = run_cli("linear-probe", "--train", "train", "--test", "test", "--epochs", "5", "--json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert invoke("pretrain", "train", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path).exit_code == 0
+    result = invoke("linear-probe", "--train", "train", "--test", "test", "--epochs", "5", "--json", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["test_count"] == 9 and report["train_count"] == 18 and 0 <= report["top1"] <= report["top5"] <= 1
-    assert_one_line_error(run_cli("linear-probe", "--train", "nowhere", "--test", "test", cwd=tmp_path), "not a folder")
+    assert_one_line_error_in_process(invoke("linear-probe", "--train", "nowhere", "--test", "test", cwd=tmp_path), "not a folder")
 
 
 def test_val_dir_must_have_two_classes(tmp_path):
@@ -124,6 +124,6 @@ def test_val_dir_must_have_two_classes(tmp_path):
 
     make_image_folder(tmp_path / "train", per_class=6)
     make_image_folder(tmp_path / "val", per_class=3, classes=("disc",))
-    result = run_cli("pretrain", "train", "--epochs", "1", "--val-dir", "val", *FAST_TRAINING, cwd=tmp_path)
-    assert_one_line_error(result, "--val-dir", "single class")
-    assert_one_line_error(run_cli("pretrain", "train", "--val-dir", "nowhere", cwd=tmp_path), "nowhere")
+    result = invoke("pretrain", "train", "--epochs", "1", "--val-dir", "val", *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error_in_process(result, "--val-dir", "single class")
+    assert_one_line_error_in_process(invoke("pretrain", "train", "--val-dir", "nowhere", cwd=tmp_path), "nowhere")

@@ -104,3 +104,25 @@ def test_no_predictor_ablation_has_no_predictor_module():
     model = _tiny_model(use_predictor=False)
     assert isinstance(model.predictor, nn.Identity)
     assert not list(model.predictor.parameters())
+
+
+def test_the_loss_is_computed_in_fp32_under_bf16_autocast():
+    from simsiam_embed.models import negative_cosine_similarity
+
+    p, z = torch.randn(8, 16), torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_p, low_z = torch.nn.functional.linear(p, torch.eye(16)), torch.nn.functional.linear(z, torch.eye(16))
+        assert low_p.dtype == torch.bfloat16   # what the heads hand over under autocast
+        loss = negative_cosine_similarity(low_p, low_z)
+    assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("capability, native, expected", [((7, 0), True, "fp16"), ((7, 5), True, "fp16"),
+                                                          ((8, 0), True, "bf16"), ((9, 0), True, "bf16")])
+def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, native, expected):
+    """V100 and T4 report bf16 support through emulation; they get fp16 with a loss scaler."""
+    from simsiam_embed.config import default_amp
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _index=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native if not including_emulation else True)
+    assert default_amp("cuda") == expected
