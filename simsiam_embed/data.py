@@ -8,6 +8,7 @@ embedding loop counts and lists, so one broken JPEG never stops a long job.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -352,6 +353,23 @@ class EvalImageDataset(Dataset):
         except UnreadableImage as reason:
             return None, (index, str(reason))
         return (self.transform(image), index), None
+
+
+def start_workers(loader: Iterable) -> Iterator:
+    """``iter(loader)``, which forks the loader's workers, made safe for what this process holds.
+
+    A forked worker inherits the parent's garbage, and when its first garbage collection frees
+    an object of a threaded library (an ONNX Runtime session from an export's parity check,
+    say), the destructor waits on threads that do not exist in the child: the worker hangs and
+    the job with it (seen in the test suite). Collecting first, and freezing what is left so the
+    children's collector never visits it, keeps such destructors in the parent.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
 
 
 def collate_skipping_unreadable(batch: Iterable[tuple], stack: Callable[[list], Any] = default_collate):

@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import load_trained_backbone
-from .data import EvalImageDataset, Preprocessing, collate_skipping_unreadable, discover_images, label_of
+from .data import (
+    EvalImageDataset, Preprocessing, collate_skipping_unreadable, discover_images, label_of, start_workers,
+)
 from .distributed import DistributedContext, distributed_session
 from .errors import UserError
 from .files import atomic_path, ensure_writable_folder, read_jsonl, write_jsonl_atomic
@@ -47,6 +49,9 @@ class Encoder(Protocol):
 #: The TensorRT runtime ONNX Runtime's TensorRT provider needs; onnxruntime-gpu lists the
 #: provider whether or not it is installed.
 TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll", "nvinfer.dll")
+#: The TensorRT engine's profile covers batches 1..this: every batch size the commands use
+#: (embed's --batch-size default 64, the export check's 32, a search's few queries) and room above.
+TENSORRT_MAX_BATCH = 512
 
 
 def tensorrt_installed() -> bool:
@@ -101,13 +106,15 @@ def _provider_options(name: str, path: Path, max_batch: int, input_size: int | N
                    "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache), "trt_fp16_enable": "False"}
         if input_size:
             shape = lambda batch: f"images:{batch}x3x{input_size}x{input_size}"  # noqa: E731
-            options.update(trt_profile_min_shapes=shape(1), trt_profile_opt_shapes=shape(max_batch),
+            # Tuned for embed's default batch of 64; valid for every batch from 1 to max_batch.
+            options.update(trt_profile_min_shapes=shape(1), trt_profile_opt_shapes=shape(min(64, max_batch)),
                            trt_profile_max_shapes=shape(max_batch))
         return options
     return {}
 
 
-def onnx_session(path: Path | str, provider: str | None = None, max_batch: int = 256, input_size: int | None = None):
+def onnx_session(path: Path | str, provider: str | None = None, max_batch: int = TENSORRT_MAX_BATCH,
+                 input_size: int | None = None):
     """An ONNX Runtime session on the best available provider (or ``provider``) and its name.
 
     onnxruntime-gpu lists the CUDA and TensorRT providers even on machines without a GPU, so
@@ -215,7 +222,7 @@ def embed_paths(
     started = time.monotonic()
     with tqdm(total=len(paths), unit="img", disable=not show_progress, file=sys.stderr,
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        batches = iter(loader)
+        batches = start_workers(loader)
         while True:
             asked = time.monotonic()
             try:

@@ -137,3 +137,14 @@ def test_evaluation_transform_resizes_then_centre_crops():
     assert tensor.shape == (3, 224, 224)
     small = Preprocessing.for_input_size(28, small_images=True)
     assert small.resize_size == 28 and small.transform()(Image.new("RGB", (28, 28))).shape == (3, 28, 28)
+
+
+def test_loader_workers_do_not_hang_on_a_threaded_librarys_garbage(tmp_path):
+    """Forked workers used to free a dead ONNX Runtime session (an export's parity check) in
+    their first garbage collection and wait forever on its threads: `index` hung after exporting."""
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("fork_after_onnx_worker.py")
+    result = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]

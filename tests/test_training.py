@@ -56,3 +56,17 @@ def test_a_resumed_plan_is_checked_from_where_the_run_resumed():
     budget.resume(step=300, elapsed_s=300.0, total_steps=600)
     assert budget.observe(400, 400.0) is None                 # on pace
     assert budget.observe(420, 460.0) == 420 + int((600 - 460) / (160 / 120))   # 1.33 s a step since the resume
+
+
+def test_the_loader_keeps_a_bounded_number_of_bytes_in_flight():
+    from simsiam_embed.training import LOADER_BYTES_BUDGET, plan_loader_memory
+
+    small = plan_loader_memory(256, 32, workers=2, float_views=False, shared_memory_bytes=8 << 30)
+    assert small.prefetch == 4 and small.shared_memory_hint is None
+    # The default GPU batch at 224 px as float32 views (the per-image path): 617 MB a batch.
+    large = plan_loader_memory(512, 224, workers=8, float_views=True, shared_memory_bytes=64 << 20)
+    assert large.prefetch == 1 and large.bytes_in_flight <= 8 * 617 * 2 ** 20
+    assert "--shm-size" in large.shared_memory_hint and "64 MiB" in large.shared_memory_hint
+    # uint8 views (the device-augmented path) need a quarter of the bytes.
+    device_path = plan_loader_memory(512, 224, workers=8, float_views=False, shared_memory_bytes=64 << 30)
+    assert device_path.bytes_in_flight <= LOADER_BYTES_BUDGET and device_path.prefetch == 3

@@ -1,0 +1,182 @@
+"""The paper's augmentations (Section 4.1, from MoCo v2), split where the work is cheapest.
+
+    >>> recipe = AugmentationRecipe(crop_size=224, min_crop_scale=0.2, color_jitter=0.4, blur=True)
+    >>> view, parameters = draw_view(image, recipe)            # in a loader worker: uint8 + 12 numbers
+    >>> batch = BatchAugment(recipe, "cuda")(views, parameters) # on the training device, batched
+
+A loader worker decodes, crops and flips (uint8: a quarter of float32's bytes in flight) and
+draws each view's random parameters as torchvision draws them: the same distributions, and the
+same order of operations (a random order of brightness, contrast, saturation and hue with
+p=0.8, grayscale with p=0.2, blur with p=0.5 and sigma in [0.1, 2]). Colour jitter, grayscale,
+blur and normalisation then run on the whole batch on the training device, where they cost a
+fraction of the per-image PIL work they replace (bench/RESULTS.md).
+
+The parameters come from torch's generator, which the dataset seeds with the sample's seed, so
+a view is reproducible wherever and whenever it is made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
+# The layout of a view's parameter vector.
+JITTER, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAYSCALE, BLUR, SIGMA = 0, 1, 5, 6, 7, 8, 9, 10, 11
+PARAMETER_COUNT = 12
+#: Probabilities of the paper's recipe (MoCo v2's augmentation).
+P_JITTER, P_GRAYSCALE, P_BLUR = 0.8, 0.2, 0.5
+SIGMA_RANGE = (0.1, 2.0)
+#: Taps of the blur kernel: +-3 sigma at the largest sigma, so the truncated Gaussian keeps 99.7%.
+BLUR_TAPS = 2 * math.ceil(3 * SIGMA_RANGE[1]) + 1
+
+
+@dataclass(frozen=True)
+class AugmentationRecipe:
+    crop_size: int
+    min_crop_scale: float = 0.2
+    color_jitter: float = 0.4   # brightness, contrast and saturation strength; hue is a quarter of it
+    blur: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def draw_view(image: Image.Image, recipe: AugmentationRecipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view's crop (uint8, 3 x crop x crop, flipped or not) and its colour parameters."""
+    crop = T.RandomResizedCrop(recipe.crop_size, scale=(recipe.min_crop_scale, 1.0))(image)
+    strength = recipe.color_jitter
+    parameters = torch.zeros(PARAMETER_COUNT)
+    parameters[JITTER] = float(torch.rand(1) < P_JITTER)
+    parameters[ORDER:ORDER + 4] = torch.randperm(4).float()
+    for slot in (BRIGHTNESS, CONTRAST, SATURATION):
+        parameters[slot] = torch.empty(1).uniform_(max(0.0, 1.0 - strength), 1.0 + strength)
+    parameters[HUE] = torch.empty(1).uniform_(-strength / 4, strength / 4)
+    parameters[GRAYSCALE] = float(torch.rand(1) < P_GRAYSCALE)
+    parameters[BLUR] = float(recipe.blur and bool(torch.rand(1) < P_BLUR))
+    parameters[SIGMA] = torch.empty(1).uniform_(*SIGMA_RANGE)
+    if torch.rand(1) < 0.5:   # flips commute with every colour operation and the symmetric blur
+        crop = TF.hflip(crop)
+    return TF.pil_to_tensor(crop), parameters
+
+
+class BatchAugment:
+    """Colour jitter, grayscale, blur and normalisation of a batch of uint8 views, each view with
+    its own parameters (:func:`draw_view`), on whatever device the views are on."""
+
+    def __init__(self, recipe: AugmentationRecipe, device: str | torch.device):
+        self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        images = views.float() / 255.0
+        parameters = parameters.to(images.device)
+        jittered = parameters[:, JITTER] > 0.5
+        operations = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        for position in range(4):   # each view applies the four operations in its own order
+            for operation_id, operation in enumerate(operations):
+                chosen = jittered & (parameters[:, ORDER + position] == operation_id)
+                if chosen.any():
+                    images[chosen] = operation(images[chosen], parameters[chosen, BRIGHTNESS + operation_id])
+        grey = parameters[:, GRAYSCALE] > 0.5
+        if grey.any():
+            images[grey] = grayscale(images[grey]).expand(-1, 3, -1, -1)
+        blurred = parameters[:, BLUR] > 0.5
+        if blurred.any():
+            images[blurred] = gaussian_blur(images[blurred], parameters[blurred, SIGMA])
+        return (images - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------------------------
+# The operations, batched with one factor per image; each is torchvision's tensor operation
+# (transforms.functional) for a single image, so the two agree to float rounding (tested).
+
+
+def _per_image(factors: torch.Tensor) -> torch.Tensor:
+    return factors.view(-1, 1, 1, 1)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    ratio = _per_image(factors)
+    return (ratio * images + (1.0 - ratio) * other).clamp(0.0, 1.0)
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma, one channel (torchvision's weights)."""
+    red, green, blue = images.unbind(dim=1)
+    return (0.2989 * red + 0.587 * green + 0.114 * blue).unsqueeze(1)
+
+
+def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return _blend(images, torch.zeros_like(images), factors)
+
+
+def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(images, mean, factors)
+
+
+def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return _blend(images, grayscale(images), factors)
+
+
+def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = _rgb_to_hsv(images).unbind(dim=1)
+    hue = (hue + shifts.view(-1, 1, 1)) % 1.0
+    return _hsv_to_rgb(torch.stack((hue, saturation, value), dim=1))
+
+
+def _rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
+    red, green, blue = images.unbind(dim=1)
+    high = images.max(dim=1).values
+    low = images.min(dim=1).values
+    flat = high == low   # grey pixels: hue and saturation 0, and no division by zero
+    spread = high - low
+    ones = torch.ones_like(high)
+    saturation = spread / torch.where(flat, ones, high)
+    divisor = torch.where(flat, ones, spread)
+    red_c, green_c, blue_c = (high - red) / divisor, (high - green) / divisor, (high - blue) / divisor
+    hue = ((high == red) * (blue_c - green_c)
+           + ((high == green) & (high != red)) * (2.0 + red_c - blue_c)
+           + ((high != green) & (high != red)) * (4.0 + green_c - red_c))
+    hue = torch.fmod(hue / 6.0 + 1.0, 1.0)
+    return torch.stack((hue, saturation, high), dim=1)
+
+
+def _hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = images.unbind(dim=1)
+    sector = torch.floor(hue * 6.0)
+    fraction = hue * 6.0 - sector
+    sector = sector.to(torch.int64) % 6
+    p = (value * (1.0 - saturation)).clamp(0.0, 1.0)
+    q = (value * (1.0 - saturation * fraction)).clamp(0.0, 1.0)
+    t = (value * (1.0 - saturation * (1.0 - fraction))).clamp(0.0, 1.0)
+    # Per sector, which of (value, q, p, t) each channel takes.
+    red = torch.stack((value, q, p, p, t, value), dim=1)
+    green = torch.stack((t, value, value, q, p, p), dim=1)
+    blue = torch.stack((p, p, t, value, value, q), dim=1)
+    index = sector.unsqueeze(1)
+    return torch.cat([channel.gather(1, index) for channel in (red, green, blue)], dim=1)
+
+
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Each image blurred with its own sigma: a separable Gaussian of BLUR_TAPS taps, edges
+    reflected (torchvision's gaussian_blur with that kernel size)."""
+    count, channels, height, width = images.shape
+    half = BLUR_TAPS // 2
+    offsets = torch.arange(-half, half + 1, dtype=images.dtype, device=images.device)
+    kernels = torch.exp(-0.5 * (offsets.view(1, -1) / sigmas.view(-1, 1).to(images.dtype)) ** 2)
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    planes = images.reshape(1, count * channels, height, width)
+    planes = F.conv2d(F.pad(planes, (half, half, 0, 0), mode="reflect"), kernels.view(-1, 1, 1, BLUR_TAPS),
+                      groups=count * channels)
+    planes = F.conv2d(F.pad(planes, (0, 0, half, half), mode="reflect"), kernels.view(-1, 1, BLUR_TAPS, 1),
+                      groups=count * channels)
+    return planes.view(count, channels, height, width)

@@ -1,0 +1,78 @@
+"""The batched device augmentations against torchvision's own per-image operations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from simsiam_embed.augment import (
+    BLUR, BLUR_TAPS, BRIGHTNESS, GRAYSCALE, HUE, JITTER, ORDER, SIGMA, AugmentationRecipe, BatchAugment, draw_view,
+)
+from simsiam_embed.data import IMAGENET_MEAN, IMAGENET_STD
+
+#: Largest difference allowed from torchvision, after normalisation (float32 rounding, /std ~4.5x).
+MAX_DIFFERENCE = 2e-5
+
+
+def torchvision_reference(view: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+    """One view through torchvision.transforms.functional, in the order its parameters say."""
+    image = view.float() / 255.0
+    if parameters[JITTER] > 0.5:
+        for operation_id in parameters[ORDER:ORDER + 4].long().tolist():
+            factor = float(parameters[BRIGHTNESS + operation_id])
+            image = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[operation_id](
+                image, factor)
+    if parameters[GRAYSCALE] > 0.5:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if parameters[BLUR] > 0.5:
+        sigma = float(parameters[SIGMA])
+        image = TF.gaussian_blur(image, [BLUR_TAPS, BLUR_TAPS], [sigma, sigma])
+    return TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+@pytest.mark.parametrize("crop_size", [16, 40])
+def test_the_batched_operations_match_torchvision_per_image(crop_size):
+    generator = torch.Generator().manual_seed(0)
+    count = 64
+    views = torch.randint(0, 256, (count, 3, crop_size, crop_size), dtype=torch.uint8, generator=generator)
+    views[0] = 128   # a flat grey view: hue and saturation are undefined there
+    recipe = AugmentationRecipe(crop_size, color_jitter=0.4, blur=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    torch.manual_seed(1)
+    parameters = torch.stack([draw_view(image, recipe)[1] for _ in range(count)])
+    parameters[:, JITTER] = torch.arange(count) % 4 != 0   # most jittered, some not
+    batched = BatchAugment(recipe, "cpu")(views, parameters)
+    reference = torch.stack([torchvision_reference(views[i], parameters[i]) for i in range(count)])
+    assert batched.shape == reference.shape == (count, 3, crop_size, crop_size)
+    assert (batched - reference).abs().max().item() <= MAX_DIFFERENCE
+
+
+def test_views_are_drawn_as_the_paper_draws_them():
+    recipe = AugmentationRecipe(24, min_crop_scale=0.2, color_jitter=0.4, blur=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    draws = [draw_view(image, recipe) for _ in range(2000)]
+    views = torch.stack([view for view, _ in draws])
+    parameters = torch.stack([p for _, p in draws])
+    assert views.dtype == torch.uint8 and views.shape[1:] == (3, 24, 24)
+    assert abs(parameters[:, JITTER].mean().item() - 0.8) < 0.03
+    assert abs(parameters[:, GRAYSCALE].mean().item() - 0.2) < 0.03
+    assert abs(parameters[:, BLUR].mean().item() - 0.5) < 0.03
+    assert parameters[:, BRIGHTNESS:HUE].min() >= 0.6 and parameters[:, BRIGHTNESS:HUE].max() <= 1.4
+    assert parameters[:, HUE].abs().max() <= 0.1 and parameters[:, SIGMA].min() >= 0.1
+    assert all(sorted(row.tolist()) == [0, 1, 2, 3] for row in parameters[:, ORDER:ORDER + 4].long())
+    no_blur = AugmentationRecipe(24, blur=False)
+    assert all(draw_view(image, no_blur)[1][BLUR] == 0 for _ in range(50))
+
+
+def test_a_view_is_reproducible_from_its_seed():
+    recipe = AugmentationRecipe(24)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    torch.manual_seed(5)
+    first = draw_view(image, recipe)
+    torch.manual_seed(5)
+    again = draw_view(image, recipe)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
