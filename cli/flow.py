@@ -126,7 +126,7 @@ def search_command(queries: tuple[Path, ...], workspace: Path, k: int | None, in
                    exclude_self: bool, provider: str | None, as_json: bool, html_path: Path | None) -> None:
     """The K most similar indexed images for each QUERY (an image, or a folder of them)."""
     results = search_images(index_dir or workspace_at(workspace).default_index_dir, list(queries), k,
-                            exclude_self, model, provider)
+                            exclude_self, model, provider, report=_echo_err)
     if html_path is not None:
         write_results_html(results, html_path)
         _echo_err(f"wrote {html_path}")

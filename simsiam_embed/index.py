@@ -155,13 +155,23 @@ def _set_search_parameters(index: faiss.Index) -> None:
         inner.nprobe = max(1, min(inner.nlist, IVF_NPROBE))
 
 
-def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
-    """Move an index to the GPU when this FAISS build has GPU support and a GPU is present."""
+#: FAISS's GPU k-selection handles at most this many neighbours; more are searched on the CPU.
+GPU_MAX_K = 2048
+
+
+def to_gpu_if_available(index: faiss.Index, report: Report | None = None) -> faiss.Index:
+    """A GPU copy of ``index`` when this FAISS build has GPU support and a GPU is present.
+
+    Index types without a GPU implementation (HNSW, and IVF-PQ with its re-ranking stage)
+    stay on the CPU, and ``report`` is told so once.
+    """
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         return index
     try:
         return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    except RuntimeError:   # index types without a GPU implementation (HNSW) stay on the CPU
+    except RuntimeError:
+        if report is not None:
+            report("note: this index type has no FAISS GPU implementation; searching it on the CPU")
         return index
 
 
@@ -274,10 +284,11 @@ class LoadedIndex:
     folder: Path
     generation: Path
     manifest: IndexManifest
-    index: faiss.Index
+    index: faiss.Index             # the CPU index as read
     entries: dict[int, CatalogEntry]
     vectors: np.ndarray
     ids: np.ndarray
+    searcher: faiss.Index | None = None   # a GPU copy, when one was made for searching
 
     @property
     def count(self) -> int:
@@ -289,7 +300,8 @@ class LoadedIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores and ids of the ``k`` nearest entries for each query (rows of -1 pad)."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        on_gpu = self.searcher is not None and k <= GPU_MAX_K
+        return (self.searcher if on_gpu else self.index).search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
 def current_generation(index_dir: Path) -> Path | None:
@@ -310,8 +322,11 @@ class _GenerationUnreadable(Exception):
     pass
 
 
-def load_index(index_dir: Path) -> LoadedIndex:
+def load_index(index_dir: Path, for_search: bool = True, report: Report | None = None) -> LoadedIndex:
     """Open the live generation of ``index_dir``, checking that its parts agree with each other.
+
+    ``for_search``: also make a GPU copy to search with, where FAISS and a GPU allow (an update,
+    which only reads the vectors, does not need one).
 
     A generation can vanish between reading ``CURRENT`` and opening its files when updates
     race this reader; then ``CURRENT`` has moved on, and the new generation is opened instead.
@@ -321,10 +336,15 @@ def load_index(index_dir: Path) -> LoadedIndex:
         if generation is None:
             raise UserError(f"no index in {index_dir}: build one with `simsiam-embed index`")
         try:
-            return _open_generation(index_dir, generation)
+            loaded = _open_generation(index_dir, generation)
         except _GenerationUnreadable as error:
             if current_generation(index_dir) == generation:
                 raise UserError(f"the index in {index_dir} is damaged ({error}): {REBUILD}") from None
+            continue
+        if for_search:
+            gpu = to_gpu_if_available(loaded.index, report)
+            loaded.searcher = gpu if gpu is not loaded.index else None
+        return loaded
     raise UserError(f"the index in {index_dir} changed five times while it was being opened: try again")
 
 
@@ -347,7 +367,7 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
     if manifest.count == 0:
         raise UserError(f"the index in {index_dir} is empty: {REBUILD}")
     _set_search_parameters(index)
-    return LoadedIndex(index_dir, generation, manifest, to_gpu_if_available(index), entries, vectors, ids)
+    return LoadedIndex(index_dir, generation, manifest, index, entries, vectors, ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +503,7 @@ def _previous_state(index_dir: Path, identity: EncoderIdentity, image_dir: Path,
     try:
         if current_generation(index_dir) is None:
             return None, None
-        previous = load_index(index_dir)
+        previous = load_index(index_dir, for_search=False)
     except UserError as error:   # a writer starts afresh where a reader would have to give up
         return None, f"the previous index cannot be used ({str(error).split(': rebuild')[0]})"
     if previous.manifest.encoder_digest != identity.digest:

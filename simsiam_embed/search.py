@@ -11,6 +11,7 @@ import html
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -102,9 +103,10 @@ def search_images(
     exclude_self: bool = False,
     model: Path | None = None,
     provider: str | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> list[QueryResult]:
     """The ``k`` nearest indexed images of each query (default: 10, or all if the index is smaller)."""
-    loaded = load_index(index_dir)
+    loaded = load_index(index_dir, report=report)
     if model is not None:
         check_model_matches(loaded, model)
     paths = expand_queries(queries)

@@ -21,7 +21,8 @@ from simsiam_embed.search import search_images
 from simsiam_embed.workspace import Workspace
 
 from conftest import (
-    FAST_TRAINING, SAMPLE, PixelEncoder, assert_one_line_error, draw_shape_image, make_image_folder, run_cli,
+    FAST_TRAINING, SAMPLE, PixelEncoder, assert_one_line_error, assert_one_line_error_in_process, draw_shape_image,
+    invoke, make_image_folder, run_cli,
 )
 
 TINY = dict(batch_size=8, num_workers=0, projector_hidden_dim=64, dim=64, predictor_hidden_dim=16, epochs=1)
@@ -216,25 +217,26 @@ def test_the_users_three_commands_in_a_fresh_folder(tmp_path):
 
 
 def test_search_bad_input_gets_one_line_errors(sample_encoder, tmp_path):
-    assert_one_line_error(run_cli("search", "q.png", cwd=tmp_path), "simsiam-embed index")
+    """In this process (the command line's own code, without a process start per case)."""
+    assert_one_line_error_in_process(invoke("search", "q.png", cwd=tmp_path), "simsiam-embed index")
     folder = make_image_folder(tmp_path / "images", per_class=2)
-    indexed = run_cli("index", str(folder), "--model", str(sample_encoder), cwd=tmp_path)
-    assert indexed.returncode == 0, indexed.stderr
+    indexed = invoke("index", str(folder), "--model", str(sample_encoder), cwd=tmp_path)
+    assert indexed.exit_code == 0, indexed.output
     query = folder / "disc" / "disc-00.png"
-    assert_one_line_error(run_cli("search", "missing.png", cwd=tmp_path), "missing.png", "does not exist")
+    assert_one_line_error_in_process(invoke("search", "missing.png", cwd=tmp_path), "missing.png", "does not exist")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
-    assert_one_line_error(run_cli("search", "broken.png", cwd=tmp_path), "cannot read the query")
-    assert_one_line_error(run_cli("search", str(query), "-k", "50", cwd=tmp_path), "-k 6")
+    assert_one_line_error_in_process(invoke("search", "broken.png", cwd=tmp_path), "cannot read the query")
+    assert_one_line_error_in_process(invoke("search", str(query), "-k", "50", cwd=tmp_path), "-k 6")
     other = tmp_path / "other.onnx"
     other.write_bytes(b"not the same encoder")
-    assert_one_line_error(run_cli("search", str(query), "--model", str(other), cwd=tmp_path), "another encoder")
+    assert_one_line_error_in_process(invoke("search", str(query), "--model", str(other), cwd=tmp_path), "another encoder")
 
     current = (tmp_path / "index" / "CURRENT").read_text().strip()
     (tmp_path / "index" / current / "faiss.index").write_bytes(b"half-written")
-    assert_one_line_error(run_cli("search", str(query), cwd=tmp_path), "damaged", "--rebuild")
-    rebuilt = run_cli("index", str(folder), "--model", str(sample_encoder), "--rebuild", cwd=tmp_path)
-    assert rebuilt.returncode == 0, rebuilt.stderr
-    assert run_cli("search", str(query), cwd=tmp_path).returncode == 0
+    assert_one_line_error_in_process(invoke("search", str(query), cwd=tmp_path), "damaged", "--rebuild")
+    rebuilt = invoke("index", str(folder), "--model", str(sample_encoder), "--rebuild", cwd=tmp_path)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert invoke("search", str(query), cwd=tmp_path).exit_code == 0
 
 
 def test_index_without_a_run_names_the_command_to_run(tmp_path):
@@ -282,11 +284,11 @@ def test_export_embed_index_bad_input_gets_one_line_errors(tmp_path, args, fragm
 def test_index_and_search_option_values_get_one_line_errors(sample_encoder, tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=2)
     model = ["--model", str(sample_encoder)]
-    assert_one_line_error(run_cli("index", str(folder), *model, "--index-type", "NoSuchIndex", cwd=tmp_path),
+    assert_one_line_error_in_process(invoke("index", str(folder), *model, "--index-type", "NoSuchIndex", cwd=tmp_path),
                           "NoSuchIndex")
-    assert run_cli("index", str(folder), *model, cwd=tmp_path).returncode == 0
+    assert invoke("index", str(folder), *model, cwd=tmp_path).exit_code == 0
     query = str(folder / "disc" / "disc-00.png")
-    assert_one_line_error(run_cli("search", query, "--html", "no/such/folder/page.html", cwd=tmp_path),
+    assert_one_line_error_in_process(invoke("search", query, "--html", "no/such/folder/page.html", cwd=tmp_path),
                           "does not exist")
 
 

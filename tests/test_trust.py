@@ -271,3 +271,71 @@ def test_many_queries_are_embedded_in_bounded_batches(tmp_path):
     vectors = embed_queries(paths, encoder)
     assert len(vectors) == 135 and max(encoder.batches) == QUERY_BATCH
     assert np.allclose(vectors[7], embed_queries([paths[7]], encoder)[0], atol=1e-6)
+
+
+class _FakeGpuIndex:
+    """What faiss.index_cpu_to_gpu returns, as far as routing is concerned: refuses k > 2048."""
+
+    def __init__(self, cpu_index):
+        self.cpu_index = cpu_index
+        self.searches = 0
+
+    def search(self, queries, k):
+        assert k <= 2048, "FAISS GPU indexes cannot select more than 2048 neighbours"
+        self.searches += 1
+        return self.cpu_index.search(queries, k)
+
+
+@pytest.fixture
+def fake_faiss_gpu(monkeypatch):
+    import faiss
+
+    copies: list = []
+
+    def to_gpu(_resources, _device, index):
+        if "HNSW" in type(faiss.downcast_index(index.index)).__name__:
+            raise RuntimeError("no GPU implementation of HNSW")
+        copies.append(_FakeGpuIndex(index))
+        return copies[-1]
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    return copies
+
+
+def test_faiss_gpu_searches_up_to_2048_neighbours_and_the_cpu_beyond(tmp_path, fake_faiss_gpu):
+    folder = make_image_folder(tmp_path / "images", per_class=2)
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"weights")
+    update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "index", **QUIET)
+    assert not fake_faiss_gpu, "an update copied the index to the GPU, which only searches need"
+    loaded = load_index(tmp_path / "index")
+    query = np.zeros((1, 12), dtype=np.float32)
+    loaded.search(query, 5)
+    assert fake_faiss_gpu[0].searches == 1
+    loaded.search(query, 3000)   # past the GPU's k-selection: the CPU index answers
+    assert fake_faiss_gpu[0].searches == 1
+
+
+def test_an_index_type_without_a_gpu_version_says_so_and_stays_on_the_cpu(tmp_path, fake_faiss_gpu):
+    folder = make_image_folder(tmp_path / "images", per_class=2)
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"weights")
+    update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "index", "hnsw", **QUIET)
+    heard: list[str] = []
+    loaded = load_index(tmp_path / "index", report=heard.append)
+    assert loaded.searcher is None and any("on the CPU" in message for message in heard)
+
+
+def test_each_torchrun_process_asks_onnx_runtime_for_its_own_gpu(monkeypatch, tmp_path):
+    """Without device_id every rank's CUDA and TensorRT sessions land on GPU 0."""
+    from simsiam_embed.embed import _provider_options
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _provider_options("CUDAExecutionProvider", tmp_path / "m.onnx", 64, 224)["device_id"] == "3"
+    tensorrt = _provider_options("TensorrtExecutionProvider", tmp_path / "m.onnx", 64, 224)
+    assert tensorrt["device_id"] == "3" and tensorrt["trt_engine_cache_enable"] == "True"
+    assert tensorrt["trt_engine_cache_path"] == str(tmp_path / ".tensorrt-cache")
+    assert (tensorrt["trt_profile_min_shapes"], tensorrt["trt_profile_max_shapes"]) == (
+        "images:1x3x224x224", "images:64x3x224x224")

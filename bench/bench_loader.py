@@ -1,0 +1,139 @@
+"""The training input path: per-image PIL augmentation in the loader (before) against uint8 crops
+in the loader plus batched augmentation on the training device (now), side by side in one run.
+
+    python bench/bench_loader.py [--steps 6] [--pairs 128]
+
+For each recipe (the paper's CIFAR recipe on 32 px Fashion-MNIST, its ImageNet recipe on the
+ants/bees JPEGs at 224 px):
+1. Loader CPU per image pair, one process: what a GPU would wait on when the loader cannot
+   keep up (decode + everything the workers do).
+2. The device half of the new path (jitter, grayscale, blur, normalise, batched), here on the
+   CPU, which a GPU run moves off the CPU entirely.
+3. End-to-end training pairs/s of the real `pretrain()` on this CPU, both paths (no loss on the
+   CPU is the goal), and the model-FLOP utilisation: pairs/s x FLOPs per pair (counted by
+   torch.utils.flop_counter) / this machine's measured peak matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import machine, require_shared_data, write_fashion_mnist_folder
+from simsiam_embed.augment import AugmentationRecipe, BatchAugment, draw_view
+from simsiam_embed.checkpoint import build_model
+from simsiam_embed.config import PretrainConfig
+from simsiam_embed.data import TwoViewDataset, discover_images, simsiam_augmentation, training_draft_side
+from simsiam_embed.models import simsiam_loss
+from simsiam_embed.pretrain import pretrain
+from simsiam_embed.workspace import Workspace
+
+
+def loader_ms_per_pair(paths: list[Path], augment, draft: int | None, pairs: int) -> float:
+    dataset = TwoViewDataset(paths, augment, draft)
+    dataset[(0, 0)]   # warm caches and lazy imports
+    started = time.perf_counter()
+    for i in range(pairs):
+        dataset[(i, i % len(paths))]
+    return 1000 * (time.perf_counter() - started) / pairs
+
+
+def device_augment_ms_per_pair(recipe: AugmentationRecipe, paths: list[Path], draft: int | None, batch: int) -> float:
+    dataset = TwoViewDataset(paths, partial(draw_view, recipe=recipe), draft)
+    samples = [dataset[(i, i % len(paths))][0] for i in range(batch)]
+    crops = torch.stack([view for pair in samples for view, _ in pair])
+    parameters = torch.stack([p for pair in samples for _, p in pair])
+    augment = BatchAugment(recipe, "cpu")
+    augment(crops, parameters)
+    started = time.perf_counter()
+    repeats = 3
+    for _ in range(repeats):
+        augment(crops, parameters)
+    return 1000 * (time.perf_counter() - started) / (repeats * batch)
+
+
+def flops_per_pair(config: PretrainConfig) -> float:
+    model = build_model(config).train()
+    views = torch.randn(2, 3, config.crop_size, config.crop_size)
+    with FlopCounterMode(display=False) as counter:
+        simsiam_loss(model(views, views.clone())).backward()
+    return counter.get_total_flops() / 2
+
+
+def peak_matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * size ** 3 / (time.perf_counter() - started)
+
+
+def train_pairs_per_second(folder: Path, settings: dict, steps: int, workspace: Path) -> tuple[float, PretrainConfig]:
+    images = len(discover_images(folder))
+    epochs = -(-(steps + 1) // (images // settings["batch_size"]))
+    result = pretrain(folder, Workspace(workspace), dict(settings, epochs=epochs, log_every=1),
+                      report=lambda _m: None, show_progress=False)
+    return result.pairs_per_second, result.config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per measurement")
+    parser.add_argument("--pairs", type=int, default=128, help="pairs timed through each loader path")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    data = require_shared_data()
+    print(f"machine: {machine()}")
+    peaks = {"off": peak_matmul_flops(torch.float32), "bf16": peak_matmul_flops(torch.bfloat16)}
+    print(f"peak matmul (2048^2): fp32 {peaks['off'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = [
+            ("CIFAR recipe, resnet18 small stem, 32 px Fashion-MNIST",
+             write_fashion_mnist_folder(tmp / "fmnist32", "train", 1024, size=32),
+             dict(recipe="cifar", backbone="resnet18", crop_size=32, batch_size=128)),
+            ("ImageNet recipe, resnet18, 224 px ants/bees JPEGs", data / "hymenoptera" / "train",
+             dict(recipe="imagenet", backbone="resnet18", crop_size=224, batch_size=32)),
+        ]
+        for label, folder, settings in cases:
+            paths = discover_images(folder)
+            recipe = AugmentationRecipe(settings["crop_size"], blur=settings["recipe"] == "imagenet")
+            draft = training_draft_side(settings["crop_size"])
+            before = loader_ms_per_pair(paths, simsiam_augmentation(recipe.crop_size, recipe.blur), draft, args.pairs)
+            after = loader_ms_per_pair(paths, partial(draw_view, recipe=recipe), draft, args.pairs)
+            on_device = device_augment_ms_per_pair(recipe, paths, draft, settings["batch_size"])
+            print(f"{label}: loader CPU per pair {before:.2f} ms (per-image) vs {after:.2f} ms (uint8 crops), "
+                  f"{before / after:.2f}x less; device half on this CPU {on_device:.2f} ms a pair", flush=True)
+            trained = {}
+            for path_name, on_device_flag in (("per-image", False), ("device", True)):
+                rate, config = train_pairs_per_second(
+                    folder, dict(settings, num_workers=args.workers, augment_on_device=on_device_flag),
+                    args.steps, tmp / f"{label.split()[0]}-{path_name}")
+                trained[path_name] = (rate, config)
+                print(f"  train {path_name}: {rate:.1f} pairs/s ({config.amp})", flush=True)
+            config = trained["device"][1]
+            flops = flops_per_pair(config)
+            utilisation = {name: rate * flops / peaks[cfg.amp if cfg.amp == "bf16" else "off"]
+                           for name, (rate, cfg) in trained.items()}
+            rows.append((label, before, after, on_device, trained["per-image"][0], trained["device"][0],
+                         flops, utilisation, config.amp))
+
+    print("\n| recipe | loader CPU / pair, per-image | loader CPU / pair, uint8 crops | cut | device half on this CPU "
+          "| train pairs/s, per-image | train pairs/s, device | GFLOP / pair | MFU per-image | MFU device |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, before, after, on_device, rate_before, rate_after, flops, utilisation, amp in rows:
+        print(f"| {label} ({amp}) | {before:.2f} ms | {after:.2f} ms | {before / after:.2f}x | {on_device:.2f} ms "
+              f"| {rate_before:.1f} | {rate_after:.1f} | {flops / 1e9:.2f} | {utilisation['per-image']:.0%} "
+              f"| {utilisation['device']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

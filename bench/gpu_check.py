@@ -1,0 +1,260 @@
+"""The device check: run it first on any machine with a GPU (under 8 minutes on one), and paste
+its table into bench/RESULTS.md with the device named.
+
+    python bench/gpu_check.py                  # CUDA: the real defaults, ResNet-50 at 224 px
+    python bench/gpu_check.py --device cpu     # small sizes: proves the script itself works (CI)
+
+What it checks, each a row of the table (a failed check makes the exit status 1):
+1. pretraining with the default batch (chosen from the GPU's memory) and AMP: pairs/s, peak
+   memory against the estimate the batch was chosen by, and the loader's own pairs/s against
+   the GPU's (training steps on batches already on the device): is the loader the bottleneck?
+2. two processes under torchrun on two GPUs (skipped, and said, with one);
+3. export to ONNX, then `embed` and `search --json` through ONNX Runtime's CUDA provider (and
+   TensorRT when its runtime is installed), the JSON parsed;
+4. FAISS on the GPU when a GPU build is installed (k <= 2048 on the GPU, larger k on the CPU);
+5. detection fine-tuning steps with AMP (fp16 + loss scaler).
+Images are drawn by the script itself: the device machine needs nothing but this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from simsiam_embed.augment import AugmentationRecipe, BatchAugment  # noqa: E402
+from simsiam_embed.checkpoint import build_model  # noqa: E402
+from simsiam_embed.config import PAIR_BYTES_224_AMP  # noqa: E402
+from simsiam_embed.models import simsiam_loss  # noqa: E402
+from simsiam_embed.pretrain import pretrain  # noqa: E402
+from simsiam_embed.training import MixedPrecision, StopRequest  # noqa: E402
+from simsiam_embed.workspace import Workspace  # noqa: E402
+
+CLI = [sys.executable, "-m", "simsiam_embed.cli.main"]
+
+
+def draw_images(folder: Path, count: int, side: int) -> Path:
+    """Photos of shapes on noisy backgrounds, as JPEGs (what a loader really decodes)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in range(count):
+        pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        x, y = (int(v) for v in rng.integers(0, side // 2, 2))
+        draw.ellipse([x, y, x + side // 3, y + side // 3], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        image.save(folder / f"photo-{number:04d}.jpg", quality=90)
+    return folder
+
+
+def coco_boxes(folder: Path, side: int) -> Path:
+    """A COCO file of one box per image (the shape drawn by draw_images is not needed: any box trains)."""
+    images = sorted(folder.glob("*.jpg"))
+    document = {"images": [{"id": i, "file_name": p.name, "width": side, "height": side} for i, p in enumerate(images)],
+                "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [side / 8, side / 8, side / 3, side / 3],
+                                 "area": side * side / 9, "iscrowd": 0} for i in range(len(images))],
+                "categories": [{"id": 1, "name": "shape"}]}
+    path = folder / "boxes.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, str, str]] = []
+        self.failed = False
+
+    def add(self, check: str, ok: bool | None, figures: str) -> None:
+        """ok: True passed, False failed, None skipped."""
+        verdict = {True: "ok", False: "FAILED", None: "skipped"}[ok]
+        self.failed |= ok is False
+        self.rows.append((check, verdict, figures))
+        print(f"{check}: {verdict}: {figures}", flush=True)
+
+    def print(self, device: str) -> None:
+        print(f"\ndevice: {device}\n\n| check | result | figures |\n| --- | --- | --- |")
+        for row in self.rows:
+            print("| " + " | ".join(row) + " |")
+
+
+def check_pretraining(table: Table, images: Path, workspace: Path, device: str, small: bool, steps: int) -> Path:
+    settings = {"device": device}
+    if small:
+        settings.update(crop_size=16, batch_size=8, dim=64, projector_hidden_dim=64, predictor_hidden_dim=16,
+                        num_workers=2)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    stop = StopRequest(stop_at_step=steps)
+    began = time.monotonic()
+    result = pretrain(images, Workspace(workspace), settings, run_name="check", report=lambda m: print(m, flush=True),
+                      show_progress=False, stop=stop)
+    config = result.config
+    figures = (f"{config.backbone} {config.crop_size} px, batch {config.batch_size}, AMP {config.amp}: "
+               f"{result.pairs_per_second or 0:.0f} pairs/s over {result.step} steps ({time.monotonic() - began:.0f} s)")
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+        estimate = PAIR_BYTES_224_AMP.get(config.backbone, 0) * (config.crop_size / 224) ** 2 * config.batch_size
+        figures += f"; peak memory {peak / 2**30:.1f} GiB (estimate {estimate / 2**30:.1f} GiB)"
+    table.add("pretrain, default batch and AMP", result.step == steps, figures)
+
+    # The GPU's own pace: training steps on batches already on the device, no loader at all.
+    model = build_model(config).to(device).train()
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    amp = MixedPrecision(config.amp, device)
+    augment = BatchAugment(AugmentationRecipe(config.crop_size), device)
+    crops = torch.randint(0, 256, (2 * config.batch_size, 3, config.crop_size, config.crop_size), dtype=torch.uint8,
+                          device=device)
+    parameters = torch.zeros(2 * config.batch_size, 12, device=device)
+    timed = 3 if small else 10
+    for step in range(timed + 2):
+        if step == 2:
+            _synchronize(device)
+            began = time.monotonic()
+        views = augment(crops, parameters).contiguous(
+            memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+        with amp.autocast():
+            loss = simsiam_loss(model(views[:config.batch_size], views[config.batch_size:]))
+        amp.backward_and_step(loss, optimizer)
+    _synchronize(device)
+    device_rate = timed * config.batch_size / (time.monotonic() - began)
+    loader_rate = result.pairs_per_second or 0.0
+    table.add("loader vs device", True,
+              f"end to end {loader_rate:.0f} pairs/s, device alone {device_rate:.0f} pairs/s: "
+              + ("the loader keeps up" if loader_rate >= 0.9 * device_rate else
+                 f"the loader is the bottleneck ({loader_rate / device_rate:.0%} of the device's pace)"))
+    return result.run_dir
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def check_two_processes(table: Table, images: Path, workspace: Path, small: bool) -> None:
+    if torch.cuda.device_count() < 2:
+        table.add("torchrun, 2 processes on 2 GPUs", None, f"{torch.cuda.device_count()} GPU(s) here")
+        return
+    extra = ["--crop-size", "16", "--batch-size", "8"] if small else []
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                  "simsiam_embed.cli.main", "pretrain", str(images), "--epochs", "1", "--name", "two", *extra,
+                  "--workspace", str(workspace)], cwd=workspace)
+    table.add("torchrun, 2 processes on 2 GPUs", result.returncode == 0, result.stderr.strip().splitlines()[-1][:160])
+
+
+def check_inference(table: Table, run_dir: Path, images: Path, workspace: Path, on_gpu: bool) -> None:
+    from simsiam_embed.embed import tensorrt_installed
+
+    exported = run([*CLI, "export", str(run_dir), "-o", str(workspace / "encoder.onnx")], cwd=workspace)
+    table.add("export to ONNX (parity check)", exported.returncode == 0, (exported.stdout or exported.stderr).strip()[-160:])
+    providers = ["cuda", "tensorrt"] if on_gpu else ["cpu"]
+    for provider in providers:
+        if provider == "tensorrt" and not tensorrt_installed():
+            table.add("ONNX Runtime TensorRT", None, "TensorRT's runtime is not installed")
+            continue
+        began = time.monotonic()
+        embedded = run([*CLI, "embed", str(images), "-o", str(workspace / f"vectors-{provider}"), "--model",
+                        str(workspace / "encoder.onnx"), "--provider", provider], cwd=workspace)
+        indexed = run([*CLI, "index", str(images), "--model", str(workspace / "encoder.onnx"), "--provider", provider,
+                       "--index-dir", str(workspace / f"index-{provider}"), "--json"], cwd=workspace)
+        searched = run([*CLI, "search", str(next(images.glob("*.jpg"))), "--json", "--provider", provider,
+                        "--index-dir", str(workspace / f"index-{provider}")], cwd=workspace)
+        try:
+            hits = json.loads(searched.stdout)[0]["hits"]
+            json.loads(indexed.stdout)
+            parsed = f"JSON parsed, top score {hits[0]['score']:.4f}"
+        except (ValueError, IndexError, KeyError):
+            parsed = f"JSON NOT parsed: {searched.stdout[:120]!r} {searched.stderr[-200:]!r}"
+        ok = embedded.returncode == indexed.returncode == searched.returncode == 0 and "NOT" not in parsed
+        table.add(f"embed + index + search --json, provider {provider}", ok,
+                  f"{embedded.stdout.strip()[:100]}; {parsed}; {time.monotonic() - began:.0f} s")
+
+
+def check_faiss_gpu(table: Table) -> None:
+    import faiss
+
+    from simsiam_embed.index import GPU_MAX_K, LoadedIndex, to_gpu_if_available
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        table.add("FAISS on the GPU", None, "faiss-cpu installed (no GPU build)")
+        return
+    vectors = np.random.default_rng(0).standard_normal((100_000, 512)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(512))
+    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    gpu = to_gpu_if_available(index)
+    loaded = LoadedIndex(Path("."), Path("."), None, index, {}, vectors, np.arange(len(vectors)), gpu)
+    began = time.monotonic()
+    _, ids = loaded.search(vectors[:1000], 10)
+    seconds = time.monotonic() - began
+    _, many = loaded.search(vectors[:2], GPU_MAX_K + 1000)
+    ok = gpu is not index and bool((ids[:, 0] == np.arange(1000)).all()) and many.shape[1] == GPU_MAX_K + 1000
+    table.add("FAISS on the GPU", ok, f"1,000 queries on 100k x 512 flat: {1000 / seconds:.0f} queries/s; "
+                                      f"k={GPU_MAX_K + 1000} answered on the CPU")
+
+
+def check_detection(table: Table, images: Path, image_side: int, side: int, workspace: Path, device: str,
+                    steps: int) -> None:
+    from simsiam_embed.detection import DetectionConfig, finetune_detection
+
+    boxes = coco_boxes(images, image_side)
+    on_gpu = device.startswith("cuda")
+    config = DetectionConfig(data=str(boxes), init="random", backbone="resnet50" if on_gpu else "resnet18",
+                             epochs=1, batch_size=4 if on_gpu else 2, min_size=side, max_size=side, warmup_steps=2,
+                             roi_samples=64, device=device, amp="fp16" if on_gpu else "off", channels_last=on_gpu,
+                             num_workers=2)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    began = time.monotonic()
+    result = finetune_detection(config, Workspace(workspace), "detection-check", report=lambda m: print(m, flush=True),
+                                show_progress=False, stop=StopRequest(stop_at_step=steps))
+    seconds = time.monotonic() - began
+    figures = f"{result.step} steps of batch {config.batch_size} at {side} px, AMP {config.amp}: {seconds:.0f} s"
+    if on_gpu:
+        figures += f"; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    table.add("detection fine-tuning", result.step == steps and all(np.isfinite(result.losses)), figures)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
+    args = parser.parse_args()
+    small = not args.device.startswith("cuda")
+    on_gpu = not small
+    name = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores), small sizes"
+    table = Table()
+    with tempfile.TemporaryDirectory() as tmp:
+        workspace = (args.out or Path(tmp)).resolve()
+        workspace.mkdir(parents=True, exist_ok=True)
+        side = 256 if on_gpu else 48
+        images = draw_images(workspace / "images", 2048 if on_gpu else 24, side)
+        run_dir = check_pretraining(table, images, workspace, args.device, small, steps=30 if on_gpu else 3)
+        check_two_processes(table, images, workspace, small)
+        check_inference(table, run_dir, images, workspace, on_gpu)
+        check_faiss_gpu(table)
+        check_detection(table, images, side, 512 if on_gpu else 64, workspace, args.device, steps=20 if on_gpu else 3)
+    table.print(name)
+    sys.exit(1 if table.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
