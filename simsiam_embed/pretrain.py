@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .augment import AugmentationRecipe, BatchAugment, draw_view
 from .checkpoint import (
     build_model, capture_rng_state, preprocessing_for, restore_rng_state, save_checkpoint,
 )
@@ -31,8 +32,8 @@ from .data import (
     collate_skipping_unreadable,
     discover_images,
     scan_images,
-    start_workers,
     simsiam_augmentation,
+    start_workers,
     training_draft_side,
 )
 from .distributed import (
@@ -42,12 +43,10 @@ from .distributed import (
 from .errors import UserError
 from .evaluate import KnnMonitor
 from .files import ensure_writable_folder, write_json_atomic, write_jsonl_atomic
-from .augment import AugmentationRecipe, BatchAugment, draw_view
 from .models import SimSiam, simsiam_loss
 from .training import (
-    plan_loader_memory,
     MetricsLog, MixedPrecision, RunningMeans, StepBatchSampler, StopRequest, TimeBudget, ignore_stop_signals_in_worker,
-    open_run, place_model, refuse_changed_settings, stop_on_signals,
+    open_run, place_model, plan_loader_memory, refuse_changed_settings, stop_on_signals,
 )
 from .workspace import Workspace, run_name_for
 
@@ -65,7 +64,7 @@ def _stderr(message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# What the loop reads: batches by step, learning rate by step
+# The learning rate by step, and the collapse monitor
 
 
 def cosine_lr(initial_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
@@ -110,10 +109,6 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
     A healthy run stays near 1/sqrt(dim); a collapsed one (every output the same) goes to 0.
     """
     return F.normalize(z.float(), dim=1).std(dim=0).mean()
-
-
-# --------------------------------------------------------------------------------------------
-# Stopping on request (Ctrl-C, SIGTERM) at a step boundary
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
     >>> sampler = StepBatchSampler(num_images, global_batch=512, seed=0, start_step=resumed_step)
     >>> model, network = place_model(model, device, context, channels_last=True, sync_bn=True)
-    >>> amp = MixedPrecision("bf16", device); loss = amp.step(lambda: compute_loss(batch), optimizer)
-    >>> previous = open_run(run_dir, "pretrain", resume, report)    # refuse, resume or "finished"
-    >>> metrics = MetricsLog(run_dir / "metrics.jsonl", resumed_step)   # truncated to the checkpoint
+    >>> amp = MixedPrecision("bf16", device)
+    >>> with amp.autocast(): loss = compute_loss(network, batch)
+    >>> amp.backward_and_step(loss, optimizer)
+    >>> previous = open_run(run_dir, "pretrain", resume)             # refuse, resume, or a finished run
+    >>> metrics = MetricsLog(run_dir / "metrics.jsonl", resumed_step, is_main=True)   # cut to the checkpoint
 
 Training is organised by global *step*, not by epoch: the sampler maps a step to its batch, the
 schedule maps a step to its learning rate, and a checkpoint records the step. That is what makes
