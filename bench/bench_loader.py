@@ -1,14 +1,15 @@
-"""The training input path: per-image PIL augmentation in the loader (before) against uint8 crops
-in the loader plus batched augmentation on the training device (now), side by side in one run.
+"""The training input path, side by side in one run: per-image PIL augmentation in the loader
+(before); uint8 crops from the loader with batched augmentation on the device (the CPU default);
+decoding only in the loader, with crops and augmentation on the device (the GPU default).
 
     python bench/bench_loader.py [--steps 6] [--pairs 128]
 
 For each recipe (the paper's CIFAR recipe on 32 px Fashion-MNIST, its ImageNet recipe on the
 ants/bees JPEGs at 224 px):
-1. Loader CPU per image pair, one process: what a GPU would wait on when the loader cannot
-   keep up (decode + everything the workers do).
-2. The device half of the new path (jitter, grayscale, blur, normalise, batched), here on the
-   CPU, which a GPU run moves off the CPU entirely.
+1. Loader CPU per image pair, one process, for each path: what a GPU would wait on when the
+   loader cannot keep up (decode + everything the workers do).
+2. The device half of the two new paths (crops if there, then jitter, grayscale, blur,
+   normalise, batched), here on the CPU, which a GPU run moves off the CPU entirely.
 3. End-to-end training pairs/s of the real `pretrain()` on this CPU, both paths (no loss on the
    CPU is the goal), and the model-FLOP utilisation: pairs/s x FLOPs per pair (counted by
    torch.utils.flop_counter) / this machine's measured peak matmul FLOP/s.
@@ -26,7 +27,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine, require_shared_data, write_fashion_mnist_folder
-from simsiam_embed.augment import AugmentationRecipe, BatchAugment, draw_view
+from simsiam_embed.augment import (
+    AugmentationRecipe, BatchAugment, crop_on_device, draw_uncropped_views, draw_view, stack_uncropped,
+)
 from simsiam_embed.checkpoint import build_model
 from simsiam_embed.config import PretrainConfig
 from simsiam_embed.data import TwoViewDataset, discover_images, simsiam_augmentation, training_draft_side
@@ -35,8 +38,7 @@ from simsiam_embed.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 
-def loader_ms_per_pair(paths: list[Path], augment, draft: int | None, pairs: int) -> float:
-    dataset = TwoViewDataset(paths, augment, draft)
+def loader_ms_per_pair(dataset: TwoViewDataset, paths: list[Path], pairs: int) -> float:
     dataset[(0, 0)]   # warm caches and lazy imports
     started = time.perf_counter()
     for i in range(pairs):
@@ -44,17 +46,26 @@ def loader_ms_per_pair(paths: list[Path], augment, draft: int | None, pairs: int
     return 1000 * (time.perf_counter() - started) / pairs
 
 
-def device_augment_ms_per_pair(recipe: AugmentationRecipe, paths: list[Path], draft: int | None, batch: int) -> float:
-    dataset = TwoViewDataset(paths, partial(draw_view, recipe=recipe), draft)
-    samples = [dataset[(i, i % len(paths))][0] for i in range(batch)]
-    crops = torch.stack([view for pair in samples for view, _ in pair])
-    parameters = torch.stack([p for pair in samples for _, p in pair])
+def device_ms_per_pair(recipe: AugmentationRecipe, paths: list[Path], draft: int | None, batch: int,
+                       crops_too: bool) -> float:
+    """The device half of a new path on this CPU; ``crops_too``: the crop-on-device path."""
     augment = BatchAugment(recipe, "cpu")
-    augment(crops, parameters)
+    if crops_too:
+        dataset = TwoViewDataset(paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=recipe))
+        images, boxes, flips, parameters = stack_uncropped([dataset[(i, i % len(paths))][0] for i in range(batch)])
+        parameters = torch.cat([parameters[:, 0], parameters[:, 1]])
+        work = lambda: augment(crop_on_device(images, boxes, flips, recipe.crop_size, "cpu"), parameters)  # noqa: E731
+    else:
+        dataset = TwoViewDataset(paths, partial(draw_view, recipe=recipe), draft)
+        samples = [dataset[(i, i % len(paths))][0] for i in range(batch)]
+        crops = torch.stack([view for pair in samples for view, _ in pair])
+        parameters = torch.stack([p for pair in samples for _, p in pair])
+        work = lambda: augment(crops, parameters)  # noqa: E731
+    work()
     started = time.perf_counter()
     repeats = 3
     for _ in range(repeats):
-        augment(crops, parameters)
+        work()
     return 1000 * (time.perf_counter() - started) / (repeats * batch)
 
 
@@ -107,11 +118,16 @@ def main() -> None:
             paths = discover_images(folder)
             recipe = AugmentationRecipe(settings["crop_size"], blur=settings["recipe"] == "imagenet")
             draft = training_draft_side(settings["crop_size"])
-            before = loader_ms_per_pair(paths, simsiam_augmentation(recipe.crop_size, recipe.blur), draft, args.pairs)
-            after = loader_ms_per_pair(paths, partial(draw_view, recipe=recipe), draft, args.pairs)
-            on_device = device_augment_ms_per_pair(recipe, paths, draft, settings["batch_size"])
-            print(f"{label}: loader CPU per pair {before:.2f} ms (per-image) vs {after:.2f} ms (uint8 crops), "
-                  f"{before / after:.2f}x less; device half on this CPU {on_device:.2f} ms a pair", flush=True)
+            before = loader_ms_per_pair(TwoViewDataset(paths, simsiam_augmentation(recipe.crop_size, recipe.blur), draft),
+                                        paths, args.pairs)
+            after = loader_ms_per_pair(TwoViewDataset(paths, partial(draw_view, recipe=recipe), draft), paths, args.pairs)
+            decode_only = loader_ms_per_pair(
+                TwoViewDataset(paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=recipe)), paths, args.pairs)
+            on_device = device_ms_per_pair(recipe, paths, draft, settings["batch_size"], crops_too=False)
+            crops_on_device = device_ms_per_pair(recipe, paths, draft, settings["batch_size"], crops_too=True)
+            print(f"{label}: loader CPU per pair {before:.2f} ms (per-image), {after:.2f} ms (uint8 crops, "
+                  f"{before / after:.2f}x less), {decode_only:.2f} ms (decode only, {before / decode_only:.2f}x less); "
+                  f"device half on this CPU {on_device:.2f} / {crops_on_device:.2f} ms a pair", flush=True)
             trained = {}
             for path_name, on_device_flag in (("per-image", False), ("device", True)):
                 rate, config = train_pairs_per_second(
@@ -123,16 +139,17 @@ def main() -> None:
             flops = flops_per_pair(config)
             utilisation = {name: rate * flops / peaks[cfg.amp if cfg.amp == "bf16" else "off"]
                            for name, (rate, cfg) in trained.items()}
-            rows.append((label, before, after, on_device, trained["per-image"][0], trained["device"][0],
-                         flops, utilisation, config.amp))
+            rows.append((label, before, after, decode_only, on_device, crops_on_device, trained["per-image"][0],
+                         trained["device"][0], flops, utilisation, config.amp))
 
-    print("\n| recipe | loader CPU / pair, per-image | loader CPU / pair, uint8 crops | cut | device half on this CPU "
-          "| train pairs/s, per-image | train pairs/s, device | GFLOP / pair | MFU per-image | MFU device |")
+    print("\n| recipe | loader CPU / pair: per-image | uint8 crops (cut) | decode only (cut) | device half on this CPU: "
+          "colour / crops + colour | train pairs/s: per-image | uint8 crops | GFLOP / pair | MFU: per-image | uint8 crops |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for label, before, after, on_device, rate_before, rate_after, flops, utilisation, amp in rows:
-        print(f"| {label} ({amp}) | {before:.2f} ms | {after:.2f} ms | {before / after:.2f}x | {on_device:.2f} ms "
-              f"| {rate_before:.1f} | {rate_after:.1f} | {flops / 1e9:.2f} | {utilisation['per-image']:.0%} "
-              f"| {utilisation['device']:.0%} |")
+    for (label, before, after, decode_only, on_device, crops_on_device, rate_before, rate_after, flops, utilisation,
+         amp) in rows:
+        print(f"| {label} ({amp}) | {before:.2f} ms | {after:.2f} ms ({before / after:.2f}x) | {decode_only:.2f} ms "
+              f"({before / decode_only:.2f}x) | {on_device:.2f} / {crops_on_device:.2f} ms | {rate_before:.1f} "
+              f"| {rate_after:.1f} | {flops / 1e9:.2f} | {utilisation['per-image']:.0%} | {utilisation['device']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,49 @@ class AugmentationRecipe:
 
 def draw_view(image: Image.Image, recipe: AugmentationRecipe) -> tuple[torch.Tensor, torch.Tensor]:
     """One view's crop (uint8, 3 x crop x crop, flipped or not) and its colour parameters."""
-    crop = T.RandomResizedCrop(recipe.crop_size, scale=(recipe.min_crop_scale, 1.0))(image)
+    box, parameters, flip = _plan_view(image, recipe)
+    crop = TF.resized_crop(image, *box, [recipe.crop_size, recipe.crop_size])
+    return TF.pil_to_tensor(TF.hflip(crop) if flip else crop), parameters
+
+
+def draw_uncropped_views(image: Image.Image, recipe: AugmentationRecipe) -> tuple[torch.Tensor, ...]:
+    """Both views' plans, for cropping on the device: the image (uint8, 3 x H x W, decoded once),
+    each view's crop box (top, left, height, width), flip and colour parameters.
+
+    The same draws as two :func:`draw_view` calls, so either path makes the same views (up to
+    the resampling: PIL's antialiased bilinear here, torch's there)."""
+    plans = [_plan_view(image, recipe) for _ in range(2)]
+    boxes = torch.tensor([box for box, _, _ in plans], dtype=torch.int64)
+    flips = torch.tensor([flip for _, _, flip in plans], dtype=torch.bool)
+    return TF.pil_to_tensor(image), boxes, flips, torch.stack([parameters for _, parameters, _ in plans])
+
+
+def stack_uncropped(samples: list[tuple[torch.Tensor, ...]]) -> tuple:
+    """Collate :func:`draw_uncropped_views` samples: images differ in size, so they stay a list."""
+    images, boxes, flips, parameters = zip(*samples)
+    return list(images), torch.stack(boxes), torch.stack(flips), torch.stack(parameters)
+
+
+def crop_on_device(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int,
+                   device: str | torch.device) -> torch.Tensor:
+    """The views of :func:`draw_uncropped_views` samples, cropped and resized on ``device``.
+
+    Returns 2N views (every sample's first view, then every sample's second) as float in
+    [0, 255]: torchvision's tensor ``resized_crop`` (bilinear, antialiased) without its rounding.
+    """
+    views = [[], []]
+    for image, sample_boxes, sample_flips in zip(images, boxes.tolist(), flips.tolist()):
+        image = image.to(device, non_blocking=True)
+        for number, ((top, left, height, width), flip) in enumerate(zip(sample_boxes, sample_flips)):
+            crop = image[:, top:top + height, left:left + width].unsqueeze(0).float()
+            view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            views[number].append(view.flip(-1) if flip else view)
+    return torch.cat(views[0] + views[1])
+
+
+def _plan_view(image: Image.Image, recipe: AugmentationRecipe) -> tuple[tuple[int, int, int, int], torch.Tensor, bool]:
+    """Crop box, colour parameters and flip of one view, drawn in torchvision's order."""
+    box = T.RandomResizedCrop.get_params(image, scale=(recipe.min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3))
     strength = recipe.color_jitter
     parameters = torch.zeros(PARAMETER_COUNT)
     parameters[JITTER] = float(torch.rand(1) < P_JITTER)
@@ -61,9 +103,8 @@ def draw_view(image: Image.Image, recipe: AugmentationRecipe) -> tuple[torch.Ten
     parameters[GRAYSCALE] = float(torch.rand(1) < P_GRAYSCALE)
     parameters[BLUR] = float(recipe.blur and bool(torch.rand(1) < P_BLUR))
     parameters[SIGMA] = torch.empty(1).uniform_(*SIGMA_RANGE)
-    if torch.rand(1) < 0.5:   # flips commute with every colour operation and the symmetric blur
-        crop = TF.hflip(crop)
-    return TF.pil_to_tensor(crop), parameters
+    flip = bool(torch.rand(1) < 0.5)   # flips commute with every colour operation and the symmetric blur
+    return box, parameters, flip
 
 
 class BatchAugment:
@@ -76,6 +117,7 @@ class BatchAugment:
 
     @torch.no_grad()
     def __call__(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """``views``: uint8, or float in [0, 255] (from :func:`crop_on_device`)."""
         images = views.float() / 255.0
         parameters = parameters.to(images.device)
         jittered = parameters[:, JITTER] > 0.5

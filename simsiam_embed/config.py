@@ -119,6 +119,9 @@ class PretrainConfig(SavedSettings):
     # Colour jitter, grayscale, blur and normalisation batched on the training device (loader
     # workers only decode, crop and flip); False: all of it per image in the workers, as before.
     augment_on_device: bool = True
+    # With augment_on_device: crop and resize on the device too, so workers only decode. On a
+    # GPU that takes the crops off the CPU; on a CPU it would move them out of the parallel workers.
+    crop_on_device: bool = False
     choices: list[str] = field(default_factory=list)
 
     @property
@@ -320,6 +323,9 @@ def resolve_pretrain_config(
     if "time_budget_s" in given and "epochs" not in given:
         recipe_defaults["epochs"] = None
 
+    if on_gpu and given.get("augment_on_device", True):
+        recipe_defaults["crop_on_device"] = True
+        choices.append("crops made on the GPU: the loader only decodes (the crops were most of its CPU time)")
     recipe_defaults["amp"] = default_amp(device)
     if recipe_defaults["amp"] != "off" and not on_gpu:
         choices.append("AMP bf16 on the CPU: it has bf16 matrix units (2x the fp32 speed in bench/RESULTS.md)")

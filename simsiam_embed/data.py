@@ -316,11 +316,17 @@ class TwoViewDataset(Dataset):
     where a run was resumed, so an interrupted run continues exactly as an uninterrupted one
     would. An unreadable file is replaced by the next readable one (:func:`first_readable`) and
     listed beside the sample; :func:`collate_skipping_unreadable` collects the list.
+
+    ``augment`` makes one view and is called twice; ``pair`` instead makes the whole sample from
+    the image at once (when both views share work, such as a decoded image cropped elsewhere).
     """
 
-    def __init__(self, paths: Sequence[Path], augment: Callable, draft_side: int | None = None):
+    def __init__(self, paths: Sequence[Path], augment: Callable | None = None, draft_side: int | None = None,
+                 pair: Callable | None = None):
+        if (augment is None) == (pair is None):
+            raise ValueError("give either augment or pair")
         self.paths = list(paths)
-        self.augment = augment
+        self.pair = pair or _TwoViews(augment)
         self.draft_side = draft_side
 
     def __len__(self) -> int:
@@ -333,7 +339,17 @@ class TwoViewDataset(Dataset):
             return None, failures
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
-            return (self.augment(image), self.augment(image)), failures
+            return self.pair(image), failures
+
+
+class _TwoViews:
+    """A view-maker applied twice (a class, not a lambda: loader workers may pickle it)."""
+
+    def __init__(self, augment: Callable):
+        self.augment = augment
+
+    def __call__(self, image: Image.Image) -> tuple[Any, Any]:
+        return self.augment(image), self.augment(image)
 
 
 class EvalImageDataset(Dataset):

@@ -19,10 +19,12 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
-from .augment import AugmentationRecipe, BatchAugment, draw_view
+from .augment import (
+    AugmentationRecipe, BatchAugment, crop_on_device, draw_uncropped_views, draw_view, stack_uncropped,
+)
 from .checkpoint import (
     build_model, capture_rng_state, preprocessing_for, restore_rng_state, save_checkpoint,
 )
@@ -219,8 +221,9 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
 
 
 def _pairs_in(batch: tuple) -> int:
+    """Pairs in a batch of any of the three loader layouts (see _Trainer._loader)."""
     first = batch[0]
-    return len(first[0] if isinstance(first, (tuple, list)) else first)
+    return len(first[0] if isinstance(first, tuple) else first)
 
 
 def _scan_folder(data_dir: Path, report: Report):
@@ -369,45 +372,60 @@ class _Trainer:
 
     def _loader(self) -> DataLoader:
         config = self.config
-        if config.augment_on_device:
-            augment = partial(draw_view, recipe=self.recipe)
-        else:   # the per-image path, kept as the baseline bench/bench_pretrain.py compares against
-            augment = simsiam_augmentation(config.crop_size, config.blur, min_crop_scale=config.min_crop_scale,
-                                           color_jitter=config.color_jitter)
         draft = training_draft_side(config.crop_size, config.min_crop_scale) if config.decode_draft else None
+        view_bytes = 3 * config.crop_size ** 2
+        stack = default_collate
+        if config.crop_on_device:   # workers decode; crops, colour and blur on the device
+            dataset = TwoViewDataset(self.paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=self.recipe))
+            stack = stack_uncropped
+            # A drafted decode keeps the shorter side >= draft (up to twice that), at 4:3 or so.
+            side = 2 * (draft or 2 * config.crop_size)
+            sample_bytes, what = 3 * side * side * 4 // 3, "decoded images"
+        elif config.augment_on_device:   # workers crop; colour and blur on the device
+            dataset = TwoViewDataset(self.paths, partial(draw_view, recipe=self.recipe), draft)
+            sample_bytes, what = 2 * view_bytes, "uint8 crops"
+        else:   # the per-image path, kept as the baseline bench/bench_loader.py compares against
+            dataset = TwoViewDataset(self.paths, simsiam_augmentation(
+                config.crop_size, config.blur, min_crop_scale=config.min_crop_scale, color_jitter=config.color_jitter),
+                draft)
+            sample_bytes, what = 2 * view_bytes * 4, "float32 views"
         sampler = StepBatchSampler(len(self.paths), config.batch_size, config.seed, self.step, self.context)
         workers = config.num_workers
-        plan = plan_loader_memory(config.batch_size // self.context.world_size, config.crop_size, workers,
-                                  float_views=not config.augment_on_device)
+        plan = plan_loader_memory(config.batch_size // self.context.world_size, sample_bytes, workers, what)
         self.report(plan.summary)
         if plan.shared_memory_hint:
             self.report(plan.shared_memory_hint)
         return DataLoader(
-            TwoViewDataset(self.paths, augment, draft),
+            dataset,
             batch_sampler=sampler,
             num_workers=workers,
-            collate_fn=collate_skipping_unreadable,
+            collate_fn=partial(collate_skipping_unreadable, stack=stack),
             pin_memory=self.device.startswith("cuda"),
             persistent_workers=workers > 0,
             worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
             prefetch_factor=plan.prefetch if workers > 0 else None,
         )
 
-    def _views_on_device(self, first: Any, second: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views_on_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views as normalised float batches on the training device, in its memory format."""
         memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
-        if not self.config.augment_on_device:
-            return (first.to(self.device, non_blocking=True, memory_format=memory_format),
-                    second.to(self.device, non_blocking=True, memory_format=memory_format))
-        (crops1, parameters1), (crops2, parameters2) = first, second
-        crops = torch.cat([crops1, crops2]).to(self.device, non_blocking=True)
-        parameters = torch.cat([parameters1, parameters2]).to(self.device, non_blocking=True)
-        views = self.augment_batch(crops, parameters).contiguous(memory_format=memory_format)
-        return views[:len(crops1)], views[len(crops1):]
+        if self.config.crop_on_device:
+            images, boxes, flips, parameters = batch
+            crops = crop_on_device(images, boxes, flips, self.config.crop_size, self.device)
+            parameters = torch.cat([parameters[:, 0], parameters[:, 1]])
+        elif self.config.augment_on_device:
+            (crops1, parameters1), (crops2, parameters2) = batch
+            crops = torch.cat([crops1, crops2]).to(self.device, non_blocking=True)
+            parameters = torch.cat([parameters1, parameters2])
+        else:
+            return tuple(view.to(self.device, non_blocking=True, memory_format=memory_format) for view in batch)
+        views = self.augment_batch(crops, parameters.to(self.device, non_blocking=True))
+        views = views.contiguous(memory_format=memory_format)
+        return views[:len(views) // 2], views[len(views) // 2:]
 
-    def _train_step(self, first: Any, second: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
-        view1, view2 = self._views_on_device(first, second)
+        view1, view2 = self._views_on_device(batch)
         with self.amp.autocast():
             output = self.network(view1, view2)
             loss = simsiam_loss(output, symmetric=config.symmetric_loss)
@@ -440,7 +458,7 @@ class _Trainer:
                 self.skipped.update(failures)
                 lr = set_learning_rate(self.optimizer, config, self.step, self.total_steps)
                 if batch is not None and _pairs_in(batch) >= 2:
-                    loss, z_std = self._train_step(*batch)
+                    loss, z_std = self._train_step(batch)
                     window.add(loss=loss, z_std=z_std)
                     epoch_means.add(loss=loss, z_std=z_std)
                 self.step += 1

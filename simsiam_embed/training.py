@@ -284,15 +284,16 @@ class LoaderMemoryPlan:
     shared_memory_hint: str | None
 
 
-def plan_loader_memory(pairs_per_batch: int, crop_size: int, workers: int, float_views: bool,
+def plan_loader_memory(pairs_per_batch: int, bytes_per_pair: int, workers: int, what: str,
                        shared_memory_bytes: int | None = None) -> LoaderMemoryPlan:
     """Prefetch depth so that the batches in flight stay within LOADER_BYTES_BUDGET, and a hint
-    when /dev/shm cannot hold them (Docker's default is 64 MB: the first batch would fail)."""
-    batch_bytes = pairs_per_batch * 2 * 3 * crop_size ** 2 * (4 if float_views else 1)
+    when /dev/shm cannot hold them (Docker's default is 64 MB: the first batch would fail).
+    ``what``: the form the pairs travel in, for the printed summary."""
+    batch_bytes = pairs_per_batch * bytes_per_pair
     prefetch = max(1, min(MAX_PREFETCH, LOADER_BYTES_BUDGET // max(workers * batch_bytes, 1)))
     in_flight = workers * prefetch * batch_bytes
     summary = (f"loader: {workers} workers x prefetch {prefetch} x {batch_bytes / 2**20:.1f} MiB a batch "
-               f"({'float32' if float_views else 'uint8'} views) = {in_flight / 2**20:.0f} MiB in flight")
+               f"({what}) = {in_flight / 2**20:.0f} MiB in flight")
     if shared_memory_bytes is None:
         shared_memory_bytes = _shared_memory_bytes()
     hint = None

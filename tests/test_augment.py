@@ -76,3 +76,27 @@ def test_a_view_is_reproducible_from_its_seed():
     torch.manual_seed(5)
     again = draw_view(image, recipe)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_crops_made_on_the_device_are_torchvisions_resized_crops():
+    """The crop-on-device path: the worker decodes and plans, the device crops, resizes, flips."""
+    from simsiam_embed.augment import crop_on_device, draw_uncropped_views, stack_uncropped
+
+    recipe = AugmentationRecipe(24)
+    images = [Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40 + seed, 64, 3), dtype=np.uint8))
+              for seed in range(3)]
+    torch.manual_seed(0)
+    samples = [draw_uncropped_views(image, recipe) for image in images]
+    tensors, boxes, flips, parameters = stack_uncropped(samples)
+    views = crop_on_device(tensors, boxes, flips, 24, "cpu")
+    assert views.shape == (6, 3, 24, 24) and parameters.shape == (3, 2, 12)
+    for number in range(2):
+        for sample, tensor in enumerate(tensors):
+            top, left, height, width = boxes[sample, number].tolist()
+            expected = TF.resized_crop(tensor.float(), top, left, height, width, [24, 24], antialias=True)
+            expected = expected.flip(-1) if flips[sample, number] else expected
+            assert torch.allclose(views[number * 3 + sample], expected, atol=1e-3)
+    # The same draws as the worker-side crops: the same boxes, flips and colour parameters.
+    torch.manual_seed(0)
+    first_view = draw_view(images[0], recipe)
+    assert torch.equal(first_view[1], parameters[0, 0])

@@ -110,3 +110,10 @@ def test_the_gpu_batch_follows_the_memory_and_keeps_the_lr_rule(fake_gpu, memory
 def test_an_explicit_gpu_batch_is_kept(fake_gpu):
     fake_gpu(16)
     assert resolve(num_images=100_000, side=375, device="cuda", batch_size=512).batch_size == 512
+
+
+def test_gpu_runs_crop_on_the_device_and_cpu_runs_in_the_workers(fake_gpu):
+    gpu = resolve(num_images=10_000, side=375, device="cuda")
+    assert gpu.crop_on_device and gpu.augment_on_device
+    assert any("crops made on the GPU" in choice for choice in gpu.choices)
+    assert not resolve(num_images=10_000, side=375, device="cpu").crop_on_device

@@ -180,3 +180,11 @@ def test_nonsense_flag_values_are_refused(tmp_path, args):
     result = run_cli("pretrain", "few", *args, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "Error: Invalid value" in result.stderr
+
+
+def test_the_crop_on_device_path_trains(image_folder, tmp_path):
+    """What a GPU run uses by default (workers only decode), exercised here on the CPU."""
+    result = pretrain(image_folder, Workspace(tmp_path), dict(FAST_OVERRIDES, epochs=1, num_workers=1,
+                                                               crop_on_device=True),
+                      report=lambda _m: None, show_progress=False)
+    assert result.finished and result.config.crop_on_device and -1 <= result.loss <= 1

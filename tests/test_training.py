@@ -61,12 +61,14 @@ def test_a_resumed_plan_is_checked_from_where_the_run_resumed():
 def test_the_loader_keeps_a_bounded_number_of_bytes_in_flight():
     from simsiam_embed.training import LOADER_BYTES_BUDGET, plan_loader_memory
 
-    small = plan_loader_memory(256, 32, workers=2, float_views=False, shared_memory_bytes=8 << 30)
-    assert small.prefetch == 4 and small.shared_memory_hint is None
+    pair_bytes = lambda crop, value_bytes: 2 * 3 * crop * crop * value_bytes  # noqa: E731  (two views)
+    small = plan_loader_memory(256, pair_bytes(32, 1), workers=2, what="uint8 crops", shared_memory_bytes=8 << 30)
+    assert small.prefetch == 4 and small.shared_memory_hint is None and "uint8 crops" in small.summary
     # The default GPU batch at 224 px as float32 views (the per-image path): 617 MB a batch.
-    large = plan_loader_memory(512, 224, workers=8, float_views=True, shared_memory_bytes=64 << 20)
+    large = plan_loader_memory(512, pair_bytes(224, 4), workers=8, what="float32 views", shared_memory_bytes=64 << 20)
     assert large.prefetch == 1 and large.bytes_in_flight <= 8 * 617 * 2 ** 20
     assert "--shm-size" in large.shared_memory_hint and "64 MiB" in large.shared_memory_hint
     # uint8 views (the device-augmented path) need a quarter of the bytes.
-    device_path = plan_loader_memory(512, 224, workers=8, float_views=False, shared_memory_bytes=64 << 30)
+    device_path = plan_loader_memory(512, pair_bytes(224, 1), workers=8, what="uint8 crops",
+                                     shared_memory_bytes=64 << 30)
     assert device_path.bytes_in_flight <= LOADER_BYTES_BUDGET and device_path.prefetch == 3
