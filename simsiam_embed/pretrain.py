@@ -441,9 +441,9 @@ class _Trainer:
         epoch_means = RunningMeans()
         last: dict[str, float] = {}
         is_tty = sys.stderr.isatty()
+        loader = start_workers(self._loader())   # before the bar: it prints the loader's memory plan
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
                    dynamic_ncols=True, mininterval=0.5 if is_tty else 30, file=sys.stderr)
-        loader = start_workers(self._loader())
         metrics = MetricsLog(self.metrics_path, self.resumed_from, self.context.is_main)
         elapsed = lambda: self.elapsed_before + time.monotonic() - started  # noqa: E731  (this run's own clock)
         if self.budget is not None and self.total_steps is not None:
