@@ -440,8 +440,9 @@ def update_index(
                f"{changed} changed, {removed} deleted")
         requested = index_type or (previous.manifest.requested_type if previous else None)
         # Everything that can be refused is refused before the embedding, which may take hours.
-        choose_index_type(len(unchanged) + len(to_embed), identity.dim, requested)
-        _check_free_space(index_dir, len(unchanged) + len(to_embed), identity)
+        expected = len(unchanged) + len(to_embed)
+        planned = choose_index_type(expected, identity.dim, requested)
+        _check_free_space(index_dir, expected, identity)
         result = embed_paths(to_embed, encoder, batch_size, workers, show_progress)
         failures += [(str(to_embed[i]), reason) for i, reason in result.failures]
 
@@ -458,7 +459,8 @@ def update_index(
             raise UserError(f"none of the {len(paths)} image files in {image_dir} could be read{first}; "
                             "the index was not changed")
         entries = sorted(unchanged + new_entries, key=lambda entry: entry.id)
-        choice = choose_index_type(len(ids), identity.dim, requested)
+        # Unreadable files leave fewer vectors than planned for: then the choice is made again.
+        choice = planned if len(ids) == expected else choose_index_type(len(ids), identity.dim, requested)
         index = build_faiss_index(vectors, ids, choice.factory)
         manifest = IndexManifest(
             image_dir=str(image_dir), encoder_kind=identity.kind, encoder_file=ENCODER_FILES[identity.kind],
