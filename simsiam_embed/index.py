@@ -19,7 +19,6 @@ Similarity is cosine: vectors are l2-normalised and FAISS ranks by inner product
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import faiss
 import numpy as np
 
 from . import __version__
+from .checkpoint import file_digest
 from .data import discover_images, label_of
 from .embed import Encoder, embed_paths
 from .errors import UserError
@@ -218,14 +218,6 @@ def _read_catalog(path: Path) -> list[CatalogEntry]:
         if not all(isinstance(value, kind) for value, kind in zip(row, _CATALOG_TYPES)):
             raise ValueError(f"catalog row {row[:2]!r} has values of the wrong type")
     return [CatalogEntry(*row) for row in rows]
-
-
-def content_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -452,7 +444,7 @@ def update_index(
             path = to_embed[int(position)]
             st = stats[str(path)]
             new_entries.append(CatalogEntry(next_id + offset, str(path), st.st_size, st.st_mtime_ns,
-                                            label_of(path), content_digest(path)))
+                                            label_of(path), file_digest(path)))
         vectors, ids = _merged_vectors(previous, keep_ids, result.vectors, [e.id for e in new_entries], identity.dim)
         if len(ids) == 0:
             first = f": the first, {failures[0][0]}: {failures[0][1]}" if failures else ""

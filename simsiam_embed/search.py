@@ -19,7 +19,7 @@ from .checkpoint import file_digest
 from .data import UnreadableImage, discover_images, open_image
 from .embed import Encoder, OnnxEncoder, TorchEncoder, embed_paths
 from .errors import UserError
-from .index import LoadedIndex, content_digest, load_index
+from .index import LoadedIndex, load_index
 
 
 DEFAULT_K = 10
@@ -127,7 +127,7 @@ def search_images(
 def _hits(loaded: LoadedIndex, query: Path, scores: np.ndarray, ids: np.ndarray, k: int,
           exclude_self: bool) -> list[SearchHit]:
     query_path = str(query.resolve())
-    query_digest = content_digest(query) if exclude_self else None
+    query_digest = file_digest(query) if exclude_self else None
     hits: list[SearchHit] = []
     for score, identifier in zip(scores, ids):
         if identifier < 0:
