@@ -380,6 +380,8 @@ def start_workers(loader: Iterable) -> Iterator:
     the job with it (seen in the test suite). Collecting first, and freezing what is left so the
     children's collector never visits it, keeps such destructors in the parent.
     """
+    if getattr(loader, "num_workers", 0) == 0:   # nothing is forked: no full collection to pay for
+        return iter(loader)
     gc.collect()
     gc.freeze()
     try:
