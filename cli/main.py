@@ -11,6 +11,8 @@ from PIL import Image
 from ..errors import UserError
 from .detection import export_detectron2_command, finetune_detection_command
 from .evaluate import knn_command, linear_probe_command
+from .explore import (clusters_command, dedup_command, map_command, outliers_command, report_command,
+                      serve_command)
 from .flow import embed_command, export_command, index_command, search_command
 from .pretrain import pretrain_command
 
@@ -40,7 +42,8 @@ def cli() -> None:
     """
 
 
-for command in (pretrain_command, index_command, search_command, export_command, embed_command, knn_command,
+for command in (pretrain_command, index_command, search_command, export_command, embed_command, dedup_command,
+                clusters_command, outliers_command, map_command, serve_command, report_command, knn_command,
                 linear_probe_command, finetune_detection_command, export_detectron2_command):
     cli.add_command(command)
 

@@ -46,6 +46,7 @@ from .errors import UserError
 from .evaluate import KnnMonitor
 from .files import ensure_writable_folder, write_json_atomic, write_jsonl_atomic
 from .models import SimSiam, simsiam_loss
+from .report import COLLAPSE_FRACTION, write_run_report
 from .training import (
     MetricsLog, MixedPrecision, RunningMeans, StepBatchSampler, StopRequest, TimeBudget, ignore_stop_signals_in_worker,
     open_run, place_model, plan_loader_memory, refuse_changed_settings, stop_on_signals,
@@ -55,8 +56,6 @@ from .workspace import Workspace, run_name_for
 #: Settings that may differ when resuming: they change how, not what, the run computes.
 RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "log_every", "decode_draft", "val_dir", "val_every"})
 
-#: Below this fraction of 1/sqrt(dim), the std of the normalised outputs means collapse (Fig. 2).
-COLLAPSE_FRACTION = 0.25
 
 Report = Callable[[str], None]
 
@@ -217,7 +216,20 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         rank_report(f"resuming {run_dir} at step {trainer.step}")
     stop = stop or StopRequest()
     with stop_on_signals(stop, rank_report):
-        return trainer.run(stop, started, show_progress and context.is_main)
+        result = trainer.run(stop, started, show_progress and context.is_main)
+    if context.is_main:
+        _write_report(run_dir, report)
+    return result
+
+
+def _write_report(run_dir: Path, report: Report) -> None:
+    """The curves of a run that ended or stopped; a failure to draw them never fails the run."""
+    try:
+        written = write_run_report(run_dir)
+    except (UserError, OSError) as error:
+        report(f"note: the run report was not written ({error})")
+        return
+    report(f"report: {written.page}")
 
 
 def _pairs_in(batch: tuple) -> int:

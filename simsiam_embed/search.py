@@ -6,20 +6,19 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 
 from .checkpoint import file_digest
-from .data import UnreadableImage, discover_images, open_image
-from .embed import Encoder, OnnxEncoder, TorchEncoder, embed_paths
+from .data import discover_images, open_image
+from .embed import Encoder, OnnxEncoder, TorchEncoder, embed_paths, l2_normalize
 from .errors import UserError
-from .index import LoadedIndex, load_index
+from .index import CatalogEntry, LoadedIndex, load_index
+from .thumbnails import data_uri, thumbnail_of_file
 
 
 DEFAULT_K = 10
@@ -118,27 +117,43 @@ def search_images(
     # One spare result per query, in case the query itself is in the index and is left out.
     wanted = min(k + 1, loaded.count) if exclude_self else k
     scores, ids = loaded.search(vectors, wanted)
-    return [
-        QueryResult(str(path), _hits(loaded, path, row_scores, row_ids, k, exclude_self))
-        for path, row_scores, row_ids in zip(paths, scores, ids)
-    ]
+    results = []
+    for path, row_scores, row_ids in zip(paths, scores, ids):
+        is_query = _is_query(path) if exclude_self else None
+        results.append(QueryResult(str(path), ranked_hits(loaded, row_scores, row_ids, k, is_query)))
+    return results
 
 
-def _hits(loaded: LoadedIndex, query: Path, scores: np.ndarray, ids: np.ndarray, k: int,
-          exclude_self: bool) -> list[SearchHit]:
-    query_path = str(query.resolve())
-    query_digest = file_digest(query) if exclude_self else None
+def _is_query(query: Path) -> Callable[[CatalogEntry], bool]:
+    """An indexed image is the query itself when it is the same file or has the same bytes."""
+    query_path, query_digest = str(query.resolve()), file_digest(query)
+    return lambda entry: entry.path == query_path or entry.digest == query_digest
+
+
+def ranked_hits(loaded: LoadedIndex, scores: np.ndarray, ids: np.ndarray, k: int,
+                leave_out: Callable[[CatalogEntry], bool] | None = None) -> list[SearchHit]:
+    """One query's FAISS answer as hits, best first: padding (-1) and entries ``leave_out``
+    names are skipped, and at most ``k`` kept."""
     hits: list[SearchHit] = []
     for score, identifier in zip(scores, ids):
         if identifier < 0:
             continue
         entry = loaded.entries[int(identifier)]
-        if exclude_self and (entry.path == query_path or entry.digest == query_digest):
+        if leave_out is not None and leave_out(entry):
             continue
         hits.append(SearchHit(len(hits) + 1, float(score), entry.path, entry.label, int(identifier)))
         if len(hits) == k:
             break
     return hits
+
+
+def embed_image(source: Path | str | BinaryIO, encoder: Encoder) -> np.ndarray:
+    """One image (a path or an open binary file) as a unit vector, through the safe decoder:
+    raises :class:`UnreadableImage` for anything it refuses (decompression bombs included)."""
+    preprocessing = encoder.preprocessing
+    image = open_image(source, preprocessing.draft_side)
+    pixels = preprocessing.transform()(image).numpy()[None]
+    return l2_normalize(encoder(pixels))
 
 
 def write_results_html(results: list[QueryResult], output: Path, thumbnail: int = 128) -> None:
@@ -149,15 +164,9 @@ def write_results_html(results: list[QueryResult], output: Path, thumbnail: int 
         raise UserError(f"cannot write {output}: the folder {output.parent} does not exist")
 
     def image_tag(path: str, caption: str) -> str:
-        try:
-            image = open_image(path)
-            image.thumbnail((thumbnail, thumbnail))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-            source = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-            picture = f'<img src="{source}" alt="{html.escape(path)}">'
-        except UnreadableImage:
-            picture = '<div class="missing">unreadable</div>'
+        preview = thumbnail_of_file(path, thumbnail)
+        picture = (f'<img src="{data_uri(preview)}" alt="{html.escape(path)}">' if preview is not None
+                   else '<div class="missing">unreadable</div>')
         return f'<figure>{picture}<figcaption title="{html.escape(path)}">{html.escape(caption)}</figcaption></figure>'
 
     rows = []

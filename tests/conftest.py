@@ -177,3 +177,49 @@ def assert_one_line_error_in_process(result, *fragments: str) -> None:
     assert len(error_lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in error_lines[0], error_lines[0]
+
+
+def write_pixel_onnx(path: Path) -> Path:
+    """A real encoder.onnx that computes what PixelEncoder does (each image's mean colour in a
+    2x2 grid, 12 numbers), built node by node: milliseconds, where exporting a network takes
+    seconds. It carries the metadata `export` writes, so every consumer reads it as an export."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from simsiam_embed.export import METADATA_FORMAT
+
+    shape = lambda name, values: helper.make_tensor(name, TensorProto.INT64, [len(values)], values)  # noqa: E731
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["images", "grid"], ["cells"]),
+         helper.make_node("ReduceMean", ["cells"], ["means"], axes=[3, 5], keepdims=0),
+         helper.make_node("Reshape", ["means", "flat"], ["flat_means"]),
+         helper.make_node("Add", ["flat_means", "offset"], ["embeddings"])],
+        "pixel-means",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 12])],
+        [shape("grid", [-1, 3, 2, 4, 2, 4]), shape("flat", [-1, 12]),
+         helper.make_tensor("offset", TensorProto.FLOAT, [1], [3.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    metadata = {"format": METADATA_FORMAT, "input_size": 8, "resize_size": 8, "interpolation": "bilinear",
+                "mean": json.dumps([0.485, 0.456, 0.406]), "std": json.dumps([0.229, 0.224, 0.225]),
+                "embedding_dim": 12, "head": "backbone", "precision": "fp32"}
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.save(model, str(path))
+    return path
+
+
+def build_pixel_index(image_dir: Path, index_dir: Path, encoder_file: Path | None = None):
+    """An index of ``image_dir`` made with the pixel-means ONNX encoder (written beside the
+    index unless given): a real index folder, searchable by upload, in well under a second."""
+    from simsiam_embed.embed import OnnxEncoder
+    from simsiam_embed.index import update_index
+
+    encoder_file = encoder_file or write_pixel_onnx(index_dir.parent / "pixel-encoder.onnx")
+    return update_index(image_dir, OnnxEncoder(encoder_file), pixel_identity(encoder_file), index_dir,
+                        workers=0, report=lambda _message: None, show_progress=False)

@@ -1,0 +1,174 @@
+"""`dedup`, `clusters`, `outliers`, `map`, `report` and `serve`: what the embeddings found."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from ..explore import (
+    DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, find_clusters,
+    find_duplicates, find_outliers, project_to_map,
+)
+from ..explore_outputs import write_clusters, write_duplicates, write_map, write_outliers
+from ..errors import UserError
+from ..files import ensure_writable_folder
+from ..index import LoadedIndex, load_index
+from ..report import write_run_report
+from .options import FiniteFloatRange, printable, workspace_at, workspace_option
+
+_echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
+
+index_dir_option = click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path),
+                                help="[default: WORKSPACE/index]")
+output_option = click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+                             help="Folder for the JSON, CSV and HTML files.  [default: WORKSPACE/explore]")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+
+
+def _open(workspace: Path, index_dir: Path | None, output: Path | None) -> tuple[LoadedIndex, Path]:
+    loaded = load_index(index_dir or workspace_at(workspace).default_index_dir, for_search=False)
+    folder = output or workspace_at(workspace).root / "explore"
+    ensure_writable_folder(folder)
+    return loaded, folder
+
+
+def _written(paths: list[Path]) -> str:
+    return "wrote " + ", ".join(str(path) for path in paths)
+
+
+@click.command("dedup")
+@workspace_option
+@index_dir_option
+@output_option
+@click.option("--threshold", type=FiniteFloatRange(-1.0, 1.0), default=DEFAULT_DUPLICATE_THRESHOLD,
+              help="Cosine at or above which two images are near-duplicates (calibrated in bench/RESULTS.md).")
+@click.option("--plan", type=click.Choice(PLANS),
+              help="Also write plan.json/plan.csv: which file of each group to keep, which to remove. "
+                   "Nothing is ever deleted.")
+@click.option("--neighbours", type=click.IntRange(min=1), default=DUPLICATE_NEIGHBOURS,
+              help="Neighbours searched per image (groups larger than this still join up).")
+@json_option
+def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, threshold: float, plan: str | None,
+                  neighbours: int, as_json: bool) -> None:
+    """Exact duplicates (same bytes) and near-duplicate groups among the indexed images."""
+    loaded, folder = _open(workspace, index_dir, output)
+    result = find_duplicates(loaded, threshold, neighbours, plan, report=_echo_err)
+    written = write_duplicates(result, loaded, folder)
+    _echo_err(_written(written))
+    if as_json:
+        click.echo(json.dumps(asdict(result) | {"duplicate_files": result.duplicate_files}, indent=2))
+        return
+    click.echo(f"{len(result.groups)} duplicate groups among {result.images} images (cosine >= {threshold}); "
+               f"{result.duplicate_files} files beyond the first of each group")
+    for group in result.groups[:10]:
+        kind = "identical" if group.exact else f">= {group.min_score:.3f}"
+        click.echo(f"  group {group.number} ({len(group.members)} images, {kind})")
+        for member in group.members:
+            action = f"{member.action:<7}" if member.action else ""
+            click.echo(f"    {action}{member.score:.4f}  {printable(member.path)}")
+    if len(result.groups) > 10:
+        click.echo(f"  ... {len(result.groups) - 10} more in {written[0]}")
+
+
+@click.command("clusters")
+@workspace_option
+@index_dir_option
+@output_option
+@click.option("-k", "clusters", type=click.IntRange(min=1), help="Number of clusters.  [default: sqrt(n/2), 2..1000]")
+@click.option("--examples", type=click.IntRange(min=1), default=8, help="Images shown per cluster, nearest its centre.")
+@json_option
+def clusters_command(workspace: Path, index_dir: Path | None, output: Path | None, clusters: int | None,
+                     examples: int, as_json: bool) -> None:
+    """Group the indexed images by k-means on their embeddings (FAISS)."""
+    loaded, folder = _open(workspace, index_dir, output)
+    result = find_clusters(loaded, clusters, examples, report=_echo_err)
+    _echo_err(_written(write_clusters(result, loaded, folder)))
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    click.echo(f"{len(result.clusters)} clusters of {result.images} images (k = {result.k}: {result.k_reason})")
+    for cluster in result.clusters[:20]:
+        labels = ", ".join(f"{printable(label)} {count}" for label, count in list(cluster.labels.items())[:3])
+        click.echo(f"  {cluster.number:>4}  {cluster.size:>6} images  cohesion {cluster.cohesion:.3f}"
+                   f"  {printable(Path(cluster.nearest[0].path).name)}{'  (' + labels + ')' if labels else ''}")
+
+
+@click.command("outliers")
+@workspace_option
+@index_dir_option
+@output_option
+@click.option("-n", "--count", type=click.IntRange(min=1), default=50, help="How many of the oddest images to list.")
+@click.option("--neighbours", type=click.IntRange(min=1), default=OUTLIER_NEIGHBOURS,
+              help="An image's score is its mean cosine to this many nearest neighbours.")
+@json_option
+def outliers_command(workspace: Path, index_dir: Path | None, output: Path | None, count: int, neighbours: int,
+                     as_json: bool) -> None:
+    """The indexed images least similar to their nearest neighbours, oddest first."""
+    loaded, folder = _open(workspace, index_dir, output)
+    result = find_outliers(loaded, count, neighbours, report=_echo_err)
+    _echo_err(_written(write_outliers(result, loaded, folder)))
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    click.echo(f"the {len(result.outliers)} oddest of {result.images} images (mean cosine to {result.neighbours} "
+               f"nearest; the typical image: {result.median_score:.3f})")
+    for outlier in result.outliers:
+        click.echo(f"  {outlier.rank:>4}  {outlier.score:.4f}  {printable(outlier.path)}")
+
+
+@click.command("map")
+@workspace_option
+@index_dir_option
+@output_option
+@click.option("--method", type=click.Choice(["auto", "umap", "pca"]), default="auto",
+              help="auto: UMAP when umap-learn is installed (the [map] extra), else PCA.")
+@click.option("--max-points", type=click.IntRange(min=2), default=MAP_MAX_POINTS,
+              help="Images drawn; a larger index is sampled evenly at random.")
+@json_option
+def map_command(workspace: Path, index_dir: Path | None, output: Path | None, method: str, max_points: int,
+                as_json: bool) -> None:
+    """A 2-D map of the indexed images: a page where each point shows its image on hover."""
+    loaded, folder = _open(workspace, index_dir, output)
+    result = project_to_map(loaded, method, max_points, report=_echo_err)
+    written = write_map(result, loaded, folder)
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    click.echo(f"{result.method} map of {len(result.points)} images: {written[-1]}"
+               + (f"\n{result.note}" if result.note else ""))
+
+
+@click.command("report")
+@click.argument("run", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@workspace_option
+@json_option
+def report_command(run: Path | None, workspace: Path, as_json: bool) -> None:
+    """Draw a pretraining run's curves (default: the latest run) as PNG files and report.html in its folder."""
+    report = write_run_report(run or workspace_at(workspace).latest_run_dir())
+    if as_json:
+        click.echo(json.dumps({"page": str(report.page), "charts": [str(path) for path in report.charts],
+                               "steps": report.steps}, indent=2))
+        return
+    click.echo(f"{report.page} ({len(report.charts)} charts, {report.steps} steps)")
+
+
+@click.command("serve")
+@workspace_option
+@index_dir_option
+@click.option("--host", default="127.0.0.1", help="Address to listen on. Anything but loopback exposes your images.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, help="Port to listen on (0: any free port).")
+@click.option("--max-upload-mb", type=FiniteFloatRange(0.01, 1024), default=20.0, help="Largest query image accepted.")
+def serve_command(workspace: Path, index_dir: Path | None, host: str, port: int, max_upload_mb: float) -> None:
+    """A local web app over the index: drop an image to search, browse duplicates, clusters, outliers,
+    the map and the latest run's report. JSON API with OpenAPI docs at /docs."""
+    try:
+        from ..serve import serve
+    except ModuleNotFoundError as missing:
+        if missing.name not in ("fastapi", "uvicorn", "starlette", "multipart", "python_multipart"):
+            raise
+        raise UserError("serve needs FastAPI and uvicorn: pip install 'simsiam-embed[serve]'") from None
+    serve(index_dir or workspace_at(workspace).default_index_dir, workspace_at(workspace), host, port,
+          int(max_upload_mb * 1024 * 1024), report=_echo_err)

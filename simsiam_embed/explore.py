@@ -1,0 +1,512 @@
+"""What the embeddings found: near-duplicate groups, clusters, outliers and a 2-D map of an index.
+
+Similarities here are cosines of the vectors *centred* on the index's mean vector. Pooled CNN
+features (after a ReLU) all point into one corner of the space: on the bundled sample the
+typical image's nearest neighbours are at raw cosine 0.96, so no fixed raw threshold could mean
+"near-duplicate" for every encoder and collection. Centred, unrelated images score near 0 and
+a copy near 1, and the calibrated threshold carries over (bench/RESULTS.md).
+
+Every analysis works on the vectors an index folder already holds and scales through FAISS:
+neighbours come from a k-NN graph (exact up to :data:`EXACT_NEIGHBOURS_MAX` vectors, an
+inverted-file search beyond), never from an n x n similarity matrix, so memory grows with
+n x k, not n squared (imagededup's all-pairs matrix runs out of memory near 60k images).
+
+    >>> loaded = load_index(Path("index"), for_search=False)
+    >>> groups = find_duplicates(loaded).groups
+    >>> clusters = find_clusters(loaded).clusters
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from .errors import UserError
+from .index import CatalogEntry, LoadedIndex
+
+Report = Callable[[str], None]
+
+#: Exact k-NN up to here: n^2 x d multiply-adds, about 10 s at 50k x 512 on 2 cores.
+EXACT_NEIGHBOURS_MAX = 50_000
+#: Beyond, an IVF search that visits this many of its ~4 sqrt(n) lists a query: near-duplicates
+#: and close neighbours share a list or an adjacent one (recall measured in bench/bench_explore.py).
+NEIGHBOUR_NPROBE = 16
+#: Queries a FAISS call: bounds the result buffers (chunk x (k+1) x 12 bytes) and the mmap reads.
+QUERY_CHUNK = 16_384
+
+#: Centred cosine at or above which two mutual nearest neighbours are near-duplicates.
+#: Calibrated, not guessed: the best mean F1 of the groups over planted JPEG re-encodes,
+#: resizes, crops and brightness changes among distinct photos and among Fashion-MNIST images
+#: (bench/bench_dedup_threshold.py; the table is in bench/RESULTS.md).
+DEFAULT_DUPLICATE_THRESHOLD = 0.82
+#: Neighbours searched per image for duplicates: a group larger than this still joins up,
+#: since each member links to some of the others and union-find follows the chains.
+DUPLICATE_NEIGHBOURS = 10
+OUTLIER_NEIGHBOURS = 10
+PLANS = ("keep-largest", "keep-oldest", "keep-first")
+
+
+# --------------------------------------------------------------------------------------------
+# The k-NN graph every analysis shares
+
+
+@dataclass
+class NeighbourGraph:
+    """Row i: the ``k`` nearest other vectors of vector i (positions, not ids), best first;
+    position -1 and score -inf pad rows of an approximate search that found fewer."""
+
+    positions: np.ndarray   # (n, k) int64
+    scores: np.ndarray      # (n, k) float32, cosine
+    method: str
+
+
+class CentredVectors:
+    """The index's unit vectors minus their mean, re-normalised; read in chunks, so the memory
+    beyond the (memory-mapped) source is one chunk, never a second copy of the vectors."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.source = vectors
+        total = np.zeros(vectors.shape[1], dtype=np.float64)
+        for start in range(0, len(vectors), QUERY_CHUNK):
+            total += np.asarray(vectors[start:start + QUERY_CHUNK], dtype=np.float64).sum(axis=0)
+        self.mean = (total / max(1, len(vectors))).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def dim(self) -> int:
+        return self.source.shape[1]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self._centre(np.asarray(self.source[start:stop], dtype=np.float32))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return self._centre(np.asarray(self.source[np.asarray(positions)], dtype=np.float32))
+
+    def _centre(self, rows: np.ndarray) -> np.ndarray:
+        centred = rows - self.mean
+        return np.ascontiguousarray(centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12))
+
+
+def neighbour_graph(vectors: CentredVectors, k: int, report: Report | None = None) -> NeighbourGraph:
+    """The ``k`` nearest neighbours of every row of ``vectors``, itself excluded."""
+    count, dim = len(vectors), vectors.dim
+    k = min(k, count - 1)
+    if k < 1:
+        raise UserError("the index holds one image: there is nothing to compare it with")
+    if count <= EXACT_NEIGHBOURS_MAX:
+        index, method = faiss.IndexFlatIP(dim), f"exact k-NN ({count:,} vectors)"
+    else:
+        lists = int(4 * math.sqrt(count))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        # FAISS's k-means wants >= 39 points a list and uses at most 256: a strided sample.
+        index.train(vectors.take(np.arange(0, count, max(1, count // (lists * 64)))))
+        index.nprobe = NEIGHBOUR_NPROBE
+        method = f"IVF k-NN ({count:,} vectors, {lists} lists, {NEIGHBOUR_NPROBE} searched a query)"
+    for start in range(0, count, QUERY_CHUNK):
+        index.add(vectors.rows(start, start + QUERY_CHUNK))
+    if report is not None:
+        report(f"neighbours: {method}")
+    positions = np.full((count, k), -1, dtype=np.int64)
+    scores = np.full((count, k), -np.inf, dtype=np.float32)
+    for start in range(0, count, QUERY_CHUNK):
+        found_scores, found = index.search(vectors.rows(start, start + QUERY_CHUNK), k + 1)
+        # Drop each query itself by position, not by rank: an exact copy may tie with it.
+        itself = np.arange(start, start + len(found))[:, None]
+        wanted = (found != itself) & (found >= 0)
+        first_k = np.argsort(~wanted, axis=1, kind="stable")[:, :k]   # the wanted ones, in rank order
+        kept = np.take_along_axis(wanted, first_k, axis=1)
+        positions[start:start + len(found)] = np.where(kept, np.take_along_axis(found, first_k, axis=1), -1)
+        scores[start:start + len(found)] = np.where(kept, np.take_along_axis(found_scores, first_k, axis=1), -np.inf)
+    return NeighbourGraph(positions, scores, method)
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicates
+
+
+class _DisjointSets:
+    """Union-find with path halving and union by size."""
+
+    def __init__(self, count: int):
+        self.parent = np.arange(count)
+        self.size = np.ones(count, dtype=np.int64)
+
+    def find(self, item: int) -> int:
+        parent = self.parent
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return int(item)
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        if self.size[a] < self.size[b]:
+            a, b = b, a
+        self.parent[b] = a
+        self.size[a] += self.size[b]
+
+
+@dataclass
+class DuplicateMember:
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    digest: str
+    score: float          # cosine to the group's first member
+    action: str = ""      # "keep" or "remove" once a plan is applied
+
+
+@dataclass
+class DuplicateGroup:
+    number: int
+    exact: bool           # every member has the same bytes
+    min_score: float      # the weakest link that joined the group
+    members: list[DuplicateMember]
+
+
+@dataclass
+class DuplicateResult:
+    threshold: float
+    method: str
+    images: int
+    groups: list[DuplicateGroup]
+    plan: str | None = None
+
+    @property
+    def duplicate_files(self) -> int:
+        """Files beyond the first of each group: what a plan would remove."""
+        return sum(len(group.members) - 1 for group in self.groups)
+
+
+def find_duplicates(loaded: LoadedIndex, threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
+                    neighbours: int = DUPLICATE_NEIGHBOURS, plan: str | None = None,
+                    report: Report | None = None) -> DuplicateResult:
+    """Groups of images that are each other's nearest neighbours at or above ``threshold``
+    (joined transitively), and of files with identical bytes whatever their vectors."""
+    if not -1.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold {threshold} is not a cosine similarity: choose a value in [-1, 1]")
+    if plan is not None and plan not in PLANS:
+        raise UserError(f"unknown plan {plan!r}: choose one of {', '.join(PLANS)}")
+    entries = _entries_by_position(loaded)
+    vectors = CentredVectors(loaded.vectors)
+    graph = neighbour_graph(vectors, neighbours, report)
+    positions_of_digest: dict[str, list[int]] = {}
+    for position, entry in enumerate(entries):
+        positions_of_digest.setdefault(entry.digest, []).append(position)
+    representative = np.arange(len(entries))
+    sets = _DisjointSets(len(entries))
+    touched: set[int] = set()
+    for same_bytes in positions_of_digest.values():
+        for position in same_bytes[1:]:
+            representative[position] = same_bytes[0]
+            sets.union(same_bytes[0], position)
+            touched.update((same_bytes[0], position))
+    weakest: dict[int, float] = {}   # by the position an edge starts from
+    for row, other, score in mutual_near_pairs(graph, threshold, representative):
+        sets.union(row, other)
+        touched.update((row, other))
+        weakest[row] = min(weakest.get(row, 1.0), score)
+
+    components: dict[int, list[int]] = {}
+    for position in sorted(touched):
+        components.setdefault(sets.find(position), []).append(position)
+    groups = []
+    for members in components.values():
+        floor = min((weakest[p] for p in members if p in weakest), default=1.0)
+        groups.append(_group(vectors, entries, members, floor, plan))
+    groups.sort(key=lambda group: (-len(group.members), group.members[0].path))
+    for number, group in enumerate(groups, start=1):
+        group.number = number
+    return DuplicateResult(threshold, graph.method, len(entries), groups, plan)
+
+
+def mutual_near_pairs(graph: NeighbourGraph, threshold: float,
+                      representative: np.ndarray | None = None) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, cosine) at or above ``threshold`` where each is the other's nearest neighbour
+    (ties included).
+
+    Mutual, not any pair above the threshold: in a collection of similar images, single links
+    chain distinct images into one giant group. On the planted photos of bench/RESULTS.md,
+    single links at the default threshold joined pairs with precision 0.004, mutual ones 0.65.
+
+    ``representative[i]``: the position standing for every byte-identical copy of image i.
+    Copies are one image here (they are grouped by their bytes anyway); otherwise an original
+    with an exact copy would be "nearest" only to that copy, and its edited copies, whose
+    nearest it is, would be left out of the group.
+    """
+    count = len(graph.positions)
+    representative = np.arange(count) if representative is None else representative
+    found = graph.positions >= 0
+    neighbours = np.where(found, representative[np.maximum(graph.positions, 0)], -1)
+    other = found & (neighbours != representative[:, None])
+    scores = np.where(other, graph.scores, -np.inf)
+    best = scores.max(axis=1, initial=-np.inf)
+    nearest = other & (scores >= threshold) & (scores >= best[:, None])
+    rows = [row for row in np.flatnonzero(nearest.any(axis=1)) if representative[row] == row]
+    near = {int(row): {int(n): float(s) for n, s in zip(neighbours[row, nearest[row]], scores[row, nearest[row]])}
+            for row in rows}
+    return [(row, other_row, score) for row, others in near.items() for other_row, score in others.items()
+            if row < other_row and row in near.get(other_row, {})]
+
+
+def _entries_by_position(loaded: LoadedIndex) -> list[CatalogEntry]:
+    return [loaded.entries[int(identifier)] for identifier in loaded.ids]
+
+
+def _group(vectors: CentredVectors, entries: list[CatalogEntry], positions: list[int], min_score: float,
+           plan: str | None) -> DuplicateGroup:
+    positions = _order_for_plan([entries[p] for p in positions], positions, plan)
+    rows = vectors.take(np.array(positions))
+    members = []
+    for rank, position in enumerate(positions):
+        entry = entries[position]
+        score = float(rows[rank] @ rows[0])
+        action = ("keep" if rank == 0 else "remove") if plan else ""
+        members.append(DuplicateMember(entry.id, entry.path, entry.size, entry.mtime_ns, entry.digest,
+                                       round(min(score, 1.0), 6), action))
+    exact = len({member.digest for member in members}) == 1
+    return DuplicateGroup(0, exact, 1.0 if exact else round(min_score, 6), members)
+
+
+def _order_for_plan(group: list[CatalogEntry], positions: list[int], plan: str | None) -> list[int]:
+    """The member to keep first. keep-largest: most bytes (the least re-compressed copy);
+    keep-oldest: earliest modified (the original); keep-first: first by path. Ties by path."""
+    keys = {
+        "keep-largest": lambda e: (-e.size, e.path),
+        "keep-oldest": lambda e: (e.mtime_ns, e.path),
+    }
+    key = keys.get(plan or "keep-first", lambda e: e.path)
+    return [position for _entry, position in sorted(zip(group, positions), key=lambda pair: key(pair[0]))]
+
+
+# --------------------------------------------------------------------------------------------
+# Clusters
+
+
+@dataclass
+class ClusterImage:
+    id: int
+    path: str
+    label: str
+    score: float          # cosine to the cluster's centre
+
+
+@dataclass
+class Cluster:
+    number: int
+    size: int
+    cohesion: float       # mean cosine of the members to the centre
+    nearest: list[ClusterImage]
+    labels: dict[str, int] = field(default_factory=dict)   # folder labels of the members, when any
+
+
+@dataclass
+class ClusterResult:
+    k: int
+    k_reason: str
+    images: int
+    clusters: list[Cluster]
+    seconds: float
+
+
+def default_cluster_count(count: int) -> int:
+    """sqrt(n/2), the common rule of thumb, kept within 2..1000 and below n."""
+    return max(2, min(1000, round(math.sqrt(count / 2)), count - 1)) if count > 2 else 1
+
+
+KMEANS_ITERATIONS = 20
+CLUSTER_EXAMPLES = 8
+
+
+def find_clusters(loaded: LoadedIndex, k: int | None = None, examples: int = CLUSTER_EXAMPLES, seed: int = 0,
+                  report: Report | None = None) -> ClusterResult:
+    """Spherical k-means (FAISS) on the index's vectors; each cluster's size, cohesion, and the
+    ``examples`` images nearest its centre. Largest cluster first."""
+    started = time.monotonic()
+    vectors, count = CentredVectors(loaded.vectors), loaded.count
+    if count < 2:
+        raise UserError("the index holds one image: there is nothing to cluster")
+    reason = "-k"
+    if k is None:
+        k, reason = default_cluster_count(count), f"sqrt(n/2) for {count:,} images"
+    elif k > count:
+        raise UserError(f"-k {k} is more than the {count} images in the index: use -k {count} or less")
+    kmeans = faiss.Kmeans(vectors.dim, k, niter=KMEANS_ITERATIONS, spherical=True, seed=seed, verbose=False)
+    # k-means trains on at most 256 points a centroid (FAISS's own sampling), then every vector
+    # is assigned in chunks: memory stays n x (one id + one score) beyond the mapped vectors.
+    kmeans.train(_training_sample(vectors, k * kmeans.cp.max_points_per_centroid, seed))
+    assignment = np.empty(count, dtype=np.int64)
+    similarity = np.empty(count, dtype=np.float32)
+    for start in range(0, count, QUERY_CHUNK):
+        scores, nearest = kmeans.index.search(vectors.rows(start, start + QUERY_CHUNK), 1)
+        assignment[start:start + len(nearest)] = nearest[:, 0]
+        similarity[start:start + len(nearest)] = scores[:, 0]
+    entries = _entries_by_position(loaded)
+    clusters = []
+    order = np.argsort(assignment, kind="stable")
+    bounds = np.searchsorted(assignment[order], np.arange(k + 1))
+    for centre in range(k):
+        members = order[bounds[centre]:bounds[centre + 1]]
+        if len(members) == 0:
+            continue
+        best = members[np.argsort(-similarity[members], kind="stable")[:examples]]
+        labels: dict[str, int] = {}
+        for position in members.tolist():
+            label = entries[position].label
+            if label:
+                labels[label] = labels.get(label, 0) + 1
+        clusters.append(Cluster(
+            0, len(members), round(float(similarity[members].mean()), 6),
+            [ClusterImage(entries[p].id, entries[p].path, entries[p].label, round(float(similarity[p]), 6)) for p in best],
+            dict(sorted(labels.items(), key=lambda item: -item[1])),
+        ))
+    clusters.sort(key=lambda cluster: -cluster.size)
+    for number, cluster in enumerate(clusters, start=1):
+        cluster.number = number
+    if report is not None:
+        report(f"k-means: {k} clusters ({reason}), {KMEANS_ITERATIONS} iterations")
+    return ClusterResult(k, reason, count, clusters, time.monotonic() - started)
+
+
+def _training_sample(vectors: CentredVectors, wanted: int, seed: int) -> np.ndarray:
+    if len(vectors) <= wanted:
+        return vectors.rows(0, len(vectors))
+    return vectors.take(np.sort(np.random.default_rng(seed).choice(len(vectors), wanted, replace=False)))
+
+
+# --------------------------------------------------------------------------------------------
+# Outliers
+
+
+@dataclass
+class Outlier:
+    rank: int
+    id: int
+    path: str
+    label: str
+    score: float              # mean cosine to its nearest neighbours: the lower, the odder
+    nearest_id: int
+    nearest_path: str
+    nearest_score: float
+
+
+@dataclass
+class OutlierResult:
+    neighbours: int
+    method: str
+    images: int
+    outliers: list[Outlier]
+    median_score: float       # the typical image's score, for scale
+
+
+def find_outliers(loaded: LoadedIndex, count: int = 50, neighbours: int = OUTLIER_NEIGHBOURS,
+                  report: Report | None = None) -> OutlierResult:
+    """The ``count`` images least similar to their nearest neighbours (mean cosine to the
+    ``neighbours`` nearest), oddest first."""
+    entries = _entries_by_position(loaded)
+    graph = neighbour_graph(CentredVectors(loaded.vectors), neighbours, report)
+    found = graph.scores > -np.inf
+    mean_similarity = np.where(found, graph.scores, 0).sum(axis=1) / np.maximum(found.sum(axis=1), 1)
+    oddest = np.argsort(mean_similarity, kind="stable")[:count]
+    outliers = []
+    for rank, position in enumerate(oddest.tolist(), start=1):
+        entry, nearest = entries[position], int(graph.positions[position, 0])
+        outliers.append(Outlier(
+            rank, entry.id, entry.path, entry.label, round(float(mean_similarity[position]), 6),
+            entries[nearest].id if nearest >= 0 else -1, entries[nearest].path if nearest >= 0 else "",
+            round(float(graph.scores[position, 0]), 6),
+        ))
+    return OutlierResult(graph.scores.shape[1], graph.method, len(entries), outliers,
+                         round(float(np.median(mean_similarity)), 6))
+
+
+# --------------------------------------------------------------------------------------------
+# The 2-D map
+
+
+@dataclass
+class MapPoint:
+    id: int
+    path: str
+    label: str
+    x: float
+    y: float
+
+
+@dataclass
+class MapResult:
+    method: str
+    note: str
+    images: int
+    points: list[MapPoint]
+
+
+MAP_MAX_POINTS = 5_000
+
+
+def umap_available() -> bool:
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def project_to_map(loaded: LoadedIndex, method: str = "auto", max_points: int = MAP_MAX_POINTS, seed: int = 0,
+                   report: Report | None = None) -> MapResult:
+    """Each image as a point in 2-D: UMAP (umap-learn, the ``[map]`` extra) when installed,
+    else PCA, and said so. At most ``max_points`` images, drawn evenly at random."""
+    if method not in ("auto", "umap", "pca"):
+        raise UserError(f"unknown projection {method!r}: choose auto, umap or pca")
+    if method == "umap" and not umap_available():
+        raise UserError("--method umap needs umap-learn: pip install 'simsiam-embed[map]'")
+    entries = _entries_by_position(loaded)
+    rows = np.arange(len(entries))
+    note = ""
+    if len(rows) > max_points:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_points, replace=False))
+        note = f"a random {max_points:,} of the {len(entries):,} images. "
+    vectors = np.asarray(loaded.vectors[rows], dtype=np.float32)
+    use_umap = method == "umap" or (method == "auto" and umap_available() and len(rows) >= 16)
+    if use_umap:
+        import umap
+
+        coordinates = umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(vectors)
+        name = "UMAP"
+    else:
+        coordinates = principal_components(vectors, 2)
+        name = "PCA"
+        if method == "auto":
+            note += "PCA: umap-learn is not installed (pip install 'simsiam-embed[map]' for UMAP, which keeps " \
+                    "neighbourhoods better)."
+    if report is not None:
+        report(f"map: {name} of {len(rows):,} images. {note}".strip())
+    points = [MapPoint(entries[p].id, entries[p].path, entries[p].label, round(float(x), 5), round(float(y), 5))
+              for p, (x, y) in zip(rows.tolist(), coordinates)]
+    return MapResult(name, note.strip(), len(entries), points)
+
+
+def principal_components(vectors: np.ndarray, components: int) -> np.ndarray:
+    """Coordinates of ``vectors`` on their first principal axes (signs fixed for repeatability)."""
+    centred = vectors - vectors.mean(axis=0, keepdims=True)
+    if len(centred) < 2:
+        return np.zeros((len(centred), components), dtype=np.float32)
+    covariance = centred.T @ centred / (len(centred) - 1)
+    values, axes = np.linalg.eigh(covariance.astype(np.float64))
+    axes = axes[:, np.argsort(values)[::-1][:components]]
+    axes *= np.where(axes[np.abs(axes).argmax(axis=0), range(axes.shape[1])] < 0, -1, 1)
+    coordinates = centred @ axes.astype(np.float32)
+    if coordinates.shape[1] < components:
+        coordinates = np.pad(coordinates, ((0, 0), (0, components - coordinates.shape[1])))
+    return coordinates
+

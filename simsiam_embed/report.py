@@ -1,0 +1,157 @@
+"""A pretraining run's report: its curves as PNG files and one HTML page, in the run folder.
+
+Read from ``metrics.jsonl`` (and ``config.json`` for the names): loss, learning rate, the
+collapse monitor (z-std against 1/sqrt(dim), with the level below which the run is collapsing)
+and the kNN accuracy when the run had ``--val-dir``. ``pretrain`` writes it when a run ends or
+stops; ``simsiam-embed report`` writes it for any run, also while one trains.
+
+    >>> report = write_run_report(Path("runs/images"))
+    >>> report.page   # runs/images/report.html
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .charts import Chart, ReferenceLine, Series, line_chart
+from .errors import UserError
+from .files import atomic_write
+
+#: Below this fraction of 1/sqrt(dim), z-std means collapse (the paper's Figure 2); the same
+#: level as the training loop's warning.
+COLLAPSE_FRACTION = 0.25
+CHART_NAMES = ("loss", "lr", "z_std", "knn")
+PAGE_NAME = "report.html"
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    page: Path
+    charts: list[Path]
+    steps: int
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics records; a torn last line (a run killed mid-write) or a record that is
+    not a JSON object is left out, and every value used is checked to be a finite number."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl: name a pretraining run folder (runs/NAME)")
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and _number(record.get("step")) is not None:
+            records.append(record)
+    return records
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _series(records: list[dict], key: str, name: str, where: str | None = None) -> Series:
+    x, y = [], []
+    for record in records:
+        if where is not None and where not in record:
+            continue
+        value = _number(record.get(key))
+        if value is not None:
+            x.append(float(record["step"]))
+            y.append(value)
+    return Series(name, x, y)
+
+
+def run_dimension(run_dir: Path) -> int | None:
+    try:
+        dim = json.loads((run_dir / "config.json").read_text()).get("dim")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
+
+
+def build_chart(records: list[dict], name: str, dim: int | None) -> Chart | None:
+    """One of :data:`CHART_NAMES`; None when the run has no data for it (kNN without --val-dir)."""
+    steps = [r for r in records if "epoch_end" not in r and "replanned_total_steps" not in r]
+    if name == "loss":
+        return line_chart([_series(steps, "loss", "loss (logged steps)"),
+                           _series(records, "loss", "epoch mean", where="epoch_end")],
+                          "Loss: negative cosine (-1 is perfect agreement of the two views)", "loss")
+    if name == "lr":
+        return line_chart([_series(steps, "lr", "learning rate")], "Learning rate (cosine schedule)", "lr")
+    if name == "z_std":
+        references = []
+        if dim:
+            references = [ReferenceLine(f"1/sqrt(dim) = {dim ** -0.5:.4f}", dim ** -0.5, "#2a9d3a"),
+                          ReferenceLine(f"collapse below {COLLAPSE_FRACTION * dim ** -0.5:.4f}",
+                                        COLLAPSE_FRACTION * dim ** -0.5, "#c0392b")]
+        return line_chart([_series(steps, "z_std", "z-std (logged steps)")],
+                          "Collapse monitor: std of the l2-normalised outputs", "z-std", references=references)
+    if name == "knn":
+        knn = _series(records, "knn_top1", "kNN top-1")
+        if not knn.x:
+            return None
+        init = next((_number(r.get("knn_top1_random_init")) for r in records if "knn_top1_random_init" in r), None)
+        references = [ReferenceLine(f"random init {init:.3f}", init)] if init is not None else []
+        return line_chart([knn], "kNN accuracy on --val-dir", "top-1", references=references)
+    raise ValueError(f"unknown chart {name!r}")
+
+
+def write_run_report(run_dir: Path) -> RunReport:
+    """Write ``report-<chart>.png`` for each chart with data, and ``report.html`` showing them."""
+    records = read_metrics(run_dir)
+    dim = run_dimension(run_dir)
+    written, figures = [], []
+    for name in CHART_NAMES:
+        chart = build_chart(records, name, dim)
+        if chart is None:
+            continue
+        path = run_dir / f"report-{name}.png"
+        with atomic_write(path, "wb") as handle:
+            handle.write(chart.png())
+        written.append(path)
+        figures.append(f'<img src="{path.name}" alt="{name}">')
+    steps = int(max((r["step"] for r in records), default=0))
+    page = run_dir / PAGE_NAME
+    with atomic_write(page) as handle:
+        handle.write(_page(run_dir, records, steps, figures))
+    return RunReport(run_dir, page, written, steps)
+
+
+def run_summary(run_dir: Path, records: list[dict]) -> str:
+    """One paragraph: the run's main settings and where its collapse monitor ended."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    parts = [f"{key} {config[key]}" for key in ("backbone", "batch_size", "crop_size", "base_lr", "total_steps")
+             if isinstance(config.get(key), (int, float, str)) and not isinstance(config.get(key), bool)]
+    last = next((r for r in reversed(records) if _number(r.get("z_std")) is not None), None)
+    dim = run_dimension(run_dir)
+    if last is not None and dim:
+        ratio = last["z_std"] * math.sqrt(dim)
+        verdict = ("collapsing" if ratio < COLLAPSE_FRACTION else "healthy")
+        parts.append(f"last z-std {last['z_std']:.4f} = {ratio:.2f} x 1/sqrt(dim): {verdict}")
+    warnings = sum(1 for r in records if r.get("collapse_warning"))
+    if warnings:
+        parts.append(f"{warnings} epochs warned of collapse")
+    return "; ".join(parts)
+
+
+def _page(run_dir: Path, records: list[dict], steps: int, figures: list[str]) -> str:
+    title = f"simsiam-embed run {run_dir.name}"
+    summary = html.escape(f"{steps} steps logged. {run_summary(run_dir, records)}")
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            '<style>body{font-family:system-ui,sans-serif;margin:1em 2em} img{display:block;margin:1em 0}</style>'
+            f'</head><body><h1>{html.escape(title)}</h1><p>{summary}</p>{"".join(figures)}</body></html>\n')

@@ -1,0 +1,350 @@
+"""The local web app and its JSON API (FastAPI) over an index folder.
+
+    $ simsiam-embed serve            # http://127.0.0.1:8765, API docs at /docs
+
+What it promises:
+- It listens on loopback unless told otherwise, and then only answers requests addressed to a
+  loopback name (a web page elsewhere cannot reach it through DNS rebinding).
+- Image files are served only by catalogue id, never by a path from the client.
+- Uploads are read up to a size limit and decoded by the same safe decoder as every image
+  (decompression bombs refused); nothing of an upload is kept after its request.
+- ``index`` may update the folder while it serves: each request reads ``CURRENT`` and the new
+  generation is picked up; a request in flight keeps the generation it started with.
+- Previews are made once and cached in the index folder (:mod:`.thumbnails`).
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from .data import UnreadableImage, open_image
+from .embed import Encoder
+from .errors import UserError
+from .explore import DEFAULT_DUPLICATE_THRESHOLD, find_clusters, find_duplicates, find_outliers, project_to_map
+from .index import LoadedIndex, current_generation, load_index
+from .report import CHART_NAMES, build_chart, read_metrics, run_dimension, run_summary
+from .search import encoder_of_index, ranked_hits
+from .thumbnails import cached_thumbnail
+from .web_page import PAGE
+from .workspace import Workspace
+
+Report = Callable[[str], None]
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_K = 200
+#: Files a browser shows as they are; any other format is re-encoded as PNG to be shown.
+BROWSER_FORMATS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
+                   ".webp": "image/webp", ".bmp": "image/bmp"}
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+class LiveIndex:
+    """The index folder's live generation, reloaded when ``CURRENT`` moves on.
+
+    Loading happens under a lock, so a burst of requests after an update loads once; requests
+    already holding the previous :class:`LoadedIndex` finish with it (its files are kept until
+    the update after next, and what was read stays valid while they run).
+    """
+
+    def __init__(self, index_dir: Path, provider: str | None = None):
+        self.index_dir = index_dir
+        self.provider = provider
+        self._lock = threading.Lock()
+        # Analyses take seconds on a large index: under their own lock, so searches go on meanwhile.
+        self._analysis_lock = threading.Lock()
+        self._loaded: LoadedIndex | None = None
+        self._encoder: tuple[str, Encoder] | None = None
+        self._positions: tuple[Path, dict[int, int]] | None = None
+        self._analyses: dict[tuple, Any] = {}
+
+    def current(self) -> LoadedIndex:
+        generation = current_generation(self.index_dir)
+        loaded = self._loaded
+        if loaded is not None and loaded.generation == generation:
+            return loaded
+        with self._lock:
+            if self._loaded is None or self._loaded.generation != current_generation(self.index_dir):
+                self._loaded = load_index(self.index_dir)
+                self._analyses = {}   # results of the old generation are dropped with it
+            return self._loaded
+
+    def encoder(self, loaded: LoadedIndex) -> Encoder:
+        with self._lock:
+            if self._encoder is None or self._encoder[0] != loaded.manifest.encoder_digest:
+                self._encoder = (loaded.manifest.encoder_digest, encoder_of_index(loaded, self.provider))
+            return self._encoder[1]
+
+    def position_of(self, loaded: LoadedIndex, image_id: int) -> int | None:
+        with self._lock:
+            if self._positions is None or self._positions[0] != loaded.generation:
+                self._positions = (loaded.generation, {int(i): p for p, i in enumerate(loaded.ids)})
+            return self._positions[1].get(image_id)
+
+    def analysis(self, loaded: LoadedIndex, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per generation and key: duplicates, clusters and outliers of a large
+        index take seconds, and every visit of the page would ask again."""
+        with self._analysis_lock:
+            cache_key = (loaded.generation, *key)
+            if cache_key not in self._analyses:
+                self._analyses[cache_key] = compute()
+            return self._analyses[cache_key]
+
+
+def create_app(index_dir: Path, workspace: Workspace | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, allowed_hosts: list[str] | None = None,
+               provider: str | None = None):
+    """The FastAPI application. ``allowed_hosts``: Host header values answered (None: any)."""
+
+    live = LiveIndex(index_dir, provider)
+    app = FastAPI(title="simsiam-embed", summary="Search, duplicates, clusters and outliers of an image index.",
+                  version="1")
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    app.add_middleware(_BodySizeLimit, max_bytes=max_upload_bytes)
+
+    def index_now() -> LoadedIndex:
+        try:
+            return live.current()
+        except UserError as error:
+            raise HTTPException(503, str(error)) from None
+
+    def entry_or_404(loaded: LoadedIndex, image_id: str):
+        # Taken as text and matched against the catalogue: anything else, a path included, is 404
+        # (not FastAPI's 422), so no request learns more than "not in the index".
+        entry = loaded.entries.get(int(image_id)) if image_id.isdigit() and image_id.isascii() else None
+        if entry is None:
+            raise HTTPException(404, "no such image in the index")
+        return entry
+
+    def hits_for(loaded: LoadedIndex, vector: np.ndarray, k: int, leave_out_id: int | None = None) -> list[dict]:
+        wanted = min(k + (leave_out_id is not None), loaded.count)
+        scores, ids = loaded.search(vector.reshape(1, -1), wanted)
+        leave_out = (lambda entry: entry.id == leave_out_id) if leave_out_id is not None else None
+        return [asdict(hit) for hit in ranked_hits(loaded, scores[0], ids[0], k, leave_out)]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/api/status", summary="What the index holds")
+    def status() -> dict:
+        loaded = index_now()
+        manifest = loaded.manifest
+        return {"images": loaded.count, "generation": loaded.generation.name, "dim": manifest.dim,
+                "index_type": manifest.index_type, "image_dir": manifest.image_dir, "updated": manifest.updated,
+                "max_upload_bytes": max_upload_bytes}
+
+    @app.post("/api/search", summary="Search by an uploaded image")
+    def search_upload(file: UploadFile = File(..., description="The query image"),
+                      k: int = Query(10, ge=1, le=MAX_K)) -> dict:
+        loaded = index_now()
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"the image is larger than {max_upload_bytes} bytes")
+        try:
+            vector = _embed_upload(data, live.encoder(loaded))
+        except UnreadableImage as reason:
+            raise HTTPException(422, f"cannot read the uploaded image: {reason}") from None
+        return {"query": {"upload": file.filename or "upload"}, "hits": hits_for(loaded, vector, k)}
+
+    @app.get("/api/search/{image_id}", summary="Search from an indexed image")
+    def search_by_id(image_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict:
+        loaded = index_now()
+        entry = entry_or_404(loaded, image_id)
+        position = live.position_of(loaded, entry.id)
+        vector = np.asarray(loaded.vectors[position], dtype=np.float32)
+        return {"query": {"id": entry.id, "path": entry.path, "label": entry.label},
+                "hits": hits_for(loaded, vector, k, leave_out_id=entry.id)}
+
+    @app.get("/api/images/{image_id}", summary="An indexed image file, by catalogue id")
+    def image_file(image_id: str):
+        entry = entry_or_404(index_now(), image_id)
+        path = Path(entry.path)
+        media_type = BROWSER_FORMATS.get(path.suffix.lower())
+        if not path.is_file():
+            raise HTTPException(404, f"image {entry.id} is no longer on disk")
+        if media_type is not None:
+            return FileResponse(path, media_type=media_type)
+        try:
+            image = open_image(path)
+        except UnreadableImage as reason:
+            raise HTTPException(404, f"image {entry.id} cannot be read now: {reason}") from None
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    @app.get("/api/thumbnails/{image_id}", summary="A small JPEG preview of an indexed image")
+    def thumbnail(image_id: str):
+        loaded = index_now()
+        preview = cached_thumbnail(loaded.folder, entry_or_404(loaded, image_id))
+        if preview is None:
+            raise HTTPException(404, "the image cannot be read now")
+        return Response(preview, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/duplicates", summary="Near-duplicate and exact duplicate groups")
+    def duplicates(threshold: float = Query(DEFAULT_DUPLICATE_THRESHOLD, ge=-1.0, le=1.0),
+                   limit: int = Query(200, ge=1, le=10_000)) -> dict:
+        loaded = index_now()
+        result = live.analysis(loaded, ("duplicates", threshold), lambda: find_duplicates(loaded, threshold))
+        return {"threshold": result.threshold, "method": result.method, "images": result.images,
+                "total_groups": len(result.groups), "duplicate_files": result.duplicate_files,
+                "groups": [asdict(group) for group in result.groups[:limit]]}
+
+    @app.get("/api/clusters", summary="k-means clusters of the index")
+    def clusters(k: int | None = Query(None, ge=1, le=10_000), limit: int = Query(200, ge=1, le=10_000)) -> dict:
+        loaded = index_now()
+        try:
+            result = live.analysis(loaded, ("clusters", k), lambda: find_clusters(loaded, k))
+        except UserError as error:
+            raise HTTPException(422, str(error)) from None
+        return {"k": result.k, "k_reason": result.k_reason, "images": result.images,
+                "clusters": [asdict(cluster) for cluster in result.clusters[:limit]]}
+
+    @app.get("/api/outliers", summary="The images least similar to their nearest neighbours")
+    def outliers(count: int = Query(50, ge=1, le=10_000)) -> dict:
+        loaded = index_now()
+        return asdict(live.analysis(loaded, ("outliers", count), lambda: find_outliers(loaded, count)))
+
+    @app.get("/api/map", summary="A 2-D projection of the index")
+    def map_points() -> dict:
+        loaded = index_now()
+        return asdict(live.analysis(loaded, ("map",), lambda: project_to_map(loaded)))
+
+    @app.get("/api/report", summary="The latest pretraining run's curves")
+    def run_report() -> dict:
+        run_dir = _latest_run(workspace)
+        records = read_metrics(run_dir)
+        charts = [name for name in CHART_NAMES if build_chart(records, name, None) is not None]
+        return {"run": run_dir.name, "summary": run_summary(run_dir, records), "charts": charts}
+
+    @app.get("/api/report/{chart}.png", summary="One chart of the latest run, as PNG")
+    def run_chart(chart: str):
+        if chart not in CHART_NAMES:
+            raise HTTPException(404, f"no chart {chart!r}: one of {', '.join(CHART_NAMES)}")
+        run_dir = _latest_run(workspace)
+        drawn = build_chart(read_metrics(run_dir), chart, run_dimension(run_dir))
+        if drawn is None:
+            raise HTTPException(404, f"the run has no data for the {chart} chart")
+        return Response(drawn.png(), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+def _latest_run(workspace: Workspace | None) -> Path:
+    if workspace is None:
+        raise HTTPException(404, "no workspace: the app was started without one")
+    try:
+        return workspace.latest_run_dir()
+    except UserError as error:
+        raise HTTPException(404, str(error)) from None
+
+
+def _embed_upload(data: bytes, encoder: Encoder) -> np.ndarray:
+    from .search import embed_image
+
+    return embed_image(io.BytesIO(data), encoder)[0]
+
+
+class _BodySizeLimit:
+    """Refuses a request body larger than ``max_bytes`` (plus room for the multipart framing)
+    with 413, by its Content-Length or, for a chunked upload, as soon as it streams past it;
+    so no upload larger than the limit is ever spooled to disk."""
+
+    FRAMING_BYTES = 64 * 1024
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.limit = max_bytes + self.FRAMING_BYTES
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_413(send, self.limit)
+        received = 0
+        too_large = False
+        replaced = False
+
+        async def counting_receive():
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                too_large = True
+                raise _TooLarge()
+            return message
+
+        async def replacing_send(message):
+            # The app may turn the interrupted body into its own error (FastAPI answers 400 "error
+            # parsing the body"): whatever it answers, the client is told what happened.
+            nonlocal replaced
+            if too_large:
+                if not replaced:
+                    replaced = True
+                    await _send_413(send, self.limit)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, replacing_send)
+        except _TooLarge:
+            if not replaced:
+                await _send_413(send, self.limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_413(send, limit: int) -> None:
+    body = f'{{"detail": "the request is larger than {limit} bytes"}}'.encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(index_dir: Path, workspace: Workspace | None, host: str = "127.0.0.1", port: int = 8765,
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, report: Report = print) -> None:
+    """Serve the app until Ctrl-C. The index must exist; the socket is bound before the URL is
+    printed, so the printed port is the real one (also with ``port=0``)."""
+    loaded = load_index(index_dir)   # a missing or damaged index is one line now, not a 503 later
+    loopback = is_loopback(host)
+    if not loopback:
+        report(f"warning: listening on {host}: anyone who can reach this machine can search and view your "
+               "indexed images; use --host 127.0.0.1 to keep it local")
+    app = create_app(index_dir, workspace, max_upload_bytes, LOOPBACK_NAMES if loopback else None)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as error:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror or error}): choose another --port") from None
+    bound_port = sock.getsockname()[1]
+    shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
+    report(f"serving {loaded.count} images of {index_dir} at http://{shown}:{bound_port}/ "
+           f"(API docs: /docs); Ctrl-C stops")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])

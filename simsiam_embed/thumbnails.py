@@ -1,0 +1,68 @@
+"""Small JPEG previews of indexed images, made once and cached in the index folder.
+
+The cache is ``INDEX/thumbnails/<digest[:2]>/<digest>-<side>.jpg``: keyed by the content
+digest the catalog recorded, so a file indexed again under another name reuses its preview, and
+a preview never outlives a change of content the index knows of. Writes are atomic, so two
+requests making the same preview at once both leave a whole file. A read-only index folder still
+gets previews, uncached.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from .data import UnreadableImage, open_image
+from .errors import UserError
+from .files import atomic_write
+from .index import CatalogEntry
+
+THUMBNAIL_SIDE = 160
+THUMBNAIL_FOLDER = "thumbnails"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def encode_thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> bytes:
+    """``image`` shrunk to fit ``side`` x ``side``, as JPEG bytes."""
+    image = image.copy()
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def thumbnail_of_file(path: Path | str, side: int = THUMBNAIL_SIDE) -> bytes | None:
+    """A preview of any image file (the safe decoder's limits apply); None if unreadable."""
+    try:
+        return encode_thumbnail(open_image(path, draft_side=side), side)
+    except UnreadableImage:
+        return None
+
+
+def cached_thumbnail(index_dir: Path, entry: CatalogEntry, side: int = THUMBNAIL_SIDE) -> bytes | None:
+    """The preview of an indexed image, from the cache or made and cached now; None if the
+    file can no longer be read."""
+    if not _DIGEST.fullmatch(entry.digest):   # the catalog is validated; this keeps the path inside
+        return None
+    cache = index_dir / THUMBNAIL_FOLDER / entry.digest[:2] / f"{entry.digest}-{side}.jpg"
+    try:
+        return cache.read_bytes()
+    except OSError:
+        pass
+    made = thumbnail_of_file(entry.path, side)
+    if made is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(cache, "wb") as handle:
+                handle.write(made)
+        except (OSError, UserError):
+            pass   # a read-only or full index folder: serve the preview uncached
+    return made
+
+
+def data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()

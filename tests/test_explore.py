@@ -1,0 +1,309 @@
+"""dedup, clusters, outliers, map and report: on images the tests draw, through the library and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import build_pixel_index, invoke
+from PIL import Image, ImageEnhance
+
+from simsiam_embed import explore
+from simsiam_embed.charts import nice_ticks
+from simsiam_embed.explore import (
+    CentredVectors, default_cluster_count, find_clusters, find_duplicates, find_outliers, neighbour_graph,
+    project_to_map,
+)
+from simsiam_embed.index import load_index
+from simsiam_embed.report import read_metrics, write_run_report
+
+
+def distinct_images(folder: Path, count: int, seed: int = 5, size: int = 32) -> list[Path]:
+    """Images of four random colour quadrants: far apart for the tests' pixel-means encoder (with
+    seed 5 the closest two of the first 40 are at centred cosine 0.79, below the dedup threshold)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    half = size // 2
+    for number in range(count):
+        image = Image.new("RGB", (size, size))
+        for x, y in ((0, 0), (half, 0), (0, half), (half, half)):
+            image.paste(tuple(int(v) for v in rng.integers(0, 256, 3)), (x, y, x + half, y + half))
+        path = folder / f"image-{number:03d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def planted(tmp_path: Path):
+    """40 distinct images, and near-duplicates of four of them made as people's copies are made."""
+    images = tmp_path / "images"
+    originals = distinct_images(images / "originals", 40)
+    copies = images / "z-copies"   # sorts after the originals, for keep-first
+    copies.mkdir()
+    shutil.copyfile(originals[0], copies / "exact-copy.png")
+    Image.open(originals[1]).convert("RGB").save(copies / "re-encoded.jpg", quality=40)
+    Image.open(originals[2]).resize((16, 16), Image.BICUBIC).save(copies / "half-size.png")
+    ImageEnhance.Brightness(Image.open(originals[3]).convert("RGB")).enhance(1.05).save(copies / "brighter.png")
+    shutil.copyfile(originals[3], copies / "second-copy.png")
+    build_pixel_index(images, tmp_path / "index")
+    expected = [{str(originals[0]), str(copies / "exact-copy.png")},
+                {str(originals[1]), str(copies / "re-encoded.jpg")},
+                {str(originals[2]), str(copies / "half-size.png")},
+                {str(originals[3]), str(copies / "brighter.png"), str(copies / "second-copy.png")}]
+    return tmp_path, expected
+
+
+def groups_as_sets(result) -> list[set[str]]:
+    return [{member.path for member in group.members} for group in result.groups]
+
+
+def test_planted_duplicates_are_grouped_and_distinct_images_kept_apart(planted):
+    workspace, expected = planted
+    result = find_duplicates(load_index(workspace / "index", for_search=False))
+    found = groups_as_sets(result)
+    assert sorted(map(sorted, found)) == sorted(map(sorted, expected))
+    exact = next(group for group in result.groups if any(m.path.endswith("exact-copy.png") for m in group.members))
+    assert exact.exact and exact.min_score == 1.0
+    near = next(group for group in result.groups if any(m.path.endswith("re-encoded.jpg") for m in group.members))
+    assert not near.exact and result.threshold <= near.min_score < 1.0
+    assert result.duplicate_files == 5
+
+
+def test_identical_bytes_group_whatever_the_threshold(planted):
+    workspace, _ = planted
+    result = find_duplicates(load_index(workspace / "index", for_search=False), threshold=1.0)
+    # At cosine 1.0 only byte-identical files (and the copy that was identical) remain.
+    assert all(group.exact for group in result.groups)
+    assert any(any(m.path.endswith("exact-copy.png") for m in g.members) for g in result.groups)
+
+
+@pytest.mark.parametrize("plan, kept", [("keep-largest", "half-size.png"), ("keep-oldest", "half-size.png"),
+                                        ("keep-first", "image-002.png")])
+def test_a_plan_names_the_file_to_keep_and_never_deletes(planted, plan, kept):
+    workspace, _ = planted
+    copy = workspace / "images" / "z-copies" / "half-size.png"
+    original = workspace / "images" / "originals" / "image-002.png"
+    # The copy is made larger and older than its original, so each plan picks its own file.
+    copy.write_bytes(copy.read_bytes() + b"\0" * 20_000)
+    os.utime(copy, ns=(1_000_000_000, 1_000_000_000))
+    build_pixel_index(workspace / "images", workspace / "index", workspace / "pixel-encoder.onnx")
+    before = sorted(p for p in (workspace / "images").rglob("*") if p.is_file())
+
+    result = invoke("dedup", "--plan", plan, "--json", cwd=workspace)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    group = next(g for g in answer["groups"] if any(m["path"] == str(original) for m in g["members"]))
+    assert group["members"][0]["path"].endswith(kept) and group["members"][0]["action"] == "keep"
+    assert [m["action"] for m in group["members"][1:]] == ["remove"]
+
+    plan_file = json.loads((workspace / "explore" / "plan.json").read_text())
+    assert plan_file["plan"] == plan and any(path.endswith(kept) for path in plan_file["keep"])
+    removed = {row["path"] for row in plan_file["remove"]}
+    assert len(removed) == answer["duplicate_files"] == 5
+    with open(workspace / "explore" / "plan.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["path"] for row in rows if row["action"] == "remove"} == removed
+    assert sorted(p for p in (workspace / "images").rglob("*") if p.is_file()) == before   # nothing deleted
+
+
+def test_dedup_writes_json_csv_and_a_page_with_the_groups(planted):
+    workspace, expected = planted
+    result = invoke("dedup", cwd=workspace)
+    assert result.exit_code == 0, result.output
+    assert "4 duplicate groups among 45 images" in result.stdout
+    folder = workspace / "explore"
+    groups = json.loads((folder / "duplicates.json").read_text())["groups"]
+    assert len(groups) == 4
+    with open(folder / "duplicates.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["path"] for row in rows} == set().union(*expected)
+    page = (folder / "duplicates.html").read_text()
+    assert page.count("<section>") == 4 and page.count("data:image/jpeg;base64,") == 9
+    assert not (folder / "plan.json").exists()
+
+
+def test_the_approximate_neighbour_search_finds_the_same_duplicates(planted, monkeypatch):
+    """Past EXACT_NEIGHBOURS_MAX the k-NN graph comes from an IVF index, not all pairs."""
+    workspace, expected = planted
+    monkeypatch.setattr(explore, "EXACT_NEIGHBOURS_MAX", 10)
+    messages = []
+    result = find_duplicates(load_index(workspace / "index", for_search=False), report=messages.append)
+    assert "IVF" in result.method and "IVF" in messages[0]
+    assert sorted(map(sorted, groups_as_sets(result))) == sorted(map(sorted, expected))
+
+
+def test_the_neighbour_graph_leaves_each_image_out_of_its_own_neighbours():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    vectors[10] = vectors[11]   # an exact copy ties with the query itself
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    graph = neighbour_graph(CentredVectors(vectors), 5)
+    assert graph.positions.shape == (50, 5)
+    assert not (graph.positions == np.arange(50)[:, None]).any()
+    assert graph.positions[10, 0] == 11 and graph.positions[11, 0] == 10
+    assert np.all(np.diff(graph.scores, axis=1) <= 1e-6)
+
+
+def test_clusters_separate_three_kinds_of_image(tmp_path):
+    images = tmp_path / "images"
+    rng = np.random.default_rng(3)
+    for name, colour in (("red", (220, 30, 30)), ("green", (30, 200, 40)), ("blue", (30, 40, 210))):
+        (images / name).mkdir(parents=True)
+        for number in range(12):
+            jitter = rng.integers(-20, 20, 3)
+            Image.new("RGB", (16, 16), tuple(int(c + j) for c, j in zip(colour, jitter))).save(
+                images / name / f"{number}.png")
+    build_pixel_index(images, tmp_path / "index")
+    result = find_clusters(load_index(tmp_path / "index", for_search=False), k=3)
+    assert sorted(cluster.size for cluster in result.clusters) == [12, 12, 12]
+    assert all(len(cluster.labels) == 1 for cluster in result.clusters)   # each cluster is one colour
+    assert all(len(cluster.nearest) == 8 for cluster in result.clusters)
+    assert all(a.score >= b.score for c in result.clusters for a, b in zip(c.nearest, c.nearest[1:]))
+
+    answer = invoke("clusters", "-k", "3", "--json", cwd=tmp_path)
+    assert answer.exit_code == 0, answer.output
+    assert [c["size"] for c in json.loads(answer.stdout)["clusters"]] == [12, 12, 12]
+    assert (tmp_path / "explore" / "clusters.html").read_text().count("<section>") == 3
+
+
+def test_the_default_cluster_count_grows_with_the_index():
+    assert [default_cluster_count(n) for n in (2, 3, 50, 1_000, 100_000, 10_000_000)] == [1, 2, 5, 22, 224, 1000]
+
+
+def test_outliers_rank_the_odd_images_first(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(4)
+    for number in range(30):   # variations on one grey picture
+        grey = int(120 + rng.integers(-25, 25))
+        Image.new("RGB", (16, 16), (grey, grey, grey)).save(images / f"usual-{number:02d}.png")
+    Image.new("RGB", (16, 16), (250, 20, 20)).save(images / "odd-red.png")
+    Image.new("RGB", (16, 16), (20, 20, 250)).save(images / "odd-blue.png")
+    build_pixel_index(images, tmp_path / "index")
+    result = find_outliers(load_index(tmp_path / "index", for_search=False), count=5)
+    assert {Path(o.path).name for o in result.outliers[:2]} == {"odd-red.png", "odd-blue.png"}
+    assert result.outliers[0].score <= result.outliers[1].score < result.median_score
+
+    answer = invoke("outliers", "-n", "2", "--json", cwd=tmp_path)
+    assert answer.exit_code == 0, answer.output
+    assert {Path(o["path"]).name for o in json.loads(answer.stdout)["outliers"]} == {"odd-red.png", "odd-blue.png"}
+
+
+def test_the_map_says_it_fell_back_to_pca_and_samples_large_indexes(planted, monkeypatch):
+    workspace, _ = planted
+    monkeypatch.setattr(explore, "umap_available", lambda: False)
+    loaded = load_index(workspace / "index", for_search=False)
+    result = project_to_map(loaded, max_points=20)
+    assert result.method == "PCA" and "umap-learn is not installed" in result.note and "20 of the 45" in result.note
+    assert len(result.points) == 20 and len({p.id for p in result.points}) == 20
+    assert np.std([p.x for p in result.points]) > 0
+    answer = invoke("map", cwd=workspace)
+    assert answer.exit_code == 0, answer.output
+    page = (workspace / "explore" / "map.html").read_text()
+    assert page.count('"src": "data:image/jpeg;base64,') == 45
+
+
+def test_umap_is_refused_in_one_line_when_absent(planted, monkeypatch):
+    workspace, _ = planted
+    monkeypatch.setattr(explore, "umap_available", lambda: False)
+    answer = invoke("map", "--method", "umap", cwd=workspace)
+    assert answer.exit_code != 0 and "pip install 'simsiam-embed[map]'" in answer.output
+
+
+def test_explore_commands_without_an_index_say_how_to_make_one(tmp_path):
+    for command in ("dedup", "clusters", "outliers", "map"):
+        answer = invoke(command, cwd=tmp_path)
+        assert answer.exit_code != 0 and "simsiam-embed index" in answer.output, command
+
+
+def test_file_names_cannot_break_out_of_the_map_page(tmp_path):
+    images = tmp_path / "images"
+    distinct_images(images, 3)
+    (images / "image-000.png").rename(images / "<!--<script>alert(1)<b>.png")
+    build_pixel_index(images, tmp_path / "index")
+    assert invoke("map", cwd=tmp_path).exit_code == 0
+    page = (tmp_path / "explore" / "map.html").read_text()
+    script = page[page.index("const points"):]
+    assert "<!--" not in script and "<script>alert" not in script and "<b>" not in script
+    points = json.loads(script[len("const points = "):script.index(";\n")])
+    assert "<!--<script>alert(1)<b>.png" in {point["name"] for point in points}
+
+
+# --------------------------------------------------------------------------------------------
+# The run report
+
+
+def write_metrics(run: Path, knn: bool, torn: bool = False) -> None:
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"dim": 64, "backbone": "resnet18", "batch_size": 8}))
+    lines = []
+    if knn:
+        lines.append({"step": 0, "knn_top1_random_init": 0.3})
+    for step in range(1, 21):
+        lines.append({"step": step, "epoch": step / 10, "lr": 0.05 * (1 - step / 20), "loss": -0.2 - step / 40,
+                      "z_std": 0.12, "z_std_reference": 0.125})
+        if step % 10 == 0:
+            lines.append({"step": step, "epoch_end": step // 10, "loss": -0.3, "z_std": 0.12,
+                          **({"knn_top1": 0.4 + step / 100} if knn else {})})
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    (run / "metrics.jsonl").write_text(text + ('{"step": 21, "lo' if torn else ""))
+
+
+def test_the_report_draws_each_curve_and_a_page(tmp_path):
+    run = tmp_path / "runs" / "images"
+    write_metrics(run, knn=True, torn=True)
+    report = write_run_report(run)
+    assert [path.name for path in report.charts] == ["report-loss.png", "report-lr.png", "report-z_std.png",
+                                                     "report-knn.png"]
+    assert report.steps == 20   # the torn last line is left out
+    for chart in report.charts:
+        with Image.open(chart) as image:
+            assert image.size == (760, 360)
+            # Drawn, not blank: the lines put several colours on the white canvas.
+            assert len(image.convert("RGB").getcolors(100_000)) > 10
+    page = report.page.read_text()
+    assert all(f'src="{chart.name}"' in page for chart in report.charts)
+    assert "healthy" in page
+
+
+def test_the_z_std_chart_draws_the_reference_and_the_collapse_line(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run, knn=False)
+    write_run_report(run)
+    with Image.open(run / "report-z_std.png") as image:
+        pixels = np.asarray(image.convert("RGB"))
+    green, red = np.array([0x2A, 0x9D, 0x3A]), np.array([0xC0, 0x39, 0x2B])
+    assert (np.abs(pixels - green).sum(axis=2) < 10).sum() > 100   # 1/sqrt(dim)
+    assert (np.abs(pixels - red).sum(axis=2) < 10).sum() > 100     # the collapse level
+    assert not (run / "report-knn.png").exists()   # no --val-dir, no kNN chart
+
+
+def test_report_command_defaults_to_the_latest_run(tmp_path):
+    write_metrics(tmp_path / "runs" / "images", knn=False)
+    (tmp_path / "runs" / "images" / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "runs" / "LATEST").write_text("images\n")
+    answer = invoke("report", "--json", cwd=tmp_path)
+    assert answer.exit_code == 0, answer.output
+    assert json.loads(answer.stdout)["page"] == str(tmp_path / "runs" / "images" / "report.html")
+
+
+def test_metrics_records_that_are_not_objects_are_left_out(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('[1, 2]\n{"step": "x"}\n{"step": 3, "loss": NaN}\n{"step": 4, "loss": -0.5}\n')
+    assert [record["step"] for record in read_metrics(run)] == [3, 4]
+    write_run_report(run)   # NaN values are skipped when drawing, not an error
+
+
+def test_nice_ticks_cover_the_range_with_round_steps():
+    assert nice_ticks(0, 1) == [0, 0.25, 0.5, 0.75, 1.0]
+    assert nice_ticks(-0.93, -0.12) == [-1.0, -0.75, -0.5, -0.25, 0.0]
+    assert nice_ticks(0, 700) == [0, 200, 400, 600, 800]
+    assert nice_ticks(5, 5)[0] <= 5 <= nice_ticks(5, 5)[-1]

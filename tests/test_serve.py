@@ -1,0 +1,202 @@
+"""The web app's JSON API through FastAPI's test client: search, the explore views, and its rules
+(catalogue ids only, upload limits, the safe decoder, loopback names, live generations)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the [serve] extra (in [dev]) is not installed")
+from conftest import build_pixel_index, invoke  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+from test_explore import distinct_images, write_metrics  # noqa: E402
+
+from simsiam_embed import serve as serve_module  # noqa: E402
+from simsiam_embed.serve import LOOPBACK_NAMES, create_app  # noqa: E402
+from simsiam_embed.workspace import Workspace  # noqa: E402
+
+UPLOAD_LIMIT = 200_000
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    images = tmp_path / "images"
+    paths = distinct_images(images, 20)
+    shutil.copyfile(paths[0], images / "copy-of-0.png")
+    build_pixel_index(images, tmp_path / "index")
+    app = create_app(tmp_path / "index", Workspace(tmp_path), UPLOAD_LIMIT, LOOPBACK_NAMES)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client, tmp_path, paths
+
+
+def id_of(client: TestClient, path: Path) -> int:
+    hits = client.post("/api/search?k=21", files={"file": ("q.png", path.read_bytes(), "image/png")}).json()["hits"]
+    return next(hit["id"] for hit in hits if hit["path"] == str(path))
+
+
+def test_an_uploaded_image_finds_itself_first(served):
+    client, _, paths = served
+    status = client.get("/api/status").json()
+    assert status["images"] == 21 and status["generation"] == "gen-000001"
+    answer = client.post("/api/search?k=5", files={"file": ("query.png", paths[3].read_bytes(), "image/png")})
+    assert answer.status_code == 200, answer.text
+    hits = answer.json()["hits"]
+    assert len(hits) == 5 and hits[0]["path"] == str(paths[3]) and hits[0]["score"] > 0.9999
+    assert [hit["rank"] for hit in hits] == [1, 2, 3, 4, 5]
+
+
+def test_search_by_id_leaves_the_query_out(served):
+    client, _, paths = served
+    query = id_of(client, paths[0])
+    answer = client.get(f"/api/search/{query}?k=3").json()
+    assert answer["query"]["path"] == str(paths[0])
+    assert query not in [hit["id"] for hit in answer["hits"]] and len(answer["hits"]) == 3
+    assert answer["hits"][0]["path"].endswith("copy-of-0.png") and answer["hits"][0]["score"] > 0.9999
+    assert client.get("/api/search/99999").status_code == 404
+
+
+@pytest.mark.parametrize("url", [
+    "/api/images/../../../../etc/passwd", "/api/images/..%2F..%2F..%2Fetc%2Fpasswd", "/api/images/%2Fetc%2Fpasswd",
+    "/api/thumbnails/..%2F..%2Fetc%2Fpasswd", "/api/images/-1", "/api/images/99999", "/api/images/1e3",
+    "/etc/passwd", "/api/images/0x1",
+])
+def test_files_are_served_by_catalogue_id_only(served, url):
+    client, _, _ = served
+    answer = client.get(url)
+    assert answer.status_code == 404, (url, answer.status_code)
+    assert b"root:" not in answer.content
+
+
+def test_an_indexed_image_and_its_cached_preview_are_served_by_id(served):
+    client, workspace, paths = served
+    image_id = id_of(client, paths[2])
+    original = client.get(f"/api/images/{image_id}")
+    assert original.status_code == 200 and original.content == paths[2].read_bytes()
+    assert original.headers["content-type"] == "image/png"
+    preview = client.get(f"/api/thumbnails/{image_id}")
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
+    cached = list((workspace / "index" / "thumbnails").rglob("*.jpg"))
+    assert len(cached) == 1
+    cached[0].write_bytes(b"from the cache")   # a second request is answered from the file, not made again
+    assert client.get(f"/api/thumbnails/{image_id}").content == b"from the cache"
+
+
+def test_uploads_over_the_limit_are_refused_with_413(served):
+    client, _, _ = served
+    big = b"\0" * (UPLOAD_LIMIT + 100_000)
+    assert client.post("/api/search", files={"file": ("big.png", big, "image/png")}).status_code == 413
+
+    def chunks():   # no Content-Length: refused as the body streams past the limit
+        yield (b'--x\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n")
+        for _ in range(40):
+            yield b"\0" * 10_000
+        yield b"\r\n--x--\r\n"
+
+    answer = client.post("/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert answer.status_code == 413
+
+
+def test_a_decompression_bomb_and_a_non_image_are_refused(served):
+    client, _, _ = served
+    bomb = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")   # 400 megapixels in a few kilobytes
+    assert len(bomb.getvalue()) < UPLOAD_LIMIT
+    answer = client.post("/api/search", files={"file": ("bomb.png", bomb.getvalue(), "image/png")})
+    assert answer.status_code == 422 and "too many pixels" in answer.json()["detail"]
+    answer = client.post("/api/search", files={"file": ("notes.png", b"not an image at all", "image/png")})
+    assert answer.status_code == 422 and "not an image" in answer.json()["detail"]
+
+
+def test_requests_for_another_host_name_are_refused(served):
+    client, _, _ = served
+    # A page on evil.example whose name rebinds to 127.0.0.1 sends its own name as Host.
+    assert client.get("/api/status", headers={"host": "evil.example"}).status_code == 400
+    assert client.get("/api/status", headers={"host": "localhost:8765"}).status_code == 200
+
+
+def test_duplicates_clusters_outliers_and_map(served):
+    client, _, paths = served
+    duplicates = client.get("/api/duplicates").json()
+    assert duplicates["total_groups"] == 1
+    assert {m["path"] for m in duplicates["groups"][0]["members"]} == {str(paths[0]), str(paths[0].parent / "copy-of-0.png")}
+    clusters = client.get("/api/clusters?k=3").json()
+    assert clusters["k"] == 3 and sum(c["size"] for c in clusters["clusters"]) == 21
+    assert client.get("/api/clusters?k=500").status_code == 422
+    outliers = client.get("/api/outliers?count=4").json()
+    assert len(outliers["outliers"]) == 4 and outliers["images"] == 21
+    assert len(client.get("/api/map").json()["points"]) == 21
+
+
+def test_the_page_and_the_openapi_docs_are_served(served):
+    client, _, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="file-input"' in page.text and "drawMap" in page.text
+    schema = client.get("/openapi.json").json()
+    for path in ("/api/search", "/api/search/{image_id}", "/api/duplicates", "/api/clusters", "/api/outliers"):
+        assert path in schema["paths"], path
+    assert client.get("/docs").status_code == 200
+
+
+def test_a_new_generation_is_picked_up_while_searches_go_on(served):
+    client, workspace, paths = served
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def search_until_stopped():
+        while not stop.is_set():
+            answer = client.post("/api/search?k=3", files={"file": ("q.png", paths[5].read_bytes(), "image/png")})
+            if answer.status_code != 200:
+                errors.append(f"{answer.status_code} {answer.text}")
+
+    searcher = threading.Thread(target=search_until_stopped)
+    searcher.start()
+    try:
+        for round_number in range(3):   # three updates, each adding images, while searches run
+            distinct_images(workspace / "images" / f"added-{round_number}", 4, seed=10 + round_number)
+            build_pixel_index(workspace / "images", workspace / "index", workspace / "pixel-encoder.onnx")
+    finally:
+        stop.set()
+        searcher.join()
+    assert errors == []
+    status = client.get("/api/status").json()
+    assert status["generation"] == "gen-000004" and status["images"] == 33
+    hits = client.post("/api/search?k=1", files={"file": ("q.png", (workspace / "images" / "added-2" / "image-000.png")
+                                                           .read_bytes(), "image/png")}).json()["hits"]
+    assert hits[0]["path"].endswith("added-2/image-000.png")
+
+
+def test_the_latest_runs_report(served):
+    client, workspace, _ = served
+    assert client.get("/api/report").status_code == 404   # no run yet
+    write_metrics(workspace / "runs" / "images", knn=True)
+    (workspace / "runs" / "images" / "checkpoint.pt").write_bytes(b"")
+    (workspace / "runs" / "LATEST").write_text("images\n")
+    report = client.get("/api/report").json()
+    assert report["run"] == "images" and report["charts"] == ["loss", "lr", "z_std", "knn"]
+    chart = client.get("/api/report/z_std.png")
+    assert chart.status_code == 200 and chart.content.startswith(b"\x89PNG")
+    assert client.get("/api/report/passwd.png").status_code == 404
+
+
+def test_serve_warns_in_one_line_when_listening_beyond_loopback(served, monkeypatch, capsys):
+    _, workspace, _ = served
+    ran = []
+    monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets: ran.append(sockets[0].getsockname()))
+    messages: list[str] = []
+    serve_module.serve(workspace / "index", Workspace(workspace), host="0.0.0.0", port=0, report=messages.append)
+    assert messages[0].startswith("warning: listening on 0.0.0.0") and "\n" not in messages[0]
+    assert ran and ran[0][1] > 0 and f":{ran[0][1]}/" in messages[1]
+    messages.clear()
+    serve_module.serve(workspace / "index", Workspace(workspace), host="127.0.0.1", port=0, report=messages.append)
+    assert len(messages) == 1 and messages[0].startswith("serving 21 images")
+
+
+def test_serve_without_an_index_says_how_to_make_one(tmp_path):
+    answer = invoke("serve", "--port", "0", cwd=tmp_path)
+    assert answer.exit_code != 0 and "simsiam-embed index" in answer.output
