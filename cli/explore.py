@@ -61,7 +61,7 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
     if as_json:
         click.echo(json.dumps(asdict(result) | {"duplicate_files": result.duplicate_files}, indent=2))
         return
-    click.echo(f"{len(result.groups)} duplicate groups among {result.images} images (cosine >= {threshold}); "
+    click.echo(f"{len(result.groups)} duplicate groups among {result.images} images (centred cosine >= {threshold}); "
                f"{result.duplicate_files} files beyond the first of each group")
     for group in result.groups[:10]:
         kind = "identical" if group.exact else f">= {group.min_score:.3f}"

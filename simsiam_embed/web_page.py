@@ -23,7 +23,7 @@ main { padding: 1em 1.5em; }
 #drop.over { background: #eef3ff; border-color: #1f5fbf; }
 .row { display: flex; flex-wrap: wrap; gap: 10px; margin: .6em 0; }
 figure { margin: 0; width: 150px; cursor: pointer; }
-figure img { max-width: 150px; max-height: 150px; display: block; background: #eee; }
+figure img { width: 150px; height: 150px; object-fit: contain; display: block; background: #f0f0f0; }
 figcaption { font-size: 11px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .score { font-weight: bold; }
 #query figure { cursor: default; } #query img { outline: 3px solid #1f5fbf; }
@@ -119,7 +119,7 @@ const loaders = {
     const data = await api("/api/duplicates");
     view.replaceChildren(el("p", {class: "note"}));
     view.firstChild.textContent = `${data.total_groups} groups, ${data.duplicate_files} files beyond the first of ` +
-      `each, among ${data.images} images (cosine >= ${data.threshold}; ${data.method}). Click an image to search from it.`;
+      `each, among ${data.images} images (centred cosine >= ${data.threshold}; ${data.method}). Click an image to search from it.`;
     for (const group of data.groups) {
       const title = el("h2"); title.textContent = `group ${group.number}: ${group.members.length} images, ` +
         (group.exact ? "identical bytes" : `cosine >= ${group.min_score.toFixed(3)}`);
