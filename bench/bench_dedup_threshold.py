@@ -118,7 +118,8 @@ def main() -> None:
     if len(args.images) != len(args.model):
         parser.error("give one --model after each --images")
     print(f"machine: {machine()}")
-    best = {}
+    best: dict[float, list[float]] = {}
+    precise: dict[float, list[float]] = {}
     for images_dir, model in zip(args.images, args.model):
         images = discover_images(images_dir)
         with tempfile.TemporaryDirectory() as scratch:
@@ -140,6 +141,7 @@ def main() -> None:
                 precision, recall, by_edit = score(groups, truth)
                 f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
                 best.setdefault(threshold, []).append(f1)
+                precise.setdefault(threshold, []).append(precision)
                 p1, r1, _ = score(single_link_groups(loaded, threshold), truth)
                 f1_single = 2 * p1 * r1 / (p1 + r1) if p1 + r1 else 0.0
                 print(f"| {threshold} | {len(result.groups)} | {precision:.3f} | {recall:.3f} | {f1:.3f} | "
@@ -148,6 +150,8 @@ def main() -> None:
     mean_f1 = {threshold: float(np.mean(values)) for threshold, values in best.items()}
     chosen = max(mean_f1, key=lambda threshold: (mean_f1[threshold], threshold))
     print(f"\nbest mean F1 over the sets: {mean_f1[chosen]:.3f} at threshold {chosen}")
+    floor = min((t for t, values in precise.items() if min(values) >= 0.8), default=None)
+    print(f"lowest threshold with precision >= 0.8 on every set (the default's rule): {floor}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole flow on the bundled Fashion-MNIST sample, in ./demo-workspace (about 5 minutes on a CPU):
 # train for 3 minutes, index the training images, search with a test image, and score the encoder
-# by kNN against its own random initialisation.
+# by kNN against its own random initialisation, list the duplicate groups, and say how to open the web app.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cli="$here/../.venv/bin/simsiam-embed"
@@ -19,3 +19,7 @@ echo "--- search: the 5 nearest training images of a test sneaker"
 "$cli" search "$sample/test/sneaker/sneaker-000.png" -k 5
 echo "--- kNN accuracy on the 200 test images, bank = the 1,000 training images"
 "$cli" knn --train "$sample/train" --test "$sample/test" -k 20 -t 0.07 --compare-random-init
+echo "--- duplicates among the 1,000 indexed images (groups, plan and pages in demo-workspace/explore/)"
+"$cli" dedup
+echo "--- next: browse the index in your browser (search by dropping an image, duplicates, clusters, map):"
+echo "    cd demo-workspace && $cli serve      # then open http://127.0.0.1:8765"

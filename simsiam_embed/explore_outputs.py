@@ -169,7 +169,7 @@ def write_map_page(result: MapResult, loaded: LoadedIndex, path: Path) -> None:
 <script>
 const points = {script_json(points)};
 {MAP_SCRIPT}
-drawMap(document.getElementById("map"), document.getElementById("tip"), points, p => p.src);
+window.mapView = drawMap(document.getElementById("map"), document.getElementById("tip"), points, p => p.src);
 </script>"""
     _write(path, _page("Map", summary, body))
 
@@ -199,5 +199,7 @@ function drawMap(canvas, tip, points, imageOf) {
     tip.dataset.id = best.id ?? "";
     tip.style.left = (e.clientX + 12) + "px"; tip.style.top = (e.clientY + 12) + "px"; tip.style.display = "block";
   };
+  canvas.onmouseleave = () => { tip.style.display = "none"; };
+  return { positionOf: p => [px(p), py(p)] };
 }
 """

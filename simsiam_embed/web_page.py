@@ -152,7 +152,7 @@ const loaders = {
     $("map-note").textContent = `${data.method} of ${data.points.length} images. ${data.note} Hover a point to see it; ` +
       "click to search from it.";
     const points = data.points.map(p => ({...p, name: baseName(p.path)}));
-    drawMap($("map"), $("tip"), points, p => `/api/thumbnails/${p.id}`);
+    window.mapView = {points, ...drawMap($("map"), $("tip"), points, p => `/api/thumbnails/${p.id}`)};
     $("map").onclick = () => { const shown = $("tip").style.display !== "none" && $("tip").dataset.id;
                                if (shown) searchById(Number(shown)); };
   },

@@ -79,6 +79,14 @@ def test_search_by_upload_then_by_click_then_the_duplicates_view(server):
                 page.click(f"button[data-view={view}]")
                 playwright_api.expect(page.locator(f"#view-{view} .error")).to_have_count(0)
             playwright_api.expect(page.locator("#map-note")).to_contain_text("PCA")
+            # Hovering a point shows that image: the canvas position of one point, from the page.
+            x, y = page.evaluate("mapView.positionOf(mapView.points[3])")
+            box = page.locator("#map").bounding_box()
+            page.mouse.move(box["x"] + x * box["width"] / 1000, box["y"] + y * box["height"] / 700)
+            tip = page.locator("#tip")
+            playwright_api.expect(tip).to_be_visible()
+            playwright_api.expect(tip.locator("img")).to_have_attribute("src", re.compile(r"/api/thumbnails/\d+$"))
+            page.screenshot(path=str(folder / "4-map.png"), full_page=True)
             assert errors == []
         finally:
             browser.close()

@@ -191,6 +191,9 @@ def test_the_users_three_commands_in_a_fresh_folder(tmp_path):
 
     trained = run_cli("pretrain", "./images", "--epochs", "2", *FAST_TRAINING, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "runs" / "images"
+    assert f"report: {run / 'report.html'}" in trained.stderr   # pretrain draws its curves at the end
+    assert {path.name for path in run.glob("report-*.png")} == {"report-loss.png", "report-lr.png", "report-z_std.png"}
     indexed = run_cli("index", cwd=tmp_path)
     assert indexed.returncode == 0, indexed.stderr
     assert "18 images (18 added" in indexed.stdout and "Flat" in indexed.stdout
