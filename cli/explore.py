@@ -12,7 +12,7 @@ from ..explore import (
     DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, find_clusters,
     find_duplicates, find_outliers, project_to_map,
 )
-from ..explore_outputs import write_clusters, write_duplicates, write_map, write_outliers
+from ..explore_outputs import write_analysis, write_duplicates
 from ..errors import UserError
 from ..files import ensure_writable_folder
 from ..index import LoadedIndex, load_index
@@ -35,8 +35,12 @@ def _open(workspace: Path, index_dir: Path | None, output: Path | None) -> tuple
     return loaded, folder
 
 
-def _written(paths: list[Path]) -> str:
-    return "wrote " + ", ".join(str(path) for path in paths)
+def _printed_as_json(result, written: list[Path], as_json: bool) -> bool:
+    """Say which files were written (stderr), and print ``result`` as JSON when asked."""
+    _echo_err("wrote " + ", ".join(str(path) for path in written))
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+    return as_json
 
 
 @click.command("dedup")
@@ -44,12 +48,14 @@ def _written(paths: list[Path]) -> str:
 @index_dir_option
 @output_option
 @click.option("--threshold", type=FiniteFloatRange(-1.0, 1.0), default=DEFAULT_DUPLICATE_THRESHOLD,
-              help="Cosine at or above which two images are near-duplicates (calibrated in bench/RESULTS.md).")
+              help="Centred cosine at or above which two mutual nearest neighbours are near-duplicates "
+                   "(calibrated: README, bench/RESULTS.md).")
 @click.option("--plan", type=click.Choice(PLANS),
               help="Also write plan.json/plan.csv: which file of each group to keep, which to remove. "
                    "Nothing is ever deleted.")
 @click.option("--neighbours", type=click.IntRange(min=1), default=DUPLICATE_NEIGHBOURS,
-              help="Neighbours searched per image (groups larger than this still join up).")
+              help="Neighbours searched per image; byte-identical copies among them are skipped over to "
+                   "find its nearest other image.")
 @json_option
 def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, threshold: float, plan: str | None,
                   neighbours: int, as_json: bool) -> None:
@@ -57,9 +63,7 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
     loaded, folder = _open(workspace, index_dir, output)
     result = find_duplicates(loaded, threshold, neighbours, plan, report=_echo_err)
     written = write_duplicates(result, loaded, folder)
-    _echo_err(_written(written))
-    if as_json:
-        click.echo(json.dumps(asdict(result) | {"duplicate_files": result.duplicate_files}, indent=2))
+    if _printed_as_json(result, written, as_json):
         return
     click.echo(f"{len(result.groups)} duplicate groups among {result.images} images (centred cosine >= {threshold}); "
                f"{result.duplicate_files} files beyond the first of each group")
@@ -85,9 +89,7 @@ def clusters_command(workspace: Path, index_dir: Path | None, output: Path | Non
     """Group the indexed images by k-means on their embeddings (FAISS)."""
     loaded, folder = _open(workspace, index_dir, output)
     result = find_clusters(loaded, clusters, examples, report=_echo_err)
-    _echo_err(_written(write_clusters(result, loaded, folder)))
-    if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+    if _printed_as_json(result, write_analysis(result, loaded, folder), as_json):
         return
     click.echo(f"{len(result.clusters)} clusters of {result.images} images (k = {result.k}: {result.k_reason})")
     for cluster in result.clusters[:20]:
@@ -109,9 +111,7 @@ def outliers_command(workspace: Path, index_dir: Path | None, output: Path | Non
     """The indexed images least similar to their nearest neighbours, oddest first."""
     loaded, folder = _open(workspace, index_dir, output)
     result = find_outliers(loaded, count, neighbours, report=_echo_err)
-    _echo_err(_written(write_outliers(result, loaded, folder)))
-    if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+    if _printed_as_json(result, write_analysis(result, loaded, folder), as_json):
         return
     click.echo(f"the {len(result.outliers)} oddest of {result.images} images (mean cosine to {result.neighbours} "
                f"nearest; the typical image: {result.median_score:.3f})")
@@ -133,9 +133,8 @@ def map_command(workspace: Path, index_dir: Path | None, output: Path | None, me
     """A 2-D map of the indexed images: a page where each point shows its image on hover."""
     loaded, folder = _open(workspace, index_dir, output)
     result = project_to_map(loaded, method, max_points, report=_echo_err)
-    written = write_map(result, loaded, folder)
-    if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+    written = write_analysis(result, loaded, folder)
+    if _printed_as_json(result, written, as_json):
         return
     click.echo(f"{result.method} map of {len(result.points)} images: {written[-1]}"
                + (f"\n{result.note}" if result.note else ""))

@@ -45,8 +45,8 @@ QUERY_CHUNK = 16_384
 #: Fashion-MNIST images; the lowest threshold whose groups are right at least 80% of the time on
 #: both. Precision first: a plan built on a false group would remove a file that is no copy.
 DEFAULT_DUPLICATE_THRESHOLD = 0.95
-#: Neighbours searched per image for duplicates: a group larger than this still joins up,
-#: since each member links to some of the others and union-find follows the chains.
+#: Neighbours searched per image for duplicates: its nearest other image is among them unless
+#: more than this many byte-identical copies of it come first (those group by their bytes).
 DUPLICATE_NEIGHBOURS = 10
 OUTLIER_NEIGHBOURS = 10
 PLANS = ("keep-largest", "keep-oldest", "keep-first")
@@ -183,11 +183,10 @@ class DuplicateResult:
     images: int
     groups: list[DuplicateGroup]
     plan: str | None = None
+    duplicate_files: int = 0   # files beyond the first of each group: what a plan would remove
 
-    @property
-    def duplicate_files(self) -> int:
-        """Files beyond the first of each group: what a plan would remove."""
-        return sum(len(group.members) - 1 for group in self.groups)
+    def __post_init__(self) -> None:
+        self.duplicate_files = sum(len(group.members) - 1 for group in self.groups)
 
 
 def find_duplicates(loaded: LoadedIndex, threshold: float = DEFAULT_DUPLICATE_THRESHOLD,

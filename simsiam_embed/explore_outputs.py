@@ -80,7 +80,7 @@ def write_duplicates(result: DuplicateResult, loaded: LoadedIndex, folder: Path)
     """duplicates.json, duplicates.csv, duplicates.html, and with a plan plan.json + plan.csv:
     which file of each group to keep and which to remove. Nothing is ever deleted here."""
     written = [folder / "duplicates.json", folder / "duplicates.csv", folder / "duplicates.html"]
-    write_json_atomic(written[0], asdict(result) | {"duplicate_files": result.duplicate_files})
+    write_json_atomic(written[0], asdict(result))
     _write_csv(written[1], ["group", "exact", "id", "path", "size", "mtime_ns", "score", "action"],
                [[g.number, g.exact, m.id, m.path, m.size, m.mtime_ns, m.score, m.action]
                 for g in result.groups for m in g.members])
@@ -97,24 +97,13 @@ def write_duplicates(result: DuplicateResult, loaded: LoadedIndex, folder: Path)
     return written
 
 
-def write_clusters(result: ClusterResult, loaded: LoadedIndex, folder: Path) -> list[Path]:
-    written = [folder / "clusters.json", folder / "clusters.html"]
+def write_analysis(result: ClusterResult | OutlierResult | MapResult, loaded: LoadedIndex, folder: Path) -> list[Path]:
+    """``<name>.json`` (everything) and ``<name>.html`` for clusters, outliers or a map."""
+    name, write_page = {ClusterResult: ("clusters", write_clusters_page), OutlierResult: ("outliers", write_outliers_page),
+                        MapResult: ("map", write_map_page)}[type(result)]
+    written = [folder / f"{name}.json", folder / f"{name}.html"]
     write_json_atomic(written[0], asdict(result))
-    write_clusters_page(result, loaded, written[1])
-    return written
-
-
-def write_outliers(result: OutlierResult, loaded: LoadedIndex, folder: Path) -> list[Path]:
-    written = [folder / "outliers.json", folder / "outliers.html"]
-    write_json_atomic(written[0], asdict(result))
-    write_outliers_page(result, loaded, written[1])
-    return written
-
-
-def write_map(result: MapResult, loaded: LoadedIndex, folder: Path) -> list[Path]:
-    written = [folder / "map.json", folder / "map.html"]
-    write_json_atomic(written[0], asdict(result))
-    write_map_page(result, loaded, written[1])
+    write_page(result, loaded, written[1])
     return written
 
 

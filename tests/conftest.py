@@ -223,3 +223,31 @@ def build_pixel_index(image_dir: Path, index_dir: Path, encoder_file: Path | Non
     encoder_file = encoder_file or write_pixel_onnx(index_dir.parent / "pixel-encoder.onnx")
     return update_index(image_dir, OnnxEncoder(encoder_file), pixel_identity(encoder_file), index_dir,
                         workers=0, report=lambda _message: None, show_progress=False)
+
+
+def distinct_images(folder: Path, count: int, seed: int = 5, size: int = 32) -> list[Path]:
+    """Images of four random colour quadrants: far apart for the tests' pixel-means encoder (with
+    seed 5 the closest two of the first 40 are at centred cosine 0.79, below the dedup threshold)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    half = size // 2
+    for number in range(count):
+        image = Image.new("RGB", (size, size))
+        for x, y in ((0, 0), (half, 0), (0, half), (half, half)):
+            image.paste(tuple(int(v) for v in rng.integers(0, 256, 3)), (x, y, x + half, y + half))
+        path = folder / f"image-{number:03d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def indexed_folder_with_a_copy(root: Path, count: int) -> list[Path]:
+    """``count`` distinct images under ``root/images`` plus a byte copy of the first
+    (``copy-of-first.png``), indexed into ``root/index``; returns the distinct images."""
+    import shutil
+
+    paths = distinct_images(root / "images", count)
+    shutil.copyfile(paths[0], root / "images" / "copy-of-first.png")
+    build_pixel_index(root / "images", root / "index")
+    return paths

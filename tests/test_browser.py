@@ -5,14 +5,11 @@ search from it, open the duplicates view; a screenshot of each step lands in the
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import CONSOLE_SCRIPT, build_pixel_index
-from test_explore import distinct_images
+from conftest import CONSOLE_SCRIPT, indexed_folder_with_a_copy
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -26,10 +23,7 @@ if not CHROMIUM.exists():
 
 @pytest.fixture
 def server(tmp_path: Path):
-    images = tmp_path / "images"
-    paths = distinct_images(images, 24)
-    shutil.copyfile(paths[0], images / "copy-of-first.png")
-    build_pixel_index(images, tmp_path / "index")
+    paths = indexed_folder_with_a_copy(tmp_path, 24)
     process = subprocess.Popen([str(CONSOLE_SCRIPT), "serve", "--port", "0"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

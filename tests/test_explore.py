@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build_pixel_index, invoke
+from conftest import build_pixel_index, distinct_images, invoke
 from PIL import Image, ImageEnhance
 
 from simsiam_embed import explore
@@ -21,23 +21,6 @@ from simsiam_embed.explore import (
 )
 from simsiam_embed.index import load_index
 from simsiam_embed.report import read_metrics, write_run_report
-
-
-def distinct_images(folder: Path, count: int, seed: int = 5, size: int = 32) -> list[Path]:
-    """Images of four random colour quadrants: far apart for the tests' pixel-means encoder (with
-    seed 5 the closest two of the first 40 are at centred cosine 0.79, below the dedup threshold)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    half = size // 2
-    for number in range(count):
-        image = Image.new("RGB", (size, size))
-        for x, y in ((0, 0), (half, 0), (0, half), (half, half)):
-            image.paste(tuple(int(v) for v in rng.integers(0, 256, 3)), (x, y, x + half, y + half))
-        path = folder / f"image-{number:03d}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture

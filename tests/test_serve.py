@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import io
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the [serve] extra (in [dev]) is not installed")
-from conftest import build_pixel_index, invoke  # noqa: E402
+from conftest import build_pixel_index, distinct_images, indexed_folder_with_a_copy, invoke  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_explore import distinct_images, write_metrics  # noqa: E402
+from test_explore import write_metrics  # noqa: E402
 
 from simsiam_embed import serve as serve_module  # noqa: E402
 from simsiam_embed.serve import LOOPBACK_NAMES, create_app  # noqa: E402
@@ -25,10 +24,7 @@ UPLOAD_LIMIT = 200_000
 
 @pytest.fixture
 def served(tmp_path: Path):
-    images = tmp_path / "images"
-    paths = distinct_images(images, 20)
-    shutil.copyfile(paths[0], images / "copy-of-0.png")
-    build_pixel_index(images, tmp_path / "index")
+    paths = indexed_folder_with_a_copy(tmp_path, 20)
     app = create_app(tmp_path / "index", Workspace(tmp_path), UPLOAD_LIMIT, LOOPBACK_NAMES)
     with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client, tmp_path, paths
@@ -56,7 +52,7 @@ def test_search_by_id_leaves_the_query_out(served):
     answer = client.get(f"/api/search/{query}?k=3").json()
     assert answer["query"]["path"] == str(paths[0])
     assert query not in [hit["id"] for hit in answer["hits"]] and len(answer["hits"]) == 3
-    assert answer["hits"][0]["path"].endswith("copy-of-0.png") and answer["hits"][0]["score"] > 0.9999
+    assert answer["hits"][0]["path"].endswith("copy-of-first.png") and answer["hits"][0]["score"] > 0.9999
     assert client.get("/api/search/99999").status_code == 404
 
 
@@ -124,7 +120,7 @@ def test_duplicates_clusters_outliers_and_map(served):
     client, _, paths = served
     duplicates = client.get("/api/duplicates").json()
     assert duplicates["total_groups"] == 1
-    assert {m["path"] for m in duplicates["groups"][0]["members"]} == {str(paths[0]), str(paths[0].parent / "copy-of-0.png")}
+    assert {m["path"] for m in duplicates["groups"][0]["members"]} == {str(paths[0]), str(paths[0].parent / "copy-of-first.png")}
     clusters = client.get("/api/clusters?k=3").json()
     assert clusters["k"] == 3 and sum(c["size"] for c in clusters["clusters"]) == 21
     assert client.get("/api/clusters?k=500").status_code == 422
