@@ -290,3 +290,32 @@ def test_nice_ticks_cover_the_range_with_round_steps():
     assert nice_ticks(-0.93, -0.12) == [-1.0, -0.75, -0.5, -0.25, 0.0]
     assert nice_ticks(0, 700) == [0, 200, 400, 600, 800]
     assert nice_ticks(5, 5)[0] <= 5 <= nice_ticks(5, 5)[-1]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["dedup", "--threshold", "1.5"], "--threshold"),
+    (["dedup", "--threshold", "nan"], "nan"),
+    (["dedup", "--plan", "keep-all"], "--plan"),
+    (["clusters", "-k", "0"], "-k"),
+    (["clusters", "-k", "500"], "-k 500 is more than the 45 images"),
+    (["outliers", "-n", "0"], "--count"),
+    (["map", "--method", "tsne"], "--method"),
+    (["map", "--max-points", "1"], "--max-points"),
+    (["dedup", "--index-dir", "nowhere"], "no index in nowhere"),
+    (["report", "images"], "has no metrics.jsonl"),
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--host", "203.0.113.77", "--port", "0"], "cannot listen on 203.0.113.77"),
+])
+def test_bad_input_to_the_explore_commands_is_one_line(planted, args, fragment):
+    from conftest import assert_one_line_error_in_process
+
+    workspace, _ = planted
+    assert_one_line_error_in_process(invoke(*args, cwd=workspace), fragment)
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(planted):
+    from conftest import assert_one_line_error_in_process
+
+    workspace, _ = planted
+    (workspace / "a-file").write_text("")
+    assert_one_line_error_in_process(invoke("dedup", "-o", "a-file/explore", cwd=workspace), "cannot write")
