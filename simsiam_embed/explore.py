@@ -458,7 +458,8 @@ MAP_MAX_POINTS = 5_000
 
 def umap_available() -> bool:
     try:
-        import umap  # noqa: F401
+        # The class, not just the name: a half-uninstalled package leaves an importable empty folder.
+        from umap import UMAP  # noqa: F401
     except ImportError:
         return False
     return True
@@ -481,9 +482,9 @@ def project_to_map(loaded: LoadedIndex, method: str = "auto", max_points: int = 
     vectors = np.asarray(loaded.vectors[rows], dtype=np.float32)
     use_umap = method == "umap" or (method == "auto" and umap_available() and len(rows) >= 16)
     if use_umap:
-        import umap
+        from umap import UMAP
 
-        coordinates = umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(vectors)
+        coordinates = UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(vectors)
         name = "UMAP"
     else:
         coordinates = principal_components(vectors, 2)

@@ -319,3 +319,11 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(planted):
     workspace, _ = planted
     (workspace / "a-file").write_text("")
     assert_one_line_error_in_process(invoke("dedup", "-o", "a-file/explore", cwd=workspace), "cannot write")
+
+
+def test_the_map_uses_umap_when_the_extra_is_installed(planted):
+    pytest.importorskip("umap", reason="umap-learn (the [map] extra) is not installed; the PCA path is tested above")
+    workspace, _ = planted
+    result = project_to_map(load_index(workspace / "index", for_search=False))
+    assert result.method == "UMAP" and result.note == "" and len(result.points) == 45
+    assert np.std([p.x for p in result.points]) > 0
