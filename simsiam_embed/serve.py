@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .data import UnreadableImage, open_image
@@ -112,6 +112,11 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(_BodySizeLimit, max_bytes=max_upload_bytes)
+
+    @app.exception_handler(UserError)
+    async def user_error(_request, error: UserError) -> JSONResponse:
+        # What the command line says in one line (an index of one image has no clusters, ...).
+        return JSONResponse({"detail": str(error)}, status_code=422)
 
     def index_now() -> LoadedIndex:
         try:
@@ -204,10 +209,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     @app.get("/api/clusters", summary="k-means clusters of the index")
     def clusters(k: int | None = Query(None, ge=1, le=10_000), limit: int = Query(200, ge=1, le=10_000)) -> dict:
         loaded = index_now()
-        try:
-            result = live.analysis(loaded, ("clusters", k), lambda: find_clusters(loaded, k))
-        except UserError as error:
-            raise HTTPException(422, str(error)) from None
+        result = live.analysis(loaded, ("clusters", k), lambda: find_clusters(loaded, k))
         return {"k": result.k, "k_reason": result.k_reason, "images": result.images,
                 "clusters": [asdict(cluster) for cluster in result.clusters[:limit]]}
 

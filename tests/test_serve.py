@@ -196,3 +196,13 @@ def test_serve_warns_in_one_line_when_listening_beyond_loopback(served, monkeypa
 def test_serve_without_an_index_says_how_to_make_one(tmp_path):
     answer = invoke("serve", "--port", "0", cwd=tmp_path)
     assert answer.exit_code != 0 and "simsiam-embed index" in answer.output
+
+
+def test_an_index_of_one_image_answers_422_with_the_reason(tmp_path):
+    distinct_images(tmp_path / "images", 1)
+    build_pixel_index(tmp_path / "images", tmp_path / "index")
+    with TestClient(create_app(tmp_path / "index"), base_url="http://127.0.0.1") as client:
+        for url in ("/api/duplicates", "/api/clusters", "/api/outliers"):
+            answer = client.get(url)
+            assert answer.status_code == 422 and "one image" in answer.json()["detail"], url
+        assert client.get("/api/search/0").json()["hits"] == []
