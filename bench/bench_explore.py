@@ -1,12 +1,12 @@
 """dedup and clusters at scale: time and peak memory on 100k and 1M synthetic embeddings.
 
     python bench/bench_explore.py                     # 100k and 1M, 512-d, each run in its own process
-    python bench/bench_explore.py --count 100000 --op dedup --exact   # one measurement
 
 The vectors imitate an index: 512-d unit vectors around 2,000 cluster centres, with 1% of them
 given a near-copy (the vector plus small noise: cosine ~0.985) as planted duplicates.
 They are memory-mapped from a .npy file as an index generation's are, so the peak memory is what
-the analysis adds to a mapped index. Side by side at 100k: the exact k-NN graph (all pairs,
+the analysis adds to a mapped index (RSS before: the mapped file untouched, plus the catalog's
+entries as Python objects). Side by side at 100k: the exact k-NN graph (all pairs,
 chunked) against the IVF one the library uses past 50k vectors: time, and the share of planted
 pairs each finds. An n x n matrix, the baseline this avoids, needs n^2 x 4 bytes: 40 GB at 100k.
 """
@@ -49,8 +49,8 @@ class MappedVectors:
         return len(self.ids)
 
 
-def make_vectors(path: Path, count: int, seed: int = 0) -> np.ndarray:
-    """Writes the vectors to ``path`` in chunks; returns the planted pairs (copy, original)."""
+def make_vectors(path: Path, count: int, seed: int = 0) -> None:
+    """Writes the vectors to ``path`` in chunks, and the planted pairs (copy, original) beside it."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((CENTRES, DIM)).astype(np.float32)
     planted = int(count * PLANTED_SHARE)
@@ -64,59 +64,65 @@ def make_vectors(path: Path, count: int, seed: int = 0) -> np.ndarray:
     copies = out[originals] + 0.008 * rng.standard_normal((planted, DIM)).astype(np.float32)
     out[count - planted:] = copies / np.linalg.norm(copies, axis=1, keepdims=True)
     out.flush()
-    return np.stack([np.arange(count - planted, count), originals], axis=1)
+    np.save(path.with_name("planted.npy"), np.stack([np.arange(count - planted, count), originals], axis=1))
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(count: int, op: str, exact: bool) -> dict:
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "vectors.npy"
-        pairs = make_vectors(path, count)
-        vectors = np.load(path, mmap_mode="r")
-        ids = np.arange(count, dtype=np.int64)
-        entries = {i: CatalogEntry(i, f"/images/{i:07d}.jpg", 1000, 0, "", f"{i:064x}") for i in range(count)}
-        loaded = MappedVectors(vectors, ids, entries)
-        if exact:
-            explore.EXACT_NEIGHBOURS_MAX = count
-        before = peak_rss_mb()
-        started = time.monotonic()
-        if op == "dedup":
-            result = explore.find_duplicates(loaded)
-            group_of = {m.id: g.number for g in result.groups for m in g.members}
-            found = np.mean([a in group_of and group_of.get(a) == group_of.get(b) for a, b in pairs.tolist()])
-            detail = {"method": result.method, "groups": len(result.groups), "planted_found": round(float(found), 4)}
-        else:
-            result = explore.find_clusters(loaded)
-            detail = {"k": result.k, "largest": result.clusters[0].size}
-        seconds = time.monotonic() - started
-        return {"count": count, "op": op, "exact": exact, "seconds": round(seconds, 1),
-                "peak_rss_mb": round(peak_rss_mb()), "rss_before_mb": round(before), **detail}
+def measure(path: Path, op: str, exact: bool) -> dict:
+    """One analysis of the vectors at ``path``, in a process that only maps them."""
+    vectors = np.load(path, mmap_mode="r")
+    pairs = np.load(path.with_name("planted.npy"))
+    count = len(vectors)
+    ids = np.arange(count, dtype=np.int64)
+    entries = {i: CatalogEntry(i, f"/images/{i:07d}.jpg", 1000, 0, "", f"{i:064x}") for i in range(count)}
+    loaded = MappedVectors(vectors, ids, entries)
+    if exact:
+        explore.EXACT_NEIGHBOURS_MAX = count
+    before = peak_rss_mb()
+    started = time.monotonic()
+    if op == "dedup":
+        result = explore.find_duplicates(loaded)
+        group_of = {m.id: g.number for g in result.groups for m in g.members}
+        found = np.mean([a in group_of and group_of.get(a) == group_of.get(b) for a, b in pairs.tolist()])
+        detail = {"method": result.method, "groups": len(result.groups), "planted_found": round(float(found), 4)}
+    else:
+        result = explore.find_clusters(loaded)
+        detail = {"k": result.k, "largest": result.clusters[0].size}
+    seconds = time.monotonic() - started
+    return {"count": count, "op": op, "exact": exact, "seconds": round(seconds, 1),
+            "peak_rss_mb": round(peak_rss_mb()), "rss_before_mb": round(before), **detail}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int)
+    parser.add_argument("--vectors", type=Path, help="measure one analysis of this vectors.npy")
     parser.add_argument("--op", choices=["dedup", "clusters"])
     parser.add_argument("--exact", action="store_true", help="force the exact k-NN graph")
+    parser.add_argument("--counts", default="100000,1000000")
     args = parser.parse_args()
-    if args.count:
-        print(json.dumps(measure(args.count, args.op, args.exact)))
+    if args.vectors:
+        print(json.dumps(measure(args.vectors, args.op, args.exact)))
         return
     print(f"machine: {machine()}; {DIM}-d vectors, memory-mapped; each row its own process")
     print("| vectors | operation | neighbours | seconds | peak RSS (MB) | RSS before (MB) | result |")
     print("|---|---|---|---|---|---|---|")
-    for count, op, exact in ((100_000, "dedup", True), (100_000, "dedup", False), (100_000, "clusters", False),
-                             (1_000_000, "dedup", False), (1_000_000, "clusters", False)):
-        command = [sys.executable, __file__, "--count", str(count), "--op", op] + (["--exact"] if exact else [])
-        row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        result = (f"{row['groups']} groups, {row['planted_found']:.1%} of planted pairs found" if op == "dedup"
-                  else f"k = {row['k']}, largest cluster {row['largest']}")
-        neighbours = row.get("method", "")
-        print(f"| {count:,} | {op} | {neighbours} | {row['seconds']} | {row['peak_rss_mb']} | {row['rss_before_mb']} "
-              f"| {result} |", flush=True)
+    for count in (int(value) for value in args.counts.split(",")):
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "vectors.npy"
+            make_vectors(path, count)
+            for op, exact in (("dedup", True), ("dedup", False), ("clusters", False)):
+                if exact and count > 200_000:
+                    continue   # all pairs at 1M: 100x the 100k time
+                command = [sys.executable, __file__, "--vectors", str(path), "--op", op] + (["--exact"] if exact else [])
+                run = subprocess.run(command, check=True, capture_output=True, text=True)
+                row = json.loads(run.stdout.splitlines()[-1])
+                result = (f"{row['groups']} groups, {row['planted_found']:.1%} of planted pairs found" if op == "dedup"
+                          else f"k = {row['k']}, largest cluster {row['largest']}")
+                print(f"| {count:,} | {op} | {row.get('method', '')} | {row['seconds']} | {row['peak_rss_mb']} "
+                      f"| {row['rss_before_mb']} | {result} |", flush=True)
 
 
 if __name__ == "__main__":

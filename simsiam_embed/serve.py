@@ -328,8 +328,8 @@ def is_loopback(host: str) -> bool:
 
 def serve(index_dir: Path, workspace: Workspace | None, host: str = "127.0.0.1", port: int = 8765,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, report: Report = print) -> None:
-    """Serve the app until Ctrl-C. The index must exist; the socket is bound before the URL is
-    printed, so the printed port is the real one (also with ``port=0``)."""
+    """Serve the app until Ctrl-C. The index must exist; the socket is bound and listening before
+    the URL is printed, so the printed port is the real one (also with ``port=0``) and answers."""
     loaded = load_index(index_dir)   # a missing or damaged index is one line now, not a 503 later
     loopback = is_loopback(host)
     if not loopback:
@@ -344,6 +344,9 @@ def serve(index_dir: Path, workspace: Workspace | None, host: str = "127.0.0.1",
     except OSError as error:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({error.strerror or error}): choose another --port") from None
+    # Listening before the URL is printed: a client that connects as soon as it reads the URL
+    # waits in the backlog until uvicorn accepts, instead of being refused.
+    sock.listen(128)
     bound_port = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
     report(f"serving {loaded.count} images of {index_dir} at http://{shown}:{bound_port}/ "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import threading
 from pathlib import Path
 
@@ -189,8 +190,16 @@ def test_serve_warns_in_one_line_when_listening_beyond_loopback(served, monkeypa
     assert messages[0].startswith("warning: listening on 0.0.0.0") and "\n" not in messages[0]
     assert ran and ran[0][1] > 0 and f":{ran[0][1]}/" in messages[1]
     messages.clear()
+    connected = []
+
+    def connect_once_printed(self, sockets):
+        # The URL is printed before the server runs: it must already accept connections then.
+        with socket.create_connection(sockets[0].getsockname(), timeout=5):
+            connected.append(True)
+
+    monkeypatch.setattr("uvicorn.Server.run", connect_once_printed)
     serve_module.serve(workspace / "index", Workspace(workspace), host="127.0.0.1", port=0, report=messages.append)
-    assert len(messages) == 1 and messages[0].startswith("serving 21 images")
+    assert len(messages) == 1 and messages[0].startswith("serving 21 images") and connected == [True]
 
 
 def test_serve_without_an_index_says_how_to_make_one(tmp_path):
