@@ -3,7 +3,8 @@ by upload and by id, beside the baseline of one `simsiam-embed search` process p
 
     python bench/bench_serve.py --workspace demo-workspace [--requests 200] [--concurrency 4]
 
-The workspace must hold an index (`simsiam-embed index`). The server runs as the user runs it
+The workspace must hold an index (`simsiam-embed index`); for the first-request thumbnail row to
+mean what it says, start without `index/thumbnails/`. The server runs as the user runs it
 (`simsiam-embed serve --port 0`); every request goes to 127.0.0.1 only, and the load stops
 after --requests requests of each kind or --max-seconds, whichever comes first.
 """
@@ -84,7 +85,9 @@ def main() -> None:
             "search by upload (k=10)": [
                 (lambda q=q: upload_request(f"{url}/api/search?k=10", q.read_bytes(), q.name)) for q in queries],
             "search by id (k=10)": [(lambda i=i: Request(f"{url}/api/search/{i}?k=10")) for i in ids],
-            "thumbnail (cached after the first)": [(lambda i=i: Request(f"{url}/api/thumbnails/{i}")) for i in ids],
+            "thumbnail, first request (made, then cached)": [
+                (lambda i=i: Request(f"{url}/api/thumbnails/{i}")) for i in ids],
+            "thumbnail, again (from the cache)": [(lambda i=i: Request(f"{url}/api/thumbnails/{i}")) for i in ids],
         }
         for name, requests in kinds.items():
             latencies, rate = load(requests, args.concurrency, args.max_seconds)
