@@ -5,7 +5,8 @@
 What it promises:
 - It listens on loopback unless told otherwise, and then only answers requests addressed to a
   loopback name (a web page elsewhere cannot reach it through DNS rebinding).
-- Image files are served only by catalogue id, never by a path from the client.
+- Image files are served only by catalogue id, never by a path from the client, and only while
+  their bytes are those the index recorded (a received index's catalog cannot point it elsewhere).
 - Uploads are read up to a size limit and decoded by the same safe decoder as every image
   (decompression bombs refused); nothing of an upload is kept after its request.
 - ``index`` may update the folder while it serves: each request reads ``CURRENT`` and the new
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .data import UnreadableImage, open_image
@@ -36,7 +37,7 @@ from .explore import DEFAULT_DUPLICATE_THRESHOLD, find_clusters, find_duplicates
 from .index import LoadedIndex, current_generation, load_index
 from .report import CHART_NAMES, build_chart, read_metrics, run_dimension, run_summary
 from .search import encoder_of_index, ranked_hits
-from .thumbnails import cached_thumbnail
+from .thumbnails import cached_thumbnail, indexed_bytes
 from .web_page import PAGE
 from .workspace import Workspace
 
@@ -175,16 +176,16 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     @app.get("/api/images/{image_id}", summary="An indexed image file, by catalogue id")
     def image_file(image_id: str):
         entry = entry_or_404(index_now(), image_id)
-        path = Path(entry.path)
-        media_type = BROWSER_FORMATS.get(path.suffix.lower())
-        if not path.is_file():
-            raise HTTPException(404, f"image {entry.id} is no longer on disk")
+        data = indexed_bytes(entry)
+        if data is None:
+            raise HTTPException(404, f"image {entry.id} is gone or changed since it was indexed: run `simsiam-embed index`")
+        media_type = BROWSER_FORMATS.get(Path(entry.path).suffix.lower())
         if media_type is not None:
-            return FileResponse(path, media_type=media_type)
+            return Response(data, media_type=media_type)
         try:
-            image = open_image(path)
+            image = open_image(io.BytesIO(data))
         except UnreadableImage as reason:
-            raise HTTPException(404, f"image {entry.id} cannot be read now: {reason}") from None
+            raise HTTPException(404, f"image {entry.id} cannot be read: {reason}") from None
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type="image/png")

@@ -5,14 +5,20 @@ digest the catalog recorded, so a file indexed again under another name reuses i
 a preview never outlives a change of content the index knows of. Writes are atomic, so two
 requests making the same preview at once both leave a whole file. A read-only index folder still
 gets previews, uncached.
+
+An indexed file is read only while its bytes still have the digest the catalog recorded
+(:func:`indexed_bytes`): a catalog that came with someone else's index can name any path, but
+nothing is read out of a file whose content its digest does not already name.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -35,7 +41,7 @@ def encode_thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> bytes:
     return buffer.getvalue()
 
 
-def thumbnail_of_file(path: Path | str, side: int = THUMBNAIL_SIDE) -> bytes | None:
+def thumbnail_of_file(path: Path | str | BinaryIO, side: int = THUMBNAIL_SIDE) -> bytes | None:
     """A preview of any image file (the safe decoder's limits apply); None if unreadable."""
     try:
         return encode_thumbnail(open_image(path, draft_side=side), side)
@@ -43,9 +49,19 @@ def thumbnail_of_file(path: Path | str, side: int = THUMBNAIL_SIDE) -> bytes | N
         return None
 
 
+def indexed_bytes(entry: CatalogEntry) -> bytes | None:
+    """The file's bytes if they are still those the index recorded (same SHA-256), else None:
+    the file is gone, changed since `index` ran, or not the file the catalog claims."""
+    try:
+        data = Path(entry.path).read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == entry.digest else None
+
+
 def cached_thumbnail(index_dir: Path, entry: CatalogEntry, side: int = THUMBNAIL_SIDE) -> bytes | None:
     """The preview of an indexed image, from the cache or made and cached now; None if the
-    file can no longer be read."""
+    file can no longer be read as indexed."""
     if not _DIGEST.fullmatch(entry.digest):   # the catalog is validated; this keeps the path inside
         return None
     cache = index_dir / THUMBNAIL_FOLDER / entry.digest[:2] / f"{entry.digest}-{side}.jpg"
@@ -53,7 +69,8 @@ def cached_thumbnail(index_dir: Path, entry: CatalogEntry, side: int = THUMBNAIL
         return cache.read_bytes()
     except OSError:
         pass
-    made = thumbnail_of_file(entry.path, side)
+    data = indexed_bytes(entry)
+    made = thumbnail_of_file(io.BytesIO(data), side) if data is not None else None
     if made is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -215,3 +216,34 @@ def test_an_index_of_one_image_answers_422_with_the_reason(tmp_path):
             answer = client.get(url)
             assert answer.status_code == 422 and "one image" in answer.json()["detail"], url
         assert client.get("/api/search/0").json()["hits"] == []
+
+
+def test_a_catalog_naming_another_file_serves_nothing_of_it(served):
+    """An index received from someone else can name any path in its catalog: only a file whose
+    bytes have the digest the catalog recorded is ever read out (image or preview)."""
+    import sqlite3
+
+    client, workspace, paths = served
+    secret = workspace / "private" / "secret.png"
+    secret.parent.mkdir()
+    shutil.copyfile(paths[4], secret)
+    secret.write_bytes(secret.read_bytes() + b"not what was indexed")
+    image_id = id_of(client, paths[4])
+    catalog = sqlite3.connect(workspace / "index" / "gen-000001" / "catalog.sqlite")
+    catalog.execute("UPDATE images SET path = ? WHERE id = ?", (str(secret), image_id))
+    catalog.commit()
+    catalog.close()
+    app = create_app(workspace / "index", Workspace(workspace), UPLOAD_LIMIT, LOOPBACK_NAMES)
+    with TestClient(app, base_url="http://127.0.0.1") as fresh:
+        for url in (f"/api/images/{image_id}", f"/api/thumbnails/{image_id}"):
+            answer = fresh.get(url)
+            assert answer.status_code == 404 and b"not what was indexed" not in answer.content, url
+        assert fresh.get(f"/api/images/{id_of(fresh, paths[2])}").status_code == 200   # the rest still serve
+
+
+def test_a_file_changed_since_indexing_is_not_served_until_indexed_again(served):
+    client, _, paths = served
+    image_id = id_of(client, paths[6])
+    paths[6].write_bytes(paths[6].read_bytes() + b"\0")
+    answer = client.get(f"/api/images/{image_id}")
+    assert answer.status_code == 404 and "simsiam-embed index" in answer.json()["detail"]
