@@ -4,7 +4,7 @@
 # by kNN against its own random initialisation, list the duplicate groups, and say how to open the web app.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-cli="$here/../.venv/bin/simsiam-embed"
+cli="$(cd "$here/.." && pwd)/.venv/bin/simsiam-embed"
 [ -x "$cli" ] || cli="simsiam-embed"
 sample="$here/fashion-mnist"
 mkdir -p demo-workspace && cd demo-workspace
