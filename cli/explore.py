@@ -21,8 +21,8 @@ from .options import FiniteFloatRange, printable, workspace_at, workspace_option
 
 _echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
 
-index_dir_option = click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path),
-                                help="[default: WORKSPACE/index]")
+index_dir_option = click.option("--index-dir", "--index", "index_dir", type=click.Path(file_okay=False, path_type=Path),
+                                help="The index folder.  [default: WORKSPACE/index]")
 output_option = click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
                              help="Folder for the JSON, CSV and HTML files.  [default: WORKSPACE/explore]")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")

@@ -247,3 +247,12 @@ def test_a_file_changed_since_indexing_is_not_served_until_indexed_again(served)
     paths[6].write_bytes(paths[6].read_bytes() + b"\0")
     answer = client.get(f"/api/images/{image_id}")
     assert answer.status_code == 404 and "simsiam-embed index" in answer.json()["detail"]
+
+
+def test_serve_takes_the_index_folder_as_the_issue_names_it(served, monkeypatch):
+    _, workspace, _ = served
+    started = []
+    monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets: started.append(True))
+    answer = invoke("serve", "--index", str(workspace / "index"), "--port", "0", cwd=workspace.parent)
+    assert answer.exit_code == 0, answer.output
+    assert started == [True] and "serving 21 images" in answer.stderr
