@@ -21,6 +21,8 @@ from .index import LoadedIndex
 from .thumbnails import cached_thumbnail, data_uri
 
 PAGE_MAX_ITEMS = 300
+#: Members of one duplicate group shown on the page (a folder may hold thousands of one file).
+PAGE_MAX_MEMBERS = 24
 MAP_THUMBNAIL_SIDE = 96
 
 _STYLE = """
@@ -113,9 +115,11 @@ def write_duplicates_page(result: DuplicateResult, loaded: LoadedIndex, path: Pa
         kind = "identical bytes" if group.exact else f"cosine >= {group.min_score:.3f}"
         figures = "".join(
             _figure(loaded, m.id, f"{m.action + ' ' if m.action else ''}{m.score:.3f} {Path(m.path).name}", m.action)
-            for m in group.members)
+            for m in group.members[:PAGE_MAX_MEMBERS])
+        hidden = len(group.members) - PAGE_MAX_MEMBERS
+        more = f'<p class="summary">and {hidden} more (duplicates.csv lists them)</p>' if hidden > 0 else ""
         sections.append(f'<section><h2>group {group.number}: {len(group.members)} images, {kind}</h2>'
-                        f'<div class="row">{figures}</div></section>')
+                        f'<div class="row">{figures}</div>{more}</section>')
     plan = f" Plan {result.plan}: the outlined image of each group is kept." if result.plan else ""
     summary = (f"{len(result.groups)} groups ({result.duplicate_files} files beyond the first of each) among "
                f"{result.images} images at centred cosine >= {result.threshold}; {result.method}.{plan}")

@@ -327,3 +327,19 @@ def test_the_map_uses_umap_when_the_extra_is_installed(planted):
     result = project_to_map(load_index(workspace / "index", for_search=False))
     assert result.method == "UMAP" and result.note == "" and len(result.points) == 45
     assert np.std([p.x for p in result.points]) > 0
+
+
+def test_a_group_of_many_copies_shows_a_bounded_page(tmp_path, monkeypatch):
+    from simsiam_embed import explore_outputs
+
+    monkeypatch.setattr(explore_outputs, "PAGE_MAX_MEMBERS", 4)
+    images = tmp_path / "images"
+    first = distinct_images(images, 3)[0]
+    for number in range(9):
+        shutil.copyfile(first, images / f"copy-{number}.png")
+    build_pixel_index(images, tmp_path / "index")
+    assert invoke("dedup", cwd=tmp_path).exit_code == 0
+    page = (tmp_path / "explore" / "duplicates.html").read_text()
+    assert page.count("<figure") == 4 and "and 6 more (duplicates.csv lists them)" in page
+    with open(tmp_path / "explore" / "duplicates.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 10
