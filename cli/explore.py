@@ -70,9 +70,11 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
     for group in result.groups[:10]:
         kind = "identical" if group.exact else f">= {group.min_score:.3f}"
         click.echo(f"  group {group.number} ({len(group.members)} images, {kind})")
-        for member in group.members:
+        for member in group.members[:10]:
             action = f"{member.action:<7}" if member.action else ""
             click.echo(f"    {action}{member.score:.4f}  {printable(member.path)}")
+        if len(group.members) > 10:
+            click.echo(f"    ... {len(group.members) - 10} more")
     if len(result.groups) > 10:
         click.echo(f"  ... {len(result.groups) - 10} more in {written[0]}")
 
