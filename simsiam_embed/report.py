@@ -80,6 +80,12 @@ def run_dimension(run_dir: Path) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
+def available_charts(records: list[dict]) -> list[str]:
+    """The charts a run has data for: all but kNN, which needs a run with --val-dir."""
+    has_knn = any(_number(record.get("knn_top1")) is not None for record in records)
+    return [name for name in CHART_NAMES if name != "knn" or has_knn]
+
+
 def build_chart(records: list[dict], name: str, dim: int | None) -> Chart | None:
     """One of :data:`CHART_NAMES`; None when the run has no data for it (kNN without --val-dir)."""
     steps = [r for r in records if "epoch_end" not in r and "replanned_total_steps" not in r]
@@ -112,10 +118,8 @@ def write_run_report(run_dir: Path) -> RunReport:
     records = read_metrics(run_dir)
     dim = run_dimension(run_dir)
     written, figures = [], []
-    for name in CHART_NAMES:
+    for name in available_charts(records):
         chart = build_chart(records, name, dim)
-        if chart is None:
-            continue
         path = run_dir / f"report-{name}.png"
         with atomic_write(path, "wb") as handle:
             handle.write(chart.png())

@@ -35,7 +35,7 @@ from .embed import Encoder
 from .errors import UserError
 from .explore import DEFAULT_DUPLICATE_THRESHOLD, find_clusters, find_duplicates, find_outliers, project_to_map
 from .index import LoadedIndex, current_generation, load_index
-from .report import CHART_NAMES, build_chart, read_metrics, run_dimension, run_summary
+from .report import CHART_NAMES, available_charts, build_chart, read_metrics, run_dimension, run_summary
 from .search import encoder_of_index, ranked_hits
 from .thumbnails import cached_thumbnail, indexed_bytes
 from .web_page import PAGE
@@ -228,7 +228,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     def run_report() -> dict:
         run_dir = _latest_run(workspace)
         records = read_metrics(run_dir)
-        charts = [name for name in CHART_NAMES if build_chart(records, name, None) is not None]
+        charts = available_charts(records)
         return {"run": run_dir.name, "summary": run_summary(run_dir, records), "charts": charts}
 
     @app.get("/api/report/{chart}.png", summary="One chart of the latest run, as PNG")
