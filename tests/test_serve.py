@@ -116,6 +116,8 @@ def test_requests_for_another_host_name_are_refused(served):
     # A page on evil.example whose name rebinds to 127.0.0.1 sends its own name as Host.
     assert client.get("/api/status", headers={"host": "evil.example"}).status_code == 400
     assert client.get("/api/status", headers={"host": "localhost:8765"}).status_code == 200
+    assert client.get("/api/status", headers={"host": "[::1]:8765"}).status_code == 200
+    assert client.get("/api/status", headers={"host": "127.0.0.1.evil.example"}).status_code == 400
 
 
 def test_duplicates_clusters_outliers_and_map(served):
