@@ -8,9 +8,9 @@ drawn at random and each gets one copy edited as people's copies are: JPEG re-en
 quality, resized to half, cropped by 5% a side, or brightened by 15% (the four in turn). Every
 image and copy is indexed with the model, and `find_duplicates` runs at each threshold. A pair
 counts as found when the original and its copy land in one group; precision is over all pairs
-that the groups imply (distinct images wrongly joined lower it). Side by side, the baseline of
-single links: every neighbour pair at or above the threshold joined (what a plain range search
-plus union-find gives), on the same neighbour graph.
+that the groups imply (distinct images wrongly joined lower it). Side by side: the same rule
+without the pixel check, and the baseline of single links (every neighbour pair at or above
+the threshold joined, what a plain range search plus union-find gives) on the same graph.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from simsiam_embed.embed import OnnxEncoder
 from simsiam_embed.explore import CentredVectors, _DisjointSets, find_duplicates, neighbour_graph
 from simsiam_embed.index import EncoderIdentity, load_index, update_index
 
-THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.82, 0.85, 0.88, 0.9, 0.93, 0.95, 0.97, 0.99)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.93, 0.95, 0.97, 0.99)
 
 
 def jpeg_low_quality(image: Image.Image, out: Path) -> None:
@@ -95,6 +95,14 @@ def single_link_groups(loaded, threshold: float) -> list[list[str]]:
     return [group for group in members.values() if len(group) > 1]
 
 
+def paths_of(result) -> list[list[str]]:
+    return [[member.path for member in group.members] for group in result.groups]
+
+
+def f_score(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
 def score(groups: list[list[str]], truth: dict[str, tuple[str, str]]) -> tuple[float, float, dict[str, float]]:
     group_of = {path: number for number, group in enumerate(groups) for path in group}
     implied = sum(len(group) * (len(group) - 1) // 2 for group in groups)
@@ -118,8 +126,9 @@ def main() -> None:
     if len(args.images) != len(args.model):
         parser.error("give one --model after each --images")
     print(f"machine: {machine()}")
-    best: dict[float, list[float]] = {}
-    precise: dict[float, list[float]] = {}
+    checked_f1: dict[float, list[float]] = {}
+    checked_precision: dict[float, list[float]] = {}
+    unchecked_precision: dict[float, list[float]] = {}
     for images_dir, model in zip(args.images, args.model):
         images = discover_images(images_dir)
         with tempfile.TemporaryDirectory() as scratch:
@@ -133,25 +142,38 @@ def main() -> None:
             loaded = load_index(scratch / "index", for_search=False)
             print(f"\n{images_dir} ({len(images)} distinct images + {len(truth)} planted copies), model {model} "
                   f"(indexed in {time.monotonic() - started:.0f} s)")
-            print(f"| threshold | groups | precision | recall | F1 | {' | '.join(EDITS)} | single links: P / R / F1 |")
-            print("|---" * (6 + len(EDITS)) + "|")
-            for threshold in THRESHOLDS:
+            print(f"| threshold | groups | precision | recall | F1 | {' | '.join(EDITS)} "
+                  "| no pixel check: P / R / F1 | single links: P / R / F1 |")
+            print("|---" * (7 + len(EDITS)) + "|")
+            for threshold in (*THRESHOLDS, None):
                 result = find_duplicates(loaded, threshold)
-                groups = [[member.path for member in group.members] for group in result.groups]
-                precision, recall, by_edit = score(groups, truth)
-                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-                best.setdefault(threshold, []).append(f1)
-                precise.setdefault(threshold, []).append(precision)
+                precision, recall, by_edit = score(paths_of(result), truth)
+                f1 = f_score(precision, recall)
+                checked = find_duplicates(loaded, threshold, pixel_check=False)
+                p0, r0, _ = score(paths_of(checked), truth)
+                if threshold is None:
+                    print(f"| **default** | {len(result.groups)} | {precision:.3f} | {recall:.3f} | {f1:.3f} | "
+                          + " | ".join(f"{by_edit.get(edit, 0):.2f}" for edit in EDITS)
+                          + f" | {p0:.3f} / {r0:.3f} / {f_score(p0, r0):.3f} | |")
+                    print(f"\ndefault: {result.rule.describe()}; without the pixel check: {checked.rule.describe()}")
+                    continue
+                checked_f1.setdefault(threshold, []).append(f1)
+                checked_precision.setdefault(threshold, []).append(precision)
+                unchecked_precision.setdefault(threshold, []).append(p0)
                 p1, r1, _ = score(single_link_groups(loaded, threshold), truth)
-                f1_single = 2 * p1 * r1 / (p1 + r1) if p1 + r1 else 0.0
                 print(f"| {threshold} | {len(result.groups)} | {precision:.3f} | {recall:.3f} | {f1:.3f} | "
                       + " | ".join(f"{by_edit.get(edit, 0):.2f}" for edit in EDITS)
-                      + f" | {p1:.3f} / {r1:.3f} / {f1_single:.3f} |")
-    mean_f1 = {threshold: float(np.mean(values)) for threshold, values in best.items()}
-    chosen = max(mean_f1, key=lambda threshold: (mean_f1[threshold], threshold))
-    print(f"\nbest mean F1 over the sets: {mean_f1[chosen]:.3f} at threshold {chosen}")
-    floor = min((t for t, values in precise.items() if min(values) >= 0.8), default=None)
-    print(f"lowest threshold with precision >= 0.8 on every set (the default's rule): {floor}")
+                      + f" | {p0:.3f} / {r0:.3f} / {f_score(p0, r0):.3f} | {p1:.3f} / {r1:.3f} / {f_score(p1, r1):.3f} |")
+    print("\nthe calibration rules (one value per set, in the order given):")
+    for number, name in enumerate(args.images):
+        f1s = {t: values[number] for t, values in checked_f1.items()}
+        top = max(f1s.values())
+        near_best = max(t for t, f1 in f1s.items() if f1 >= top - 0.01)
+        floor = min((t for t, values in checked_precision.items() if values[number] >= 0.8), default=None)
+        print(f"  {name}: with the pixel check, highest threshold within 0.01 of the best F1 ({top:.3f}): {near_best}; "
+              f"lowest with precision >= 0.8: {floor}")
+    unchecked = min((t for t, values in unchecked_precision.items() if min(values) >= 0.8), default=None)
+    print(f"  without the pixel check, lowest threshold with precision >= 0.8 on every set: {unchecked}")
 
 
 if __name__ == "__main__":

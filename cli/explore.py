@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..explore import (
-    DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, find_clusters,
-    find_duplicates, find_outliers, project_to_map,
+    CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE,
+    SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD, find_clusters, find_duplicates, find_outliers, project_to_map,
 )
 from ..explore_outputs import write_analysis, write_duplicates
 from ..errors import UserError
@@ -47,25 +47,30 @@ def _printed_as_json(result, written: list[Path], as_json: bool) -> bool:
 @workspace_option
 @index_dir_option
 @output_option
-@click.option("--threshold", type=FiniteFloatRange(-1.0, 1.0), default=DEFAULT_DUPLICATE_THRESHOLD,
-              help="Centred cosine at or above which two mutual nearest neighbours are near-duplicates "
-                   "(calibrated: README, bench/RESULTS.md).")
+@click.option("--threshold", type=FiniteFloatRange(-1.0, 1.0),
+              help="Centred cosine at or above which two mutual nearest neighbours are near-duplicates, for "
+                   f"every pair.  [default: calibrated (README): {CANDIDATE_THRESHOLD} with the pixel check, "
+                   f"{SMALL_PICTURE_THRESHOLD} for pictures of {SMALL_PICTURE_SIDE} px or less, "
+                   f"{UNCHECKED_THRESHOLD} without it]")
 @click.option("--plan", type=click.Choice(PLANS),
               help="Also write plan.json/plan.csv: which file of each group to keep, which to remove. "
                    "Nothing is ever deleted.")
 @click.option("--neighbours", type=click.IntRange(min=1), default=DUPLICATE_NEIGHBOURS,
               help="Neighbours searched per image; byte-identical copies among them are skipped over to "
                    "find its nearest other image.")
+@click.option("--no-pixel-check", is_flag=True,
+              help="Group look-alikes the encoder pairs even when their pictures differ (by default a pair "
+                   "must also agree pixel for pixel at 32 px: a copy, not a similar photo).")
 @json_option
-def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, threshold: float, plan: str | None,
-                  neighbours: int, as_json: bool) -> None:
+def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, threshold: float | None, plan: str | None,
+                  neighbours: int, no_pixel_check: bool, as_json: bool) -> None:
     """Exact duplicates (same bytes) and near-duplicate groups among the indexed images."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = find_duplicates(loaded, threshold, neighbours, plan, report=_echo_err)
+    result = find_duplicates(loaded, threshold, neighbours, plan, pixel_check=not no_pixel_check, report=_echo_err)
     written = write_duplicates(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return
-    click.echo(f"{len(result.groups)} duplicate groups among {result.images} images (centred cosine >= {threshold}); "
+    click.echo(f"{len(result.groups)} duplicate groups among {result.images} images ({result.rule.describe()}); "
                f"{result.duplicate_files} files beyond the first of each group")
     for group in result.groups[:10]:
         kind = "identical" if group.exact else f">= {group.min_score:.3f}"

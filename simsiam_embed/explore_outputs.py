@@ -122,7 +122,7 @@ def write_duplicates_page(result: DuplicateResult, loaded: LoadedIndex, path: Pa
                         f'<div class="row">{figures}</div>{more}</section>')
     plan = f" Plan {result.plan}: the outlined image of each group is kept." if result.plan else ""
     summary = (f"{len(result.groups)} groups ({result.duplicate_files} files beyond the first of each) among "
-               f"{result.images} images at centred cosine >= {result.threshold}; {result.method}.{plan}")
+               f"{result.images} images; copies are {result.rule.describe()}; {result.method}.{plan}")
     _write(path, _page("Duplicates", summary,
                        "".join(sections) + _more(PAGE_MAX_ITEMS, len(result.groups), "groups", "duplicates.json")))
 

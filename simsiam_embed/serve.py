@@ -33,7 +33,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from .data import UnreadableImage, open_image
 from .embed import Encoder
 from .errors import UserError
-from .explore import DEFAULT_DUPLICATE_THRESHOLD, find_clusters, find_duplicates, find_outliers, project_to_map
+from .explore import find_clusters, find_duplicates, find_outliers, project_to_map
 from .index import LoadedIndex, current_generation, load_index
 from .report import CHART_NAMES, available_charts, build_chart, read_metrics, run_dimension, run_summary
 from .search import encoder_of_index, ranked_hits
@@ -199,11 +199,11 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         return Response(preview, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/api/duplicates", summary="Near-duplicate and exact duplicate groups")
-    def duplicates(threshold: float = Query(DEFAULT_DUPLICATE_THRESHOLD, ge=-1.0, le=1.0),
+    def duplicates(threshold: float | None = Query(None, ge=-1.0, le=1.0, description="default: the calibrated rule"),
                    limit: int = Query(200, ge=1, le=10_000)) -> dict:
         loaded = index_now()
         result = live.analysis(loaded, ("duplicates", threshold), lambda: find_duplicates(loaded, threshold))
-        return {"threshold": result.threshold, "method": result.method, "images": result.images,
+        return {"rule": result.rule.describe(), "method": result.method, "images": result.images,
                 "total_groups": len(result.groups), "duplicate_files": result.duplicate_files,
                 "groups": [asdict(group) for group in result.groups[:limit]]}
 

@@ -55,7 +55,7 @@ def test_planted_duplicates_are_grouped_and_distinct_images_kept_apart(planted):
     exact = next(group for group in result.groups if any(m.path.endswith("exact-copy.png") for m in group.members))
     assert exact.exact and exact.min_score == 1.0
     near = next(group for group in result.groups if any(m.path.endswith("re-encoded.jpg") for m in group.members))
-    assert not near.exact and result.threshold <= near.min_score < 1.0
+    assert not near.exact and result.rule.threshold <= near.min_score < 1.0
     assert result.duplicate_files == 5
 
 
@@ -343,3 +343,56 @@ def test_a_group_of_many_copies_shows_a_bounded_page(tmp_path, monkeypatch):
     assert page.count("<figure") == 4 and "and 6 more (duplicates.csv lists them)" in page
     with open(tmp_path / "explore" / "duplicates.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 10
+
+
+def test_look_alikes_whose_pictures_differ_are_not_duplicates(tmp_path):
+    """Same mean colour in every quadrant (identical vectors for the pixel-means encoder), different
+    pictures: the encoder pairs them, the pixel check does not."""
+    images = tmp_path / "images"
+    distinct_images(images, 12)
+    plain = Image.new("RGB", (32, 32), (120, 120, 120))
+    plain.save(images / "grey.png")
+    stripes = np.zeros((32, 32, 3), dtype=np.uint8)
+    stripes[:, ::2] = 240   # columns of 240 and 0: mean 120, as the plain grey
+    Image.fromarray(stripes).save(images / "stripes.png")
+    build_pixel_index(images, tmp_path / "index")
+    loaded = load_index(tmp_path / "index", for_search=False)
+
+    unchecked = find_duplicates(loaded, pixel_check=False)
+    assert {Path(m.path).name for g in unchecked.groups for m in g.members} == {"grey.png", "stripes.png"}
+    checked = find_duplicates(loaded)
+    assert checked.groups == [] and checked.failed_pixel_check == 1 and checked.unreadable_pairs == 0
+
+    answer = invoke("dedup", "--json", cwd=tmp_path)
+    assert answer.exit_code == 0 and json.loads(answer.stdout)["failed_pixel_check"] == 1
+    assert "pixel check: 0 of 1 candidate pairs confirmed" in answer.stderr
+    assert len(json.loads(invoke("dedup", "--json", "--no-pixel-check", cwd=tmp_path).stdout)["groups"]) == 1
+
+
+def test_a_candidate_whose_file_changed_since_indexing_is_not_grouped(planted):
+    workspace, _ = planted
+    (workspace / "images" / "z-copies" / "re-encoded.jpg").write_bytes(
+        (workspace / "images" / "z-copies" / "re-encoded.jpg").read_bytes() + b"\0")
+    result = find_duplicates(load_index(workspace / "index", for_search=False))
+    assert result.unreadable_pairs == 1
+    assert not any(m.path.endswith("re-encoded.jpg") for g in result.groups for m in g.members)
+
+
+@pytest.mark.parametrize("side, grouped_by_default", [(32, False), (128, True)])
+def test_small_pictures_need_the_stricter_threshold(tmp_path, side, grouped_by_default):
+    """A copy with one quadrant brightened (centred cosine 0.91, pixels agree at 0.95): a pair of
+    copies among photos, but at 64 px or less pixels cannot vouch for it, so 0.93 is needed."""
+    images = tmp_path / "images"
+    original = distinct_images(images, 12, size=side)[0]
+    pixels = np.asarray(Image.open(original).convert("RGB")).astype(int)
+    pixels[:side // 2, :side // 2] = np.clip(pixels[:side // 2, :side // 2] + 70, 0, 255)
+    Image.fromarray(pixels.astype(np.uint8)).save(images / "variant.png")
+    build_pixel_index(images, tmp_path / "index")
+    loaded = load_index(tmp_path / "index", for_search=False)
+
+    def grouped(result) -> bool:
+        return any({Path(m.path).name for m in g.members} == {original.name, "variant.png"} for g in result.groups)
+
+    assert grouped(find_duplicates(loaded)) == grouped_by_default
+    assert grouped(find_duplicates(loaded, threshold=0.8))   # an explicit threshold holds for every pair
+    assert not grouped(find_duplicates(loaded, pixel_check=False))   # 0.95 without the pixel check
