@@ -21,7 +21,7 @@ from simsiam_embed.search import search_images
 from simsiam_embed.workspace import Workspace
 
 from conftest import (
-    FAST_TRAINING, SAMPLE, PixelEncoder, assert_one_line_error, assert_one_line_error_in_process, draw_shape_image,
+    FAST_TRAINING, SAMPLE, PixelEncoder, assert_one_line_error_in_process, draw_shape_image,
     invoke, make_image_folder, run_cli,
 )
 
@@ -243,7 +243,7 @@ def test_search_bad_input_gets_one_line_errors(sample_encoder, tmp_path):
 
 
 def test_index_without_a_run_names_the_command_to_run(tmp_path):
-    assert_one_line_error(run_cli("index", cwd=tmp_path), "simsiam-embed pretrain")
+    assert_one_line_error_in_process(invoke("index", cwd=tmp_path), "simsiam-embed pretrain")
 
 
 def test_embed_writes_vectors_paths_and_labels(sample_encoder, tmp_path):
@@ -281,7 +281,7 @@ def test_export_embed_index_bad_input_gets_one_line_errors(tmp_path, args, fragm
     make_image_folder(tmp_path / "images", per_class=1)
     (tmp_path / "fake.onnx").write_bytes(b"not a model")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    assert_one_line_error(run_cli(*args, cwd=tmp_path), *fragments)
+    assert_one_line_error_in_process(invoke(*args, cwd=tmp_path), *fragments)
 
 
 def test_index_and_search_option_values_get_one_line_errors(sample_encoder, tmp_path):
@@ -320,16 +320,17 @@ def test_tampered_encoder_metadata_is_one_line_naming_the_field(sample_encoder, 
 def test_tampered_encoder_metadata_through_the_command_line(sample_encoder, tmp_path):
     tampered = _with_metadata(sample_encoder, tmp_path / "tampered.onnx", std="[0, 0, 0]")
     folder = make_image_folder(tmp_path / "images", per_class=1)
-    assert_one_line_error(run_cli("embed", str(folder), "-o", "out", "--model", str(tampered), cwd=tmp_path), "'std'")
+    assert_one_line_error_in_process(invoke("embed", str(folder), "-o", "out", "--model", str(tampered), cwd=tmp_path),
+                                     "'std'")
 
 
 def test_search_output_escapes_control_characters_in_file_names(sample_encoder, tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=1)
     shutil.copy(folder / "disc" / "disc-00.png", folder / "disc" / "evil\n  1  1.0000  forged\x1b[2J.png")
-    indexed = run_cli("index", str(folder), "--model", str(sample_encoder), cwd=tmp_path)
-    assert indexed.returncode == 0, indexed.stderr
-    found = run_cli("search", str(folder / "disc" / "disc-00.png"), cwd=tmp_path)
-    assert found.returncode == 0, found.stderr
+    indexed = invoke("index", str(folder), "--model", str(sample_encoder), cwd=tmp_path)
+    assert indexed.exit_code == 0, indexed.output
+    found = invoke("search", str(folder / "disc" / "disc-00.png"), cwd=tmp_path)
+    assert found.exit_code == 0, found.output
     lines = found.stdout.splitlines()
     assert len(lines) == 1 + 4 and "\x1b" not in found.stdout
     assert any("evil\\n  1  1.0000  forged\\x1b[2J.png" in line for line in lines)
