@@ -37,8 +37,8 @@ from .data import collate_skipping_unreadable, first_readable, open_image, start
 from .detection_data import DetectionImage, DetectionSet, data_yaml_of, has_split, load_detection_set
 from .detection_eval import DetectionEvaluation, evaluate_detector
 from .distributed import (
-    DistributedContext, any_rank, average_bn_statistics, device_for_rank, distributed_session, gather_to_main,
-    launched_by_torchrun, mean_over_ranks,
+    DistributedContext, agree_on_every_rank, any_rank, average_bn_statistics, device_for_rank, distributed_session,
+    gather_to_main, launched_by_torchrun, mean_over_ranks,
 )
 from .errors import UserError
 from .files import ensure_writable_folder, write_json_atomic, write_jsonl_atomic
@@ -277,7 +277,18 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
     """
     started = time.monotonic()
     run_dir = workspace.run_dir(run_name or default_run_name(config))
+    with distributed_session(config.device) as context:   # the process group ends with the run
+        return _open_and_finetune(config, run_dir, resume, explicit, report, show_progress, stop, started, context)
+
+
+def _open_and_finetune(config: DetectionConfig, run_dir: Path, resume: bool, explicit: set[str] | None,
+                       report: Report, show_progress: bool, stop: StopRequest | None, started: float,
+                       context: DistributedContext) -> DetectionResult:
     checkpoint_path = run_dir / "checkpoint.pt"
+    # As pretraining: ranks that see different runs (a machine whose workspace is not the shared
+    # one) stop with one line on every rank, where one resuming and one starting afresh would hang.
+    agree_on_every_rank(checkpoint_path.exists(), f"whether {checkpoint_path} exists", context,
+                        device_for_rank(config.device, context))
     previous = open_run(run_dir, "detection", resume)
     if previous is not None and previous["finished"]:
         # As pretraining: a finished run is done; running it again changes nothing.
@@ -303,9 +314,7 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
         report(f"validation: the 'val' split of {config.data}")
     if config.val_data:
         _require_coco_evaluator()
-    device = config.device
-    with distributed_session(device) as context:   # the process group ends with the run
-        return _finetune(config, run_dir, previous, report, show_progress, stop, started, context)
+    return _finetune(config, run_dir, previous, report, show_progress, stop, started, context)
 
 
 def _finetune(config: DetectionConfig, run_dir: Path, previous: dict[str, Any] | None, report: Report,
