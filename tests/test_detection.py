@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import assert_one_line_error_in_process, invoke, run_cli
+from conftest import assert_one_line_error_in_process, invoke
 from simsiam_embed.checkpoint import build_model, load_checkpoint, save_checkpoint
 from simsiam_embed.config import PretrainConfig
 from simsiam_embed.detection import DetectionConfig, build_detector, finetune_detection, simsiam_backbone_weights
@@ -274,10 +274,10 @@ def test_interrupted_finetuning_resumes_to_the_same_weights(three_formats, tmp_p
 def test_cli_finetunes_from_a_simsiam_run_and_reports_json(three_formats, tmp_path: Path):
     _, _, voc, _ = three_formats
     run = _simsiam_checkpoint(tmp_path / "runs" / "photos")
-    result = run_cli("finetune-detection", "--data", str(voc), "--val-data", str(voc), "--checkpoint", str(run),
-                     "--epochs", "1", "--batch-size", "2", "--min-size", "64", "--max-size", "64",
-                     "--roi-samples", "32", "--workers", "0", "--json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = invoke("finetune-detection", "--data", str(voc), "--val-data", str(voc), "--checkpoint", str(run),
+                      "--epochs", "1", "--batch-size", "2", "--min-size", "64", "--max-size", "64",
+                      "--roi-samples", "32", "--workers", "0", "--json", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["init"] == "simsiam" and report["loaded_tensors"] > 100 and report["steps"] == 4
     assert report["data_problems"] == {}
@@ -370,23 +370,23 @@ def test_cli_fine_tunes_from_a_data_yaml_scores_its_val_split_and_is_done_after(
     make_ultralytics(tmp_path / "shapes", "train: images/train\nval: images/val\nnames: [box, disc]\n")
     common = ["finetune-detection", "--data", "shapes", "--init", "random", "--epochs", "1", "--batch-size", "2",
               "--min-size", "64", "--max-size", "64", "--roi-samples", "16", "--workers", "0", "--json"]
-    first = run_cli(*common, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    first = invoke(*common, cwd=tmp_path)
+    assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
     assert report["finished"] and report["evaluation"]["images"] == 4
     assert "the 'val' split of shapes" in first.stderr and Path(report["run"]).name == "detection-shapes-random"
-    again = run_cli(*common, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    again = invoke(*common, cwd=tmp_path)
+    assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["already_finished"] and "nothing to do" in again.stderr
 
 
 def test_cli_json_without_val_data_still_reports_the_run(tmp_path: Path):
     truth = draw_detection_images(tmp_path / "yolo" / "images", count=4)
     write_yolo(tmp_path / "yolo", truth)
-    result = run_cli("finetune-detection", "--data", "yolo", "--init", "random", "--epochs", "1", "--batch-size", "2",
-                     "--min-size", "64", "--max-size", "64", "--roi-samples", "16", "--workers", "0", "--json",
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = invoke("finetune-detection", "--data", "yolo", "--init", "random", "--epochs", "1", "--batch-size", "2",
+                      "--min-size", "64", "--max-size", "64", "--roi-samples", "16", "--workers", "0", "--json",
+                      cwd=tmp_path)
+    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["steps"] == 2 and report["evaluation"] is None and report["finished"]
 

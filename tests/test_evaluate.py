@@ -8,7 +8,7 @@ import pytest
 from simsiam_embed.errors import UserError
 from simsiam_embed.evaluate import knn_classify, labelled_folder
 
-from conftest import assert_one_line_error_in_process, invoke, make_image_folder, run_cli
+from conftest import assert_one_line_error_in_process, invoke, make_image_folder
 
 
 def brute_force_knn(bank, bank_labels, queries, classes, k, temperature):
@@ -81,8 +81,8 @@ def test_val_dir_monitor_logs_knn_and_says_whether_training_beat_random_init(tmp
 
     make_image_folder(tmp_path / "train", per_class=6)
     make_image_folder(tmp_path / "val", per_class=4, seed=2)
-    result = run_cli("pretrain", "train", "--epochs", "2", "--val-dir", "val", *FAST_TRAINING, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = invoke("pretrain", "train", "--epochs", "2", "--val-dir", "val", *FAST_TRAINING, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
     assert "at random init:" in result.stderr
     verdict = result.stdout.strip().splitlines()[-1]
     assert "random" in verdict and ("paid off" in verdict or "NOT yet better" in verdict)

@@ -249,8 +249,8 @@ def test_index_without_a_run_names_the_command_to_run(tmp_path):
 def test_embed_writes_vectors_paths_and_labels(sample_encoder, tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=3)
     (folder / "disc" / "bad.png").write_bytes(b"")
-    result = run_cli("embed", str(folder), "-o", "out", "--model", str(sample_encoder), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = invoke("embed", str(folder), "-o", "out", "--model", str(sample_encoder), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
     vectors = np.load(tmp_path / "out" / "embeddings.npy")
     rows = read_jsonl(tmp_path / "out" / "paths.jsonl")
     labels = [row["label"] for row in rows]

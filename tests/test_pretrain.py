@@ -18,7 +18,7 @@ from simsiam_embed.training import StepBatchSampler, StopRequest
 from simsiam_embed.workspace import Workspace
 
 from conftest import (
-    CONSOLE_SCRIPT, FAST_TRAINING, assert_one_line_error, assert_one_line_error_in_process, invoke, make_awkward_files,
+    CONSOLE_SCRIPT, FAST_TRAINING, assert_one_line_error_in_process, invoke, make_awkward_files,
     make_image_folder, run_cli,
 )
 
@@ -84,8 +84,8 @@ def test_resume_mid_epoch_is_exact_too(tmp_path):
 def test_bad_files_are_skipped_and_listed(tmp_path):
     images = make_image_folder(tmp_path / "images")
     kinds = make_awkward_files(images / "odd")
-    result = run_cli("pretrain", str(images), "--epochs", "2", *FAST_TRAINING, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = invoke("pretrain", str(images), "--epochs", "2", *FAST_TRAINING, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
     bad = sorted(name for name, kind in kinds.items() if kind == "bad")
     listed = read_jsonl(tmp_path / "runs" / "images" / "skipped.jsonl")
     assert sorted(Path(record["path"]).name for record in listed) == bad
@@ -106,8 +106,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(image_folder, tmp_path):
     state = load_checkpoint(tmp_path / "runs" / "images" / "checkpoint.pt")
     assert not state["finished"] and 0 < state["step"] < 800
 
-    resumed = run_cli("pretrain", str(image_folder), "--resume", "--epochs", "200", "--backbone", "resnet34", cwd=tmp_path)
-    assert_one_line_error(resumed, "backbone", "resnet18")
+    resumed = invoke("pretrain", str(image_folder), "--resume", "--epochs", "200", "--backbone", "resnet34", cwd=tmp_path)
+    assert_one_line_error_in_process(resumed, "backbone", "resnet18")
     after = load_checkpoint(tmp_path / "runs" / "images" / "checkpoint.pt")
     assert after["step"] == state["step"]   # the refused resume touched nothing
 
