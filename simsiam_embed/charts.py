@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -37,7 +37,6 @@ class ReferenceLine:
 @dataclass
 class Chart:
     image: Image.Image
-    series: list[Series] = field(default_factory=list)
 
     def png(self) -> bytes:
         buffer = io.BytesIO()
@@ -91,7 +90,7 @@ def line_chart(series: list[Series], title: str, y_label: str, x_label: str = "s
     finite = [(x, y) for s in series for x, y in zip(s.x, s.y) if math.isfinite(x) and math.isfinite(y)]
     if not finite:
         draw.text((MARGIN_LEFT, HEIGHT // 2), "no data yet", fill="#888888", font=small)
-        return Chart(image, series)
+        return Chart(image)
     xs = [x for x, _ in finite]
     ys = [y for _, y in finite] + [line.y for line in references if math.isfinite(line.y)]
     x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
@@ -137,4 +136,4 @@ def line_chart(series: list[Series], title: str, y_label: str, x_label: str = "s
         draw.line([(x, 33), (x + 20, 33)], fill=colour, width=3)
         draw.text((x + 26, 33), name, fill="#222222", font=small, anchor="lm")
         x += 40 + draw.textlength(name, font=small)
-    return Chart(image, series)
+    return Chart(image)

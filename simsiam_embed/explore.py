@@ -189,7 +189,6 @@ class DuplicateGroup:
     members: list[DuplicateMember]
 
 
-@dataclass
 @dataclass(frozen=True)
 class DuplicateRule:
     """When a candidate pair (mutual nearest neighbours) counts as a pair of copies."""
