@@ -72,11 +72,18 @@ def _series(records: list[dict], key: str, name: str, where: str | None = None) 
     return Series(name, x, y)
 
 
-def run_dimension(run_dir: Path) -> int | None:
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.json as a dict; empty when missing or not a JSON object (the report is
+    drawn all the same, without the names and the dimension it would take from it)."""
     try:
-        dim = json.loads((run_dir / "config.json").read_text()).get("dim")
-    except (OSError, ValueError, AttributeError):
-        return None
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def run_dimension(config: dict[str, Any]) -> int | None:
+    dim = config.get("dim")
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
@@ -116,7 +123,8 @@ def build_chart(records: list[dict], name: str, dim: int | None) -> Chart | None
 def write_run_report(run_dir: Path) -> RunReport:
     """Write ``report-<chart>.png`` for each chart with data, and ``report.html`` showing them."""
     records = read_metrics(run_dir)
-    dim = run_dimension(run_dir)
+    config = read_run_config(run_dir)
+    dim = run_dimension(config)
     written, figures = [], []
     for name in available_charts(records):
         chart = build_chart(records, name, dim)
@@ -128,21 +136,16 @@ def write_run_report(run_dir: Path) -> RunReport:
     steps = int(max((r["step"] for r in records), default=0))
     page = run_dir / PAGE_NAME
     with atomic_write(page) as handle:
-        handle.write(_page(run_dir, records, steps, figures))
+        handle.write(_page(run_dir, config, records, steps, figures))
     return RunReport(run_dir, page, written, steps)
 
 
-def run_summary(run_dir: Path, records: list[dict]) -> str:
+def run_summary(config: dict[str, Any], records: list[dict]) -> str:
     """One paragraph: the run's main settings and where its collapse monitor ended."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    config = config if isinstance(config, dict) else {}
     parts = [f"{key} {config[key]}" for key in ("backbone", "batch_size", "crop_size", "base_lr", "total_steps")
              if isinstance(config.get(key), (int, float, str)) and not isinstance(config.get(key), bool)]
     last = next((r for r in reversed(records) if _number(r.get("z_std")) is not None), None)
-    dim = run_dimension(run_dir)
+    dim = run_dimension(config)
     if last is not None and dim:
         ratio = last["z_std"] * math.sqrt(dim)
         verdict = ("collapsing" if ratio < COLLAPSE_FRACTION else "healthy")
@@ -153,9 +156,9 @@ def run_summary(run_dir: Path, records: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def _page(run_dir: Path, records: list[dict], steps: int, figures: list[str]) -> str:
+def _page(run_dir: Path, config: dict[str, Any], records: list[dict], steps: int, figures: list[str]) -> str:
     title = f"simsiam-embed run {run_dir.name}"
-    summary = html.escape(f"{steps} steps logged. {run_summary(run_dir, records)}")
+    summary = html.escape(f"{steps} steps logged. {run_summary(config, records)}")
     return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             '<style>body{font-family:system-ui,sans-serif;margin:1em 2em} img{display:block;margin:1em 0}</style>'
             f'</head><body><h1>{html.escape(title)}</h1><p>{summary}</p>{"".join(figures)}</body></html>\n')

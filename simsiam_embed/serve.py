@@ -35,7 +35,9 @@ from .embed import Encoder
 from .errors import UserError
 from .explore import find_clusters, find_duplicates, find_outliers, project_to_map
 from .index import LoadedIndex, current_generation, load_index
-from .report import CHART_NAMES, available_charts, build_chart, read_metrics, run_dimension, run_summary
+from .report import (
+    CHART_NAMES, available_charts, build_chart, read_metrics, read_run_config, run_dimension, run_summary,
+)
 from .search import encoder_of_index, ranked_hits
 from .thumbnails import cached_thumbnail, indexed_bytes
 from .web_page import PAGE
@@ -229,14 +231,14 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         run_dir = _latest_run(workspace)
         records = read_metrics(run_dir)
         charts = available_charts(records)
-        return {"run": run_dir.name, "summary": run_summary(run_dir, records), "charts": charts}
+        return {"run": run_dir.name, "summary": run_summary(read_run_config(run_dir), records), "charts": charts}
 
     @app.get("/api/report/{chart}.png", summary="One chart of the latest run, as PNG")
     def run_chart(chart: str):
         if chart not in CHART_NAMES:
             raise HTTPException(404, f"no chart {chart!r}: one of {', '.join(CHART_NAMES)}")
         run_dir = _latest_run(workspace)
-        drawn = build_chart(read_metrics(run_dir), chart, run_dimension(run_dir))
+        drawn = build_chart(read_metrics(run_dir), chart, run_dimension(read_run_config(run_dir)))
         if drawn is None:
             raise HTTPException(404, f"the run has no data for the {chart} chart")
         return Response(drawn.png(), media_type="image/png", headers={"Cache-Control": "no-store"})
