@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
@@ -114,14 +114,8 @@ def search_images(
     elif k > loaded.count:
         raise UserError(f"-k {k} is more than the {loaded.count} images in the index: use -k {loaded.count} or less")
     vectors = embed_queries(paths, encoder_of_index(loaded, provider))
-    # One spare result per query, in case the query itself is in the index and is left out.
-    wanted = min(k + 1, loaded.count) if exclude_self else k
-    scores, ids = loaded.search(vectors, wanted)
-    results = []
-    for path, row_scores, row_ids in zip(paths, scores, ids):
-        is_query = _is_query(path) if exclude_self else None
-        results.append(QueryResult(str(path), ranked_hits(loaded, row_scores, row_ids, k, is_query)))
-    return results
+    leave_out = [_is_query(path) for path in paths] if exclude_self else None
+    return [QueryResult(str(path), hits) for path, hits in zip(paths, nearest_hits(loaded, vectors, k, leave_out))]
 
 
 def _is_query(query: Path) -> Callable[[CatalogEntry], bool]:
@@ -130,8 +124,19 @@ def _is_query(query: Path) -> Callable[[CatalogEntry], bool]:
     return lambda entry: entry.path == query_path or entry.digest == query_digest
 
 
-def ranked_hits(loaded: LoadedIndex, scores: np.ndarray, ids: np.ndarray, k: int,
-                leave_out: Callable[[CatalogEntry], bool] | None = None) -> list[SearchHit]:
+def nearest_hits(loaded: LoadedIndex, vectors: np.ndarray, k: int,
+                 leave_out: Sequence[Callable[[CatalogEntry], bool]] | None = None) -> list[list[SearchHit]]:
+    """The ``k`` nearest entries of each query vector, as hits. ``leave_out[i]`` names entries
+    query i must not return (itself, when it is in the index); then one spare result is asked
+    for, so that ``k`` remain."""
+    spare = 1 if leave_out is not None else 0
+    scores, ids = loaded.search(vectors, min(k + spare, loaded.count))
+    return [_ranked_hits(loaded, row_scores, row_ids, k, leave_out[row] if leave_out is not None else None)
+            for row, (row_scores, row_ids) in enumerate(zip(scores, ids))]
+
+
+def _ranked_hits(loaded: LoadedIndex, scores: np.ndarray, ids: np.ndarray, k: int,
+                 leave_out: Callable[[CatalogEntry], bool] | None) -> list[SearchHit]:
     """One query's FAISS answer as hits, best first: padding (-1) and entries ``leave_out``
     names are skipped, and at most ``k`` kept."""
     hits: list[SearchHit] = []

@@ -38,7 +38,7 @@ from .index import LoadedIndex, current_generation, load_index
 from .report import (
     CHART_NAMES, available_charts, build_chart, read_metrics, read_run_config, run_dimension, run_summary,
 )
-from .search import encoder_of_index, ranked_hits
+from .search import encoder_of_index, nearest_hits
 from .thumbnails import cached_thumbnail, indexed_bytes
 from .web_page import PAGE
 from .workspace import Workspace
@@ -136,10 +136,8 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         return entry
 
     def hits_for(loaded: LoadedIndex, vector: np.ndarray, k: int, leave_out_id: int | None = None) -> list[dict]:
-        wanted = min(k + (leave_out_id is not None), loaded.count)
-        scores, ids = loaded.search(vector.reshape(1, -1), wanted)
-        leave_out = (lambda entry: entry.id == leave_out_id) if leave_out_id is not None else None
-        return [asdict(hit) for hit in ranked_hits(loaded, scores[0], ids[0], k, leave_out)]
+        leave_out = [lambda entry: entry.id == leave_out_id] if leave_out_id is not None else None
+        return [asdict(hit) for hit in nearest_hits(loaded, vector.reshape(1, -1), k, leave_out)[0]]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
