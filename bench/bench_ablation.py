@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from common import machine, write_fashion_mnist_folder
-from simsiam_embed.config import parse_duration
-from simsiam_embed.embed import TorchEncoder
-from simsiam_embed.evaluate import evaluate_knn
-from simsiam_embed.pretrain import pretrain
+from simsiam_embed.settings import parse_duration
+from simsiam_embed.inference.embed import TorchEncoder
+from simsiam_embed.inference.evaluate import evaluate_knn
+from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 

@@ -30,11 +30,11 @@ from PIL import Image, ImageEnhance
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from simsiam_embed.checkpoint import file_digest
-from simsiam_embed.data import discover_images, open_image
-from simsiam_embed.embed import OnnxEncoder
-from simsiam_embed.explore import CentredVectors, _DisjointSets, find_duplicates, neighbour_graph
-from simsiam_embed.index import EncoderIdentity, load_index, update_index
+from simsiam_embed.artefacts import file_digest
+from simsiam_embed.images import discover_images, open_image
+from simsiam_embed.inference.onnx_encoder import OnnxEncoder
+from simsiam_embed.explore.analyses import CentredVectors, _DisjointSets, find_duplicates, neighbour_graph
+from simsiam_embed.index.store import EncoderIdentity, load_index, update_index
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.93, 0.95, 0.97, 0.99)
 

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from common import machine, require_shared_data
-from simsiam_embed.config import parse_duration
-from simsiam_embed.detection import DetectionConfig, finetune_detection
-from simsiam_embed.pretrain import pretrain
+from simsiam_embed.settings import parse_duration
+from simsiam_embed.detection.finetune import DetectionConfig, finetune_detection
+from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 

@@ -20,9 +20,9 @@ import torchvision.transforms.functional as TF
 
 from bench_detection import csv_to_coco
 from common import machine, require_shared_data
-from simsiam_embed.data import open_image
-from simsiam_embed.detection import DetectionConfig, build_detector
-from simsiam_embed.detection_data import load_detection_set
+from simsiam_embed.images import open_image
+from simsiam_embed.detection.finetune import DetectionConfig, build_detector
+from simsiam_embed.detection.data import load_detection_set
 
 VARIANTS = [  # (min_size, max_size, roi_samples): the recipe's default size, then the benchmark's
     (512, 853, 512), (512, 853, 128), (320, 533, 512), (320, 533, 128),

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from common import machine, require_shared_data, write_fashion_mnist_folder
-from simsiam_embed.checkpoint import build_model, save_checkpoint
-from simsiam_embed.config import PretrainConfig
-from simsiam_embed.data import discover_images
-from simsiam_embed.embed import OnnxEncoder, TorchEncoder, embed_paths
-from simsiam_embed.export import export_onnx
+from simsiam_embed.trained_model import build_model
+from simsiam_embed.artefacts import Checkpoint
+from simsiam_embed.settings import PretrainConfig
+from simsiam_embed.images import discover_images
+from simsiam_embed.inference.onnx_encoder import OnnxEncoder
+from simsiam_embed.inference.embed import TorchEncoder, embed_paths
+from simsiam_embed.inference.export import export_onnx
 
 
 def make_checkpoint(folder: Path, recipe: str, backbone: str, crop: int, data_dir: Path) -> Path:
@@ -28,8 +30,8 @@ def make_checkpoint(folder: Path, recipe: str, backbone: str, crop: int, data_di
                             small_image_stem=recipe == "cifar", projector_layers=2 if recipe == "cifar" else 3)
     torch.manual_seed(0)
     path = folder / f"{backbone}-{crop}.pt"
-    save_checkpoint(path, {"config": config.to_dict(), "model": build_model(config).state_dict(), "step": 0,
-                           "total_steps": 0, "steps_per_epoch": 1, "finished": True})
+    Checkpoint(kind="pretrain", settings=config.to_dict(), model=build_model(config).state_dict(), step=0,
+               total_steps=0, finished=True, extra={"steps_per_epoch": 1}).save(path)
     return path
 
 

@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from simsiam_embed import explore
-from simsiam_embed.index import CatalogEntry
+from simsiam_embed.explore import analyses as explore
+from simsiam_embed.index.store import CatalogEntry
 
 DIM = 512
 CENTRES = 2_000

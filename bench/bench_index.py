@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from common import machine, write_fashion_mnist_folder
-from simsiam_embed.index import build_faiss_index, choose_index_type
+from simsiam_embed.index.store import build_faiss_index, choose_index_type
 
 QUERIES = 1000
 K = 10
@@ -63,9 +63,10 @@ def real_embeddings() -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     from bench_embed import make_checkpoint
-    from simsiam_embed.data import discover_images
-    from simsiam_embed.embed import OnnxEncoder, embed_paths
-    from simsiam_embed.export import export_onnx
+    from simsiam_embed.images import discover_images
+    from simsiam_embed.inference.onnx_encoder import OnnxEncoder
+    from simsiam_embed.inference.embed import embed_paths
+    from simsiam_embed.inference.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -27,14 +27,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine, require_shared_data, write_fashion_mnist_folder
-from simsiam_embed.augment import (
+from simsiam_embed.training.augment import (
     AugmentationRecipe, BatchAugment, crop_on_device, draw_uncropped_views, draw_view, stack_uncropped,
 )
-from simsiam_embed.checkpoint import build_model
-from simsiam_embed.config import PretrainConfig
-from simsiam_embed.data import TwoViewDataset, discover_images, simsiam_augmentation, training_draft_side
+from simsiam_embed.trained_model import build_model
+from simsiam_embed.settings import PretrainConfig
+from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
+from simsiam_embed.images import discover_images
 from simsiam_embed.models import simsiam_loss
-from simsiam_embed.pretrain import pretrain
+from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 

@@ -20,11 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common import machine, require_shared_data, write_fashion_mnist_folder
-from simsiam_embed.checkpoint import build_model
-from simsiam_embed.config import PretrainConfig
-from simsiam_embed.data import discover_images, open_image, simsiam_augmentation, training_draft_side
+from simsiam_embed.trained_model import build_model
+from simsiam_embed.settings import PretrainConfig
+from simsiam_embed.images import discover_images, open_image
+from simsiam_embed.training.data import simsiam_augmentation, training_draft_side
 from simsiam_embed.models import simsiam_loss
-from simsiam_embed.pretrain import pretrain
+from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 

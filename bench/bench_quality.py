@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 from common import machine, raw_pixel_knn, require_shared_data, write_fashion_mnist_folder
-from simsiam_embed.config import parse_duration
-from simsiam_embed.embed import TorchEncoder
-from simsiam_embed.evaluate import KNN_SETTINGS, evaluate_knn
-from simsiam_embed.pretrain import pretrain
+from simsiam_embed.settings import parse_duration
+from simsiam_embed.inference.embed import TorchEncoder
+from simsiam_embed.inference.evaluate import KNN_SETTINGS, evaluate_knn
+from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent

@@ -25,7 +25,7 @@ from urllib.request import Request, urlopen
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from simsiam_embed.index import load_index
+from simsiam_embed.index.store import load_index
 
 CLI = Path(sys.executable).parent / "simsiam-embed"
 

@@ -34,12 +34,12 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from simsiam_embed.augment import AugmentationRecipe, BatchAugment  # noqa: E402
-from simsiam_embed.checkpoint import build_model  # noqa: E402
-from simsiam_embed.config import PAIR_BYTES_224_AMP  # noqa: E402
+from simsiam_embed.training.augment import AugmentationRecipe, BatchAugment  # noqa: E402
+from simsiam_embed.trained_model import build_model  # noqa: E402
+from simsiam_embed.settings import PAIR_BYTES_224_AMP  # noqa: E402
 from simsiam_embed.models import simsiam_loss  # noqa: E402
-from simsiam_embed.pretrain import pretrain  # noqa: E402
-from simsiam_embed.training import MixedPrecision, StopRequest  # noqa: E402
+from simsiam_embed.training.pretrain import pretrain  # noqa: E402
+from simsiam_embed.training.loop import MixedPrecision, StopRequest  # noqa: E402
 from simsiam_embed.workspace import Workspace  # noqa: E402
 
 CLI = [sys.executable, "-m", "simsiam_embed.cli.main"]
@@ -161,7 +161,7 @@ def check_two_processes(table: Table, images: Path, workspace: Path, small: bool
 
 
 def check_inference(table: Table, run_dir: Path, images: Path, workspace: Path, on_gpu: bool) -> None:
-    from simsiam_embed.embed import tensorrt_installed
+    from simsiam_embed.inference.onnx_encoder import tensorrt_installed
 
     exported = run([*CLI, "export", str(run_dir), "-o", str(workspace / "encoder.onnx")], cwd=workspace)
     table.add("export to ONNX (parity check)", exported.returncode == 0, (exported.stdout or exported.stderr).strip()[-160:])
@@ -191,7 +191,7 @@ def check_inference(table: Table, run_dir: Path, images: Path, workspace: Path, 
 def check_faiss_gpu(table: Table) -> None:
     import faiss
 
-    from simsiam_embed.index import GPU_MAX_K, LoadedIndex, to_gpu_if_available
+    from simsiam_embed.index.store import GPU_MAX_K, LoadedIndex, to_gpu_if_available
 
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         table.add("FAISS on the GPU", None, "faiss-cpu installed (no GPU build)")
@@ -213,7 +213,7 @@ def check_faiss_gpu(table: Table) -> None:
 
 def check_detection(table: Table, images: Path, image_side: int, side: int, workspace: Path, device: str,
                     steps: int) -> None:
-    from simsiam_embed.detection import DetectionConfig, finetune_detection
+    from simsiam_embed.detection.finetune import DetectionConfig, finetune_detection
 
     boxes = coco_boxes(images, image_side)
     on_gpu = device.startswith("cuda")

@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 from click.core import ParameterSource
 
-from ..detection import INITS, NORMS, SCHEDULES, DetectionConfig, default_detection_batch, finetune_detection
-from ..detectron2_export import export_detectron2
-from ..models import BACKBONE_NAMES
+from simsiam_embed.settings import BACKBONE_NAMES, INITS, NORMS, SCHEDULES
+from .lazy import library
 from .options import FiniteFloatRange, workspace_at, workspace_option
 
+detection_finetune = library("detection.finetune")
+detection_detectron2 = library("detection.detectron2")
 
 #: Command-line names that differ from DetectionConfig's field names.
 _CONFIG_FIELD = {"workers": "num_workers"}
@@ -72,13 +72,15 @@ def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Pa
         checkpoint = place.latest_run_dir()
     if init == "simsiam" and backbone is not None:
         raise click.UsageError("--backbone is taken from the checkpoint; it is only for --init random")
+    import torch
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
     if batch_size is None:
-        batch_size, reason = default_detection_batch(device, max_size, int(os.environ.get("WORLD_SIZE", "1")))
+        batch_size, reason = detection_finetune.default_detection_batch(device, max_size, int(os.environ.get("WORLD_SIZE", "1")))
         if not as_json:
             click.echo(f"chosen: {reason}", err=True)
-    config = DetectionConfig(
+    config = detection_finetune.DetectionConfig(
         data=str(data), val_data=str(val_data) if val_data else None,
         checkpoint=str(checkpoint) if checkpoint else None, init=init, backbone=backbone, norm=norm,
         trainable_layers=trainable_layers, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
@@ -88,9 +90,9 @@ def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Pa
         # boxes by about 4 px at 512-1024 px (a box regression is a small delta on a large coordinate).
         amp="fp16" if on_gpu else "off", channels_last=on_gpu,
     )
-    result = finetune_detection(config, place, name, resume, show_progress=not as_json, explicit=explicit)
+    result = detection_finetune.finetune_detection(config, place, name, resume, show_progress=not as_json, explicit=explicit)
     if not result.finished:
-        sys.exit(130)   # stopped by Ctrl-C or SIGTERM, checkpoint saved: as pretrain
+        sys.exit(result.stop.exit_status)   # stopped by Ctrl-C (130) or SIGTERM (143), checkpoint saved: as pretrain
     if as_json:
         click.echo(json.dumps({"run": str(result.run_dir), "steps": result.step, "finished": result.finished,
                                "already_finished": result.already_finished, "init": result.config.init,
@@ -113,6 +115,6 @@ def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Pa
 @workspace_option
 def export_detectron2_command(run: Path | None, output: Path, workspace: Path) -> None:
     """Write RUN's backbone (default: the latest run) as detectron2 ResNet weights (.pkl)."""
-    count, settings = export_detectron2(run or workspace_at(workspace).latest_run_dir(), output)
+    count, settings = detection_detectron2.export_detectron2(run or workspace_at(workspace).latest_run_dir(), output)
     click.echo(f"wrote {output}: {count} tensors under detectron2's ResNet names")
     click.echo(f"train with detectron2's tools/train_net.py ... {settings}")

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import click
 
-from ..checkpoint import resolve_checkpoint_path
-from ..embed import OnnxEncoder, TorchEncoder
-from ..evaluate import KNN_SETTINGS, evaluate_knn, evaluate_linear_probe
+from simsiam_embed.settings import KNN_SETTINGS
 from .options import FiniteFloatRange, workspace_at, workspace_option
+from .lazy import library
+
+artefacts = library("artefacts")
+inference_onnx_encoder = library("inference.onnx_encoder")
+inference_embed = library("inference.embed")
+inference_evaluate = library("inference.evaluate")
+
 
 
 def _labelled_folders_and_model(command):
@@ -51,8 +56,8 @@ def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | 
     if compare_random_init:
         if source.suffix == ".onnx":
             raise click.UsageError("--compare-random-init needs a run folder or checkpoint as --model, not an ONNX file")
-        encoders.append(("random init", TorchEncoder(resolve_checkpoint_path(source), random_init=True)))
-    results = {name: evaluate_knn(encoder, train_dir, test_dir, settings, batch_size, workers, not as_json)
+        encoders.append(("random init", inference_embed.TorchEncoder(artefacts.resolve_checkpoint_path(source), random_init=True)))
+    results = {name: inference_evaluate.evaluate_knn(encoder, train_dir, test_dir, settings, batch_size, workers, not as_json)
                for name, encoder in encoders}
     if as_json:
         click.echo(json.dumps({name: {"bank": e.bank_count, "test": e.test_count, "skipped": e.skipped,
@@ -74,7 +79,7 @@ def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | 
 
 def _encoder_from(source: Path):
     """An exported encoder.onnx, or a run folder / checkpoint (embedded with PyTorch)."""
-    return OnnxEncoder(source) if source.suffix == ".onnx" else TorchEncoder(resolve_checkpoint_path(source))
+    return inference_onnx_encoder.OnnxEncoder(source) if source.suffix == ".onnx" else inference_embed.TorchEncoder(artefacts.resolve_checkpoint_path(source))
 
 
 @click.command("linear-probe")
@@ -87,7 +92,7 @@ def linear_probe_command(train_dir: Path, test_dir: Path, workspace: Path, model
                          batch_size: int, workers: int, as_json: bool) -> None:
     """Train a linear classifier on the frozen encoder's features of TRAIN; report TEST accuracy."""
     source = model if model is not None else workspace_at(workspace).latest_run_dir()
-    report = evaluate_linear_probe(_encoder_from(source), train_dir, test_dir, epochs, batch_size, workers, not as_json)
+    report = inference_evaluate.evaluate_linear_probe(_encoder_from(source), train_dir, test_dir, epochs, batch_size, workers, not as_json)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

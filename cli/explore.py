@@ -8,16 +8,16 @@ from pathlib import Path
 
 import click
 
-from ..explore import (
-    CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE,
-    SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD, find_clusters, find_duplicates, find_outliers, project_to_map,
-)
-from ..explore_outputs import write_analysis, write_duplicates
-from ..errors import UserError
-from ..files import ensure_writable_folder
-from ..index import LoadedIndex, load_index
-from ..report import write_run_report
+from simsiam_embed.errors import UserError
+from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
 from .options import FiniteFloatRange, printable, workspace_at, workspace_option
+from .lazy import library
+
+explore_analyses = library("explore.analyses")
+explore_pages = library("explore.pages")
+files = library("files")
+index_store = library("index.store")
+explore_report = library("explore.report")
 
 _echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
 
@@ -28,10 +28,11 @@ output_option = click.option("-o", "--output", type=click.Path(file_okay=False, 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 
 
-def _open(workspace: Path, index_dir: Path | None, output: Path | None) -> tuple[LoadedIndex, Path]:
-    loaded = load_index(index_dir or workspace_at(workspace).default_index_dir, for_search=False)
+
+def _open(workspace: Path, index_dir: Path | None, output: Path | None) -> tuple[index_store.LoadedIndex, Path]:
+    loaded = index_store.load_index(index_dir or workspace_at(workspace).default_index_dir, for_search=False)
     folder = output or workspace_at(workspace).root / "explore"
-    ensure_writable_folder(folder)
+    files.ensure_writable_folder(folder)
     return loaded, folder
 
 
@@ -66,8 +67,8 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
                   neighbours: int, no_pixel_check: bool, as_json: bool) -> None:
     """Exact duplicates (same bytes) and near-duplicate groups among the indexed images."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = find_duplicates(loaded, threshold, neighbours, plan, pixel_check=not no_pixel_check, report=_echo_err)
-    written = write_duplicates(result, loaded, folder)
+    result = explore_analyses.find_duplicates(loaded, threshold, neighbours, plan, pixel_check=not no_pixel_check, report=_echo_err)
+    written = explore_pages.write_duplicates(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return
     click.echo(f"{len(result.groups)} duplicate groups among {result.images} images ({result.rule.describe()}); "
@@ -95,8 +96,8 @@ def clusters_command(workspace: Path, index_dir: Path | None, output: Path | Non
                      examples: int, as_json: bool) -> None:
     """Group the indexed images by k-means on their embeddings (FAISS)."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = find_clusters(loaded, clusters, examples, report=_echo_err)
-    if _printed_as_json(result, write_analysis(result, loaded, folder), as_json):
+    result = explore_analyses.find_clusters(loaded, clusters, examples, report=_echo_err)
+    if _printed_as_json(result, explore_pages.write_analysis(result, loaded, folder), as_json):
         return
     click.echo(f"{len(result.clusters)} clusters of {result.images} images (k = {result.k}: {result.k_reason})")
     for cluster in result.clusters[:20]:
@@ -117,8 +118,8 @@ def outliers_command(workspace: Path, index_dir: Path | None, output: Path | Non
                      as_json: bool) -> None:
     """The indexed images least similar to their nearest neighbours, oddest first."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = find_outliers(loaded, count, neighbours, report=_echo_err)
-    if _printed_as_json(result, write_analysis(result, loaded, folder), as_json):
+    result = explore_analyses.find_outliers(loaded, count, neighbours, report=_echo_err)
+    if _printed_as_json(result, explore_pages.write_analysis(result, loaded, folder), as_json):
         return
     click.echo(f"the {len(result.outliers)} oddest of {result.images} images (mean cosine to {result.neighbours} "
                f"nearest; the typical image: {result.median_score:.3f})")
@@ -139,8 +140,8 @@ def map_command(workspace: Path, index_dir: Path | None, output: Path | None, me
                 as_json: bool) -> None:
     """A 2-D map of the indexed images: a page where each point shows its image on hover."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = project_to_map(loaded, method, max_points, report=_echo_err)
-    written = write_analysis(result, loaded, folder)
+    result = explore_analyses.project_to_map(loaded, method, max_points, report=_echo_err)
+    written = explore_pages.write_analysis(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return
     click.echo(f"{result.method} map of {len(result.points)} images: {written[-1]}"
@@ -153,7 +154,7 @@ def map_command(workspace: Path, index_dir: Path | None, output: Path | None, me
 @json_option
 def report_command(run: Path | None, workspace: Path, as_json: bool) -> None:
     """Draw a pretraining run's curves (default: the latest run) as PNG files and report.html in its folder."""
-    report = write_run_report(run or workspace_at(workspace).latest_run_dir())
+    report = explore_report.write_run_report(run or workspace_at(workspace).latest_run_dir())
     if as_json:
         click.echo(json.dumps({"page": str(report.page), "charts": [str(path) for path in report.charts],
                                "steps": report.steps}, indent=2))
@@ -171,7 +172,7 @@ def serve_command(workspace: Path, index_dir: Path | None, host: str, port: int,
     """A local web app over the index: drop an image to search, browse duplicates, clusters, outliers,
     the map and the latest run's report. JSON API with OpenAPI docs at /docs."""
     try:
-        from ..serve import serve
+        from simsiam_embed.explore.serve import serve
     except ModuleNotFoundError as missing:
         if missing.name not in ("fastapi", "uvicorn", "starlette", "multipart", "python_multipart"):
             raise

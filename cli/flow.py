@@ -7,12 +7,15 @@ from pathlib import Path
 
 import click
 
-from ..checkpoint import resolve_checkpoint_path
-from ..embed import embed_folder
-from ..export import HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32, export_onnx
-from ..pipeline import index_folder, resolve_encoder
-from ..search import search_images, write_results_html
+from simsiam_embed.settings import HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32
 from .options import printable, workspace_at, workspace_option
+from .lazy import library
+
+artefacts = library("artefacts")
+inference_embed = library("inference.embed")
+inference_export = library("inference.export")
+flow = library("flow")
+index_search = library("index.search")
 
 _echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
 
@@ -24,6 +27,7 @@ backend_option = click.option(
     help="Embed with the exported ONNX encoder, or with the PyTorch checkpoint directly.")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
 workers_option = click.option("--workers", type=click.IntRange(min=0), default=2, help="Image-decoding processes.")
+
 
 
 @click.command("export")
@@ -41,11 +45,9 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, he
     The file carries its preprocessing in its metadata; every export ends with a parity check
     on real images against PyTorch and fails if they disagree.
     """
-    checkpoint = resolve_checkpoint_path(source if source is not None else workspace_at(workspace).latest_run_dir())
-    output = output or checkpoint.parent / ("encoder-fp16.onnx" if fp16 else "encoder.onnx")
-    if head == "projector" and output.name == "encoder.onnx":
-        output = output.with_name("encoder-projector.onnx")
-    result = export_onnx(checkpoint, output, head=head, fp16=fp16)
+    checkpoint = artefacts.resolve_checkpoint_path(source if source is not None else workspace_at(workspace).latest_run_dir())
+    output = output or artefacts.exported_encoder_path(checkpoint, head, fp16)
+    result = inference_export.export_onnx(checkpoint, output, head=head, fp16=fp16)
     click.echo(f"wrote {result.path} ({result.embedding_dim}-d, {'fp16' if fp16 else 'fp32'}); parity with PyTorch "
                f"on {result.parity_images} images: smallest cosine {result.min_cosine:.6f} "
                f"(>= {result.min_cosine_required}), largest difference {result.max_abs_diff:.2e}")
@@ -65,9 +67,9 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, he
 def embed_command(image_dir: Path, output: Path, workspace: Path, model: Path | None, backend: str,
                   provider: str | None, batch_size: int, workers: int) -> None:
     """Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded)."""
-    encoder, _ = resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err)
+    encoder, _ = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err)
     _echo_err(f"encoder: {encoder.description}")
-    result = embed_folder(image_dir, encoder, output, batch_size, workers)
+    result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers)
     skipped = f", {len(result.failures)} unreadable skipped (skipped.jsonl)" if result.failures else ""
     click.echo(f"embedded {result.count} images into {result.output / 'embeddings.npy'} "
                f"({result.images_per_second:.0f} images/s{skipped})")
@@ -93,7 +95,7 @@ def index_command(image_dir: Path | None, workspace: Path, model: Path | None, i
 
     Running it again embeds only new or changed files and drops deleted ones.
     """
-    update = index_folder(workspace_at(workspace), image_dir, model, index_dir, index_type, rebuild, backend,
+    update = flow.index_folder(workspace_at(workspace), image_dir, model, index_dir, index_type, rebuild, backend,
                           provider, batch_size, workers, report=_echo_err)
     if as_json:
         click.echo(json.dumps({
@@ -125,10 +127,10 @@ def index_command(image_dir: Path | None, workspace: Path, model: Path | None, i
 def search_command(queries: tuple[Path, ...], workspace: Path, k: int | None, index_dir: Path | None, model: Path | None,
                    exclude_self: bool, provider: str | None, as_json: bool, html_path: Path | None) -> None:
     """The K most similar indexed images for each QUERY (an image, or a folder of them)."""
-    results = search_images(index_dir or workspace_at(workspace).default_index_dir, list(queries), k,
+    results = index_search.search_images(index_dir or workspace_at(workspace).default_index_dir, list(queries), k,
                             exclude_self, model, provider, report=_echo_err)
     if html_path is not None:
-        write_results_html(results, html_path)
+        index_search.write_results_html(results, html_path)
         _echo_err(f"wrote {html_path}")
     if as_json:
         click.echo(json.dumps([result.to_dict() for result in results], indent=2))

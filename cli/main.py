@@ -2,23 +2,53 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 
 import click
-from PIL import Image
 
-from ..errors import UserError
-from .detection import export_detectron2_command, finetune_detection_command
-from .evaluate import knn_command, linear_probe_command
-from .explore import (clusters_command, dedup_command, map_command, outliers_command, report_command,
-                      serve_command)
-from .flow import embed_command, export_command, index_command, search_command
-from .pretrain import pretrain_command
+from simsiam_embed.errors import UserError
+
+#: Each command: the module that defines it (loaded only to run it or show its --help) and the
+#: one-line summary the group's --help lists without loading anything.
+COMMANDS = {
+    "pretrain": ("pretrain", "pretrain_command", "Train a SimSiam encoder on every image under IMAGE_DIR."),
+    "index": ("flow", "index_command", "Embed the images of IMAGE_DIR (default: the latest run's folder) into a FAISS index."),
+    "search": ("flow", "search_command", "The K most similar indexed images for each QUERY (an image, or a folder of them)."),
+    "export": ("flow", "export_command", "Export a run's encoder (RUN folder or CHECKPOINT; default: the latest run) to ONNX."),
+    "embed": ("flow", "embed_command", "Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded)."),
+    "dedup": ("explore", "dedup_command", "Groups of near-duplicate images in the index, with an optional keep/remove plan."),
+    "clusters": ("explore", "clusters_command", "Cluster the indexed images (spherical k-means)."),
+    "outliers": ("explore", "outliers_command", "The indexed images least like their nearest neighbours."),
+    "map": ("explore", "map_command", "A 2-D map of the index (UMAP, or PCA), as a page."),
+    "serve": ("explore", "serve_command", "A local web app over the index: search, duplicates, clusters, outliers, map."),
+    "report": ("explore", "report_command", "Draw a pretraining run's curves as PNG files and report.html in its folder."),
+    "knn": ("evaluate", "knn_command", "kNN classification accuracy of an encoder on labelled folders."),
+    "linear-probe": ("evaluate", "linear_probe_command", "Linear-probe accuracy of an encoder on labelled folders."),
+    "finetune-detection": ("detection", "finetune_detection_command",
+                           "Fine-tune Faster R-CNN (ResNet-FPN) from the SimSiam backbone; COCO AP on --val-data."),
+    "export-detectron2": ("detection", "export_detectron2_command",
+                          "Write RUN's backbone as detectron2 ResNet weights (.pkl)."),
+}
 
 
 class _Commands(click.Group):
-    """Turns the library's UserError into click's one-line ``Error: ...`` and a non-zero exit."""
+    """Commands loaded when used; the library's UserError becomes click's one-line ``Error: ...``."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute, _summary = COMMANDS[name]
+        return getattr(importlib.import_module(f"simsiam_embed.cli.{module}"), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The summaries are COMMANDS' own: listing them loads no command module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary) for name, (_m, _a, summary) in COMMANDS.items()])
 
     def invoke(self, ctx: click.Context):
         try:
@@ -42,15 +72,9 @@ def cli() -> None:
     """
 
 
-for command in (pretrain_command, index_command, search_command, export_command, embed_command, dedup_command,
-                clusters_command, outliers_command, map_command, serve_command, report_command, knn_command,
-                linear_probe_command, finetune_detection_command, export_detectron2_command):
-    cli.add_command(command)
-
-
 def main() -> None:
     # Oversized images are refused and listed by the library; PIL's own warning would only repeat it.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", message="Image size .* exceeds limit")   # PIL's DecompressionBombWarning
     cli(prog_name="simsiam-embed")
 
 

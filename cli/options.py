@@ -6,8 +6,11 @@ import math
 from pathlib import Path
 
 import click
+from .lazy import library
 
-from ..workspace import Workspace
+workspace = library("workspace")
+
+
 
 workspace_option = click.option(
     "--workspace",
@@ -18,8 +21,8 @@ workspace_option = click.option(
 )
 
 
-def workspace_at(path: Path) -> Workspace:
-    return Workspace(path.resolve())
+def workspace_at(path: Path) -> workspace.Workspace:
+    return workspace.Workspace(path.resolve())
 
 
 class FiniteFloatRange(click.FloatRange):

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import click
 
-from ..config import RECIPES, parse_duration
-from ..models import BACKBONE_NAMES
-from ..pretrain import pretrain
+from simsiam_embed.settings import BACKBONE_NAMES, RECIPES, parse_duration
 from .options import FiniteFloatRange, workspace_at, workspace_option
+from .lazy import library
+
+training_pretrain = library("training.pretrain")
 
 _positive = FiniteFloatRange(min=0, min_open=True)
+
 
 
 @click.command("pretrain")
@@ -70,12 +72,12 @@ def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: 
         heads_batch_norm=False if no_heads_bn else None,
         decode_draft=False if no_draft else None,
     )
-    result = pretrain(data_dir, workspace_at(workspace), settings, run_name=name, resume=resume,
+    result = training_pretrain.pretrain(data_dir, workspace_at(workspace), settings, run_name=name, resume=resume,
                       report=lambda message: click.echo(message, err=True))
     if result.already_finished:
         return
     if not result.finished:
-        sys.exit(130)   # stopped by Ctrl-C or SIGTERM, checkpoint saved: not a success for scripts
+        sys.exit(result.stop.exit_status)   # stopped by Ctrl-C (130) or SIGTERM (143), checkpoint saved: not a success
     skipped = f"; {len(result.skipped)} unreadable files skipped (see {result.run_dir / 'skipped.jsonl'})" if result.skipped else ""
     click.echo(
         f"done: {result.step} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s / 60:.1f} min, "

@@ -3,9 +3,9 @@
 They know nothing of files or the command line.
 """
 
-from .backbones import BACKBONE_NAMES, build_backbone
-from .heads import PredictionMLP, ProjectionMLP
-from .simsiam import SimSiam, SimSiamOutput, negative_cosine_similarity, simsiam_loss
+from simsiam_embed.models.backbones import BACKBONE_NAMES, build_backbone
+from simsiam_embed.models.heads import PredictionMLP, ProjectionMLP
+from simsiam_embed.models.simsiam import SimSiam, SimSiamOutput, negative_cosine_similarity, simsiam_loss
 
 __all__ = [
     "BACKBONE_NAMES",

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone
-from .heads import PredictionMLP, ProjectionMLP
+from simsiam_embed.models.backbones import Backbone
+from simsiam_embed.models.heads import PredictionMLP, ProjectionMLP
 
 
 class SimSiamOutput(NamedTuple):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import UserError
+from simsiam_embed.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from .errors import UserError
+from simsiam_embed.errors import UserError
 
 #: Errors that mean "this place cannot take the write", not a bug: said in one line.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
@@ -106,10 +107,18 @@ def folder_lock(folder: Path, holder: str, report: Callable[[str], None]) -> Ite
     import fcntl
 
     lock_path = folder / ".lock"
+    # Never through a link: a received folder's .lock could point at any file of the user's,
+    # which this writer would then truncate.
     try:
-        handle = open(lock_path, "a+")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UserError(f"{lock_path} is a symbolic link, not a lock: delete it, then run again") from None
         raise write_failure(lock_path, error) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{lock_path} is not a regular file, so it cannot be a lock: delete it, then run again")
+    handle = os.fdopen(fd, "r+")
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

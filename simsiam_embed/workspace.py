@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .files import atomic_write
+from simsiam_embed.errors import UserError
+from simsiam_embed.files import atomic_write
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
@@ -38,19 +38,23 @@ class Workspace:
 
     def mark_latest(self, name: str) -> None:
         """Called once a run has a checkpoint, so LATEST never names a run that failed to start."""
-        with atomic_write(self.runs_dir / "LATEST") as handle:
+        from simsiam_embed.artefacts import LATEST_MARKER   # not at import: the CLI's --help loads this module
+
+        with atomic_write(self.runs_dir / LATEST_MARKER) as handle:
             handle.write(name + "\n")
 
     def latest_run_dir(self) -> Path:
         """The newest run here that has a checkpoint; a clear error if there is none."""
-        marker = self.runs_dir / "LATEST"
+        from simsiam_embed.artefacts import LATEST_MARKER, RunFolder
+
+        marker = self.runs_dir / LATEST_MARKER
         if marker.is_file():
             try:
                 run = self.run_dir(marker.read_text().strip())
             except (UserError, UnicodeDecodeError):
                 raise UserError(f"{marker} is damaged (it must hold one run name): delete it, or name the run "
                                 "folder or checkpoint") from None
-            if (run / "checkpoint.pt").is_file():
+            if RunFolder(run).has_checkpoint():
                 return run
         raise UserError(
             f"no pretraining run in {self.root}: run `simsiam-embed pretrain IMAGE_FOLDER` first, "

@@ -122,7 +122,7 @@ class PixelEncoder:
     """
 
     def __init__(self, delay_s: float = 0.0):
-        from simsiam_embed.data import Preprocessing
+        from simsiam_embed.images import Preprocessing
 
         self.preprocessing = Preprocessing(input_size=8, resize_size=8)
         self.dim = 12
@@ -138,8 +138,8 @@ class PixelEncoder:
 
 def pixel_identity(model_file: Path, kind: str = "onnx"):
     """An EncoderIdentity for PixelEncoder; ``model_file`` is any file standing for its weights."""
-    from simsiam_embed.checkpoint import file_digest
-    from simsiam_embed.index import EncoderIdentity
+    from simsiam_embed.artefacts import file_digest
+    from simsiam_embed.index.store import EncoderIdentity
 
     return EncoderIdentity(kind, str(model_file), file_digest(model_file), 12)
 
@@ -188,7 +188,7 @@ def write_pixel_onnx(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    from simsiam_embed.export import METADATA_FORMAT
+    from simsiam_embed.artefacts import ENCODER_METADATA_FORMAT
 
     shape = lambda name, values: helper.make_tensor(name, TensorProto.INT64, [len(values)], values)  # noqa: E731
     graph = helper.make_graph(
@@ -204,7 +204,7 @@ def write_pixel_onnx(path: Path) -> Path:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    metadata = {"format": METADATA_FORMAT, "input_size": 8, "resize_size": 8, "interpolation": "bilinear",
+    metadata = {"format": ENCODER_METADATA_FORMAT, "input_size": 8, "resize_size": 8, "interpolation": "bilinear",
                 "mean": json.dumps([0.485, 0.456, 0.406]), "std": json.dumps([0.229, 0.224, 0.225]),
                 "embedding_dim": 12, "head": "backbone", "precision": "fp32"}
     for key, value in metadata.items():
@@ -217,8 +217,8 @@ def write_pixel_onnx(path: Path) -> Path:
 def build_pixel_index(image_dir: Path, index_dir: Path, encoder_file: Path | None = None):
     """An index of ``image_dir`` made with the pixel-means ONNX encoder (written beside the
     index unless given): a real index folder, searchable by upload, in well under a second."""
-    from simsiam_embed.embed import OnnxEncoder
-    from simsiam_embed.index import update_index
+    from simsiam_embed.inference.onnx_encoder import OnnxEncoder
+    from simsiam_embed.index.store import update_index
 
     encoder_file = encoder_file or write_pixel_onnx(index_dir.parent / "pixel-encoder.onnx")
     return update_index(image_dir, OnnxEncoder(encoder_file), pixel_identity(encoder_file), index_dir,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from simsiam_embed.detection import DetectionConfig, finetune_detection
+from simsiam_embed.detection.finetune import DetectionConfig, finetune_detection
 from simsiam_embed.workspace import Workspace
 
 coco, workspace, out = (Path(arg) for arg in sys.argv[1:4])

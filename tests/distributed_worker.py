@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from simsiam_embed.pretrain import pretrain
+from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 images, workspace, out = (Path(arg) for arg in sys.argv[1:4])

@@ -9,7 +9,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from conftest import PixelEncoder, make_image_folder
-from simsiam_embed.embed import embed_paths
+from simsiam_embed.inference.embed import embed_paths
 
 folder = Path(sys.argv[1])
 graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from simsiam_embed.augment import (
+from simsiam_embed.training.augment import (
     BLUR, BLUR_TAPS, BRIGHTNESS, GRAYSCALE, HUE, JITTER, ORDER, SIGMA, AugmentationRecipe, BatchAugment, draw_view,
 )
-from simsiam_embed.data import IMAGENET_MEAN, IMAGENET_STD
+from simsiam_embed.images import IMAGENET_MEAN, IMAGENET_STD
 
 #: Largest difference allowed from torchvision, after normalisation (float32 rounding, /std ~4.5x).
 MAX_DIFFERENCE = 2e-5
@@ -80,7 +80,7 @@ def test_a_view_is_reproducible_from_its_seed():
 
 def test_crops_made_on_the_device_are_torchvisions_resized_crops():
     """The crop-on-device path: the worker decodes and plans, the device crops, resizes, flips."""
-    from simsiam_embed.augment import crop_on_device, draw_uncropped_views, stack_uncropped
+    from simsiam_embed.training.augment import crop_on_device, draw_uncropped_views, stack_uncropped
 
     recipe = AugmentationRecipe(24)
     images = [Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40 + seed, 64, 3), dtype=np.uint8))

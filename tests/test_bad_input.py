@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from simsiam_embed.checkpoint import build_model, load_checkpoint, save_checkpoint
-from simsiam_embed.config import PretrainConfig, check_crop_size
+from simsiam_embed.trained_model import build_model
+from simsiam_embed.artefacts import Checkpoint
+from simsiam_embed.settings import PretrainConfig, check_crop_size
 from simsiam_embed.errors import UserError
-from simsiam_embed.export import export_onnx
+from simsiam_embed.inference.export import export_onnx
 from simsiam_embed.files import write_json_atomic
-from simsiam_embed.index import choose_index_type, load_index, update_index
-from simsiam_embed.pretrain import pretrain
+from simsiam_embed.index.store import choose_index_type, load_index, update_index
+from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 from conftest import (
@@ -89,7 +90,7 @@ def test_a_full_disk_while_writing_the_catalog_is_one_line_and_keeps_the_index(t
     folder = make_image_folder(tmp_path / "images", per_class=2)
     update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "index", **QUIET)
     make_image_folder(folder / "more", per_class=1, seed=4)
-    import simsiam_embed.index as index_module
+    import simsiam_embed.index.store as index_module
 
     def disk_full(*_args):
         raise sqlite3.OperationalError("database or disk is full")
@@ -144,7 +145,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
 
 def test_a_checkpoint_write_on_a_full_disk_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"kind": "pretrain", "config": {}, "model": {}, "step": 1, "finished": False})
+    Checkpoint(kind="pretrain", settings={}, model={}, step=1, finished=False).save(path)
     import torch
 
     def no_space(*_args, **_kwargs):
@@ -152,9 +153,9 @@ def test_a_checkpoint_write_on_a_full_disk_is_one_line_and_keeps_the_old_one(tmp
 
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(UserError, match="No space left on device"):
-        save_checkpoint(path, {"kind": "pretrain", "config": {}, "model": {}, "step": 2, "finished": False})
+        Checkpoint(kind="pretrain", settings={}, model={}, step=2, finished=False).save(path)
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1
+    assert Checkpoint.load(path).step == 1
 
 
 def _make_disk_read_only(monkeypatch) -> None:
@@ -174,7 +175,7 @@ def read_only_disk(monkeypatch):
 
 
 def test_embed_to_a_read_only_folder_is_refused_before_embedding(tmp_path, read_only_disk):
-    from simsiam_embed.embed import embed_folder
+    from simsiam_embed.inference.embed import embed_folder
 
     class MustNotEmbed(PixelEncoder):
         def __call__(self, images):
@@ -186,16 +187,15 @@ def test_embed_to_a_read_only_folder_is_refused_before_embedding(tmp_path, read_
 
 
 def test_a_search_page_in_a_read_only_folder_is_one_line(tmp_path, read_only_disk):
-    from simsiam_embed.search import write_results_html
+    from simsiam_embed.index.search import write_results_html
 
     with pytest.raises(UserError, match="cannot write .*page.html .Read-only file system."):
         write_results_html([], tmp_path / "page.html")
 
 
 def test_export_to_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path / "checkpoint.pt", {"kind": "pretrain", "config": _tiny_config(tmp_path).to_dict(),
-                                                 "model": build_model(_tiny_config(tmp_path)).state_dict(),
-                                                 "step": 1, "finished": True})
+    Checkpoint(kind="pretrain", settings=_tiny_config(tmp_path).to_dict(),
+               model=build_model(_tiny_config(tmp_path)).state_dict(), step=1, finished=True).save(tmp_path / "checkpoint.pt")
     _make_disk_read_only(monkeypatch)
     result = invoke("export", "checkpoint.pt", "-o", "out/encoder.onnx", cwd=tmp_path)
     assert_one_line_error_in_process(result, "cannot write to", "Read-only file system")
@@ -244,8 +244,8 @@ def test_export_refuses_a_checkpoint_with_nan_weights(tmp_path):
     model = build_model(config)
     for parameter in model.parameters():
         parameter.data.fill_(float("nan"))
-    save_checkpoint(tmp_path / "checkpoint.pt", {"kind": "pretrain", "config": config.to_dict(),
-                                                 "model": model.state_dict(), "step": 1, "finished": True})
+    Checkpoint(kind="pretrain", settings=config.to_dict(), model=model.state_dict(), step=1,
+               finished=True).save(tmp_path / "checkpoint.pt")
     with pytest.raises(UserError, match="parity check"):
         export_onnx(tmp_path / "checkpoint.pt", tmp_path / "encoder.onnx")
     assert not (tmp_path / "encoder.onnx").exists()
@@ -288,10 +288,10 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint(image_folder, tmp_path)
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=180)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 143, stderr   # 128 + SIGTERM, as a shell reports it (not SIGINT's 130)
     assert "Traceback" not in stderr and "--resume" in stderr
-    state = load_checkpoint(tmp_path / "runs" / "images" / "checkpoint.pt")
-    assert not state["finished"] and state["step"] > 0
+    state = Checkpoint.load(tmp_path / "runs" / "images" / "checkpoint.pt")
+    assert not state.finished and state.step > 0
     assert (tmp_path / "runs" / "LATEST").read_text().strip() == "images"
 
 
@@ -300,7 +300,7 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint(image_folder, tmp_path)
 
 
 def test_knn_with_an_unreadable_bank_or_test_folder_is_one_line(tmp_path, model_file):
-    from simsiam_embed.evaluate import evaluate_knn
+    from simsiam_embed.inference.evaluate import evaluate_knn
 
     good = make_image_folder(tmp_path / "good", per_class=2)
     bad = tmp_path / "bad"

@@ -1,8 +1,6 @@
 import pytest
 
-from simsiam_embed.config import (
-    PretrainConfig, default_epochs, parse_duration, resolve_pretrain_config,
-)
+from simsiam_embed.settings import PretrainConfig, default_epochs, parse_duration, resolve_pretrain_config
 from simsiam_embed.errors import UserError
 
 
@@ -15,7 +13,7 @@ def fake_gpu(monkeypatch):
     """A GPU of the given memory (GiB) and compute capability, as far as the config rules can tell."""
     import torch
 
-    import simsiam_embed.config as config_module
+    import simsiam_embed.settings as config_module
 
     def install(memory_gib: float = 80, capability: tuple[int, int] = (8, 0)):
         monkeypatch.setattr(config_module, "gpu_memory_bytes", lambda _device: int(memory_gib * 2 ** 30))

@@ -12,14 +12,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import assert_one_line_error_in_process, invoke
-from simsiam_embed.checkpoint import build_model, load_checkpoint, save_checkpoint
-from simsiam_embed.config import PretrainConfig
-from simsiam_embed.detection import DetectionConfig, build_detector, finetune_detection, simsiam_backbone_weights
-from simsiam_embed.detection_data import load_detection_set
-from simsiam_embed.detection_eval import coco_ground_truth, coco_metrics
-from simsiam_embed.detectron2_export import detectron2_key, export_detectron2
+from simsiam_embed.trained_model import build_model
+from simsiam_embed.artefacts import Checkpoint
+from simsiam_embed.settings import PretrainConfig
+from simsiam_embed.detection.finetune import (
+    DetectionConfig, build_detector, finetune_detection, simsiam_backbone_weights,
+)
+from simsiam_embed.detection.data import load_detection_set
+from simsiam_embed.detection.evaluate import coco_ground_truth, coco_metrics
+from simsiam_embed.detection.detectron2 import detectron2_key, export_detectron2
 from simsiam_embed.errors import UserError
-from simsiam_embed.training import StopRequest
+from simsiam_embed.training.loop import StopRequest
 from simsiam_embed.workspace import Workspace
 
 CLASSES = ["box", "disc"]
@@ -181,8 +184,8 @@ def _simsiam_checkpoint(path: Path, small_image_stem: bool = False, backbone: st
                 module.running_mean.uniform_(-1, 1)
                 module.running_var.uniform_(0.5, 2)
     path.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path / "checkpoint.pt", {"config": config.to_dict(), "model": model.state_dict(), "step": 1,
-                                             "finished": True, "steps_per_epoch": 1})
+    Checkpoint(kind="pretrain", settings=config.to_dict(), model=model.state_dict(), step=1, finished=True,
+               extra={"steps_per_epoch": 1}).save(path / "checkpoint.pt")
     return path
 
 
@@ -263,8 +266,8 @@ def test_interrupted_finetuning_resumes_to_the_same_weights(three_formats, tmp_p
     resumed = finetune_detection(_tiny_config(coco, val_data=None, epochs=2), Workspace(tmp_path / "b"), resume=True,
                                  report=lambda _m: None, show_progress=False, explicit={"device"})
     assert resumed.finished and resumed.step == straight.step
-    a = load_checkpoint(straight.run_dir / "checkpoint.pt")["model"]
-    b = load_checkpoint(resumed.run_dir / "checkpoint.pt")["model"]
+    a = Checkpoint.load(straight.run_dir / "checkpoint.pt").model
+    b = Checkpoint.load(resumed.run_dir / "checkpoint.pt").model
     assert all(torch.equal(a[key], b[key]) for key in a)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == sorted(set(steps)) and 9.0 not in [json.loads(line).get("loss") for line in metrics.read_text().splitlines()]
@@ -395,8 +398,8 @@ def test_cli_json_without_val_data_still_reports_the_run(tmp_path: Path):
     (80, 1, 853, 16), (24, 1, 853, 16), (16, 1, 853, 8), (8, 1, 853, 4), (8, 2, 853, 8), (16, 1, 1333, 4),
 ])
 def test_the_gpu_detection_batch_follows_the_memory(monkeypatch, memory_gib, processes, max_size, expected):
-    import simsiam_embed.config as config_module
-    from simsiam_embed.detection import default_detection_batch
+    import simsiam_embed.settings as config_module
+    from simsiam_embed.detection.finetune import default_detection_batch
 
     monkeypatch.setattr(config_module, "gpu_memory_bytes", lambda _device: int(memory_gib * 2 ** 30))
     batch, reason = default_detection_batch("cuda", max_size, processes)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from conftest import make_image_folder
-from simsiam_embed.checkpoint import load_checkpoint
+from simsiam_embed.artefacts import Checkpoint
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 DETECTION_WORKER = Path(__file__).with_name("distributed_detection_worker.py")
@@ -37,22 +37,22 @@ def test_two_ranks_hold_the_same_weights_after_training(tmp_path):
 
     # Training happened, and only rank 0 wrote the run.
     torch.manual_seed(0)
-    from simsiam_embed.checkpoint import build_model
-    from simsiam_embed.config import PretrainConfig
+    from simsiam_embed.trained_model import build_model
+    from simsiam_embed.settings import PretrainConfig
 
     run = tmp_path / "ws" / "runs" / "images"
-    state = load_checkpoint(run / "checkpoint.pt")
-    assert state["step"] == 2 * (36 // 8) and state["finished"]
-    fresh = build_model(PretrainConfig.from_dict(state["config"])).state_dict()
+    state = Checkpoint.load(run / "checkpoint.pt")
+    assert state.step == 2 * (36 // 8) and state.finished
+    fresh = build_model(PretrainConfig.from_dict(state.settings)).state_dict()
     conv = "backbone.resnet.conv1.weight"
     assert not torch.equal(fresh[conv], rank0[conv])
-    assert torch.equal(state["model"][conv], rank0[conv])
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == state["step"] + 2
+    assert torch.equal(state.model[conv], rank0[conv])
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == state.step + 2
 
 
 def test_embedding_under_torchrun_merges_the_shards_in_order(tmp_path):
-    from simsiam_embed.export import export_onnx
-    from simsiam_embed.pretrain import pretrain
+    from simsiam_embed.inference.export import export_onnx
+    from simsiam_embed.training.pretrain import pretrain
     from simsiam_embed.workspace import Workspace
 
     images = make_image_folder(tmp_path / "images", per_class=5)
@@ -84,9 +84,9 @@ def test_detection_under_torchrun_keeps_the_replicas_identical(tmp_path):
 
     # 8 images, 4 per step over both ranks, 2 epochs; only rank 0 wrote the run and scored it.
     run = next((tmp_path / "ws" / "runs").iterdir())
-    state = load_checkpoint(run / "checkpoint.pt")
-    assert state["step"] == 4 and state["finished"]
-    assert all(torch.equal(state["model"][key], rank0[key]) for key in rank0)
+    state = Checkpoint.load(run / "checkpoint.pt")
+    assert state.step == 4 and state.finished
+    assert all(torch.equal(state.model[key], rank0[key]) for key in rank0)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     assert (run / "evaluation.json").is_file()
 
@@ -108,7 +108,7 @@ def test_a_time_budget_is_planned_once_for_every_rank(tmp_path):
                                                                      "val_dir": str(images)})
     assert reports[0]["step"] == reports[1]["step"] and reports[0]["finished"] and reports[1]["finished"]
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
-    assert load_checkpoint(tmp_path / "ws" / "runs" / "images" / "checkpoint.pt")["step"] == reports[0]["step"]
+    assert Checkpoint.load(tmp_path / "ws" / "runs" / "images" / "checkpoint.pt").step == reports[0]["step"]
     metrics = (tmp_path / "ws" / "runs" / "images" / "metrics.jsonl").read_text()
     assert "knn_top1_random_init" in metrics and '"knn_top1"' in metrics
 
@@ -129,7 +129,7 @@ def test_a_rank_whose_whole_share_is_unreadable_still_steps(tmp_path):
     """Truncated JPEGs pass the header scan and fail to decode; a rank with no usable image in a
     batch used to skip the step alone and hang the others' all-reduce."""
     from simsiam_embed.files import read_jsonl
-    from simsiam_embed.training import StepBatchSampler
+    from simsiam_embed.training.loop import StepBatchSampler
     from simsiam_embed.distributed import DistributedContext
     import numpy as np
     from PIL import Image
@@ -145,7 +145,7 @@ def test_a_rank_whose_whole_share_is_unreadable_still_steps(tmp_path):
         if number % 2:
             path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     truncated = {number for number in range(count) if number % 2}
-    from simsiam_embed.data import discover_images, scan_images
+    from simsiam_embed.images import discover_images, scan_images
     assert len(scan_images(discover_images(images)).paths) == count   # the headers are all fine
     # A seed under which some step gives some rank only truncated files: the case that hung.
     def hangs_without_refill(seed: int) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from simsiam_embed.errors import UserError
-from simsiam_embed.evaluate import knn_classify, labelled_folder
+from simsiam_embed.inference.evaluate import knn_classify, labelled_folder
 
 from conftest import assert_one_line_error_in_process, invoke, make_image_folder
 
@@ -93,7 +93,7 @@ def test_val_dir_monitor_logs_knn_and_says_whether_training_beat_random_init(tmp
 
 
 def test_linear_probe_learns_a_separable_problem():
-    from simsiam_embed.evaluate import train_linear_probe
+    from simsiam_embed.inference.evaluate import train_linear_probe
 
     rng = np.random.default_rng(0)
     directions = rng.standard_normal((4, 32))

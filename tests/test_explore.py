@@ -13,14 +13,13 @@ import pytest
 from conftest import build_pixel_index, distinct_images, invoke
 from PIL import Image, ImageEnhance
 
-from simsiam_embed import explore
-from simsiam_embed.charts import nice_ticks
-from simsiam_embed.explore import (
-    CentredVectors, default_cluster_count, find_clusters, find_duplicates, find_outliers, neighbour_graph,
-    project_to_map,
+from simsiam_embed.explore import analyses as explore
+from simsiam_embed.explore.charts import nice_ticks
+from simsiam_embed.explore.analyses import (
+    CentredVectors, default_cluster_count, find_clusters, find_duplicates, find_outliers, neighbour_graph, project_to_map,
 )
-from simsiam_embed.index import load_index
-from simsiam_embed.report import read_metrics, write_run_report
+from simsiam_embed.index.store import load_index
+from simsiam_embed.explore.report import read_run_metrics, write_run_report
 
 
 @pytest.fixture
@@ -281,7 +280,7 @@ def test_metrics_records_that_are_not_objects_are_left_out(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('[1, 2]\n{"step": "x"}\n{"step": 3, "loss": NaN}\n{"step": 4, "loss": -0.5}\n')
-    assert [record["step"] for record in read_metrics(run)] == [3, 4]
+    assert [record.step for record in read_run_metrics(run)] == [3, 4]
     write_run_report(run)   # NaN values are skipped when drawing, not an error
 
 
@@ -330,7 +329,7 @@ def test_the_map_uses_umap_when_the_extra_is_installed(planted):
 
 
 def test_a_group_of_many_copies_shows_a_bounded_page(tmp_path, monkeypatch):
-    from simsiam_embed import explore_outputs
+    from simsiam_embed.explore import pages as explore_outputs
 
     monkeypatch.setattr(explore_outputs, "PAGE_MAX_MEMBERS", 4)
     images = tmp_path / "images"

@@ -9,15 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsiam_embed.checkpoint import file_digest
-from simsiam_embed.data import discover_images
-from simsiam_embed.embed import OnnxEncoder, TorchEncoder, embed_folder, embed_paths
+from simsiam_embed.artefacts import file_digest
+from simsiam_embed.images import discover_images
+from simsiam_embed.inference.onnx_encoder import OnnxEncoder
+from simsiam_embed.inference.embed import TorchEncoder, embed_folder, embed_paths
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import read_jsonl
-from simsiam_embed.export import MIN_COSINE_FP16, export_onnx, max_abs_and_min_cosine, read_encoder_metadata
-from simsiam_embed.index import EncoderIdentity, build_faiss_index, choose_index_type, load_index, update_index
-from simsiam_embed.pretrain import pretrain
-from simsiam_embed.search import search_images
+from simsiam_embed.inference.export import MIN_COSINE_FP16, export_onnx, max_abs_and_min_cosine
+from simsiam_embed.inference.onnx_encoder import read_encoder_metadata
+from simsiam_embed.index.store import EncoderIdentity, build_faiss_index, choose_index_type, load_index, update_index
+from simsiam_embed.training.pretrain import pretrain
+from simsiam_embed.index.search import search_images
 from simsiam_embed.workspace import Workspace
 
 from conftest import (
@@ -48,9 +50,9 @@ def sample_encoder(sample_run) -> Path:
 
 def test_onnx_matches_pytorch_on_the_bundled_sample(sample_run, sample_encoder):
     metadata = read_encoder_metadata(sample_encoder)
-    assert metadata["input_size"] == "28" and metadata["embedding_dim"] == "512"
-    assert json.loads(metadata["mean"]) == [0.485, 0.456, 0.406]
-    assert metadata["source_checkpoint_sha256"] == file_digest(sample_run / "checkpoint.pt")
+    assert metadata.preprocessing.input_size == 28 and metadata.embedding_dim == 512
+    assert list(metadata.preprocessing.mean) == [0.485, 0.456, 0.406]
+    assert metadata.source_checkpoint_sha256 == file_digest(sample_run / "checkpoint.pt")
     paths = discover_images(SAMPLE / "test")
     onnx_vectors = embed_paths(paths, OnnxEncoder(sample_encoder), batch_size=50, workers=0, show_progress=False)
     torch_vectors = embed_paths(paths, TorchEncoder(sample_run / "checkpoint.pt", "cpu"), batch_size=50,
@@ -71,7 +73,7 @@ def test_fp16_export_stays_within_its_bound(sample_run, tmp_path):
     result = export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder-fp16.onnx", fp16=True,
                          parity_images=discover_images(SAMPLE / "test")[:32])
     assert result.min_cosine >= MIN_COSINE_FP16 and result.fp16
-    assert read_encoder_metadata(result.path)["precision"] == "fp16"
+    assert read_encoder_metadata(result.path).precision == "fp16"
     assert result.path.stat().st_size < 0.6 * (sample_run / "encoder.onnx").stat().st_size
 
 
@@ -155,7 +157,7 @@ def test_a_crash_while_writing_leaves_the_old_index_readable(sample_encoder, tmp
     update_index(folder, encoder, identity, index_dir, **quiet)
     draw_shape_image(np.random.default_rng(3), 20, "disc").save(folder / "disc" / "extra.png")
 
-    import simsiam_embed.index as index_module
+    import simsiam_embed.index.store as index_module
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
@@ -341,14 +343,14 @@ def test_json_stays_clean_when_onnx_runtime_falls_back_from_a_provider(sample_en
     lists cannot start (TensorRT not installed, or no GPU): forced here on the CPU."""
     import torch
 
-    import simsiam_embed.embed as embed_module
+    import simsiam_embed.inference.onnx_encoder as onnx_encoder_module
     from conftest import invoke
 
     folder = make_image_folder(tmp_path / "images", per_class=1)
     update_index(folder, OnnxEncoder(sample_encoder), _identity(sample_encoder, OnnxEncoder(sample_encoder)),
                  tmp_path / "index", report=lambda _m: None, show_progress=False, workers=0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(embed_module, "tensorrt_installed", lambda: True, raising=False)
+    monkeypatch.setattr(onnx_encoder_module, "tensorrt_installed", lambda: True)
     result = invoke("search", str(folder / "disc" / "disc-00.png"), "--json", "--index-dir", str(tmp_path / "index"))
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["hits"][0]["score"] > 0.999

@@ -121,7 +121,7 @@ def test_the_loss_is_computed_in_fp32_under_bf16_autocast():
                                                           ((8, 0), True, "bf16"), ((9, 0), True, "bf16")])
 def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, native, expected):
     """V100 and T4 report bf16 support through emulation; they get fp16 with a loss scaler."""
-    from simsiam_embed.config import default_amp
+    from simsiam_embed.settings import default_amp
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _index=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native if not including_emulation else True)

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_explore import write_metrics  # noqa: E402
 
-from simsiam_embed import serve as serve_module  # noqa: E402
-from simsiam_embed.serve import LOOPBACK_NAMES, create_app  # noqa: E402
+from simsiam_embed.explore import serve as serve_module  # noqa: E402
+from simsiam_embed.explore.serve import LOOPBACK_NAMES, create_app  # noqa: E402
 from simsiam_embed.workspace import Workspace  # noqa: E402
 
 UPLOAD_LIMIT = 200_000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simsiam_embed.training import TimeBudget
+from simsiam_embed.training.loop import TimeBudget
 
 
 def test_the_plan_fits_the_steps_and_the_checkpoints_in_the_budget():
@@ -59,7 +59,7 @@ def test_a_resumed_plan_is_checked_from_where_the_run_resumed():
 
 
 def test_the_loader_keeps_a_bounded_number_of_bytes_in_flight():
-    from simsiam_embed.training import LOADER_BYTES_BUDGET, plan_loader_memory
+    from simsiam_embed.training.loop import LOADER_BYTES_BUDGET, plan_loader_memory
 
     pair_bytes = lambda crop, value_bytes: 2 * 3 * crop * crop * value_bytes  # noqa: E731  (two views)
     small = plan_loader_memory(256, pair_bytes(32, 1), workers=2, what="uint8 crops", shared_memory_bytes=8 << 30)

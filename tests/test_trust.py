@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from simsiam_embed.checkpoint import build_model, load_checkpoint
-from simsiam_embed.config import PretrainConfig
-from simsiam_embed.embed import embed_paths
+from simsiam_embed.trained_model import build_model
+from simsiam_embed.artefacts import Checkpoint
+from simsiam_embed.settings import PretrainConfig
+from simsiam_embed.inference.embed import embed_paths
 from simsiam_embed.errors import UserError
-from simsiam_embed.index import load_index, update_index
+from simsiam_embed.index.store import load_index, update_index
 
 from conftest import (
     CodeRunsIfUnpickled, PixelEncoder, assert_one_line_error_in_process, invoke, make_image_folder, pixel_identity,
@@ -103,8 +104,8 @@ def test_checkpoints_of_format_1_still_load_safely(tmp_path):
                 "step": 3, "finished": True,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
                tmp_path / "old.pt")
-    state = load_checkpoint(tmp_path / "old.pt", kind="pretrain")
-    assert state["step"] == 3 and isinstance(state["rng"]["numpy"][1], np.ndarray)
+    state = Checkpoint.load(tmp_path / "old.pt", kind="pretrain")
+    assert state.step == 3 and isinstance(state.rng["numpy"][1], np.ndarray)
 
 
 def test_a_checkpoint_of_the_wrong_kind_is_one_line(tmp_path):
@@ -123,7 +124,7 @@ def test_a_checkpoint_with_a_field_of_the_wrong_type_is_one_line(tmp_path, field
     state[field] = value
     torch.save(state, tmp_path / "checkpoint.pt")
     with pytest.raises(UserError, match=field):
-        load_checkpoint(tmp_path / "checkpoint.pt")
+        Checkpoint.load(tmp_path / "checkpoint.pt")
 
 
 def test_saved_settings_are_checked_field_by_field():
@@ -203,7 +204,7 @@ def test_a_search_that_loses_a_race_with_an_update_reads_the_new_generation(tmp_
     # The previous generation stays for readers that read CURRENT just before the swap.
     assert sorted(p.name for p in index_dir.glob("gen-*")) == ["gen-000001", "gen-000002"]
 
-    import simsiam_embed.index as index_module
+    import simsiam_embed.index.store as index_module
 
     real_open = index_module._open_generation
     calls = []
@@ -256,7 +257,7 @@ def test_a_malformed_manifest_is_one_line_naming_the_field(tmp_path, change):
 
 def test_many_queries_are_embedded_in_bounded_batches(tmp_path):
     """A folder of thousands of queries must not become one GPU batch."""
-    from simsiam_embed.search import QUERY_BATCH, embed_queries
+    from simsiam_embed.index.search import QUERY_BATCH, embed_queries
 
     class RecordingEncoder(PixelEncoder):
         batches: list[int] = []
@@ -330,7 +331,7 @@ def test_an_index_type_without_a_gpu_version_says_so_and_stays_on_the_cpu(tmp_pa
 
 def test_each_torchrun_process_asks_onnx_runtime_for_its_own_gpu(monkeypatch, tmp_path):
     """Without device_id every rank's CUDA and TensorRT sessions land on GPU 0."""
-    from simsiam_embed.embed import _provider_options
+    from simsiam_embed.inference.onnx_encoder import _provider_options
 
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert _provider_options("CUDAExecutionProvider", tmp_path / "m.onnx", 64, 224)["device_id"] == "3"

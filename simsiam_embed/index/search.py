@@ -13,12 +13,13 @@ from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
-from .checkpoint import file_digest
-from .data import discover_images, open_image
-from .embed import Encoder, OnnxEncoder, TorchEncoder, embed_paths, l2_normalize
-from .errors import UserError
-from .index import CatalogEntry, LoadedIndex, load_index
-from .thumbnails import data_uri, thumbnail_of_file
+from simsiam_embed.artefacts import file_digest
+from simsiam_embed.images import discover_images, open_image
+from simsiam_embed.inference.embed import Encoder, TorchEncoder, embed_paths, l2_normalize
+from simsiam_embed.inference.onnx_encoder import OnnxEncoder
+from simsiam_embed.errors import UserError
+from simsiam_embed.index.store import CatalogEntry, LoadedIndex, load_index
+from simsiam_embed.index.thumbnails import data_uri, thumbnail_of_file
 
 
 DEFAULT_K = 10
@@ -163,7 +164,7 @@ def embed_image(source: Path | str | BinaryIO, encoder: Encoder) -> np.ndarray:
 
 def write_results_html(results: list[QueryResult], output: Path, thumbnail: int = 128) -> None:
     """A self-contained page: each query beside its results, thumbnails embedded as data URIs."""
-    from .files import atomic_write
+    from simsiam_embed.files import atomic_write
 
     if not output.parent.is_dir():
         raise UserError(f"cannot write {output}: the folder {output.parent} does not exist")

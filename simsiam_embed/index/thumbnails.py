@@ -22,10 +22,10 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from .data import UnreadableImage, open_image
-from .errors import UserError
-from .files import atomic_write
-from .index import CatalogEntry
+from simsiam_embed.images import UnreadableImage, open_image
+from simsiam_embed.errors import UserError
+from simsiam_embed.files import atomic_write
+from simsiam_embed.index.store import CatalogEntry
 
 THUMBNAIL_SIDE = 160
 THUMBNAIL_FOLDER = "thumbnails"

@@ -1,4 +1,4 @@
-"""Images on disk: find them, open them safely, augment them, label them from folder names.
+"""Images on disk: find them, open them safely, label them from folder names, batch them.
 
 Every loader here survives bad files: a file that cannot be decoded raises
 :class:`UnreadableImage`, and the datasets turn that into a skipped sample that the training or
@@ -238,49 +238,6 @@ class Preprocessing:
         return self.resize_size
 
 
-class RandomGaussianBlur:
-    """SimCLR's blur as the official SimSiam code applies it: PIL blur with a random sigma.
-
-    The sigma is drawn from torch's generator so that seeding torch alone makes a view reproducible.
-    """
-
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        sigma = float(torch.empty(1).uniform_(*self.sigma))
-        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
-
-
-def simsiam_augmentation(
-    crop_size: int,
-    blur: bool,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    min_crop_scale: float = 0.2,
-    color_jitter: float = 0.4,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The paper's augmentation (Section 4.1, from MoCo v2); ``blur=False`` for the CIFAR recipe."""
-    steps: list[Callable] = [
-        T.RandomResizedCrop(crop_size, scale=(min_crop_scale, 1.0)),
-        T.RandomApply([T.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 4)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-    ]
-    if blur:
-        steps.append(T.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=0.5))
-    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
-
-
-def training_draft_side(crop_size: int, min_crop_scale: float = 0.2) -> int:
-    """The smallest decoded side that still gives the smallest random crop full resolution.
-
-    A RandomResizedCrop of area fraction ``s`` spans about sqrt(s) of the side and is resized to
-    ``crop_size``, so decoding below crop_size / sqrt(s) would throw detail away.
-    """
-    return int(np.ceil(crop_size / np.sqrt(min_crop_scale)))
-
-
 # --------------------------------------------------------------------------------------------
 # Datasets
 
@@ -306,50 +263,6 @@ def first_readable(index: int, paths: Sequence[Path | str],
         except UnreadableImage as reason:
             failures.append((str(paths[position]), str(reason)))
     return None, failures
-
-
-class TwoViewDataset(Dataset):
-    """Two independently augmented views of each image, for SimSiam.
-
-    Indexed by ``(seed, index)`` pairs (see :class:`~simsiam_embed.pretrain.StepBatchSampler`):
-    the augmentation of a sample depends only on that seed, not on which worker draws it or
-    where a run was resumed, so an interrupted run continues exactly as an uninterrupted one
-    would. An unreadable file is replaced by the next readable one (:func:`first_readable`) and
-    listed beside the sample; :func:`collate_skipping_unreadable` collects the list.
-
-    ``augment`` makes one view and is called twice; ``pair`` instead makes the whole sample from
-    the image at once (when both views share work, such as a decoded image cropped elsewhere).
-    """
-
-    def __init__(self, paths: Sequence[Path], augment: Callable | None = None, draft_side: int | None = None,
-                 pair: Callable | None = None):
-        if (augment is None) == (pair is None):
-            raise ValueError("give either augment or pair")
-        self.paths = list(paths)
-        self.pair = pair or _TwoViews(augment)
-        self.draft_side = draft_side
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, key: tuple[int, int]):
-        sample_seed, index = key
-        image, failures = first_readable(index, self.paths, lambda i: open_image(self.paths[i], self.draft_side))
-        if image is None:
-            return None, failures
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            return self.pair(image), failures
-
-
-class _TwoViews:
-    """A view-maker applied twice (a class, not a lambda: loader workers may pickle it)."""
-
-    def __init__(self, augment: Callable):
-        self.augment = augment
-
-    def __call__(self, image: Image.Image) -> tuple[Any, Any]:
-        return self.augment(image), self.augment(image)
 
 
 class EvalImageDataset(Dataset):

@@ -16,13 +16,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .data import discover_images, label_of
-from .distributed import DistributedContext, from_main, gather_to_main
-from .embed import EmbedResult, Encoder, embed_paths
-from .errors import UserError
+from simsiam_embed.images import discover_images, label_of
+from simsiam_embed.distributed import DistributedContext, from_main, gather_to_main
+from simsiam_embed.inference.embed import EmbedResult, Encoder, embed_paths
+from simsiam_embed.errors import UserError
+from simsiam_embed.settings import KNN_SETTINGS
 
 #: (k, temperature) pairs reported by default: the InstDisc setting and solo-learn's.
-KNN_SETTINGS = ((200, 0.1), (20, 0.07))
 
 
 @dataclass
@@ -188,7 +188,7 @@ class KnnMonitor:
     def top1(self, backbone) -> float:
         """Every rank must call it: under torchrun each embeds its shard of the images, and rank 0
         scores them all, so no rank waits on a long single-process evaluation (NCCL's time-out)."""
-        from .embed import shard_for_rank
+        from simsiam_embed.inference.embed import shard_for_rank
 
         mine = shard_for_rank(len(self.images.paths), self.context.rank, self.context.world_size)
         result = embed_paths([self.images.paths[i] for i in mine], _LiveBackbone(backbone, self.preprocessing, self.device),

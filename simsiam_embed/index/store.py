@@ -33,12 +33,12 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from . import __version__
-from .checkpoint import file_digest
-from .data import discover_images, label_of
-from .embed import Encoder, embed_paths
-from .errors import UserError
-from .files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
+from simsiam_embed import __version__
+from simsiam_embed.artefacts import ENCODER_FILE, file_digest
+from simsiam_embed.images import discover_images, label_of
+from simsiam_embed.inference.embed import Encoder, embed_paths
+from simsiam_embed.errors import UserError
+from simsiam_embed.files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
 
 #: Exact search stays interactive up to here: ~440 queries/s at 100k x 512 on 2 cores (bench/RESULTS.md).
 FLAT_MAX_VECTORS = 200_000
@@ -48,7 +48,7 @@ HNSW_EF_SEARCH = 128
 MANIFEST_FORMAT = "simsiam-embed.index/2"
 GENERATION_NAME = re.compile(r"gen-(\d{6})")
 #: The encoder file inside a generation, by kind: the only names a manifest may give.
-ENCODER_FILES = {"onnx": "encoder.onnx", "torch": "encoder.pt"}
+ENCODER_FILES = {"onnx": ENCODER_FILE, "torch": "encoder.pt"}
 #: Below this many vectors a planned index type is test-trained on random vectors before any
 #: embedding, so a type that cannot train on so few fails in seconds, not after hours.
 TRIAL_TRAINING_MAX = 20_000
@@ -299,15 +299,21 @@ class LoadedIndex:
 def current_generation(index_dir: Path) -> Path | None:
     """The live generation's folder; None when there is no index; an error when CURRENT is damaged."""
     marker = index_dir / "CURRENT"
+    if marker.is_symlink():
+        # Read through, it would print whatever file it points at: never followed, never quoted.
+        raise UserError(f"{marker} is a symbolic link, not a generation marker: {REBUILD}")
     if not marker.is_file():
         return None
     try:
         name = marker.read_text().strip()
     except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{marker} is unreadable ({error}): {REBUILD}") from None
+        raise UserError(f"{marker} is unreadable ({error.__class__.__name__}): {REBUILD}") from None
     if not GENERATION_NAME.fullmatch(name):
-        raise UserError(f"{marker} is damaged (it names {name[:40]!r}, not a generation gen-NNNNNN): {REBUILD}")
-    return index_dir / name
+        raise UserError(f"{marker} is damaged (it does not name a generation gen-NNNNNN): {REBUILD}")
+    generation = index_dir / name
+    if generation.is_symlink():
+        raise UserError(f"{generation} is a symbolic link: a generation lies inside its index folder; {REBUILD}")
+    return generation
 
 
 class _GenerationUnreadable(Exception):
@@ -358,6 +364,9 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
         raise UserError(f"the index in {index_dir} is inconsistent (its vectors are not {manifest.dim}-d): {REBUILD}")
     if manifest.count == 0:
         raise UserError(f"the index in {index_dir} is empty: {REBUILD}")
+    # Every id once, each in the catalog: searches and analyses name files by these ids.
+    if len(np.unique(ids)) != len(ids) or not np.isin(ids, np.fromiter(entries, dtype=np.int64)).all():
+        raise UserError(f"the index in {index_dir} is inconsistent (its ids do not match its catalog): {REBUILD}")
     _set_search_parameters(index)
     return LoadedIndex(index_dir, generation, manifest, index, entries, vectors, ids)
 
@@ -431,6 +440,11 @@ def update_index(
         report(f"{len(paths)} images in {image_dir}: {len(unchanged)} unchanged, {len(to_embed) - changed} new, "
                f"{changed} changed, {removed} deleted")
         requested = index_type or (previous.manifest.requested_type if previous else None)
+        if previous is not None and not to_embed and not removed and requested == previous.manifest.requested_type:
+            # Nothing to add, change or drop: the live generation already is this index.
+            return IndexUpdate(index_dir, previous.count, 0, 0, 0, len(unchanged), previous.manifest.index_type,
+                               "up to date: nothing changed since the last update", None, failures,
+                               0.0, time.monotonic() - started)
         # Everything that can be refused is refused before the embedding, which may take hours.
         expected = len(unchanged) + len(to_embed)
         planned = choose_index_type(expected, identity.dim, requested)

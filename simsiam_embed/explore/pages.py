@@ -15,10 +15,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .explore import ClusterResult, DuplicateResult, MapResult, OutlierResult
-from .files import atomic_write, write_json_atomic
-from .index import LoadedIndex
-from .thumbnails import cached_thumbnail, data_uri
+from simsiam_embed.explore.analyses import ClusterResult, DuplicateResult, MapResult, OutlierResult
+from simsiam_embed.files import atomic_write, write_json_atomic
+from simsiam_embed.index.store import LoadedIndex
+from simsiam_embed.index.thumbnails import cached_thumbnail, data_uri
 
 PAGE_MAX_ITEMS = 300
 #: Members of one duplicate group shown on the page (a folder may hold thousands of one file).

@@ -28,11 +28,12 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from .config import SMALL_IMAGE_MAX_SIDE
-from .data import UnreadableImage, open_image
-from .errors import UserError
-from .index import CatalogEntry, LoadedIndex
-from .thumbnails import indexed_bytes
+from simsiam_embed.settings import SMALL_IMAGE_MAX_SIDE
+from simsiam_embed.images import UnreadableImage, open_image
+from simsiam_embed.errors import UserError
+from simsiam_embed.index.store import CatalogEntry, LoadedIndex
+from simsiam_embed.index.thumbnails import indexed_bytes
+from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
 
 Report = Callable[[str], None]
 
@@ -54,15 +55,8 @@ QUERY_CHUNK = 16_384
 #:   >= 0.8 on the sample. Precision first: a plan built on a false group removes a real file.
 #: - Without the pixel check: >= 0.95, the lowest with precision >= 0.8 on both sets.
 #: An explicit threshold applies to every pair as given.
-CANDIDATE_THRESHOLD = 0.8
-SMALL_PICTURE_THRESHOLD = 0.93
-SMALL_PICTURE_SIDE = SMALL_IMAGE_MAX_SIDE
-UNCHECKED_THRESHOLD = 0.95
 #: Neighbours searched per image for duplicates: its nearest other image is among them unless
 #: more than this many byte-identical copies of it come first (those group by their bytes).
-DUPLICATE_NEIGHBOURS = 10
-OUTLIER_NEIGHBOURS = 10
-PLANS = ("keep-largest", "keep-oldest", "keep-first")
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +560,6 @@ class MapResult:
     points: list[MapPoint]
 
 
-MAP_MAX_POINTS = 5_000
 
 
 def umap_available() -> bool:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from .detection import simsiam_backbone_weights
-from .files import atomic_write
+from simsiam_embed.detection.finetune import simsiam_backbone_weights
+from simsiam_embed.files import atomic_write
 
 #: What detectron2 must be told to read these weights as they were trained (as in MoCo's configs).
 DETECTRON2_SETTINGS = (

@@ -16,12 +16,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from simsiam_embed.errors import UserError
 
 SMALL_IMAGE_MAX_SIDE = 64
 IMAGENET_SIZE = 1_281_167
 
 RECIPES = ("imagenet", "cifar")
+#: torchvision ResNets the backbone may be (models/backbones.py builds them).
+BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
+
+# --------------------------------------------------------------------------------------------
+# Choices and defaults of the stages after pretraining: here, so that `--help` shows them
+# without loading PyTorch (each stage's module says why it chose them).
+
+#: ONNX export: the parity bar of every fp32 export, ONNX Runtime and PyTorch must agree this
+#: closely; fp16 keeps about 3 significant digits, and through ~50 layers its features stay this close.
+#: What an exported encoder outputs: pooled backbone features, or the SimSiam projection z.
+HEADS = ("backbone", "projector")
+MIN_COSINE_FP32 = 0.9999
+MIN_COSINE_FP16 = 0.999
+#: kNN evaluation: (k, temperature) pairs reported by default: the InstDisc setting and solo-learn's.
+KNN_SETTINGS = ((200, 0.1), (20, 0.07))
+#: dedup: the calibrated default rule (explore/analyses.py explains the calibration).
+CANDIDATE_THRESHOLD = 0.8
+SMALL_PICTURE_THRESHOLD = 0.93
+SMALL_PICTURE_SIDE = SMALL_IMAGE_MAX_SIDE
+UNCHECKED_THRESHOLD = 0.95
+DUPLICATE_NEIGHBOURS = 10
+OUTLIER_NEIGHBOURS = 10
+PLANS = ("keep-largest", "keep-oldest", "keep-first")
+MAP_MAX_POINTS = 5_000
+#: detection fine-tuning.
+NORMS = ("frozen", "bn", "syncbn")
+INITS = ("simsiam", "random")
+SCHEDULES = ("step", "cosine")
 #: No setting of a network read from a file may exceed this (a tampered file must not allocate terabytes).
 MAX_WIDTH = 65_536
 
@@ -137,7 +165,7 @@ class PretrainConfig(SavedSettings):
 
     def check_architecture(self, source: Path | str) -> None:
         """Settings read from a file build a network only if they describe one this code can build."""
-        from .models import BACKBONE_NAMES
+        from simsiam_embed.models import BACKBONE_NAMES
 
         if self.backbone not in BACKBONE_NAMES:
             raise UserError(f"{source} is damaged: its backbone {self.backbone!r} is not one of {', '.join(BACKBONE_NAMES)}")
@@ -237,7 +265,7 @@ def gpu_batch(device: str, settings: dict[str, Any], processes: int) -> tuple[in
     per_pair *= 2 if settings.get("amp", "bf16") == "off" else 1
     memory = gpu_memory_bytes(device)
     fits = int(GPU_MEMORY_SHARE * max(memory - GPU_RESERVE_BYTES, 0) / per_pair)
-    per_gpu = _largest_power_of_two_at_most(max(fits, 2))
+    per_gpu = largest_power_of_two_at_most(max(fits, 2))
     if per_gpu * processes >= 512:
         return 512, None
     batch = per_gpu * processes
@@ -246,7 +274,7 @@ def gpu_batch(device: str, settings: dict[str, Any], processes: int) -> tuple[in
                    "and the lr follows the batch (base_lr x batch / 256)")
 
 
-def _largest_power_of_two_at_most(n: int) -> int:
+def largest_power_of_two_at_most(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
@@ -307,7 +335,7 @@ def resolve_pretrain_config(
             if reason:
                 choices.append(reason)
         if batch > num_images:
-            batch = _largest_power_of_two_at_most(num_images)
+            batch = largest_power_of_two_at_most(num_images)
             choices.append(f"batch {batch}: the folder has only {num_images} usable images")
         elif not on_gpu:
             choices.append("batch 256: no GPU (the paper's 512 halves the steps per hour)")
@@ -394,7 +422,7 @@ def validate(config: PretrainConfig, num_images: int) -> None:
     if num_images < config.batch_size:
         raise UserError(
             f"the folder has {num_images} usable images, fewer than one batch of {config.batch_size}: "
-            f"add images or pass --batch-size {_largest_power_of_two_at_most(max(num_images, 2))}"
+            f"add images or pass --batch-size {largest_power_of_two_at_most(max(num_images, 2))}"
         )
     if config.crop_size < 8:
         raise UserError("--crop-size must be at least 8 pixels")

@@ -5,7 +5,7 @@ Every name that comes from the index (file names, labels) is inserted as text, n
 
 from __future__ import annotations
 
-from .explore_outputs import MAP_SCRIPT
+from simsiam_embed.explore.pages import MAP_SCRIPT
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>simsiam-embed</title>

@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from simsiam_embed.images import IMAGENET_MEAN, IMAGENET_STD
 
 # The layout of a view's parameter vector.
 JITTER, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAYSCALE, BLUR, SIGMA = 0, 1, 5, 6, 7, 8, 9, 10, 11

@@ -10,25 +10,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import file_digest, load_checkpoint, resolve_checkpoint_path
-from .config import PretrainConfig
-from .embed import Encoder, OnnxEncoder, TorchEncoder
-from .errors import UserError
-from .export import export_onnx, read_encoder_metadata
-from .index import EncoderIdentity, IndexUpdate, update_index
-from .workspace import Workspace
+from simsiam_embed.artefacts import CHECKPOINT_SUFFIXES, RunFolder, encoder_path_for, file_digest, resolve_checkpoint_path, run_facts
+from simsiam_embed.errors import UserError
+from simsiam_embed.index.store import EncoderIdentity, IndexUpdate, update_index
+from simsiam_embed.inference.embed import Encoder, TorchEncoder
+from simsiam_embed.inference.export import export_onnx
+from simsiam_embed.inference.onnx_encoder import OnnxEncoder, read_encoder_metadata
+from simsiam_embed.workspace import Workspace
 
 Report = Callable[[str], None]
 
 
-def encoder_for_run(run_dir: Path, report: Report) -> Path:
-    """``run_dir/encoder.onnx``, exported now if missing or made from an older checkpoint."""
-    checkpoint = _checkpoint_of_run(run_dir)
-    encoder = run_dir / "encoder.onnx"
+def encoder_for_checkpoint(checkpoint: Path, report: Report) -> Path:
+    """The encoder exported from ``checkpoint`` (beside it), exported now if missing or made from
+    another version of that checkpoint."""
+    encoder = encoder_path_for(checkpoint)
     digest = file_digest(checkpoint)
     if encoder.is_file():
         try:
-            if read_encoder_metadata(encoder).get("source_checkpoint_sha256") == digest:
+            if read_encoder_metadata(encoder).source_checkpoint_sha256 == digest:
                 return encoder
         except UserError:
             pass   # unreadable or foreign: export a fresh one over it
@@ -49,35 +49,31 @@ def resolve_encoder(
     report: Report,
 ) -> tuple[Encoder, EncoderIdentity]:
     """What ``--model`` means for embed and index: an ``.onnx`` file as it is; a run folder or
-    checkpoint (default: the latest run) as its exported encoder, exported now if needed, or
-    as the checkpoint itself with ``backend="torch"``."""
+    checkpoint file (default: the latest run) as its exported encoder, exported now if needed,
+    or as the checkpoint itself with ``backend="torch"``."""
     if model is not None and model.suffix == ".onnx" and backend != "torch":
         encoder: Encoder = OnnxEncoder(model, provider)
         return encoder, EncoderIdentity("onnx", str(model.resolve()), file_digest(model), encoder.dim)
-    run_dir = _run_of(workspace, model)
+    checkpoint = _checkpoint_named(workspace, model)
+    _warn_if_unfinished(checkpoint, report)
     if backend == "torch":
-        checkpoint = resolve_checkpoint_path(model if model is not None else run_dir)
-        _warn_if_unfinished(checkpoint, report)
         encoder = TorchEncoder(checkpoint)
         return encoder, EncoderIdentity("torch", str(checkpoint.resolve()), file_digest(checkpoint), encoder.dim)
-    _warn_if_unfinished(_checkpoint_of_run(run_dir), report)
-    onnx_path = encoder_for_run(run_dir, report)
+    onnx_path = encoder_for_checkpoint(checkpoint, report)
     encoder = OnnxEncoder(onnx_path, provider)
     return encoder, EncoderIdentity("onnx", str(onnx_path.resolve()), file_digest(onnx_path), encoder.dim)
 
 
-def _checkpoint_of_run(run_dir: Path) -> Path:
-    checkpoint = run_dir / "checkpoint.pt"
-    if not checkpoint.is_file():
-        raise UserError(f"no checkpoint.pt in {run_dir}: give an encoder .onnx file, a run folder or its checkpoint")
-    return checkpoint
-
-
-def _run_of(workspace: Workspace, model: Path | None) -> Path:
-    """The run folder a --model names (itself, or a checkpoint's folder), or the latest run."""
+def _checkpoint_named(workspace: Workspace, model: Path | None) -> Path:
+    """The checkpoint a --model names: the file itself, a run folder's checkpoint, or the latest run's."""
     if model is None:
-        return workspace.latest_run_dir()
-    return model if model.is_dir() else model.parent
+        return RunFolder(workspace.latest_run_dir()).checkpoint
+    checkpoint = resolve_checkpoint_path(model)
+    if not checkpoint.is_file():
+        raise UserError(f"no {checkpoint.name} in {model}: give an encoder .onnx file, a run folder or its checkpoint")
+    if checkpoint.suffix not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"{model} names no checkpoint.pt, run folder or encoder .onnx file: give one of those")
+    return checkpoint
 
 
 @dataclass
@@ -97,10 +93,11 @@ def resolve_index_sources(
 ) -> IndexSources:
     """The folder to index and the encoder to embed it with, from what the user gave (or not)."""
     if image_dir is None:
-        run_dir = workspace.latest_run_dir() if model is None or model.suffix == ".onnx" else _run_of(workspace, model)
-        checkpoint = run_dir / "checkpoint.pt"
-        config = PretrainConfig.from_dict(load_checkpoint(checkpoint, kind="pretrain")["config"], source=checkpoint)
-        image_dir = Path(config.data_dir)
+        checkpoint = _checkpoint_named(workspace, None if model is None or model.suffix == ".onnx" else model)
+        data_dir = run_facts(checkpoint, kind="pretrain").data_dir
+        if data_dir is None:
+            raise UserError(f"{checkpoint} names no image folder: name the folder to index")
+        image_dir = Path(data_dir)
         if not image_dir.is_dir():
             raise UserError(f"the run's image folder {image_dir} is gone: name the folder to index")
     if not image_dir.is_dir():
@@ -111,9 +108,9 @@ def resolve_index_sources(
 
 
 def _warn_if_unfinished(checkpoint: Path, report: Report) -> None:
-    state = load_checkpoint(checkpoint, kind="pretrain")
-    if not state.get("finished"):
-        report(f"note: {checkpoint} is from an unfinished run (step {state['step']} of {state['total_steps']}); "
+    facts = run_facts(checkpoint, kind="pretrain")
+    if not facts.finished:
+        report(f"note: {checkpoint} is from an unfinished run (step {facts.step} of {facts.total_steps}); "
                "`simsiam-embed pretrain ... --resume` finishes it")
 
 

@@ -16,42 +16,36 @@ import json
 import math
 import sys
 import time
-from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import models as tv_models
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.transforms import functional as TF
-from tqdm import tqdm
 
-from .checkpoint import capture_rng_state, load_checkpoint, resolve_checkpoint_path, restore_rng_state, save_checkpoint
-from .config import PretrainConfig, SavedSettings
-from .data import collate_skipping_unreadable, first_readable, open_image, start_workers
-from .detection_data import DetectionImage, DetectionSet, data_yaml_of, has_split, load_detection_set
-from .detection_eval import DetectionEvaluation, evaluate_detector
-from .distributed import (
-    DistributedContext, agree_on_every_rank, any_rank, average_bn_statistics, device_for_rank, distributed_session,
-    gather_to_main, launched_by_torchrun, mean_over_ranks,
+from simsiam_embed.artefacts import Checkpoint, RunFolder
+from simsiam_embed.detection.data import DetectionImage, DetectionSet, data_yaml_of, has_split, load_detection_set
+from simsiam_embed.detection.evaluate import DetectionEvaluation, evaluate_detector
+from simsiam_embed.distributed import DistributedContext, agree_on_every_rank, device_for_rank, distributed_session, launched_by_torchrun
+from simsiam_embed.errors import UserError
+from simsiam_embed.files import ensure_writable_folder, write_json_atomic
+from simsiam_embed.images import first_readable, open_image
+from simsiam_embed.models.backbones import BACKBONE_NAMES
+from simsiam_embed.settings import SavedSettings
+from simsiam_embed.trained_model import load_pretrained_resnet
+from simsiam_embed.training.loop import (
+    LoopPlan, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop, open_run, place_model, refuse_changed_settings,
+    stop_on_signals,
 )
-from .errors import UserError
-from .files import ensure_writable_folder, write_json_atomic, write_jsonl_atomic
-from .models.backbones import BACKBONE_NAMES
-from .training import (
-    MetricsLog, MixedPrecision, RunningMeans, StepBatchSampler, StopRequest, ignore_stop_signals_in_worker, open_run,
-    place_model, refuse_changed_settings, stop_on_signals,
-)
-from .workspace import Workspace, run_name_for
+from simsiam_embed.workspace import Workspace, run_name_for
+from simsiam_embed.settings import INITS, NORMS, SCHEDULES
 
-NORMS = ("frozen", "bn", "syncbn")
-INITS = ("simsiam", "random")
-SCHEDULES = ("step", "cosine")
 Report = Callable[[str], None]
 
 
@@ -103,16 +97,11 @@ def simsiam_backbone_weights(checkpoint: Path | str) -> tuple[dict[str, torch.Te
     Refuses runs trained with the small-image stem: a 3x3 stride-1 stem on full-size photos is
     not the network the detector's FPN expects, and its weights do not fit the 7x7 stem.
     """
-    state = load_checkpoint(resolve_checkpoint_path(checkpoint), kind="pretrain")
-    config = PretrainConfig.from_dict(state["config"], source=checkpoint)
-    if config.small_image_stem:
+    pretrained = load_pretrained_resnet(checkpoint)
+    if pretrained.small_image_stem:
         raise UserError(f"{checkpoint} was pretrained with the small-image stem (images <= 64 px); detection needs "
                         "a backbone pretrained on larger images: run `simsiam-embed pretrain` on your photos")
-    prefix = "backbone.resnet."
-    weights = {key[len(prefix):]: value for key, value in state["model"].items() if key.startswith(prefix)}
-    if not weights:
-        raise UserError(f"{checkpoint} holds no SimSiam backbone weights")
-    return weights, config.backbone
+    return pretrained.weights, pretrained.backbone
 
 
 def load_backbone_weights(resnet: tv_models.ResNet, weights: dict[str, torch.Tensor]) -> int:
@@ -206,12 +195,14 @@ def default_detection_batch(device: str, max_size: int, processes: int) -> tuple
     images as their memory fits (an estimate with a margin), up to detectron2's 16."""
     if not device.startswith("cuda"):
         return DETECTION_BATCH_CPU, f"batch {DETECTION_BATCH_CPU}: on a CPU (detectron2's 16 would take minutes a step)"
-    from .config import GPU_MEMORY_SHARE, GPU_RESERVE_BYTES, _largest_power_of_two_at_most, gpu_memory_bytes
+    from simsiam_embed.settings import (
+        GPU_MEMORY_SHARE, GPU_RESERVE_BYTES, largest_power_of_two_at_most, gpu_memory_bytes,
+    )
 
     memory = gpu_memory_bytes(device)
     per_image = DETECTION_IMAGE_BYTES_853_AMP * (max_size / 853) ** 2
     fits = int(GPU_MEMORY_SHARE * max(memory - GPU_RESERVE_BYTES, 0) / per_image)
-    batch = min(DETECTION_BATCH_GPU_MAX, _largest_power_of_two_at_most(max(fits, 1)) * processes)
+    batch = min(DETECTION_BATCH_GPU_MAX, largest_power_of_two_at_most(max(fits, 1)) * processes)
     return batch, (f"batch {batch}: {processes} GPU(s) of {memory / 2**30:.0f} GiB fit about {fits} images each "
                    f"(estimate {per_image / 2**30:.1f} GiB an image), at most detectron2's {DETECTION_BATCH_GPU_MAX}; "
                    "the lr follows the batch (base_lr x batch / 16)")
@@ -246,11 +237,12 @@ class DetectionResult:
     detector: FasterRCNN | None         # the fine-tuned network, on its training device (None if not trained now)
     data_problems: dict[str, int] = field(default_factory=dict)  # training annotations fixed or dropped, by kind
     already_finished: bool = False
+    stop: StopRequest | None = None     # what stopped an unfinished run (its exit status)
 
 
-def _recorded_evaluation(run_dir: Path) -> DetectionEvaluation | None:
+def _recorded_evaluation(run: RunFolder) -> DetectionEvaluation | None:
     """The evaluation a finished run wrote, if it had --val-data."""
-    path = run_dir / "evaluation.json"
+    path = run.evaluation
     if not path.is_file():
         return None
     try:
@@ -284,22 +276,22 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
 def _open_and_finetune(config: DetectionConfig, run_dir: Path, resume: bool, explicit: set[str] | None,
                        report: Report, show_progress: bool, stop: StopRequest | None, started: float,
                        context: DistributedContext) -> DetectionResult:
-    checkpoint_path = run_dir / "checkpoint.pt"
+    run = RunFolder(run_dir)
     # As pretraining: ranks that see different runs (a machine whose workspace is not the shared
     # one) stop with one line on every rank, where one resuming and one starting afresh would hang.
-    agree_on_every_rank(checkpoint_path.exists(), f"whether {checkpoint_path} exists", context,
+    agree_on_every_rank(run.checkpoint.exists(), f"whether {run.checkpoint} exists", context,
                         device_for_rank(config.device, context))
-    previous = open_run(run_dir, "detection", resume)
-    if previous is not None and previous["finished"]:
+    previous = open_run(run, "detection", resume)
+    if previous is not None and previous.finished:
         # As pretraining: a finished run is done; running it again changes nothing.
-        report(f"{run_dir} is a finished detection run ({previous['step']} steps): nothing to do. "
+        report(f"{run_dir} is a finished detection run ({previous.step} steps): nothing to do. "
                "Use --name NEW for another run.")
-        return DetectionResult(run_dir, DetectionConfig.from_dict(previous["config"], source=checkpoint_path),
-                               previous["step"], previous["step"], True, int(previous.get("loaded_tensors", 0)),
-                               _recorded_evaluation(run_dir), [], float(previous.get("elapsed_s", 0.0)), None,
-                               already_finished=True)
+        loaded = previous.extra.get("loaded_tensors", 0)
+        return DetectionResult(run_dir, DetectionConfig.from_dict(previous.settings, source=run.checkpoint),
+                               previous.step, previous.step, True, loaded if isinstance(loaded, int) else 0,
+                               _recorded_evaluation(run), [], previous.elapsed_s, None, already_finished=True)
     if previous is not None:
-        saved = DetectionConfig.from_dict(previous["config"], source=checkpoint_path)
+        saved = DetectionConfig.from_dict(previous.settings, source=run.checkpoint)
         given = {key: getattr(config, key) for key in (explicit or set())}
         refuse_changed_settings(saved, given, RESUMABLE_SETTINGS, run_dir)
         for key in RESUMABLE_SETTINGS - {"val_data"}:   # this machine's, not the old run's
@@ -317,7 +309,7 @@ def _open_and_finetune(config: DetectionConfig, run_dir: Path, resume: bool, exp
     return _finetune(config, run_dir, previous, report, show_progress, stop, started, context)
 
 
-def _finetune(config: DetectionConfig, run_dir: Path, previous: dict[str, Any] | None, report: Report,
+def _finetune(config: DetectionConfig, run_dir: Path, previous: Checkpoint | None, report: Report,
               show_progress: bool, stop: StopRequest | None, started: float,
               context: DistributedContext) -> DetectionResult:
     device = config.device
@@ -339,28 +331,31 @@ def _finetune(config: DetectionConfig, run_dir: Path, previous: dict[str, Any] |
     detector, loaded = build_detector(config, len(train_set.class_names), weights)
     if config.init == "simsiam":
         rank_report(f"backbone {config.backbone}: {loaded} tensors loaded from the SimSiam checkpoint {config.checkpoint}")
+    run = RunFolder(run_dir)
     if context.is_main:
         ensure_writable_folder(run_dir)
-        write_json_atomic(run_dir / "config.json", config.to_dict())
-        rank_report(_settings_line(config, run_dir))
+        write_json_atomic(run.config, config.to_dict())
+        rank_report(_settings_line(config, run))
 
-    trainer = _DetectionTrainer(config, detector, train_set, run_dir, context, device_for_rank(device, context), loaded)
+    rank_device = device_for_rank(device, context)
+    task = DetectionTask(config, detector, train_set, context, rank_device, loaded)
+    plan = LoopPlan(steps_per_epoch=task.steps_per_epoch, total_steps=config.epochs * task.steps_per_epoch,
+                    log_every=config.log_every, batch_size=config.batch_size, seed=config.seed,
+                    workers=config.num_workers, divergence_hint="lower --base-lr or lengthen --warmup-steps",
+                    epoch_records=False)
+    loop = TrainingLoop(task, run, plan, context, rank_device, rank_report)
     if previous is not None:
-        trainer.restore(previous)
-        rank_report(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
+        loop.restore(previous)
+        rank_report(f"resuming {run_dir} at step {loop.step}/{loop.total_steps}")
     stop = stop or StopRequest()
     with stop_on_signals(stop, rank_report):
-        finished = trainer.train(stop, started, show_progress and context.is_main)
+        outcome = loop.run(stop, started, show_progress and context.is_main)
     evaluation = None
-    if finished and val_set is not None and context.is_main:
-        evaluation = evaluate_detector(trainer.model, val_set, trainer.device, show_progress=show_progress)
-        write_json_atomic(run_dir / "evaluation.json", evaluation.to_dict())
-    elif not finished:
-        rank_report(f"stopped at step {trainer.step}/{trainer.total_steps}; checkpoint saved. "
-                    f"Continue with the same command and --resume")
-    return DetectionResult(run_dir, config, trainer.step, trainer.total_steps, finished, loaded, evaluation,
-                           trainer.losses, trainer.elapsed_before + time.monotonic() - started, trainer.model,
-                           dict(train_set.problems.counts))
+    if outcome.finished and val_set is not None and context.is_main:
+        evaluation = evaluate_detector(task.model, val_set, rank_device, show_progress=show_progress)
+        write_json_atomic(run.evaluation, evaluation.to_dict())
+    return DetectionResult(run_dir, config, outcome.step, outcome.total_steps, outcome.finished, loaded, evaluation,
+                           task.losses, outcome.elapsed_s, task.model, dict(train_set.problems.counts), stop=stop)
 
 
 def default_run_name(config: DetectionConfig) -> str:
@@ -409,26 +404,27 @@ def _report_data(train_set: DetectionSet, val_set: DetectionSet | None, report: 
         raise UserError(f"the training set has no usable box: nothing to learn ({train_set.problems.summary()})")
 
 
-def _settings_line(config: DetectionConfig, run_dir: Path) -> str:
-    return (f"settings (saved in {run_dir / 'config.json'}): Faster R-CNN {config.backbone}-FPN, init {config.init}, "
+def _settings_line(config: DetectionConfig, run: RunFolder) -> str:
+    return (f"settings (saved in {run.config}): Faster R-CNN {config.backbone}-FPN, init {config.init}, "
             f"norm {config.norm}, {config.trainable_layers} trainable backbone stages, {config.epochs} epochs, "
             f"batch {config.batch_size}, SGD lr {config.lr:g} (= {config.base_lr:g} x {config.batch_size}/16, "
             f"{config.schedule}, {config.warmup_steps} warm-up steps), images {config.min_size}-{config.max_size} px, "
             f"{config.roi_samples} RoI samples per image, device {config.device}, AMP {config.amp}")
 
 
-class _DetectionTrainer:
-    """One detection run's network, optimizer and position; ``train`` runs to the last step."""
+class DetectionTask(TaskDefaults):
+    """Detection fine-tuning as a task of the one training loop: the detector, SGD with
+    detectron2's schedule, one step on a batch of images and boxes."""
 
-    def __init__(self, config: DetectionConfig, detector: FasterRCNN, train_set: DetectionSet, run_dir: Path,
+    kind = "detection"
+
+    def __init__(self, config: DetectionConfig, detector: FasterRCNN, train_set: DetectionSet,
                  context: DistributedContext, device: str, loaded: int):
         if len(train_set.images) < config.batch_size:
             raise UserError(f"the training set has {len(train_set.images)} images, fewer than one batch of "
                             f"{config.batch_size}: pass --batch-size {max(1, len(train_set.images))}")
-        self.config = config
-        self.context = context
+        self.settings = config
         self.device = device
-        self.run_dir = run_dir
         self.loaded = loaded
         self.model, self.network = place_model(detector, device, context, config.channels_last,
                                                sync_bn=config.norm == "syncbn")
@@ -436,110 +432,40 @@ class _DetectionTrainer:
         self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.amp = MixedPrecision(config.amp, device)
-        self.images = train_set.images
-        self.steps_per_epoch = len(self.images) // config.batch_size
-        self.total_steps = config.epochs * self.steps_per_epoch
-        self.step = 0
-        self.elapsed_before = 0.0
-        self.losses: list[float] = []
-        self.skipped: dict[str, str] = {}
-        self.resumed_from: int | None = None
+        self.dataset = DetectionTrainingSet(train_set.images, flip=True)
+        self.steps_per_epoch = len(train_set.images) // config.batch_size
+        # The largest image in flight, as float32 RGB: what a batch may take in shared memory.
+        self._largest_image_bytes = max(3 * 4 * record.width * record.height for record in train_set.images)
+        self.losses: list[float] = []   # the logged loss means, kept in the checkpoint
 
-    def restore(self, state: dict[str, Any]) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise UserError(f"the checkpoint does not fit its own detector ({str(error).splitlines()[0]})") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.amp.load_state_dict(state.get("scaler"))
-        restore_rng_state(state["rng"])
-        self.step = self.resumed_from = state["step"]
-        self.elapsed_before = state.get("elapsed_s", 0.0)
-        self.losses = list(state.get("losses", []))
-        self.skipped.update(state.get("skipped", {}))
+    def loader_shape(self):
+        return _images_and_targets, self._largest_image_bytes, "float32 images"
 
-    def save(self, finished: bool, elapsed_s: float) -> None:
-        """Write the checkpoint (main process only; every rank must call it)."""
-        average_bn_statistics(self.model, self.context)
-        for found in gather_to_main(self.skipped, self.context):   # each rank met its own unreadable files
-            self.skipped.update(found)
-        if not self.context.is_main:
-            return
-        save_checkpoint(self.run_dir / "checkpoint.pt", {
-            "kind": "detection", "config": self.config.to_dict(), "step": self.step,
-            "total_steps": self.total_steps, "finished": finished, "elapsed_s": elapsed_s,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.amp.state_dict(),
-            "rng": capture_rng_state(), "losses": self.losses, "loaded_tensors": self.loaded,
-            "skipped": self.skipped,
-        })
-        write_jsonl_atomic(self.run_dir / "skipped.jsonl",
-                           [{"path": path, "reason": reason} for path, reason in sorted(self.skipped.items())])
+    def set_learning_rate(self, step: int, total_steps: int | None) -> float:
+        lr = detection_lr(self.settings, step, total_steps or step + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
-    def _loader(self) -> DataLoader:
-        sampler = StepBatchSampler(len(self.images), self.config.batch_size, self.config.seed, self.step, self.context)
-        workers = self.config.num_workers
-        return DataLoader(DetectionTrainingSet(self.images, flip=True), batch_sampler=sampler, num_workers=workers,
-                          collate_fn=partial(collate_skipping_unreadable, stack=_images_and_targets),
-                          persistent_workers=workers > 0,
-                          worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
-                          pin_memory=self.device.startswith("cuda"))
-
-    def _step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: tuple[list, list]) -> dict[str, torch.Tensor]:
+        images, targets = batch
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = [{key: value.to(self.device) for key, value in target.items()} for target in targets]
         with self.amp.autocast():
             losses = self.network(images, targets)
             total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise UserError(f"the detection loss became {float(total)} at step {self.step}: "
-                            "lower --base-lr or lengthen --warmup-steps")
+        # A non-finite loss is not checked here (that would sync every step, and one rank raising
+        # alone would leave the others waiting in DDP's backward): the loop decides at the next
+        # logged step, on the mean over every rank, and the weights are checked before any save.
         self.amp.backward_and_step(total, self.optimizer)
         return {"loss": total.detach(), **{key: value.detach() for key, value in losses.items()}}
 
-    def train(self, stop: StopRequest, started: float, show_progress: bool) -> bool:
-        """Train to the last step (True), or until ``stop`` asks (False); checkpoints every epoch."""
-        self.network.train()
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.resumed_from, self.context.is_main)
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
-                   dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30)
-        # The loader draws its base seed from the global generator, which the detector's box
-        # samplers also use: isolate it, so a resumed run draws what the uninterrupted one would.
-        with torch.random.fork_rng(devices=[]):
-            loader = start_workers(self._loader())
-        window = RunningMeans()
-        timed_from = None
-        try:
-            while self.step < self.total_steps:
-                batch, failures = next(loader)
-                self.skipped.update(failures)
-                lr = detection_lr(self.config, self.step, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                if batch is not None:
-                    window.add(**self._step(*batch))
-                self.step += 1
-                bar.update(1)
-                timed_from = timed_from or (self.step, time.monotonic())
-                if window.count and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
-                    means = {key: float(mean_over_ranks(value, self.context)) for key, value in window.means().items()}
-                    self.losses.append(means["loss"])
-                    rate = (self.step - timed_from[0]) * self.config.batch_size / max(time.monotonic() - timed_from[1], 1e-9)
-                    bar.set_postfix_str(f"loss {means['loss']:.3f}, lr {lr:.3g}, {rate:.1f} img/s", refresh=False)
-                    metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                   "lr": lr, **means, "images_per_s": rate})
-                    window = RunningMeans()
-                elapsed = self.elapsed_before + time.monotonic() - started
-                if self.step == self.total_steps:
-                    break
-                ask_ranks = not self.context.enabled or self.step % self.config.log_every == 0   # a collective
-                if ask_ranks and any_rank(stop.should_stop(self.step), self.context, self.device):
-                    self.save(finished=False, elapsed_s=elapsed)
-                    return False
-                if self.step % self.steps_per_epoch == 0:
-                    self.save(finished=False, elapsed_s=elapsed)
-        finally:
-            bar.close()
-            metrics.close()
-        self.save(finished=True, elapsed_s=self.elapsed_before + time.monotonic() - started)
-        return True
+    def extra_state(self) -> dict[str, Any]:
+        return {"losses": self.losses, "loaded_tensors": self.loaded}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        losses = extra.get("losses", [])
+        self.losses = [float(v) for v in losses if isinstance(v, (int, float))] if isinstance(losses, list) else []
+
+    def on_log(self, step: int, means: dict[str, float]) -> None:
+        self.losses.append(means["loss"])

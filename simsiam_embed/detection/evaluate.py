@@ -19,8 +19,8 @@ from torch import nn
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from .data import UnreadableImage, open_image
-from .detection_data import DetectionSet
+from simsiam_embed.images import UnreadableImage, open_image
+from simsiam_embed.detection.data import DetectionSet
 
 
 @dataclass

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS
-from .errors import UserError
+from simsiam_embed.images import IMAGE_EXTENSIONS
+from simsiam_embed.errors import UserError
 
 #: A box narrower or shorter than this (pixels, after clipping) cannot be learned: dropped.
 MIN_BOX_SIDE = 1.0

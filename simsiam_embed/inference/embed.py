@@ -24,18 +24,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_trained_backbone
-from .data import (
+from simsiam_embed.trained_model import load_trained_backbone
+from simsiam_embed.images import (
     EvalImageDataset, Preprocessing, collate_skipping_unreadable, discover_images, label_of, start_workers,
 )
-from .distributed import DistributedContext, distributed_session
-from .errors import UserError
-from .files import atomic_path, ensure_writable_folder, read_jsonl, write_jsonl_atomic
-
-#: ONNX Runtime providers, fastest first; the first one that loads is used.
-PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-
+from simsiam_embed.distributed import DistributedContext, distributed_session
+from simsiam_embed.errors import UserError
+from simsiam_embed.artefacts import EMBEDDINGS_FILE, PATHS_FILE, SKIPPED_FILE
+from simsiam_embed.files import atomic_path, ensure_writable_folder, read_jsonl, write_jsonl_atomic
 
 class Encoder(Protocol):
     preprocessing: Preprocessing
@@ -44,127 +40,6 @@ class Encoder(Protocol):
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """A batch of preprocessed images (n, 3, s, s) float32 -> features (n, dim) float32."""
-
-
-#: The TensorRT runtime ONNX Runtime's TensorRT provider needs; onnxruntime-gpu lists the
-#: provider whether or not it is installed.
-TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll", "nvinfer.dll")
-#: The TensorRT engine's profile covers batches 1..this: every batch size the commands use
-#: (embed's --batch-size default 64, the export check's 32, a search's few queries) and room above.
-TENSORRT_MAX_BATCH = 512
-
-
-def tensorrt_installed() -> bool:
-    import ctypes
-
-    for name in TENSORRT_LIBRARIES:
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send whatever is printed to stdout, by Python or by native code, to stderr for the block.
-
-    ONNX Runtime prints its provider fallback banner ("EP Error ... Falling back") with Python's
-    print, and native libraries write to file descriptor 1: either would break ``--json``.
-    """
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:   # no real stdout (an embedding host): Python's redirect still applies
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-        return
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _provider_options(name: str, path: Path, max_batch: int, input_size: int | None) -> dict[str, str]:
-    """Under torchrun each process uses its own GPU; TensorRT keeps its engines between commands.
-
-    Without an engine cache TensorRT rebuilds its engine (minutes for a ResNet-50) in every
-    command and for every new batch size; one optimisation profile from batch 1 to ``max_batch``
-    serves the last partial batch, the parity check and a single search query alike.
-    """
-    device = os.environ.get("LOCAL_RANK", "0")
-    if name == "CUDAExecutionProvider":
-        return {"device_id": device}
-    if name == "TensorrtExecutionProvider":
-        cache = Path(path).resolve().parent / ".tensorrt-cache"
-        options = {"device_id": device, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
-                   "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache), "trt_fp16_enable": "False"}
-        if input_size:
-            shape = lambda batch: f"images:{batch}x3x{input_size}x{input_size}"  # noqa: E731
-            # Tuned for embed's default batch of 64; valid for every batch from 1 to max_batch.
-            options.update(trt_profile_min_shapes=shape(1), trt_profile_opt_shapes=shape(min(64, max_batch)),
-                           trt_profile_max_shapes=shape(max_batch))
-        return options
-    return {}
-
-
-def onnx_session(path: Path | str, provider: str | None = None, max_batch: int = TENSORRT_MAX_BATCH,
-                 input_size: int | None = None):
-    """An ONNX Runtime session on the best available provider (or ``provider``) and its name.
-
-    onnxruntime-gpu lists the CUDA and TensorRT providers even on machines without a GPU, so
-    CUDA is only asked for when PyTorch sees a GPU, and TensorRT only when its runtime library
-    loads too. ONNX Runtime itself falls back to the next provider when one fails to start
-    (printing a banner, kept off stdout), and the one it actually used is returned.
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider is not None:
-        wanted = PROVIDER_ALIASES.get(provider.lower(), provider)
-        if wanted not in available:
-            raise UserError(f"ONNX Runtime provider {provider!r} is not available here (have: {', '.join(available)})")
-        providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
-    else:
-        gpu = torch.cuda.is_available()
-        usable = {"CPUExecutionProvider": True, "CUDAExecutionProvider": gpu,
-                  "TensorrtExecutionProvider": gpu and tensorrt_installed()}
-        providers = [p for p in PROVIDER_PREFERENCE if p in available and usable[p]]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3   # provider fallbacks are reported by us, once, not as stack traces
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with_options = [(name, _provider_options(name, Path(path), max_batch, input_size)) for name in providers]
-    try:
-        with stdout_to_stderr():
-            session = ort.InferenceSession(str(path), sess_options=options, providers=with_options)
-    except Exception as error:  # ONNX Runtime raises its own Fail / InvalidGraph / NoSuchFile types
-        raise UserError(f"ONNX Runtime cannot load {path} ({str(error).splitlines()[0]})") from None
-    used = session.get_providers()[0]
-    if provider is not None and used != providers[0]:
-        raise UserError(f"ONNX Runtime could not start provider {providers[0]} (fell back to {used})")
-    return session, used
-
-
-class OnnxEncoder:
-    """An exported encoder run by ONNX Runtime; its preprocessing comes from the file itself."""
-
-    def __init__(self, path: Path, provider: str | None = None):
-        from .export import preprocessing_from_metadata, read_encoder_metadata
-
-        self.path = path
-        self.metadata = read_encoder_metadata(path)
-        self.preprocessing = preprocessing_from_metadata(self.metadata, path)
-        self.dim = int(self.metadata["embedding_dim"])
-        self.session, self.provider = onnx_session(path, provider, input_size=self.preprocessing.input_size)
-        self.description = f"ONNX Runtime ({self.provider}) {path}"
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})[0]
 
 
 class TorchEncoder:
@@ -305,9 +180,9 @@ def _embed_shards(paths: list[Path], encoder: Encoder, output: Path, batch_size:
     else:
         vectors = result.vectors
     kept = [paths[i] for i in global_rows]
-    with atomic_path(output / "embeddings.npy") as tmp:
+    with atomic_path(output / EMBEDDINGS_FILE) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, vectors)
-    write_jsonl_atomic(output / "paths.jsonl", [{"path": str(path), "label": label_of(path)} for path in kept])
-    write_jsonl_atomic(output / "skipped.jsonl", [{"path": path, "reason": reason} for path, reason in failures])
+    write_jsonl_atomic(output / PATHS_FILE, [{"path": str(path), "label": label_of(path)} for path in kept])
+    write_jsonl_atomic(output / SKIPPED_FILE, [{"path": path, "reason": reason} for path, reason in failures])
     return EmbedFolderResult(output, len(kept), failures, result.images_per_second, result.decode_share)

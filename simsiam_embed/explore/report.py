@@ -12,21 +12,20 @@ stops; ``simsiam-embed report`` writes it for any run, also while one trains.
 from __future__ import annotations
 
 import html
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .charts import Chart, ReferenceLine, Series, line_chart
-from .errors import UserError
-from .files import atomic_write
+from simsiam_embed.explore.charts import Chart, ReferenceLine, Series, line_chart
+from simsiam_embed.artefacts import MetricsRecord, RunFolder, read_metrics
+from simsiam_embed.errors import UserError
+from simsiam_embed.files import atomic_write
 
 #: Below this fraction of 1/sqrt(dim), z-std means collapse (the paper's Figure 2); the same
 #: level as the training loop's warning.
 COLLAPSE_FRACTION = 0.25
 CHART_NAMES = ("loss", "lr", "z_std", "knn")
-PAGE_NAME = "report.html"
 
 
 @dataclass
@@ -37,37 +36,22 @@ class RunReport:
     steps: int
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's metrics records; a torn last line (a run killed mid-write) or a record that is
-    not a JSON object is left out, and every value used is checked to be a finite number."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl: name a pretraining run folder (runs/NAME)")
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and _number(record.get("step")) is not None:
-            records.append(record)
-    return records
+def read_run_metrics(run_dir: Path) -> list[MetricsRecord]:
+    """The run's metrics records (see :func:`~simsiam_embed.artefacts.read_metrics` for what is left out)."""
+    run = RunFolder(run_dir)
+    if not run.metrics.is_file():
+        raise UserError(f"{run_dir} has no {run.metrics.name}: name a pretraining run folder (runs/NAME)")
+    return read_metrics(run.metrics)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _series(records: list[dict], key: str, name: str, where: str | None = None) -> Series:
+def _series(records: list[MetricsRecord], key: str, name: str, where: str | None = None) -> Series:
     x, y = [], []
     for record in records:
-        if where is not None and where not in record:
+        if where is not None and not record.has(where):
             continue
-        value = _number(record.get(key))
+        value = record.get(key)
         if value is not None:
-            x.append(float(record["step"]))
+            x.append(float(record.step))
             y.append(value)
     return Series(name, x, y)
 
@@ -75,11 +59,7 @@ def _series(records: list[dict], key: str, name: str, where: str | None = None) 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """The run's config.json as a dict; empty when missing or not a JSON object (the report is
     drawn all the same, without the names and the dimension it would take from it)."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
+    return RunFolder(run_dir).read_config()
 
 
 def run_dimension(config: dict[str, Any]) -> int | None:
@@ -87,15 +67,15 @@ def run_dimension(config: dict[str, Any]) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
-def available_charts(records: list[dict]) -> list[str]:
+def available_charts(records: list[MetricsRecord]) -> list[str]:
     """The charts a run has data for: all but kNN, which needs a run with --val-dir."""
-    has_knn = any(_number(record.get("knn_top1")) is not None for record in records)
+    has_knn = any(record.get("knn_top1") is not None for record in records)
     return [name for name in CHART_NAMES if name != "knn" or has_knn]
 
 
-def build_chart(records: list[dict], name: str, dim: int | None) -> Chart | None:
+def build_chart(records: list[MetricsRecord], name: str, dim: int | None) -> Chart | None:
     """One of :data:`CHART_NAMES`; None when the run has no data for it (kNN without --val-dir)."""
-    steps = [r for r in records if "epoch_end" not in r and "replanned_total_steps" not in r]
+    steps = [r for r in records if not r.has("epoch_end") and not r.has("replanned_total_steps")]
     if name == "loss":
         return line_chart([_series(steps, "loss", "loss (logged steps)"),
                            _series(records, "loss", "epoch mean", where="epoch_end")],
@@ -114,7 +94,7 @@ def build_chart(records: list[dict], name: str, dim: int | None) -> Chart | None
         knn = _series(records, "knn_top1", "kNN top-1")
         if not knn.x:
             return None
-        init = next((_number(r.get("knn_top1_random_init")) for r in records if "knn_top1_random_init" in r), None)
+        init = next((r.get("knn_top1_random_init") for r in records if r.has("knn_top1_random_init")), None)
         references = [ReferenceLine(f"random init {init:.3f}", init)] if init is not None else []
         return line_chart([knn], "kNN accuracy on --val-dir", "top-1", references=references)
     raise ValueError(f"unknown chart {name!r}")
@@ -122,7 +102,7 @@ def build_chart(records: list[dict], name: str, dim: int | None) -> Chart | None
 
 def write_run_report(run_dir: Path) -> RunReport:
     """Write ``report-<chart>.png`` for each chart with data, and ``report.html`` showing them."""
-    records = read_metrics(run_dir)
+    records = read_run_metrics(run_dir)
     config = read_run_config(run_dir)
     dim = run_dimension(config)
     written, figures = [], []
@@ -133,30 +113,30 @@ def write_run_report(run_dir: Path) -> RunReport:
             handle.write(chart.png())
         written.append(path)
         figures.append(f'<img src="{path.name}" alt="{name}">')
-    steps = int(max((r["step"] for r in records), default=0))
-    page = run_dir / PAGE_NAME
+    steps = max((r.step for r in records), default=0)
+    page = RunFolder(run_dir).report_page
     with atomic_write(page) as handle:
         handle.write(_page(run_dir, config, records, steps, figures))
     return RunReport(run_dir, page, written, steps)
 
 
-def run_summary(config: dict[str, Any], records: list[dict]) -> str:
+def run_summary(config: dict[str, Any], records: list[MetricsRecord]) -> str:
     """One paragraph: the run's main settings and where its collapse monitor ended."""
     parts = [f"{key} {config[key]}" for key in ("backbone", "batch_size", "crop_size", "base_lr", "total_steps")
              if isinstance(config.get(key), (int, float, str)) and not isinstance(config.get(key), bool)]
-    last = next((r for r in reversed(records) if _number(r.get("z_std")) is not None), None)
+    last = next((z for z in (r.get("z_std") for r in reversed(records)) if z is not None), None)
     dim = run_dimension(config)
     if last is not None and dim:
-        ratio = last["z_std"] * math.sqrt(dim)
+        ratio = last * math.sqrt(dim)
         verdict = ("collapsing" if ratio < COLLAPSE_FRACTION else "healthy")
-        parts.append(f"last z-std {last['z_std']:.4f} = {ratio:.2f} x 1/sqrt(dim): {verdict}")
-    warnings = sum(1 for r in records if r.get("collapse_warning"))
+        parts.append(f"last z-std {last:.4f} = {ratio:.2f} x 1/sqrt(dim): {verdict}")
+    warnings = sum(1 for r in records if r.values.get("collapse_warning") is True)
     if warnings:
         parts.append(f"{warnings} epochs warned of collapse")
     return "; ".join(parts)
 
 
-def _page(run_dir: Path, config: dict[str, Any], records: list[dict], steps: int, figures: list[str]) -> str:
+def _page(run_dir: Path, config: dict[str, Any], records: list[MetricsRecord], steps: int, figures: list[str]) -> str:
     title = f"simsiam-embed run {run_dir.name}"
     summary = html.escape(f"{steps} steps logged. {run_summary(config, records)}")
     return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -30,18 +30,18 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from .data import UnreadableImage, open_image
-from .embed import Encoder
-from .errors import UserError
-from .explore import find_clusters, find_duplicates, find_outliers, project_to_map
-from .index import LoadedIndex, current_generation, load_index
-from .report import (
-    CHART_NAMES, available_charts, build_chart, read_metrics, read_run_config, run_dimension, run_summary,
+from simsiam_embed.images import UnreadableImage, open_image
+from simsiam_embed.inference.embed import Encoder
+from simsiam_embed.errors import UserError
+from simsiam_embed.explore.analyses import find_clusters, find_duplicates, find_outliers, project_to_map
+from simsiam_embed.index.store import LoadedIndex, current_generation, load_index
+from simsiam_embed.explore.report import (
+    CHART_NAMES, available_charts, build_chart, read_run_metrics, read_run_config, run_dimension, run_summary,
 )
-from .search import encoder_of_index, nearest_hits
-from .thumbnails import cached_thumbnail, indexed_bytes
-from .web_page import PAGE
-from .workspace import Workspace
+from simsiam_embed.index.search import encoder_of_index, nearest_hits
+from simsiam_embed.index.thumbnails import cached_thumbnail, indexed_bytes
+from simsiam_embed.explore.web_page import PAGE
+from simsiam_embed.workspace import Workspace
 
 Report = Callable[[str], None]
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -227,7 +227,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     @app.get("/api/report", summary="The latest pretraining run's curves")
     def run_report() -> dict:
         run_dir = _latest_run(workspace)
-        records = read_metrics(run_dir)
+        records = read_run_metrics(run_dir)
         charts = available_charts(records)
         return {"run": run_dir.name, "summary": run_summary(read_run_config(run_dir), records), "charts": charts}
 
@@ -236,7 +236,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         if chart not in CHART_NAMES:
             raise HTTPException(404, f"no chart {chart!r}: one of {', '.join(CHART_NAMES)}")
         run_dir = _latest_run(workspace)
-        drawn = build_chart(read_metrics(run_dir), chart, run_dimension(read_run_config(run_dir)))
+        drawn = build_chart(read_run_metrics(run_dir), chart, run_dimension(read_run_config(run_dir)))
         if drawn is None:
             raise HTTPException(404, f"the run has no data for the {chart} chart")
         return Response(drawn.png(), media_type="image/png", headers={"Cache-Control": "no-store"})
@@ -254,7 +254,7 @@ def _latest_run(workspace: Workspace | None) -> Path:
 
 
 def _embed_upload(data: bytes, encoder: Encoder) -> np.ndarray:
-    from .search import embed_image
+    from simsiam_embed.index.search import embed_image
 
     return embed_image(io.BytesIO(data), encoder)[0]
 

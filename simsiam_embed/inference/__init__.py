@@ -1,0 +1,1 @@
+"""The encoder outside training: the ONNX format, export, embedding, kNN and linear-probe evaluation."""

@@ -1,0 +1,1 @@
+"""Training: the one step loop, and the tasks it runs (SimSiam pretraining)."""

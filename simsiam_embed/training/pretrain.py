@@ -1,0 +1,418 @@
+"""SimSiam pretraining: the task the one training loop runs, and the command's library function.
+
+    >>> result = pretrain("./images", Workspace(Path.cwd()), overrides={"epochs": 10})
+
+The method is here: the network and SGD with the paper's cosine schedule, one step on two views,
+the collapse monitor and the kNN monitor. Everything that is not SimSiam (the step sampler,
+signals, checkpoints, resume rules, the metrics log, the time budget) is :mod:`.loop`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+from simsiam_embed.artefacts import Checkpoint, RunFolder
+from simsiam_embed.distributed import DistributedContext, agree_on_every_rank, device_for_rank, distributed_session, from_main
+from simsiam_embed.errors import UserError
+from simsiam_embed.explore.report import COLLAPSE_FRACTION, write_run_report
+from simsiam_embed.files import ensure_writable_folder, write_json_atomic
+from simsiam_embed.images import discover_images, scan_images
+from simsiam_embed.inference.evaluate import KnnMonitor
+from simsiam_embed.models import SimSiam, simsiam_loss
+from simsiam_embed.settings import PretrainConfig, resolve_pretrain_config
+from simsiam_embed.trained_model import build_model, preprocessing_for
+from simsiam_embed.training.augment import (
+    AugmentationRecipe, BatchAugment, crop_on_device, draw_uncropped_views, draw_view, stack_uncropped,
+)
+from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
+from simsiam_embed.training.loop import (
+    LoopPlan, MetricsLog, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop, format_duration, open_run,
+    place_model, refuse_changed_settings, stop_on_signals,
+)
+from simsiam_embed.workspace import Workspace, run_name_for
+
+#: Settings that may differ when resuming: they change how, not what, the run computes.
+RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "log_every", "decode_draft", "val_dir", "val_every"})
+
+
+Report = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The learning rate by step, and the collapse monitor
+
+
+def cosine_lr(initial_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """The paper's cosine decay, evaluated per step rather than per epoch, after an optional
+    linear warm-up (the paper has none; short budgets may need one to survive a higher lr)."""
+    if step < warmup_steps:
+        return initial_lr * (step + 1) / warmup_steps
+    progress = (min(step, total_steps) - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return initial_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: SimSiam, config: PretrainConfig) -> torch.optim.SGD:
+    """SGD as the official code: the predictor may keep a fixed lr (``fix_lr``) while f decays."""
+    encoder = list(model.backbone.parameters()) + list(model.projector.parameters())
+    groups = [{"params": encoder, "fix_lr": False}]
+    predictor = list(model.predictor.parameters())
+    if predictor:
+        groups.append({"params": predictor, "fix_lr": config.fix_predictor_lr})
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, step: int,
+                      total_steps: int | None) -> float:
+    """``total_steps`` None: a time budget not yet planned, which runs at the initial lr.
+
+    With a warm-up asked for, those few measuring steps hold the lr at the warm-up's start (0)
+    instead: the ramp's length is not known yet, and jumping to the peak is what a warm-up is for
+    avoiding. The ramp then starts from the planned schedule's current step.
+    """
+    if total_steps is None:
+        current = 0.0 if config.warmup_fraction > 0 else config.lr
+    else:
+        current = cosine_lr(config.lr, step, total_steps, int(config.warmup_fraction * total_steps))
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr if group["fix_lr"] else current
+    return current
+
+
+def output_std(z: torch.Tensor) -> torch.Tensor:
+    """The collapse monitor of Figure 2: std over the batch of l2-normalised z, mean over channels.
+
+    A healthy run stays near 1/sqrt(dim); a collapsed one (every output the same) goes to 0.
+    """
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    config: PretrainConfig
+    step: int
+    total_steps: int
+    steps_per_epoch: int
+    finished: bool
+    already_finished: bool = False
+    loss: float | None = None
+    z_std: float | None = None
+    pairs_per_second: float | None = None
+    elapsed_s: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    model: SimSiam | None = None   # the trained network, in this process's memory
+    knn_verdict: str | None = None  # with --val-dir: has training beaten random init?
+    stop: StopRequest | None = None  # what stopped an unfinished run (its exit status)
+
+    @property
+    def checkpoint(self) -> Path:
+        return RunFolder(self.run_dir).checkpoint
+
+    @property
+    def epochs_done(self) -> float:
+        return self.step / max(1, self.steps_per_epoch)
+
+
+def pretrain(
+    data_dir: Path | str,
+    workspace: Workspace,
+    overrides: dict[str, Any] | None = None,
+    run_name: str | None = None,
+    resume: bool = False,
+    report: Report = _stderr,
+    show_progress: bool = True,
+    stop: StopRequest | None = None,
+) -> PretrainResult:
+    """Train SimSiam on every image under ``data_dir``; the run lives in ``workspace.runs_dir``.
+
+    ``overrides`` holds the user's explicit settings (``PretrainConfig`` field names; ``device``
+    among them); all others are resolved from the data and the hardware, printed and saved.
+    ``resume`` continues an interrupted run from its checkpoint. Raises :class:`UserError` for
+    bad input, before any work starts.
+    """
+    started = time.monotonic()
+    overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir} is not a folder: give the folder that holds your images")
+    run_name = run_name or run_name_for(data_dir)
+    run_dir = workspace.run_dir(run_name)
+    device = overrides.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    with distributed_session(device) as context:
+        return _pretrain(data_dir, workspace, overrides, run_name, run_dir, resume, report, show_progress, stop,
+                         started, device, context)
+
+
+def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], run_name: str, run_dir: Path,
+              resume: bool, report: Report, show_progress: bool, stop: StopRequest | None, started: float,
+              device: str, context: DistributedContext) -> PretrainResult:
+    rank_device = device_for_rank(device, context)
+    run = RunFolder(run_dir)
+    agree_on_every_rank(run.checkpoint.exists(), f"whether {run.checkpoint} exists", context, rank_device)
+    previous = open_run(run, "pretrain", resume)
+    if previous is not None and previous.finished:
+        config = PretrainConfig.from_dict(previous.settings, source=run.checkpoint)
+        report(f"{run_dir} is a finished run ({previous.step} steps): nothing to do. "
+               "Use --name NEW for another run, or `simsiam-embed index` to use this one.")
+        steps_per_epoch = previous.extra.get("steps_per_epoch")
+        return PretrainResult(run_dir, config, previous.step, previous.step,
+                              steps_per_epoch if isinstance(steps_per_epoch, int) and steps_per_epoch > 0 else 1,
+                              finished=True, already_finished=True)
+
+    quiet: Report = lambda _message: None  # noqa: E731  (ranks other than 0 stay silent)
+    rank_report = report if context.is_main else quiet
+
+    # Rank 0 scans and every rank trains on its list: ranks that each scanned a changing folder
+    # could index different files and train on different samples.
+    scan = from_main(_scan_folder(data_dir, rank_report) if context.is_main else None, context)
+    if previous is not None:
+        config = _config_for_resume(previous, overrides, run)
+        config.device = device
+    else:
+        config = resolve_pretrain_config(
+            str(data_dir.resolve()), run_name, len(scan.paths), scan.median_short_side, device, overrides,
+            processes=context.world_size,
+        )
+
+    if context.is_main:
+        ensure_writable_folder(run_dir)
+        write_json_atomic(run.config, config.to_dict())
+        _report_settings(config, run, report)
+
+    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report)
+    default_name = run_name_for(Path(config.data_dir))
+    plan = LoopPlan(
+        steps_per_epoch=task.steps_per_epoch,
+        total_steps=config.total_steps or (config.epochs * task.steps_per_epoch if config.epochs else None),
+        log_every=config.log_every, batch_size=config.batch_size, seed=config.seed, workers=config.num_workers,
+        budget_s=config.time_budget_s, sample_name="image pairs", rate_key="pairs_per_s", schedule="cosine schedule",
+        log_constants={"z_std_reference": 1 / math.sqrt(config.dim)},
+        resume_hint=f"simsiam-embed pretrain {config.data_dir} --resume"
+                    + (f" --name {config.run_name}" if config.run_name != default_name else ""),
+        divergence_hint=f"lower --base-lr (now {config.base_lr:g})",
+    )
+    loop = TrainingLoop(task, run, plan, context, rank_device, rank_report)
+    loop.on_first_save = lambda: workspace.mark_latest(run_name)
+    loop.skipped = {str(path): reason for path, reason in scan.skipped}
+    if previous is not None:
+        loop.restore(previous)
+        rank_report(f"resuming {run_dir} at step {loop.step}")
+    stop = stop or StopRequest()
+    with stop_on_signals(stop, rank_report):
+        outcome = loop.run(stop, started, show_progress and context.is_main)
+    if context.is_main:
+        _write_report(run_dir, report)
+    return PretrainResult(
+        run_dir=run_dir, config=config, step=outcome.step, total_steps=outcome.total_steps,
+        steps_per_epoch=task.steps_per_epoch, finished=outcome.finished, loss=outcome.means.get("loss"),
+        z_std=outcome.means.get("z_std"), pairs_per_second=outcome.samples_per_s, elapsed_s=outcome.elapsed_s,
+        skipped=outcome.skipped, model=task.model, knn_verdict=task.verdict(), stop=stop,
+    )
+
+
+def _write_report(run_dir: Path, report: Report) -> None:
+    """The curves of a run that ended or stopped; a failure to draw them never fails the run."""
+    try:
+        written = write_run_report(run_dir)
+    except (UserError, OSError) as error:
+        report(f"note: the run report was not written ({error})")
+        return
+    report(f"report: {written.page}")
+
+
+def _pairs_in(batch: tuple) -> int:
+    """Pairs in a batch of any of the three loader layouts (see SimSiamTask._dataset)."""
+    first = batch[0]
+    return len(first[0] if isinstance(first, tuple) else first)
+
+
+def _scan_folder(data_dir: Path, report: Report):
+    candidates = discover_images(data_dir)
+    if not candidates:
+        raise UserError(
+            f"no images in {data_dir} (looked for .jpg .jpeg .png .bmp .gif .webp .tif .tiff, recursively)"
+        )
+    report(f"scanning {len(candidates)} image files in {data_dir} ...")
+    scan = scan_images(candidates)
+    if not scan.paths:
+        raise UserError(f"none of the {len(candidates)} image files in {data_dir} could be read: "
+                        f"the first, {scan.skipped[0][0]}: {scan.skipped[0][1]}")
+    if scan.skipped:
+        report(f"{len(scan.skipped)} unreadable files will be skipped (listed in the run folder's skipped.jsonl)")
+    return scan
+
+
+def _config_for_resume(previous: Checkpoint, overrides: dict[str, Any], run: RunFolder) -> PretrainConfig:
+    """The checkpoint's own settings; an explicit setting that contradicts them is an error."""
+    config = PretrainConfig.from_dict(previous.settings, source=run.checkpoint)
+    refuse_changed_settings(config, overrides, RESUMABLE_OVERRIDES, run.path)
+    for key in RESUMABLE_OVERRIDES & set(overrides):
+        setattr(config, key, overrides[key])
+    return config
+
+
+def _report_settings(config: PretrainConfig, run: RunFolder, report: Report) -> None:
+    length = f"{config.epochs} epochs" if config.epochs else f"time budget {format_duration(config.time_budget_s or 0)}"
+    report(
+        f"settings (all saved in {run.config}):\n"
+        f"  recipe {config.recipe}, backbone {config.backbone}{' (small-image stem)' if config.small_image_stem else ''}, "
+        f"crop {config.crop_size} px, {length}, batch {config.batch_size}\n"
+        f"  SGD lr {config.lr:g} (= {config.base_lr:g} x {config.batch_size}/256, cosine), momentum {config.momentum:g}, "
+        f"weight decay {config.weight_decay:g}, predictor lr {'fixed' if config.fix_predictor_lr else 'decayed'}\n"
+        f"  projector {config.projector_layers} layers x {config.projector_hidden_dim} -> {config.dim}, "
+        f"predictor {config.dim} -> {config.predictor_hidden_dim} -> {config.dim}, blur {'on' if config.blur else 'off'}\n"
+        f"  device {config.device}, AMP {config.amp}, {config.num_workers} loader workers, seed {config.seed}"
+    )
+    for choice in config.choices:
+        report(f"  chosen: {choice}")
+
+
+class SimSiamTask(TaskDefaults):
+    """SimSiam pretraining as a task of the one training loop: the network, SGD, one step, and the
+    monitors (collapse, kNN) at each epoch's end."""
+
+    kind = "pretrain"
+
+    def __init__(self, config: PretrainConfig, paths: list[Path], context: DistributedContext, device: str,
+                 report: Report):
+        self.settings = config
+        self.context, self.device, self.report = context, device, report
+        torch.manual_seed(config.seed)
+        self.model, self.network = place_model(build_model(config), device, context, config.channels_last, sync_bn=True)
+        if device.startswith("cuda"):
+            # Training crops have one fixed size, so cuDNN's per-shape algorithm search pays off
+            # after the first step (GPU-only; checked by bench/gpu_check.py).
+            torch.backends.cudnn.benchmark = True
+        self.optimizer = make_optimizer(self.model, config)
+        self.amp = MixedPrecision(config.amp, device)
+        self.recipe = AugmentationRecipe(config.crop_size, config.min_crop_scale, config.color_jitter, config.blur)
+        self.augment_batch = BatchAugment(self.recipe, device)
+        self.dataset, self._stack, self._sample_bytes, self._what = self._dataset(paths)
+        self.steps_per_epoch = len(paths) // config.batch_size
+        self.collapse_level = COLLAPSE_FRACTION / math.sqrt(config.dim)
+        # On every rank: each embeds its share of the labelled images (see KnnMonitor.top1).
+        self.monitor = (KnnMonitor(Path(config.val_dir), preprocessing_for(config), device, context=context)
+                        if config.val_dir else None)
+        self.knn_top1: float | None = None
+
+    # -- the data ----------------------------------------------------------------------------
+
+    def _dataset(self, paths: list[Path]):
+        """The dataset for the loader layout the settings ask for, how its samples stack, and
+        their bytes in flight."""
+        config = self.settings
+        draft = training_draft_side(config.crop_size, config.min_crop_scale) if config.decode_draft else None
+        view_bytes = 3 * config.crop_size ** 2
+        if config.crop_on_device:   # workers decode; crops, colour and blur on the device
+            dataset = TwoViewDataset(paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=self.recipe))
+            # A drafted decode keeps the shorter side >= draft (up to twice that), at 4:3 or so.
+            side = 2 * (draft or 2 * config.crop_size)
+            return dataset, stack_uncropped, 3 * side * side * 4 // 3, "decoded images"
+        if config.augment_on_device:   # workers crop; colour and blur on the device
+            return TwoViewDataset(paths, partial(draw_view, recipe=self.recipe), draft), default_collate, \
+                2 * view_bytes, "uint8 crops"
+        # The per-image path, kept as the baseline bench/bench_loader.py compares against.
+        dataset = TwoViewDataset(paths, simsiam_augmentation(
+            config.crop_size, config.blur, min_crop_scale=config.min_crop_scale, color_jitter=config.color_jitter), draft)
+        return dataset, default_collate, 2 * view_bytes * 4, "float32 views"
+
+    def loader_shape(self):
+        return self._stack, self._sample_bytes, self._what
+
+    def _views_on_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views as normalised float batches on the training device, in its memory format."""
+        config = self.settings
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        if config.crop_on_device:
+            images, boxes, flips, parameters = batch
+            crops = crop_on_device(images, boxes, flips, config.crop_size, self.device)
+            parameters = torch.cat([parameters[:, 0], parameters[:, 1]])
+        elif config.augment_on_device:
+            (crops1, parameters1), (crops2, parameters2) = batch
+            crops = torch.cat([crops1, crops2]).to(self.device, non_blocking=True)
+            parameters = torch.cat([parameters1, parameters2])
+        else:
+            return tuple(view.to(self.device, non_blocking=True, memory_format=memory_format) for view in batch)
+        views = self.augment_batch(crops, parameters.to(self.device, non_blocking=True))
+        views = views.contiguous(memory_format=memory_format)
+        return views[:len(views) // 2], views[len(views) // 2:]
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def set_learning_rate(self, step: int, total_steps: int | None) -> float:
+        return set_learning_rate(self.optimizer, self.settings, step, total_steps)
+
+    def train_step(self, batch: tuple) -> dict[str, torch.Tensor]:
+        if _pairs_in(batch) < 2:   # BatchNorm needs two samples
+            return {}
+        view1, view2 = self._views_on_device(batch)
+        with self.amp.autocast():
+            output = self.network(view1, view2)
+            loss = simsiam_loss(output, symmetric=self.settings.symmetric_loss)
+        self.amp.backward_and_step(loss, self.optimizer)
+        return {"loss": loss.detach(), "z_std": output_std(output.z1.detach())}
+
+    # -- monitors ----------------------------------------------------------------------------
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"steps_per_epoch": self.steps_per_epoch,
+                "knn_random_init_top1": self.monitor.random_init_top1 if self.monitor else None}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        value = extra.get("knn_random_init_top1")
+        if self.monitor is not None and isinstance(value, float):
+            self.monitor.random_init_top1 = value
+
+    def on_start(self, step: int, log: MetricsLog) -> None:
+        if self.monitor is not None and self.monitor.random_init_top1 is None and step == 0:
+            self.monitor.random_init_top1 = self._knn_top1()
+            self.report(f"kNN top-1 on {self.settings.val_dir} at random init: {self.monitor.random_init_top1:.3f}")
+            log.write({"step": 0, "knn_top1_random_init": self.monitor.random_init_top1})
+
+    def on_epoch_end(self, step: int, means: dict[str, float], finished: bool) -> dict[str, Any]:
+        config = self.settings
+        epoch = math.ceil(step / self.steps_per_epoch)
+        record: dict[str, Any] = {}
+        if self.monitor is not None and (finished or epoch % config.val_every == 0):
+            self.knn_top1 = record["knn_top1"] = self._knn_top1()
+        z_std = means.get("z_std")
+        if z_std is not None and z_std < self.collapse_level:
+            record["collapse_warning"] = True
+            self.report(
+                f"warning: epoch {epoch}: the outputs are collapsing (z-std {z_std:.4f}, a healthy run stays near "
+                f"1/sqrt(dim) = {1 / math.sqrt(config.dim):.4f}); lower the learning rate, or check the ablation flags"
+            )
+        return record
+
+    def _knn_top1(self) -> float:
+        # Embedding draws from the global generator (DataLoader seeds); training must not notice.
+        with torch.random.fork_rng(devices=[]):
+            return self.monitor.top1(self.model.backbone)
+
+    def postfix(self, means: dict[str, float], lr: float) -> list[str]:
+        return [f"loss {means['loss']:.3f}" if "loss" in means else "", f"lr {lr:.3g}",
+                f"kNN {self.knn_top1:.3f}" if self.knn_top1 is not None else "",
+                f"z-std {means['z_std']:.4f}" if "z_std" in means else ""]
+
+    def verdict(self) -> str | None:
+        return self.monitor.verdict(self.knn_top1) if self.monitor and self.knn_top1 is not None else None

@@ -1,0 +1,329 @@
+"""The artefact layer and the one training loop: what a received folder must not do, and what
+every task gets from the loop (divergence decided on every rank, a checkpoint that must fit)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import (
+    CONSOLE_SCRIPT, FAST_TRAINING, assert_one_line_error_in_process, build_pixel_index, invoke, make_image_folder,
+)
+from simsiam_embed.artefacts import (
+    Checkpoint, EncoderMetadata, RunFolder, encoder_path_for, exported_encoder_path, read_metrics,
+)
+from simsiam_embed.errors import UserError
+from simsiam_embed.images import Preprocessing
+from simsiam_embed.index.store import load_index
+from simsiam_embed.training.loop import LoopPlan, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop
+
+# --------------------------------------------------------------------------------------------
+# A received index folder
+
+
+def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's notes\n")
+    (index_dir / ".lock").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        build_pixel_index(folder, index_dir)
+    assert victim.read_text() == "the user's notes\n"
+
+
+def test_current_as_a_symlink_is_never_read_through(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    build_pixel_index(folder, tmp_path / "index")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("gen-TOPSECRET-password\n")
+    (tmp_path / "index" / "CURRENT").unlink()
+    (tmp_path / "index" / "CURRENT").symlink_to(secret)
+    with pytest.raises(UserError) as refused:
+        load_index(tmp_path / "index")
+    assert "symbolic link" in str(refused.value) and "TOPSECRET" not in str(refused.value)
+
+
+def test_a_damaged_current_is_named_not_quoted(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    build_pixel_index(folder, tmp_path / "index")
+    (tmp_path / "index" / "CURRENT").write_text("my-bank-pin-1234\n")
+    with pytest.raises(UserError) as refused:
+        load_index(tmp_path / "index")
+    assert "CURRENT" in str(refused.value) and "1234" not in str(refused.value)
+
+
+def test_a_generation_that_is_a_symlink_outside_the_index_is_refused(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    build_pixel_index(folder, tmp_path / "index")
+    index_dir = tmp_path / "index"
+    live = index_dir / (index_dir / "CURRENT").read_text().strip()
+    outside = tmp_path / "elsewhere"
+    live.rename(outside)
+    live.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match="symbolic link"):
+        load_index(index_dir)
+
+
+def test_ids_that_do_not_match_the_catalog_are_refused(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=2)
+    build_pixel_index(folder, tmp_path / "index")
+    index_dir = tmp_path / "index"
+    live = index_dir / (index_dir / "CURRENT").read_text().strip()
+    ids = np.load(live / "ids.npy")
+    np.save(live / "ids.npy", np.zeros_like(ids))
+    with pytest.raises(UserError, match="ids do not match its catalog"):
+        load_index(index_dir)
+    assert_one_line_error_in_process(invoke("search", str(next(folder.rglob("*.png"))), "--index-dir", str(index_dir)),
+                                     "ids do not match")
+
+
+def test_an_index_run_that_finds_no_change_writes_no_new_generation(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    encoder = tmp_path / "pixel.onnx"
+    from conftest import write_pixel_onnx
+
+    write_pixel_onnx(encoder)
+    build_pixel_index(folder, tmp_path / "index", encoder)
+    generation = (tmp_path / "index" / "CURRENT").read_text()
+    again = build_pixel_index(folder, tmp_path / "index", encoder)
+    assert (tmp_path / "index" / "CURRENT").read_text() == generation
+    assert again.unchanged == again.count > 0 and again.added == again.changed == again.removed == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Artefact types
+
+
+def test_checkpoint_round_trip_and_facts_without_weights(tmp_path):
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    Checkpoint(kind="pretrain", settings={"data_dir": "/data"}, model={"w": torch.ones(3)}, step=7, total_steps=9,
+               finished=False, elapsed_s=1.5, skipped={"a.png": "truncated"}, extra={"steps_per_epoch": 3}).save(path)
+    loaded = Checkpoint.load(path, kind="pretrain")
+    assert loaded.step == 7 and loaded.total_steps == 9 and loaded.skipped == {"a.png": "truncated"}
+    assert loaded.extra == {"steps_per_epoch": 3} and torch.equal(loaded.model["w"], torch.ones(3))
+    facts = RunFolder(path.parent).facts()
+    assert (facts.kind, facts.step, facts.finished, facts.data_dir) == ("pretrain", 7, False, "/data")
+
+
+@pytest.mark.parametrize("field, value", [("total_steps", "9"), ("elapsed_s", float("nan")),
+                                          ("skipped", {"a.png": 3}), ("extra", [1]), ("optimizer", "x")])
+def test_every_checkpoint_field_is_validated(tmp_path, field, value):
+    state = {"format_version": 3, "kind": "pretrain", "config": {}, "model": {}, "step": 1, "finished": True}
+    state[field] = value
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match=field):
+        Checkpoint.load(tmp_path / "checkpoint.pt")
+
+
+def test_encoder_metadata_round_trips_and_refuses_a_bad_field():
+    metadata = EncoderMetadata(Preprocessing(input_size=28, resize_size=28), embedding_dim=512, backbone="resnet18")
+    assert EncoderMetadata.from_props(metadata.to_props(), "e.onnx") == metadata
+    for field, bad in (("embedding_dim", "0"), ("mean", "[1, 2]"), ("head", "decoder"), ("interpolation", "magic")):
+        with pytest.raises(UserError, match=field):
+            EncoderMetadata.from_props({**metadata.to_props(), field: bad}, "e.onnx")
+
+
+def test_metrics_records_keep_numbers_and_flags_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": -0.5, "note": "text", "collapse_warning": true, "lr": null}\n'
+                    '{"step": "3", "loss": 1}\n{"step": 4, "loss": NaN}\n{"step": 5\n')
+    records = read_metrics(path)
+    assert [r.step for r in records] == [2, 4]
+    assert records[0].values == {"loss": -0.5, "collapse_warning": True} and records[1].get("loss") is None
+
+
+def test_an_encoder_lives_beside_the_checkpoint_it_came_from(tmp_path):
+    assert encoder_path_for(tmp_path / "checkpoint.pt") == tmp_path / "encoder.onnx"
+    assert encoder_path_for(tmp_path / "epoch-10.pt") == tmp_path / "epoch-10.onnx"
+    assert exported_encoder_path(tmp_path / "checkpoint.pt", "projector", fp16=True).name == "encoder-projector-fp16.onnx"
+
+
+def test_index_model_names_the_checkpoint_file_it_is_given(tmp_path):
+    """`index --model some/file.pt` used some/checkpoint.pt instead."""
+    from simsiam_embed.settings import PretrainConfig
+    from simsiam_embed.trained_model import build_model
+
+    images = make_image_folder(tmp_path / "images", per_class=1, size=16)
+    config = PretrainConfig(str(images), "mine", recipe="cifar", backbone="resnet18", small_image_stem=True,
+                            crop_size=16, dim=16, projector_hidden_dim=16, predictor_hidden_dim=8, projector_layers=2)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    Checkpoint(kind="pretrain", settings=config.to_dict(), model=build_model(config).state_dict(), step=1,
+               finished=True).save(folder / "mine.pt")
+    (folder / "checkpoint.pt").write_bytes(b"not the one asked for")
+    result = invoke("index", str(images), "--model", str(folder / "mine.pt"), "--workspace", str(tmp_path),
+                    "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert (folder / "mine.onnx").is_file() and not (folder / "encoder.onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The one training loop
+
+
+class _TinyTask(TaskDefaults):
+    """A task with a linear model whose loss turns NaN at ``nan_from`` (on the ranks in ``nan_ranks``)."""
+
+    kind = "pretrain"
+
+    def __init__(self, nan_from: int | None = None):
+        from simsiam_embed.settings import PretrainConfig
+
+        self.settings = PretrainConfig(data_dir="d", run_name="tiny")
+        torch.manual_seed(0)
+        self.model = self.network = nn.Linear(4, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.amp = MixedPrecision("off", "cpu")
+        self.dataset = list(range(8))
+        self.nan_from = nan_from
+        self.steps = 0
+
+    def loader_shape(self):
+        return torch.tensor, 8, "numbers"
+
+    def set_learning_rate(self, step, total_steps):
+        return 0.1
+
+    def train_step(self, batch):
+        loss = self.model(torch.ones(len(batch), 4)).pow(2).mean()
+        if self.nan_from is not None and self.steps >= self.nan_from:
+            loss = loss * float("nan")
+        self.steps += 1
+        self.amp.backward_and_step(loss, self.optimizer)
+        return {"loss": loss.detach()}
+
+
+class _Dataset(list):
+    def __getitem__(self, key):
+        return (float(key[1]) if isinstance(key, tuple) else super().__getitem__(key)), None
+
+
+def _loop(tmp_path: Path, task: _TinyTask, total_steps: int = 8, clock=None) -> TrainingLoop:
+    from simsiam_embed.distributed import DistributedContext
+
+    task.dataset = _Dataset(range(8))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    plan = LoopPlan(steps_per_epoch=4, total_steps=total_steps, log_every=2, batch_size=2, seed=0, workers=0)
+    return TrainingLoop(task, RunFolder(tmp_path / "run"), plan, DistributedContext(), "cpu", lambda _m: None,
+                        **({"clock": clock} if clock else {}))
+
+
+def test_the_loop_trains_checkpoints_each_epoch_and_finishes(tmp_path):
+    loop = _loop(tmp_path, _TinyTask())
+    outcome = loop.run(StopRequest(), started=0.0, show_progress=False)
+    assert outcome.finished and outcome.step == 8
+    saved = Checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert saved.finished and saved.step == 8 and saved.kind == "pretrain"
+    steps = [r.step for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.has("lr")]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_a_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    loop = _loop(tmp_path, _TinyTask(nan_from=5))
+    with pytest.raises(UserError, match="training diverged: the (loss|weights) became NaN") as diverged:
+        loop.run(StopRequest(), started=0.0, show_progress=False)
+    assert "step 4" in str(diverged.value)
+    saved = Checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert saved.step == 4 and all(torch.isfinite(v).all() for v in saved.model.values())
+
+
+def test_divergence_is_decided_on_the_mean_over_every_rank(tmp_path, monkeypatch):
+    """Under torchrun the decision must be the same on every rank: it is taken on the all-reduced
+    mean of the loss, never on one rank's own value (which left the others waiting in DDP)."""
+    import simsiam_embed.training.loop as loop_module
+
+    seen = []
+
+    def mean_over_ranks(value, context):
+        seen.append(float(value))
+        return torch.tensor(float("nan"))   # another rank's loss went non-finite; this one's did not
+
+    monkeypatch.setattr(loop_module, "mean_over_ranks", mean_over_ranks)
+    loop = _loop(tmp_path, _TinyTask())
+    with pytest.raises(UserError, match="the loss became NaN"):
+        loop.run(StopRequest(), started=0.0, show_progress=False)
+    assert seen and all(math.isfinite(value) for value in seen)
+
+
+def test_a_run_that_cannot_fit_its_checkpoint_stops_before_the_first_step(tmp_path, monkeypatch):
+    import shutil
+
+    import simsiam_embed.artefacts as artefacts
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(artefacts.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=200_000))   # about 200 KB free
+    task = _TinyTask()
+    task.model = task.network = nn.Linear(1000, 200)   # a checkpoint of about 800 KB
+    task.optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1)
+    loop = _loop(tmp_path, task)
+    with pytest.raises(UserError, match="No space|free some space"):
+        loop.run(StopRequest(), started=0.0, show_progress=False)
+    assert task.steps == 0 and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_network_too_large_for_memory_is_one_line(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=3)
+    result = invoke("pretrain", str(folder), *FAST_TRAINING, "--projector-hidden-dim", "1000000000", cwd=tmp_path)
+    assert_one_line_error_in_process(result, "projector")
+
+
+# --------------------------------------------------------------------------------------------
+# The command line starts at once
+
+
+@pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["index", "--help"], ["search", "--help"],
+                                  ["dedup", "--help"], ["finetune-detection", "--help"], ["knn", "--help"]])
+def test_help_imports_no_heavy_library(args):
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom simsiam_embed.cli.main import cli\ntry:\n    cli(%r, prog_name='simsiam-embed')\n"
+             "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+             "print(sorted(m for m in ('torch', 'torchvision', 'faiss', 'onnxruntime', 'onnx') if m in sys.modules))"
+             % (args,))
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_listed_command_is_the_command_of_that_name():
+    import click
+
+    from simsiam_embed.cli.main import COMMANDS, cli
+
+    context = click.Context(cli)
+    for name in COMMANDS:
+        assert cli.get_command(context, name).name == name
+
+
+# --------------------------------------------------------------------------------------------
+# The Python API: the README's example, run as written
+
+
+def test_the_python_api_does_the_three_commands_work(tmp_path, monkeypatch):
+    import re
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"<!-- python-api -->\n```python\n(.*?)```", readme, re.S).group(1)
+    images = make_image_folder(tmp_path / "images", per_class=4)
+    (tmp_path / "query.jpg").write_bytes((images / "disc" / "disc-00.png").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(example.replace('overrides={"epochs": 1}', 'overrides={"epochs": 1, "crop_size": 16, '
+                                 '"batch_size": 8, "num_workers": 0, "projector_hidden_dim": 64, "dim": 64, '
+                                 '"predictor_hidden_dim": 16}'), "README", "exec"), namespace)
+    hits = namespace["hits"]
+    assert hits and hits[0].score > 0.99 and Path(hits[0].path).name == "disc-00.png"
