@@ -118,10 +118,6 @@ class RunFolder:
             return {}
         return config if isinstance(config, dict) else {}
 
-    @classmethod
-    def of_checkpoint(cls, checkpoint: Path) -> "RunFolder":
-        return cls(checkpoint.parent)
-
 
 def run_facts(checkpoint: Path, kind: str | None = None) -> "RunFacts":
     """A checkpoint's kind, step, finished and settings; its tensors are mapped, never read."""
@@ -426,9 +422,6 @@ class MetricsRecord:
 
     def has(self, key: str) -> bool:
         return key in self.values
-
-    def to_json(self) -> str:
-        return json.dumps({"step": self.step, **self.values})
 
 
 def read_metrics(path: Path) -> list[MetricsRecord]:

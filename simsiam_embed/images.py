@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageFilter, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 

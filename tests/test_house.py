@@ -3,9 +3,7 @@ every task gets from the loop (divergence decided on every rank, a checkpoint th
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import (
-    CONSOLE_SCRIPT, FAST_TRAINING, assert_one_line_error_in_process, build_pixel_index, invoke, make_image_folder,
+    FAST_TRAINING, assert_one_line_error_in_process, build_pixel_index, invoke, make_image_folder,
 )
 from simsiam_embed.artefacts import (
     Checkpoint, EncoderMetadata, RunFolder, encoder_path_for, exported_encoder_path, read_metrics,

@@ -28,7 +28,6 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from simsiam_embed.settings import SMALL_IMAGE_MAX_SIDE
 from simsiam_embed.images import UnreadableImage, open_image
 from simsiam_embed.errors import UserError
 from simsiam_embed.index.store import CatalogEntry, LoadedIndex

@@ -10,13 +10,12 @@ torchrun each rank embeds its own shard of the files and rank 0 merges them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
