@@ -37,14 +37,12 @@ from simsiam_embed.errors import UserError
 from simsiam_embed.files import ensure_writable_folder, write_json_atomic
 from simsiam_embed.images import first_readable, open_image
 from simsiam_embed.models.backbones import BACKBONE_NAMES
-from simsiam_embed.settings import SavedSettings
+from simsiam_embed.settings import INITS, NORMS, SCHEDULES, SavedSettings
 from simsiam_embed.trained_model import load_pretrained_resnet
 from simsiam_embed.training.loop import (
     LoopPlan, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop, open_run, place_model, refuse_changed_settings,
-    stop_on_signals,
 )
 from simsiam_embed.workspace import Workspace, run_name_for
-from simsiam_embed.settings import INITS, NORMS, SCHEDULES
 
 Report = Callable[[str], None]
 
@@ -344,12 +342,8 @@ def _finetune(config: DetectionConfig, run_dir: Path, previous: Checkpoint | Non
                     workers=config.num_workers, divergence_hint="lower --base-lr or lengthen --warmup-steps",
                     epoch_records=False)
     loop = TrainingLoop(task, run, plan, context, rank_device, rank_report)
-    if previous is not None:
-        loop.restore(previous)
-        rank_report(f"resuming {run_dir} at step {loop.step}/{loop.total_steps}")
     stop = stop or StopRequest()
-    with stop_on_signals(stop, rank_report):
-        outcome = loop.run(stop, started, show_progress and context.is_main)
+    outcome = loop.resume_and_run(previous, stop, started, show_progress and context.is_main)
     evaluation = None
     if outcome.finished and val_set is not None and context.is_main:
         evaluation = evaluate_detector(task.model, val_set, rank_device, show_progress=show_progress)

@@ -631,6 +631,15 @@ class TrainingLoop:
 
     # -- the run -----------------------------------------------------------------------------
 
+    def resume_and_run(self, previous: Checkpoint | None, stop: StopRequest, started: float,
+                       show_progress: bool) -> LoopOutcome:
+        """Continue from ``previous`` (None: the first step), with Ctrl-C and SIGTERM asking ``stop``."""
+        if previous is not None:
+            self.restore(previous)
+            self.report(f"resuming {self.folder.path} at step {self.step}/{self.total_steps or '?'}")
+        with stop_on_signals(stop, self.report):
+            return self.run(stop, started, show_progress)
+
     def run(self, stop: StopRequest, started: float, show_progress: bool) -> LoopOutcome:
         """Train to the last step (finished), or until ``stop`` asks; checkpoints every epoch."""
         task, plan = self.task, self.plan

@@ -37,7 +37,7 @@ from simsiam_embed.training.augment import (
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
 from simsiam_embed.training.loop import (
     LoopPlan, MetricsLog, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop, format_duration, open_run,
-    place_model, refuse_changed_settings, stop_on_signals,
+    place_model, refuse_changed_settings,
 )
 from simsiam_embed.workspace import Workspace, run_name_for
 
@@ -214,12 +214,8 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
     loop = TrainingLoop(task, run, plan, context, rank_device, rank_report)
     loop.on_first_save = lambda: workspace.mark_latest(run_name)
     loop.skipped = {str(path): reason for path, reason in scan.skipped}
-    if previous is not None:
-        loop.restore(previous)
-        rank_report(f"resuming {run_dir} at step {loop.step}")
     stop = stop or StopRequest()
-    with stop_on_signals(stop, rank_report):
-        outcome = loop.run(stop, started, show_progress and context.is_main)
+    outcome = loop.resume_and_run(previous, stop, started, show_progress and context.is_main)
     if context.is_main:
         _write_report(run_dir, report)
     return PretrainResult(
