@@ -508,6 +508,7 @@ class LoopPlan:
     log_constants: dict[str, float] = field(default_factory=dict)   # written with every logged step
     epoch_records: bool = True       # a line of epoch means (and the task's epoch-end record) a epoch
     resume_hint: str = "the same command and --resume"
+    shorter_run_hint: str = ""       # how to ask this task for a shorter run, said when a run is long
     divergence_hint: str = "lower --base-lr"
 
 
@@ -782,8 +783,7 @@ class TrainingLoop:
         if remaining > 600:
             self.report(f"at {self.plan.batch_size / seconds_per_step:.0f} {self.plan.sample_name}/s this run needs "
                         f"about {format_duration(remaining)} more. Ctrl-C saves a checkpoint (--resume continues)"
-                        + ("; --time-budget plans a shorter run that still finishes its schedule."
-                           if hasattr(self.task.settings, "time_budget_s") else "."))
+                        + (f"; {self.plan.shorter_run_hint}." if self.plan.shorter_run_hint else "."))
 
 
 def format_duration(seconds: float) -> str:

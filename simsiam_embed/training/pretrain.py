@@ -210,6 +210,7 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         resume_hint=f"simsiam-embed pretrain {config.data_dir} --resume"
                     + (f" --name {config.run_name}" if config.run_name != default_name else ""),
         divergence_hint=f"lower --base-lr (now {config.base_lr:g})",
+        shorter_run_hint="--time-budget plans a shorter run that still finishes its schedule",
     )
     loop = TrainingLoop(task, run, plan, context, rank_device, rank_report)
     loop.on_first_save = lambda: workspace.mark_latest(run_name)
