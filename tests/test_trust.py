@@ -118,7 +118,9 @@ def test_a_checkpoint_of_the_wrong_kind_is_one_line(tmp_path):
         assert_one_line_error_in_process(invoke(*command, cwd=tmp_path), "detection checkpoint")
 
 
-@pytest.mark.parametrize("field, value", [("step", "3"), ("model", [1]), ("config", None), ("kind", "evil")])
+@pytest.mark.parametrize("field, value", [("step", "3"), ("model", [1]), ("config", None), ("kind", "evil"),
+                                          ("total_steps", "9"), ("elapsed_s", float("nan")), ("skipped", {"a.png": 3}),
+                                          ("extra", [1]), ("optimizer", "x")])
 def test_a_checkpoint_with_a_field_of_the_wrong_type_is_one_line(tmp_path, field, value):
     state = {"format_version": 2, "kind": "pretrain", "config": {}, "model": {}, "step": 1, "finished": True}
     state[field] = value
