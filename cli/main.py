@@ -11,25 +11,41 @@ import click
 from simsiam_embed.errors import UserError
 
 #: Each command: the module that defines it (loaded only to run it or show its --help) and the
-#: one-line summary the group's --help lists without loading anything.
+#: first paragraph of its docstring, which the group's --help lists without loading anything
+#: (tests/test_house.py checks the two agree).
 COMMANDS = {
-    "pretrain": ("pretrain", "pretrain_command", "Train a SimSiam encoder on every image under IMAGE_DIR."),
-    "index": ("flow", "index_command", "Embed the images of IMAGE_DIR (default: the latest run's folder) into a FAISS index."),
-    "search": ("flow", "search_command", "The K most similar indexed images for each QUERY (an image, or a folder of them)."),
-    "export": ("flow", "export_command", "Export a run's encoder (RUN folder or CHECKPOINT; default: the latest run) to ONNX."),
-    "embed": ("flow", "embed_command", "Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded)."),
-    "dedup": ("explore", "dedup_command", "Groups of near-duplicate images in the index, with an optional keep/remove plan."),
-    "clusters": ("explore", "clusters_command", "Cluster the indexed images (spherical k-means)."),
-    "outliers": ("explore", "outliers_command", "The indexed images least like their nearest neighbours."),
-    "map": ("explore", "map_command", "A 2-D map of the index (UMAP, or PCA), as a page."),
-    "serve": ("explore", "serve_command", "A local web app over the index: search, duplicates, clusters, outliers, map."),
-    "report": ("explore", "report_command", "Draw a pretraining run's curves as PNG files and report.html in its folder."),
-    "knn": ("evaluate", "knn_command", "kNN classification accuracy of an encoder on labelled folders."),
-    "linear-probe": ("evaluate", "linear_probe_command", "Linear-probe accuracy of an encoder on labelled folders."),
+    "pretrain": ("pretrain", "pretrain_command",
+                 "Train a SimSiam encoder on every image under DATA_DIR (recursively; labels are not used)."),
+    "index": ("flow", "index_command",
+              "Embed the images of IMAGE_DIR (default: the latest run's folder) into a FAISS index."),
+    "search": ("flow", "search_command",
+               "The K most similar indexed images for each QUERY (an image, or a folder of them)."),
+    "export": ("flow", "export_command",
+               "Export a run's encoder (RUN folder or CHECKPOINT; default: the latest run) to ONNX."),
+    "embed": ("flow", "embed_command",
+              "Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded)."),
+    "dedup": ("explore", "dedup_command",
+              "Exact duplicates (same bytes) and near-duplicate groups among the indexed images."),
+    "clusters": ("explore", "clusters_command",
+                 "Group the indexed images by k-means on their embeddings (FAISS)."),
+    "outliers": ("explore", "outliers_command",
+                 "The indexed images least similar to their nearest neighbours, oddest first."),
+    "map": ("explore", "map_command",
+            "A 2-D map of the indexed images: a page where each point shows its image on hover."),
+    "serve": ("explore", "serve_command",
+              "A local web app over the index: drop an image to search, browse duplicates, clusters, outliers, the "
+              "map and the latest run's report. JSON API with OpenAPI docs at /docs."),
+    "report": ("explore", "report_command",
+               "Draw a pretraining run's curves (default: the latest run) as PNG files and report.html in its "
+               "folder."),
+    "knn": ("evaluate", "knn_command",
+            "Weighted kNN classification of TEST by TRAIN in the encoder's space: top-1, top-5, per class."),
+    "linear-probe": ("evaluate", "linear_probe_command",
+                     "Train a linear classifier on the frozen encoder's features of TRAIN; report TEST accuracy."),
     "finetune-detection": ("detection", "finetune_detection_command",
-                           "Fine-tune Faster R-CNN (ResNet-FPN) from the SimSiam backbone; COCO AP on --val-data."),
+                           "Fine-tune Faster R-CNN (ResNet-FPN) from the SimSiam backbone on your boxes; COCO AP on --val-data."),
     "export-detectron2": ("detection", "export_detectron2_command",
-                          "Write RUN's backbone as detectron2 ResNet weights (.pkl)."),
+                          "Write RUN's backbone (default: the latest run) as detectron2 ResNet weights (.pkl)."),
 }
 
 
@@ -37,7 +53,7 @@ class _Commands(click.Group):
     """Commands loaded when used; the library's UserError becomes click's one-line ``Error: ...``."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
+        return sorted(COMMANDS)   # click's own order
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
@@ -47,8 +63,10 @@ class _Commands(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # The summaries are COMMANDS' own: listing them loads no command module.
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)   # as click.Group does
         with formatter.section("Commands"):
-            formatter.write_dl([(name, summary) for name, (_m, _a, summary) in COMMANDS.items()])
+            formatter.write_dl([(name, click.utils.make_default_short_help(COMMANDS[name][2], limit))
+                                for name in self.list_commands(ctx)])
 
     def invoke(self, ctx: click.Context):
         try:

@@ -291,8 +291,10 @@ def test_every_listed_command_is_the_command_of_that_name():
     from simsiam_embed.cli.main import COMMANDS, cli
 
     context = click.Context(cli)
-    for name in COMMANDS:
-        assert cli.get_command(context, name).name == name
+    for name, (_module, _attribute, summary) in COMMANDS.items():
+        command = cli.get_command(context, name)
+        assert command.name == name
+        assert summary == " ".join(command.help.strip().split("\n\n")[0].split())   # the listing is its docstring
 
 
 # --------------------------------------------------------------------------------------------
