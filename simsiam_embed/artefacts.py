@@ -203,11 +203,6 @@ class Checkpoint:
                 "optimizer": self.optimizer, "scaler": self.scaler, "rng": self.rng, "skipped": self.skipped,
                 "extra": self.extra}
 
-    def serialized(self) -> bytes:
-        buffer = io.BytesIO()
-        torch.save(self._payload(), buffer)
-        return buffer.getvalue()
-
     def save(self, path: Path) -> int:
         """Write atomically: a crash mid-write leaves the previous checkpoint intact. Returns the size.
 
@@ -215,7 +210,9 @@ class Checkpoint:
         full disk as ``RuntimeError: basic_ios::clear``, where Python's says ENOSPC (one line).
         """
         with atomic_path(path) as tmp_path:
-            data = self.serialized()
+            buffer = io.BytesIO()
+            torch.save(self._payload(), buffer)
+            data = buffer.getvalue()
             with open(tmp_path, "wb") as handle:
                 handle.write(data)
         return len(data)

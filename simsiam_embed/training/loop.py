@@ -571,9 +571,18 @@ class TrainingLoop:
         )
 
     def check_space(self) -> None:
-        """Before the first step: the folder must hold a checkpoint, or hours of training are lost."""
+        """Before the first step: the folder must hold a checkpoint, or hours of training are lost.
+
+        Sized from the tensors it will hold, nearly all of its bytes: weights and buffers, and one
+        tensor the size of each trained parameter for the optimiser's state (SGD's momentum, which
+        does not exist before the first step), rather than by serialising one, which would copy
+        every tensor once more.
+        """
         if self.context.is_main:
-            check_space_for(self.folder.checkpoint, len(self._checkpoint(False, 0.0).serialized()))
+            trained = [p for group in self.task.optimizer.param_groups for p in group["params"]]
+            tensors = [*self.task.model.state_dict().values(), *trained]
+            size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            check_space_for(self.folder.checkpoint, size)
 
     def save(self, finished: bool, elapsed_s: float) -> float:
         """Write the checkpoint (main process only; every rank must call it); returns its seconds.
