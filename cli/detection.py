@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
+from simsiam_embed.detection.settings import default_of
 from simsiam_embed.settings import BACKBONE_NAMES, INITS, NORMS, SCHEDULES
 from .lazy import library
 from .options import FiniteFloatRange, workspace_at, workspace_option
@@ -18,12 +17,14 @@ from .options import FiniteFloatRange, workspace_at, workspace_option
 detection_finetune = library("detection.finetune")
 detection_detectron2 = library("detection.detectron2")
 
-#: Command-line names that differ from DetectionConfig's field names.
-_CONFIG_FIELD = {"workers": "num_workers"}
-
 
 def _format_ap(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def _default(name: str, text: str = "") -> str:
+    """Help text with DetectionConfig's own default, so that the two cannot drift apart."""
+    return f"{text}  [default: {default_of(name)}]".strip()
 
 
 @click.command("finetune-detection")
@@ -35,62 +36,45 @@ def _format_ap(value: float) -> str:
                    "[default: the val split of a --data data.yaml, if it names one]")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
               help="The SimSiam run folder or checkpoint to start from.  [default: the latest run]")
-@click.option("--init", type=click.Choice(INITS), default="simsiam", help="random: the same recipe from scratch, for comparison.")
+@click.option("--init", type=click.Choice(INITS), help=_default("init", "random: the same recipe from scratch, for comparison."))
 @click.option("--backbone", type=click.Choice(BACKBONE_NAMES), help="Only with --init random.  [default: resnet50 on GPU, resnet18 on CPU]")
-@click.option("--norm", type=click.Choice(NORMS), default="bn",
-              help="Backbone BN: frozen statistics, trainable BN, or SyncBN (torchrun on GPUs).")
-@click.option("--trainable-layers", type=click.IntRange(0, 5), default=5, help="Backbone stages that train (5: all, the paper's).")
-@click.option("--epochs", type=click.IntRange(min=1), default=12)
+@click.option("--norm", type=click.Choice(NORMS),
+              help=_default("norm", "Backbone BN: frozen statistics, trainable BN, or SyncBN (torchrun on GPUs)."))
+@click.option("--trainable-layers", type=click.IntRange(0, 5), help=_default("trainable_layers", "Backbone stages that train (5: all, the paper's)."))
+@click.option("--epochs", type=click.IntRange(min=1), help=_default("epochs"))
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Images per step over all processes.  [default: 4 on a CPU; on GPUs what their memory fits, up to 16]")
-@click.option("--base-lr", type=FiniteFloatRange(min=0, min_open=True), default=0.02, help="lr = base-lr x batch / 16.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=100)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="step", help="step: x0.1 at 2/3 and 8/9 of training.")
-@click.option("--min-size", type=click.IntRange(min=32), default=512, help="Shorter image side the detector resizes to.")
-@click.option("--max-size", type=click.IntRange(min=32), default=853, help="Longest image side after resizing.")
-@click.option("--roi-samples", type=click.IntRange(min=1), default=512,
-              help="Proposals per image in the box head's loss (detectron2's 512); 128 trains faster on a CPU.")
+@click.option("--base-lr", type=FiniteFloatRange(min=0, min_open=True), help=_default("base_lr", "lr = base-lr x batch / 16."))
+@click.option("--warmup-steps", type=click.IntRange(min=0), help=_default("warmup_steps"))
+@click.option("--schedule", type=click.Choice(SCHEDULES), help=_default("schedule", "step: x0.1 at 2/3 and 8/9 of training."))
+@click.option("--min-size", type=click.IntRange(min=32), help=_default("min_size", "Shorter image side the detector resizes to."))
+@click.option("--max-size", type=click.IntRange(min=32), help=_default("max_size", "Longest image side after resizing."))
+@click.option("--roi-samples", type=click.IntRange(min=1),
+              help=_default("roi_samples", "Proposals per image in the box head's loss (detectron2's 512); 128 trains faster on a CPU."))
 @click.option("--device", help="cuda or cpu.  [default: cuda when available]")
-@click.option("--workers", type=click.IntRange(min=0), default=2)
-@click.option("--seed", type=int, default=0)
+@click.option("--workers", "num_workers", type=click.IntRange(min=0), help=_default("num_workers"))
+@click.option("--seed", type=int, help=_default("seed"))
 @click.option("--name", help="Run name: the run lives in runs/NAME.  [default: detection-<data>-<init>]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run from its checkpoint.")
 @workspace_option
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
-def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Path | None, init: str, backbone: str | None,
-                               norm: str, trainable_layers: int, epochs: int, batch_size: int | None, base_lr: float,
-                               warmup_steps: int, schedule: str, min_size: int, max_size: int, roi_samples: int,
-                               device: str | None, workers: int, seed: int, name: str | None, resume: bool,
-                               workspace: Path, as_json: bool) -> None:
+def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Path | None, name: str | None,
+                               resume: bool, workspace: Path, as_json: bool, **settings) -> None:
     """Fine-tune Faster R-CNN (ResNet-FPN) from the SimSiam backbone on your boxes; COCO AP on --val-data."""
-    context = click.get_current_context()
-    explicit = {_CONFIG_FIELD.get(name, name) for name in context.params
-                if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-                and name not in ("name", "resume", "workspace", "as_json")}
+    given = {key: value for key, value in settings.items() if value is not None}
+    # What the user gave: on --resume these may not contradict the run's own settings.
+    explicit = {"data", *given} | {key for key, value in (("val_data", val_data), ("checkpoint", checkpoint)) if value}
     place = workspace_at(workspace)
+    init = given.get("init", default_of("init"))
     if init == "simsiam" and checkpoint is None:
         checkpoint = place.latest_run_dir()
-    if init == "simsiam" and backbone is not None:
+    if init == "simsiam" and "backbone" in given:
         raise click.UsageError("--backbone is taken from the checkpoint; it is only for --init random")
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.startswith("cuda")
-    if batch_size is None:
-        batch_size, reason = detection_finetune.default_detection_batch(device, max_size, int(os.environ.get("WORLD_SIZE", "1")))
-        if not as_json:
-            click.echo(f"chosen: {reason}", err=True)
     config = detection_finetune.DetectionConfig(
         data=str(data), val_data=str(val_data) if val_data else None,
-        checkpoint=str(checkpoint) if checkpoint else None, init=init, backbone=backbone, norm=norm,
-        trainable_layers=trainable_layers, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
-        warmup_steps=warmup_steps, schedule=schedule, min_size=min_size, max_size=max_size, roi_samples=roi_samples,
-        seed=seed, num_workers=workers, device=device,
-        # fp16 + loss scaler, not bf16, even where bf16 is native: bf16's 8-bit mantissa moves decoded
-        # boxes by about 4 px at 512-1024 px (a box regression is a small delta on a large coordinate).
-        amp="fp16" if on_gpu else "off", channels_last=on_gpu,
-    )
-    result = detection_finetune.finetune_detection(config, place, name, resume, show_progress=not as_json, explicit=explicit)
+        checkpoint=str(checkpoint) if checkpoint else None, **given)
+    result = detection_finetune.finetune_detection(config, place, name, resume, show_progress=not as_json,
+                                                   explicit=explicit)
     if not result.finished:
         sys.exit(result.stop.exit_status)   # stopped by Ctrl-C (130) or SIGTERM (143), checkpoint saved: as pretrain
     if as_json:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from simsiam_embed.settings import KNN_SETTINGS
+from simsiam_embed.settings import EMBED_WORKERS, KNN_SETTINGS
 from .options import FiniteFloatRange, workspace_at, workspace_option
 from .lazy import library
 
@@ -41,7 +41,7 @@ def _labelled_folders_and_model(command):
               help=f"Vote weight exp(sim / T).  [default: {KNN_SETTINGS[0][1]}, and {KNN_SETTINGS[1][1]}]")
 @click.option("--compare-random-init", is_flag=True, help="Also score the same network at its random initialisation.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
-@click.option("--workers", type=click.IntRange(min=0), default=2)
+@click.option("--workers", type=click.IntRange(min=0), default=EMBED_WORKERS, help="Image-decoding processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | None, k: int | None,
                 temperature: float | None, compare_random_init: bool, batch_size: int, workers: int,
@@ -86,7 +86,7 @@ def _encoder_from(source: Path):
 @_labelled_folders_and_model
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="L-BFGS passes over the frozen features.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Images per forward pass while embedding.")
-@click.option("--workers", type=click.IntRange(min=0), default=2)
+@click.option("--workers", type=click.IntRange(min=0), default=EMBED_WORKERS, help="Image-decoding processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def linear_probe_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | None, epochs: int,
                          batch_size: int, workers: int, as_json: bool) -> None:

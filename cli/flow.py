@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from simsiam_embed.settings import HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32
+from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS, HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32
 from .options import printable, workspace_at, workspace_option
 from .lazy import library
 
@@ -25,8 +25,8 @@ provider_option = click.option(
 backend_option = click.option(
     "--backend", type=click.Choice(["onnx", "torch"]), default="onnx",
     help="Embed with the exported ONNX encoder, or with the PyTorch checkpoint directly.")
-batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
-workers_option = click.option("--workers", type=click.IntRange(min=0), default=2, help="Image-decoding processes.")
+batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=EMBED_BATCH_SIZE, help="Images per forward pass.")
+workers_option = click.option("--workers", type=click.IntRange(min=0), default=EMBED_WORKERS, help="Image-decoding processes.")
 
 
 

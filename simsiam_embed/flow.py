@@ -12,6 +12,7 @@ from typing import Callable
 
 from simsiam_embed.artefacts import CHECKPOINT_SUFFIXES, RunFolder, encoder_path_for, file_digest, resolve_checkpoint_path, run_facts
 from simsiam_embed.errors import UserError
+from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 from simsiam_embed.index.store import EncoderIdentity, IndexUpdate, update_index
 from simsiam_embed.inference.embed import Encoder, TorchEncoder
 from simsiam_embed.inference.export import export_onnx
@@ -123,8 +124,8 @@ def index_folder(
     rebuild: bool = False,
     backend: str = "onnx",
     provider: str | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
+    batch_size: int = EMBED_BATCH_SIZE,
+    workers: int = EMBED_WORKERS,
     report: Report = print,
     show_progress: bool = True,
 ) -> IndexUpdate:

@@ -10,18 +10,42 @@ import dataclasses
 import math
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from simsiam_embed.errors import UserError
+from simsiam_embed.typed_json import has_type, type_name
 
 SMALL_IMAGE_MAX_SIDE = 64
 IMAGENET_SIZE = 1_281_167
 
-RECIPES = ("imagenet", "cifar")
+#: The paper's two recipes as data: what each sets (Section 4 for ImageNet, Appendix D for
+#: CIFAR-10). Settings of neither recipe are PretrainConfig's own defaults (the paper's, shared).
+#: resolve_pretrain_config adapts epochs, batch, crop and backbone to the folder and the
+#: hardware, and records why (ADAPTED_DEFAULTS says how, for --help).
+RECIPE_SETTINGS: dict[str, dict[str, Any]] = {
+    "imagenet": dict(backbone="resnet50", small_image_stem=False, crop_size=224, base_lr=0.05, weight_decay=1e-4,
+                     projector_layers=3, blur=True, epochs=100, batch_size=512),
+    "cifar": dict(backbone="resnet18", small_image_stem=True, crop_size=32, base_lr=0.03, weight_decay=5e-4,
+                  projector_layers=2, blur=False, epochs=800, batch_size=512),
+}
+RECIPES = tuple(RECIPE_SETTINGS)
+_PAPER = RECIPE_SETTINGS["imagenet"]
+
+#: How a default follows the data or the hardware, as --help says it (the rules are in
+#: resolve_pretrain_config below, default_amp and default_loader_workers).
+ADAPTED_DEFAULTS = {
+    "recipe": "cifar if the median image side is <= 64 px, else imagenet",
+    "backbone": "resnet50 on a GPU, resnet18 on a CPU; cifar resnet18",
+    "crop_size": "224, or the images' median side if smaller; cifar the images' side up to 64",
+    "batch_size": "512 on GPUs (less if their memory does not fit it), 256 on a CPU; at most the folder's size",
+    "epochs": "100 on ImageNet's 1.28M images, more for smaller folders (up to 800); cifar 800",
+    "amp": "bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else off",
+    "num_workers": "the CPU cores / the processes on this machine",
+    "device": "cuda if available",
+}
 #: torchvision ResNets the backbone may be (models/backbones.py builds them).
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 
@@ -29,6 +53,9 @@ BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 # Choices and defaults of the stages after pretraining: here, so that `--help` shows them
 # without loading PyTorch (each stage's module says why it chose them).
 
+#: Embedding (embed, index, kNN, search): images per forward pass, and decoding processes.
+EMBED_BATCH_SIZE = 64
+EMBED_WORKERS = 2
 #: ONNX export: the parity bar of every fp32 export, ONNX Runtime and PyTorch must agree this
 #: closely; fp16 keeps about 3 significant digits, and through ~50 layers its features stay this close.
 #: What an exported encoder outputs: pooled backbone features, or the SimSiam projection z.
@@ -72,60 +99,43 @@ class SavedSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         kept = {key: value for key, value in values.items() if key in known}
         for key, value in kept.items():
-            if not _has_type(value, hints[key]):
-                raise UserError(f"{source} is damaged: its setting {key!r} is {value!r}, not {_type_name(hints[key])}")
+            if not has_type(value, hints[key]):
+                raise UserError(f"{source} is damaged: its setting {key!r} is {value!r}, not {type_name(hints[key])}")
         try:
             return cls(**kept)
         except TypeError as error:   # a required field is missing
             raise UserError(f"{source} is damaged: {error}") from None
 
 
-def _has_type(value: Any, hint: Any) -> bool:
-    """Whether a JSON-like value fits a dataclass field's annotation (no coercion: bool is not int)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, option) for option in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_has_type(v, item) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
-
-
 @dataclass
 class PretrainConfig(SavedSettings):
-    """Every resolved setting of a pretraining run; saved as the run's config.json."""
+    """Every resolved setting of a pretraining run; saved as the run's config.json.
+
+    Built directly, it holds the paper's ImageNet recipe (RECIPE_SETTINGS) and this machine's
+    precision and loader; ``resolve_pretrain_config`` is what adapts it to a folder and records why.
+    """
 
     data_dir: str
     run_name: str
     recipe: str = "imagenet"
-    backbone: str = "resnet50"
-    small_image_stem: bool = False
+    backbone: str = _PAPER["backbone"]
+    small_image_stem: bool = _PAPER["small_image_stem"]
     stem_stride: int = 1
-    crop_size: int = 224
+    crop_size: int = _PAPER["crop_size"]
     # Length: epochs, or a time budget that becomes a fixed number of steps after a warm-up.
-    epochs: int | None = 100
+    epochs: int | None = _PAPER["epochs"]
     time_budget_s: float | None = None
     total_steps: int | None = None
-    batch_size: int = 512
-    base_lr: float = 0.05
-    weight_decay: float = 1e-4
+    batch_size: int = _PAPER["batch_size"]
+    base_lr: float = _PAPER["base_lr"]
+    weight_decay: float = _PAPER["weight_decay"]
     momentum: float = 0.9
     fix_predictor_lr: bool = True
     dim: int = 2048
-    projector_layers: int = 3
+    projector_layers: int = _PAPER["projector_layers"]
     projector_hidden_dim: int = 2048
     predictor_hidden_dim: int = 512
-    blur: bool = True
+    blur: bool = _PAPER["blur"]
     min_crop_scale: float = 0.2
     color_jitter: float = 0.4   # brightness, contrast and saturation strength; hue is a quarter of it
     warmup_fraction: float = 0.0   # share of the steps with a linear lr warm-up (the paper has none)
@@ -135,10 +145,11 @@ class PretrainConfig(SavedSettings):
     symmetric_loss: bool = True
     heads_batch_norm: bool = True
     seed: int = 0
-    num_workers: int = 4
+    num_workers: int = field(default_factory=lambda: default_loader_workers())
     device: str = "cpu"
-    amp: str = "off"
-    channels_last: bool = False
+    amp: str | None = None              # None: default_amp(device), this machine's choice
+    # NHWC convolutions are faster in oneDNN (CPU) and cuDNN (tensor cores) alike.
+    channels_last: bool = True
     log_every: int = 10
     # kNN monitor on a labelled folder (issue: know whether training beats random init).
     val_dir: str | None = None
@@ -151,6 +162,10 @@ class PretrainConfig(SavedSettings):
     # GPU that takes the crops off the CPU; on a CPU it would move them out of the parallel workers.
     crop_on_device: bool = False
     choices: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.amp is None:
+            self.amp = default_amp(self.device)
 
     @property
     def lr(self) -> float:
@@ -185,6 +200,23 @@ class PretrainConfig(SavedSettings):
         return {key: getattr(self, key) for key in keys}
 
 
+def default_help(name: str, text: str = "") -> str:
+    """``--help`` text of a pretraining setting: ``text``, then its default as the recipes and the
+    adapting rules above give it, so that help and behaviour cannot drift apart."""
+    if name in ADAPTED_DEFAULTS:
+        default = ADAPTED_DEFAULTS[name]
+    else:
+        shared = next(f.default for f in dataclasses.fields(PretrainConfig) if f.name == name)
+        per_recipe = {recipe: values.get(name, shared) for recipe, values in RECIPE_SETTINGS.items()}
+        default = _shown(per_recipe["imagenet"]) + "".join(
+            f", {recipe} {_shown(value)}" for recipe, value in per_recipe.items() if value != per_recipe["imagenet"])
+    return f"{text}  [default: {default}]".strip()
+
+
+def _shown(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def parse_duration(text: str) -> float:
     """'90s', '20m', '2h', '1h30m' or plain seconds -> seconds."""
     text = text.strip().lower()
@@ -206,9 +238,10 @@ def default_epochs(recipe: str, num_images: int) -> int:
     Smaller folders need more passes for the same amount of learning: between the paper's two
     points the count grows as 1/sqrt(folder size), capped at the CIFAR recipe's 800.
     """
+    paper, most = RECIPE_SETTINGS["imagenet"]["epochs"], RECIPE_SETTINGS["cifar"]["epochs"]
     if recipe == "cifar":
-        return 800
-    return int(min(800, max(100, round(100 * math.sqrt(IMAGENET_SIZE / max(num_images, 1))))))
+        return most
+    return int(min(most, max(paper, round(paper * math.sqrt(IMAGENET_SIZE / max(num_images, 1))))))
 
 
 def default_amp(device: str) -> str:
@@ -226,6 +259,12 @@ def default_amp(device: str) -> str:
     except AttributeError:
         native_bf16 = False
     return "bf16" if native_bf16 else "off"
+
+
+def default_loader_workers() -> int:
+    """Every process on this machine runs its own loader: the cores are shared out among them."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // max(local_processes, 1))
 
 
 def gpu_has_native_bf16(device: str) -> bool:
@@ -307,25 +346,22 @@ def resolve_pretrain_config(
             f"({'<=' if recipe == 'cifar' else '>'} {SMALL_IMAGE_MAX_SIDE} px)"
         )
     config = PretrainConfig(data_dir=data_dir, run_name=run_name, recipe=recipe, device=device)
+    recipe_defaults = dict(RECIPE_SETTINGS[recipe])
 
+    # The crop the images can use: the paper's 224 px, or the images' own side when smaller.
     if recipe == "cifar":
-        recipe_defaults: dict[str, Any] = dict(
-            backbone="resnet18", small_image_stem=True, base_lr=0.03, weight_decay=5e-4,
-            projector_layers=2, blur=False,
-            crop_size=max(8, min(median_short_side, SMALL_IMAGE_MAX_SIDE)),
-        )
+        recipe_defaults["crop_size"] = max(8, min(median_short_side, SMALL_IMAGE_MAX_SIDE))
+        if "crop_size" not in given:
+            choices.append(f"crop {recipe_defaults['crop_size']} px: the images' own size")
     else:
-        recipe_defaults = dict(
-            backbone="resnet50" if on_gpu else "resnet18", small_image_stem=False, base_lr=0.05,
-            weight_decay=1e-4, projector_layers=3, blur=True,
-            crop_size=224 if median_short_side >= 224 else max(SMALL_IMAGE_MAX_SIDE, median_short_side // 8 * 8),
-        )
-        if "backbone" not in given and not on_gpu:
-            choices.append("backbone resnet18: no GPU (the paper's resnet50 is about 3x slower)")
-        if "crop_size" not in given and recipe_defaults["crop_size"] < 224:
-            choices.append(f"crop {recipe_defaults['crop_size']} px: the images are smaller than 224 px")
-    if recipe == "cifar" and "crop_size" not in given:
-        choices.append(f"crop {recipe_defaults['crop_size']} px: the images' own size")
+        if median_short_side < 224:
+            recipe_defaults["crop_size"] = max(SMALL_IMAGE_MAX_SIDE, median_short_side // 8 * 8)
+            if "crop_size" not in given:
+                choices.append(f"crop {recipe_defaults['crop_size']} px: the images are smaller than 224 px")
+        if not on_gpu:
+            recipe_defaults["backbone"] = "resnet18"
+            if "backbone" not in given:
+                choices.append("backbone resnet18: no GPU (the paper's resnet50 is about 3x slower)")
 
     batch = given.get("batch_size")
     if batch is None:
@@ -351,17 +387,13 @@ def resolve_pretrain_config(
     if "time_budget_s" in given and "epochs" not in given:
         recipe_defaults["epochs"] = None
 
-    if on_gpu and given.get("augment_on_device", True):
+    if on_gpu and given.get("augment_on_device", True) and "crop_on_device" not in given:
         recipe_defaults["crop_on_device"] = True
         choices.append("crops made on the GPU: the loader only decodes (the crops were most of its CPU time)")
-    recipe_defaults["amp"] = default_amp(device)
-    if recipe_defaults["amp"] != "off" and not on_gpu:
+    # Precision and loader are the config's own defaults for this machine (default_amp,
+    # default_loader_workers); only a choice the user did not make is reported as one.
+    if "amp" not in given and config.amp != "off" and not on_gpu:
         choices.append("AMP bf16 on the CPU: it has bf16 matrix units (2x the fp32 speed in bench/RESULTS.md)")
-    # NHWC convolutions are faster in oneDNN (CPU) and cuDNN (tensor cores) alike.
-    recipe_defaults["channels_last"] = True
-    # Every process on this machine runs its own loader: the cores are shared out among them.
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    recipe_defaults["num_workers"] = max(1, (os.cpu_count() or 1) // local_processes)
 
     for key, value in {**recipe_defaults, **given}.items():
         setattr(config, key, value)

@@ -12,6 +12,7 @@ organised by step as in pretraining, so checkpoints resume exactly and Ctrl-C lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -37,7 +38,8 @@ from simsiam_embed.errors import UserError
 from simsiam_embed.files import ensure_writable_folder, write_json_atomic
 from simsiam_embed.images import first_readable, open_image
 from simsiam_embed.models.backbones import BACKBONE_NAMES
-from simsiam_embed.settings import INITS, NORMS, SCHEDULES, SavedSettings
+from simsiam_embed.detection.settings import DetectionConfig, default_detection_batch  # noqa: F401 (the API's names)
+from simsiam_embed.settings import INITS, NORMS, SCHEDULES
 from simsiam_embed.trained_model import load_pretrained_resnet
 from simsiam_embed.training.loop import (
     LoopPlan, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop, open_run, place_model, refuse_changed_settings,
@@ -45,44 +47,6 @@ from simsiam_embed.training.loop import (
 from simsiam_embed.workspace import Workspace, run_name_for
 
 Report = Callable[[str], None]
-
-
-@dataclass
-class DetectionConfig(SavedSettings):
-    """Every setting of a detection fine-tuning run; saved as the run's config.json."""
-
-    data: str
-    val_data: str | None = None
-    checkpoint: str | None = None       # a SimSiam run folder or checkpoint (init "simsiam")
-    init: str = "simsiam"
-    backbone: str | None = None         # from the checkpoint; resnet50 (GPU) / resnet18 (CPU) for random init
-    # The paper's detection recipe (from MoCo) fine-tunes every layer with normalisation that
-    # trains: SyncBN across GPUs; on one machine, ordinary BN is the closest.
-    norm: str = "bn"
-    trainable_layers: int = 5
-    epochs: int = 12
-    batch_size: int = 4
-    base_lr: float = 0.02               # detectron2's, per 16 images: lr = base_lr x batch / 16
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    schedule: str = "step"              # x0.1 at 2/3 and 8/9 of the steps (detectron2), or cosine
-    min_size: int = 512                 # shorter image side; torchvision's 800 is 2.4x the compute
-    max_size: int = 853
-    # Proposals sampled per image for the box head's loss (detectron2's 512). The head's two
-    # 1024-wide layers run on every one of them: 128 made a CPU step 1.2-1.3x faster (bench/RESULTS.md).
-    roi_samples: int = 512
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "cpu"
-    amp: str = "off"
-    channels_last: bool = False
-    log_every: int = 10
-    class_names: list[str] = field(default_factory=list)
-
-    @property
-    def lr(self) -> float:
-        return self.base_lr * self.batch_size / 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,32 +144,6 @@ def _images_and_targets(samples: list[tuple]) -> tuple[list, list]:
     return [image for image, _ in samples], [target for _, target in samples]
 
 
-#: Training memory of one image for Faster R-CNN R50-FPN at max_size 853 under fp16 AMP: an
-#: estimate (detectron2 fits 2 images of up to 1333 px in fp32 on a 16 GB V100); memory grows
-#: with the image's area. bench/gpu_check.py measures the real peak.
-DETECTION_IMAGE_BYTES_853_AMP = 1 << 30
-#: detectron2's batch (16 images) on a CPU would take minutes a step: the CPU default is 4.
-DETECTION_BATCH_GPU_MAX, DETECTION_BATCH_CPU = 16, 4
-
-
-def default_detection_batch(device: str, max_size: int, processes: int) -> tuple[int, str]:
-    """The batch over all processes when none is given, and why: 4 on a CPU; on GPUs, as many
-    images as their memory fits (an estimate with a margin), up to detectron2's 16."""
-    if not device.startswith("cuda"):
-        return DETECTION_BATCH_CPU, f"batch {DETECTION_BATCH_CPU}: on a CPU (detectron2's 16 would take minutes a step)"
-    from simsiam_embed.settings import (
-        GPU_MEMORY_SHARE, GPU_RESERVE_BYTES, largest_power_of_two_at_most, gpu_memory_bytes,
-    )
-
-    memory = gpu_memory_bytes(device)
-    per_image = DETECTION_IMAGE_BYTES_853_AMP * (max_size / 853) ** 2
-    fits = int(GPU_MEMORY_SHARE * max(memory - GPU_RESERVE_BYTES, 0) / per_image)
-    batch = min(DETECTION_BATCH_GPU_MAX, largest_power_of_two_at_most(max(fits, 1)) * processes)
-    return batch, (f"batch {batch}: {processes} GPU(s) of {memory / 2**30:.0f} GiB fit about {fits} images each "
-                   f"(estimate {per_image / 2**30:.1f} GiB an image), at most detectron2's {DETECTION_BATCH_GPU_MAX}; "
-                   "the lr follows the batch (base_lr x batch / 16)")
-
-
 def detection_lr(config: DetectionConfig, step: int, total_steps: int) -> float:
     """Linear warm-up from 0.1%, then detectron2's steps (x0.1 at 2/3 and 8/9) or a cosine."""
     warmup = min(config.warmup_steps, max(total_steps // 4, 1))
@@ -267,13 +205,16 @@ def finetune_detection(config: DetectionConfig, workspace: Workspace, run_name: 
     """
     started = time.monotonic()
     run_dir = workspace.run_dir(run_name or default_run_name(config))
+    config = dataclasses.replace(config)   # the caller's settings stay as given
+    choices = config.choose_for_hardware()
     with distributed_session(config.device) as context:   # the process group ends with the run
-        return _open_and_finetune(config, run_dir, resume, explicit, report, show_progress, stop, started, context)
+        return _open_and_finetune(config, choices, run_dir, resume, explicit, report, show_progress, stop, started,
+                                  context)
 
 
-def _open_and_finetune(config: DetectionConfig, run_dir: Path, resume: bool, explicit: set[str] | None,
-                       report: Report, show_progress: bool, stop: StopRequest | None, started: float,
-                       context: DistributedContext) -> DetectionResult:
+def _open_and_finetune(config: DetectionConfig, choices: list[str], run_dir: Path, resume: bool,
+                       explicit: set[str] | None, report: Report, show_progress: bool, stop: StopRequest | None,
+                       started: float, context: DistributedContext) -> DetectionResult:
     run = RunFolder(run_dir)
     # As pretraining: ranks that see different runs (a machine whose workspace is not the shared
     # one) stop with one line on every rank, where one resuming and one starting afresh would hang.
@@ -297,6 +238,9 @@ def _open_and_finetune(config: DetectionConfig, run_dir: Path, resume: bool, exp
         if "val_data" in given:
             saved.val_data = config.val_data
         config = saved
+    elif context.is_main:
+        for choice in choices:   # a resumed run keeps its own batch: nothing was chosen now
+            report(f"chosen: {choice}")
 
     _validate(config)
     if config.val_data is None and has_split(Path(config.data), "val"):

@@ -38,6 +38,7 @@ from simsiam_embed.artefacts import ENCODER_FILE, file_digest
 from simsiam_embed.images import discover_images, label_of
 from simsiam_embed.inference.embed import Encoder, embed_paths
 from simsiam_embed.errors import UserError
+from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 from simsiam_embed.files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
 
 #: Exact search stays interactive up to here: ~440 queries/s at 100k x 512 on 2 cores (bench/RESULTS.md).
@@ -408,8 +409,8 @@ def update_index(
     index_dir: Path,
     index_type: str | None = None,
     rebuild: bool = False,
-    batch_size: int = 64,
-    workers: int = 2,
+    batch_size: int = EMBED_BATCH_SIZE,
+    workers: int = EMBED_WORKERS,
     report: Report = print,
     show_progress: bool = True,
 ) -> IndexUpdate:

@@ -29,6 +29,7 @@ from simsiam_embed.images import (
 )
 from simsiam_embed.distributed import DistributedContext, distributed_session
 from simsiam_embed.errors import UserError
+from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 from simsiam_embed.artefacts import EMBEDDINGS_FILE, PATHS_FILE, SKIPPED_FILE
 from simsiam_embed.files import atomic_path, ensure_writable_folder, read_jsonl, write_jsonl_atomic
 
@@ -78,8 +79,8 @@ class EmbedResult:
 def embed_paths(
     paths: Sequence[Path],
     encoder: Encoder,
-    batch_size: int = 64,
-    workers: int = 2,
+    batch_size: int = EMBED_BATCH_SIZE,
+    workers: int = EMBED_WORKERS,
     show_progress: bool = True,
 ) -> EmbedResult:
     """Embed ``paths`` (skipping unreadable files) into unit-length float32 vectors."""
@@ -135,8 +136,8 @@ def embed_folder(
     image_dir: Path,
     encoder: Encoder,
     output: Path,
-    batch_size: int = 64,
-    workers: int = 2,
+    batch_size: int = EMBED_BATCH_SIZE,
+    workers: int = EMBED_WORKERS,
     show_progress: bool = True,
 ) -> EmbedFolderResult:
     """Embed every image under ``image_dir`` into ``output/``: ``embeddings.npy`` (n x dim,

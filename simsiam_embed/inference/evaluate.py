@@ -20,7 +20,7 @@ from simsiam_embed.images import discover_images, label_of
 from simsiam_embed.distributed import DistributedContext, from_main, gather_to_main
 from simsiam_embed.inference.embed import EmbedResult, Encoder, embed_paths
 from simsiam_embed.errors import UserError
-from simsiam_embed.settings import KNN_SETTINGS
+from simsiam_embed.settings import EMBED_WORKERS, KNN_SETTINGS
 
 #: (k, temperature) pairs reported by default: the InstDisc setting and solo-learn's.
 
@@ -108,7 +108,7 @@ class KnnEvaluation:
 def evaluate_knn(
     encoder: Encoder, train_dir: Path, test_dir: Path,
     settings: tuple[tuple[int, float], ...] = KNN_SETTINGS,
-    batch_size: int = 128, workers: int = 2, show_progress: bool = True,
+    batch_size: int = 128, workers: int = EMBED_WORKERS, show_progress: bool = True,
 ) -> KnnEvaluation:
     """Embed a labelled bank and test set with ``encoder`` and score weighted kNN at each setting."""
     bank, test = embed_labelled_pair(encoder, train_dir, test_dir, batch_size, workers, show_progress)
@@ -283,7 +283,7 @@ def train_linear_probe(
 
 def evaluate_linear_probe(
     encoder: Encoder, train_dir: Path, test_dir: Path, epochs: int = 100,
-    batch_size: int = 128, workers: int = 2, show_progress: bool = True,
+    batch_size: int = 128, workers: int = EMBED_WORKERS, show_progress: bool = True,
 ) -> LinearProbeReport:
     train, test = embed_labelled_pair(encoder, train_dir, test_dir, batch_size, workers, show_progress)
     return train_linear_probe(train.vectors, train.labels, test.vectors, test.labels, len(test.class_names), epochs)
