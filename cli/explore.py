@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -13,7 +12,7 @@ from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MA
 from .options import FiniteFloatRange, printable, workspace_at, workspace_option
 from .lazy import library
 
-explore_analyses = library("explore.analyses")
+explore_stored = library("explore.stored")
 explore_pages = library("explore.pages")
 files = library("files")
 index_store = library("index.store")
@@ -40,7 +39,7 @@ def _printed_as_json(result, written: list[Path], as_json: bool) -> bool:
     """Say which files were written (stderr), and print ``result`` as JSON when asked."""
     _echo_err("wrote " + ", ".join(str(path) for path in written))
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+        click.echo(json.dumps(result.to_json(), indent=2))
     return as_json
 
 
@@ -67,7 +66,8 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
                   neighbours: int, no_pixel_check: bool, as_json: bool) -> None:
     """Exact duplicates (same bytes) and near-duplicate groups among the indexed images."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_analyses.find_duplicates(loaded, threshold, neighbours, plan, pixel_check=not no_pixel_check, report=_echo_err)
+    result = explore_stored.analysis(loaded, "duplicates", _echo_err, threshold=threshold, neighbours=neighbours, plan=plan,
+                                     pixel_check=not no_pixel_check)
     written = explore_pages.write_duplicates(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return
@@ -96,7 +96,7 @@ def clusters_command(workspace: Path, index_dir: Path | None, output: Path | Non
                      examples: int, as_json: bool) -> None:
     """Group the indexed images by k-means on their embeddings (FAISS)."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_analyses.find_clusters(loaded, clusters, examples, report=_echo_err)
+    result = explore_stored.analysis(loaded, "clusters", _echo_err, k=clusters, examples=examples)
     if _printed_as_json(result, explore_pages.write_analysis(result, loaded, folder), as_json):
         return
     click.echo(f"{len(result.clusters)} clusters of {result.images} images (k = {result.k}: {result.k_reason})")
@@ -118,7 +118,7 @@ def outliers_command(workspace: Path, index_dir: Path | None, output: Path | Non
                      as_json: bool) -> None:
     """The indexed images least similar to their nearest neighbours, oddest first."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_analyses.find_outliers(loaded, count, neighbours, report=_echo_err)
+    result = explore_stored.analysis(loaded, "outliers", _echo_err, count=count, neighbours=neighbours)
     if _printed_as_json(result, explore_pages.write_analysis(result, loaded, folder), as_json):
         return
     click.echo(f"the {len(result.outliers)} oddest of {result.images} images (mean cosine to {result.neighbours} "
@@ -140,7 +140,7 @@ def map_command(workspace: Path, index_dir: Path | None, output: Path | None, me
                 as_json: bool) -> None:
     """A 2-D map of the indexed images: a page where each point shows its image on hover."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_analyses.project_to_map(loaded, method, max_points, report=_echo_err)
+    result = explore_stored.analysis(loaded, "map", _echo_err, method=method, max_points=max_points)
     written = explore_pages.write_analysis(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return

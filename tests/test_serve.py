@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import shutil
 import socket
 import threading
@@ -258,3 +260,62 @@ def test_serve_takes_the_index_folder_as_the_issue_names_it(served, monkeypatch)
     answer = invoke("serve", "--index", str(workspace / "index"), "--port", "0", cwd=workspace.parent)
     assert answer.exit_code == 0, answer.output
     assert started == [True] and "serving 21 images" in answer.stderr
+
+
+def test_serve_answers_with_what_the_explore_commands_computed(tmp_path, monkeypatch):
+    """serve recomputed every analysis and shaped its own JSON: one computation, one shape now."""
+    from simsiam_embed.explore import stored
+
+    indexed_folder_with_a_copy(tmp_path, 20)
+    from_command = {}
+    for command, kind in (("dedup", "duplicates"), ("clusters", "clusters"), ("outliers", "outliers"), ("map", "map")):
+        answer = invoke(command, "--json", cwd=tmp_path)
+        assert answer.exit_code == 0, answer.output
+        from_command[kind] = json.loads(answer.stdout)
+
+    def never(compute):
+        @functools.wraps(compute)   # the same signature: the same defaults, the same stored answer
+        def computed_again(*_args, **_kwargs):
+            raise AssertionError(f"{compute.__name__} computed again")
+        return computed_again
+
+    for kind, (compute, result_type) in stored.ANALYSES.items():
+        monkeypatch.setitem(stored.ANALYSES, kind, (never(compute), result_type))
+    app = create_app(tmp_path / "index", Workspace(tmp_path), UPLOAD_LIMIT, LOOPBACK_NAMES)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        for kind, route in (("duplicates", "/api/duplicates"), ("clusters", "/api/clusters"),
+                            ("outliers", "/api/outliers"), ("map", "/api/map")):
+            answer = client.get(route)
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == from_command[kind], kind
+
+
+def test_a_stored_result_that_does_not_fit_the_index_is_computed_again(tmp_path, monkeypatch):
+    from simsiam_embed.explore import stored
+    from simsiam_embed.explore.stored import analysis, stored_path
+    from simsiam_embed.index.store import load_index
+
+    paths = indexed_folder_with_a_copy(tmp_path, 20)
+    loaded = load_index(tmp_path / "index", for_search=False)
+    first = analysis(loaded, "duplicates")
+    path = stored_path(loaded, "duplicates", {"threshold": None, "neighbours": 10, "plan": None, "pixel_check": True})
+    assert path.is_file() and len(first.groups) == 1
+    original = path.read_text()
+    # An id not in the catalogue, a value of the wrong type, a file's facts that are not its own.
+    for key, value in (("id", 10 ** 9), ("id", "x"), ("mtime_ns", 1)):
+        data = json.loads(original)
+        data["result"]["groups"][0]["members"][0][key] = value
+        path.write_text(json.dumps(data))
+        again = analysis(loaded, "duplicates")
+        assert [m.path for m in again.groups[0].members] == [m.path for m in first.groups[0].members], key
+        assert json.loads(path.read_text())["result"] == json.loads(original)["result"], key
+    # A changed file: the stored evidence no longer holds, and the group is found again.
+    computed = []
+    find, result_type = stored.ANALYSES["duplicates"]
+    monkeypatch.setitem(stored.ANALYSES, "duplicates",
+                        (functools.wraps(find)(lambda *a, **k: computed.append(1) or find(*a, **k)), result_type))
+    analysis(loaded, "duplicates")
+    assert computed == []
+    paths[0].write_bytes(paths[0].read_bytes() + b"\0")
+    analysis(loaded, "duplicates")
+    assert computed == [1]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import faiss
@@ -56,6 +56,28 @@ QUERY_CHUNK = 16_384
 #: An explicit threshold applies to every pair as given.
 #: Neighbours searched per image for duplicates: its nearest other image is among them unless
 #: more than this many byte-identical copies of it come first (those group by their bytes).
+
+
+# --------------------------------------------------------------------------------------------
+# The results' one JSON shape
+
+
+class AnalysisResult:
+    """What an analysis returns; ``to_json`` is its one shape, for the explore commands' files and
+    ``--json``, the stored copy of each index generation, and serve's API alike."""
+
+    #: The field that lists what was found (groups, clusters, ...): long, so it may be cut.
+    listed = ""
+
+    def to_json(self, limit: int | None = None) -> dict:
+        data = asdict(self)
+        found = data[self.listed]
+        data[self.listed] = found[:limit]
+        return {**data, f"total_{self.listed}": len(found), **self.described()}
+
+    def described(self) -> dict:
+        """Fields for people that the data alone does not spell out."""
+        return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +231,8 @@ class DuplicateRule:
 
 
 @dataclass
-class DuplicateResult:
+class DuplicateResult(AnalysisResult):
+    listed = "groups"
     rule: DuplicateRule
     method: str
     images: int
@@ -221,6 +244,9 @@ class DuplicateResult:
 
     def __post_init__(self) -> None:
         self.duplicate_files = sum(len(group.members) - 1 for group in self.groups)
+
+    def described(self) -> dict:
+        return {"rule_text": self.rule.describe()}
 
 
 def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
@@ -419,7 +445,8 @@ class Cluster:
 
 
 @dataclass
-class ClusterResult:
+class ClusterResult(AnalysisResult):
+    listed = "clusters"
     k: int
     k_reason: str
     images: int
@@ -509,7 +536,8 @@ class Outlier:
 
 
 @dataclass
-class OutlierResult:
+class OutlierResult(AnalysisResult):
+    listed = "outliers"
     neighbours: int
     method: str
     images: int
@@ -552,7 +580,8 @@ class MapPoint:
 
 
 @dataclass
-class MapResult:
+class MapResult(AnalysisResult):
+    listed = "points"
     method: str
     note: str
     images: int

@@ -12,7 +12,6 @@ import csv
 import html
 import io
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from simsiam_embed.explore.analyses import ClusterResult, DuplicateResult, MapResult, OutlierResult
@@ -82,7 +81,7 @@ def write_duplicates(result: DuplicateResult, loaded: LoadedIndex, folder: Path)
     """duplicates.json, duplicates.csv, duplicates.html, and with a plan plan.json + plan.csv:
     which file of each group to keep and which to remove. Nothing is ever deleted here."""
     written = [folder / "duplicates.json", folder / "duplicates.csv", folder / "duplicates.html"]
-    write_json_atomic(written[0], asdict(result))
+    write_json_atomic(written[0], result.to_json())
     _write_csv(written[1], ["group", "exact", "id", "path", "size", "mtime_ns", "score", "action"],
                [[g.number, g.exact, m.id, m.path, m.size, m.mtime_ns, m.score, m.action]
                 for g in result.groups for m in g.members])
@@ -104,7 +103,7 @@ def write_analysis(result: ClusterResult | OutlierResult | MapResult, loaded: Lo
     name, write_page = {ClusterResult: ("clusters", write_clusters_page), OutlierResult: ("outliers", write_outliers_page),
                         MapResult: ("map", write_map_page)}[type(result)]
     written = [folder / f"{name}.json", folder / f"{name}.html"]
-    write_json_atomic(written[0], asdict(result))
+    write_json_atomic(written[0], result.to_json())
     write_page(result, loaded, written[1])
     return written
 

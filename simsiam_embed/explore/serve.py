@@ -33,7 +33,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from simsiam_embed.images import UnreadableImage, open_image
 from simsiam_embed.inference.embed import Encoder
 from simsiam_embed.errors import UserError
-from simsiam_embed.explore.analyses import find_clusters, find_duplicates, find_outliers, project_to_map
+from simsiam_embed.explore.analyses import AnalysisResult
+from simsiam_embed.explore.stored import analysis
 from simsiam_embed.index.store import LoadedIndex, current_generation, load_index
 from simsiam_embed.explore.report import (
     CHART_NAMES, available_charts, build_chart, read_run_metrics, read_run_config, run_dimension, run_summary,
@@ -94,13 +95,13 @@ class LiveIndex:
                 self._positions = (loaded.generation, {int(i): p for p, i in enumerate(loaded.ids)})
             return self._positions[1].get(image_id)
 
-    def analysis(self, loaded: LoadedIndex, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per generation and key: duplicates, clusters and outliers of a large
-        index take seconds, and every visit of the page would ask again."""
+    def analysis(self, loaded: LoadedIndex, kind: str, **settings: Any) -> AnalysisResult:
+        """The explore commands' result for this generation (:mod:`.stored`: computed by whoever
+        asked first), kept in memory too: every visit of a page asks again."""
         with self._analysis_lock:
-            cache_key = (loaded.generation, *key)
+            cache_key = (loaded.generation, kind, *sorted(settings.items()))
             if cache_key not in self._analyses:
-                self._analyses[cache_key] = compute()
+                self._analyses[cache_key] = analysis(loaded, kind, **settings)
             return self._analyses[cache_key]
 
 
@@ -202,27 +203,22 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     def duplicates(threshold: float | None = Query(None, ge=-1.0, le=1.0, description="default: the calibrated rule"),
                    limit: int = Query(200, ge=1, le=10_000)) -> dict:
         loaded = index_now()
-        result = live.analysis(loaded, ("duplicates", threshold), lambda: find_duplicates(loaded, threshold))
-        return {"rule": result.rule.describe(), "method": result.method, "images": result.images,
-                "total_groups": len(result.groups), "duplicate_files": result.duplicate_files,
-                "groups": [asdict(group) for group in result.groups[:limit]]}
+        return live.analysis(loaded, "duplicates", threshold=threshold).to_json(limit)
 
     @app.get("/api/clusters", summary="k-means clusters of the index")
     def clusters(k: int | None = Query(None, ge=1, le=10_000), limit: int = Query(200, ge=1, le=10_000)) -> dict:
         loaded = index_now()
-        result = live.analysis(loaded, ("clusters", k), lambda: find_clusters(loaded, k))
-        return {"k": result.k, "k_reason": result.k_reason, "images": result.images,
-                "clusters": [asdict(cluster) for cluster in result.clusters[:limit]]}
+        return live.analysis(loaded, "clusters", k=k).to_json(limit)
 
     @app.get("/api/outliers", summary="The images least similar to their nearest neighbours")
     def outliers(count: int = Query(50, ge=1, le=10_000)) -> dict:
         loaded = index_now()
-        return asdict(live.analysis(loaded, ("outliers", count), lambda: find_outliers(loaded, count)))
+        return live.analysis(loaded, "outliers", count=count).to_json()
 
     @app.get("/api/map", summary="A 2-D projection of the index")
     def map_points() -> dict:
         loaded = index_now()
-        return asdict(live.analysis(loaded, ("map",), lambda: project_to_map(loaded)))
+        return live.analysis(loaded, "map").to_json()
 
     @app.get("/api/report", summary="The latest pretraining run's curves")
     def run_report() -> dict:

@@ -119,7 +119,7 @@ const loaders = {
     const data = await api("/api/duplicates");
     view.replaceChildren(el("p", {class: "note"}));
     view.firstChild.textContent = `${data.total_groups} groups, ${data.duplicate_files} files beyond the first of ` +
-      `each, among ${data.images} images (copies: ${data.rule}; ${data.method}). Click an image to search from it.`;
+      `each, among ${data.images} images (copies: ${data.rule_text}; ${data.method}). Click an image to search from it.`;
     for (const group of data.groups) {
       const title = el("h2"); title.textContent = `group ${group.number}: ${group.members.length} images, ` +
         (group.exact ? "identical bytes" : `cosine >= ${group.min_score.toFixed(3)}`);
