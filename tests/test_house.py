@@ -267,6 +267,95 @@ def test_a_network_too_large_for_memory_is_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Defaults in one place
+
+
+def test_a_chosen_line_is_printed_only_for_what_was_chosen(monkeypatch):
+    """`pretrain --amp off` printed "chosen: AMP bf16 on the CPU" on CPUs with bf16 units."""
+    import simsiam_embed.settings as settings
+
+    monkeypatch.setattr(settings, "default_amp", lambda device: "bf16")
+    chosen = settings.resolve_pretrain_config("d", "r", 1000, 32, "cpu", {})
+    assert chosen.amp == "bf16" and any("AMP bf16" in line for line in chosen.choices)
+    given = settings.resolve_pretrain_config("d", "r", 1000, 32, "cpu", {"amp": "off"})
+    assert given.amp == "off" and not any("AMP" in line for line in given.choices)
+
+
+def test_the_settings_dataclass_holds_the_effective_defaults(monkeypatch):
+    """The dataclass said channels_last False, amp off and 4 workers while every run used others."""
+    import simsiam_embed.settings as settings
+
+    monkeypatch.setattr(settings, "default_amp", lambda device: "bf16")
+    built = settings.PretrainConfig("d", "r")
+    assert built.channels_last is True and built.amp == "bf16"
+    assert built.num_workers == settings.default_loader_workers()
+    resolved = settings.resolve_pretrain_config("d", "r", 10_000, 300, "cpu", {"recipe": "imagenet", "backbone": "resnet50"})
+    adapted = {"epochs", "batch_size", "choices"}   # the folder's size and the CPU set these, and say why
+    differ = {key for key, value in resolved.to_dict().items() if getattr(built, key) != value} - adapted
+    assert differ == set()
+    cifar = settings.resolve_pretrain_config("d", "r", 10_000, 32, "cpu", {})
+    for key, value in settings.RECIPE_SETTINGS["cifar"].items():
+        assert getattr(cifar, key) == value or key in {"epochs", "batch_size"}
+
+
+def test_pretrain_help_shows_the_recipes_defaults():
+    from cli.pretrain import pretrain_command
+
+    helps = {param.name: param.help for param in pretrain_command.params}
+    assert "[default: 0.05, cifar 0.03]" in helps["base_lr"]
+    assert "[default: 3, cifar 2]" in helps["projector_layers"]
+    assert "[default: on, cifar off]" in helps["blur"]
+    assert "bf16 on GPUs and CPUs with native bf16" in helps["amp"]   # it said "off on CPU"
+
+
+def test_detection_help_shows_the_configs_own_defaults():
+    """finetune-detection wrote every default twice, in the CLI and in DetectionConfig."""
+    import dataclasses
+
+    from cli.detection import finetune_detection_command
+    from simsiam_embed.detection.settings import DetectionConfig
+
+    params = {param.name: param for param in finetune_detection_command.params}
+    parsed = finetune_detection_command.make_context("finetune-detection", ["--data", "boxes.json"]).params
+    for field in dataclasses.fields(DetectionConfig):
+        option = params.get(field.name)
+        if option is None or field.default in (None, dataclasses.MISSING):
+            continue
+        assert parsed[field.name] is None, field.name   # unset: the config decides, not a copy of its default
+        assert f"[default: {field.default}]" in option.help, field.name
+
+
+def test_a_python_caller_gets_the_gpu_policy_of_the_command_line(monkeypatch):
+    """Detection's device, AMP and batch policy lived in the CLI: a Python caller trained fp32 on a GPU."""
+    import simsiam_embed.settings as settings
+    from simsiam_embed.detection.settings import DetectionConfig
+
+    monkeypatch.setattr(settings, "gpu_memory_bytes", lambda _device: 80 * 2 ** 30)
+    on_gpu = DetectionConfig(data="x", device="cuda")
+    choices = on_gpu.choose_for_hardware(processes=1)
+    assert (on_gpu.amp, on_gpu.channels_last, on_gpu.batch_size) == ("fp16", True, 16)
+    assert choices and choices[0].startswith("batch 16:")
+    on_cpu = DetectionConfig(data="x", device="cpu", batch_size=2)
+    assert on_cpu.choose_for_hardware() == [] and (on_cpu.amp, on_cpu.channels_last, on_cpu.batch_size) == ("off", False, 2)
+
+
+def test_embedding_defaults_are_written_once(tmp_path):
+    import inspect
+
+    from cli.flow import embed_command, index_command
+    from simsiam_embed.flow import index_folder
+    from simsiam_embed.inference.embed import embed_folder, embed_paths
+    from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
+
+    for function in (index_folder, embed_folder, embed_paths):
+        parameters = inspect.signature(function).parameters
+        assert (parameters["batch_size"].default, parameters["workers"].default) == (EMBED_BATCH_SIZE, EMBED_WORKERS)
+    for command in (embed_command, index_command):
+        defaults = command.make_context(command.name, [str(tmp_path), "-o", "out"] if command is embed_command else []).params
+        assert (defaults["batch_size"], defaults["workers"]) == (EMBED_BATCH_SIZE, EMBED_WORKERS)
+
+
+# --------------------------------------------------------------------------------------------
 # The command line starts at once
 
 
