@@ -72,3 +72,131 @@ def test_the_loader_keeps_a_bounded_number_of_bytes_in_flight():
     device_path = plan_loader_memory(512, pair_bytes(224, 1), workers=8, what="uint8 crops",
                                      shared_memory_bytes=64 << 30)
     assert device_path.bytes_in_flight <= LOADER_BYTES_BUDGET and device_path.prefetch == 3
+
+
+# --------------------------------------------------------------------------------------------
+# The budget in the loop: slow steps and Ctrl-C, on a fake clock
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _budget_loop(tmp_path, budget_s: float, step_seconds: float, reports: list):
+    from test_house import _Dataset, _TinyTask
+
+    from simsiam_embed.artefacts import RunFolder
+    from simsiam_embed.distributed import DistributedContext
+    from simsiam_embed.training.loop import LoopPlan, TrainingLoop
+
+    clock = FakeClock()
+
+    class SlowTask(_TinyTask):
+        def train_step(self, batch):
+            clock.now += step_seconds
+            return super().train_step(batch)
+
+    task = SlowTask()
+    task.dataset = _Dataset(range(8))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    plan = LoopPlan(steps_per_epoch=4, total_steps=None, log_every=2, batch_size=2, seed=0, workers=0,
+                    budget_s=budget_s, slow_step_hint="a smaller --batch-size")
+    loop = TrainingLoop(task, RunFolder(tmp_path / "run"), plan, DistributedContext(), "cpu",
+                        lambda message: reports.append((task.steps, message)), clock=clock)
+    return loop, task, clock
+
+
+@pytest.mark.parametrize("budget_s, step_seconds", [(120, 250), (120, 50), (600, 10), (300, 0.7), (7200, 130)])
+def test_a_time_budget_ends_on_time_however_slow_a_step_is(tmp_path, budget_s, step_seconds):
+    """A 2-minute budget with 250-s steps ran for 10 minutes: the plan waited for 6 steps."""
+    from simsiam_embed.training.loop import StopRequest
+
+    reports = []
+    loop, task, clock = _budget_loop(tmp_path, budget_s, step_seconds, reports)
+    outcome = loop.run(StopRequest(), started=0.0, show_progress=False)
+    assert outcome.finished and outcome.step == task.steps >= 1
+    assert clock.now <= max(1.05 * budget_s, budget_s + step_seconds), (clock.now, task.steps)
+    if step_seconds < budget_s:   # and uses the budget: no more than the last logging interval unused
+        assert clock.now >= budget_s - 2 * loop.plan.log_every * step_seconds, (clock.now, task.steps)
+    planned = [steps for steps, message in reports if message.startswith("time budget")]
+    assert planned == [1]   # planned from the first timed step
+
+
+@pytest.mark.parametrize("step_seconds, warned", [(50, True), (30, False)])
+def test_a_step_longer_than_a_third_of_the_budget_is_said_at_once(tmp_path, step_seconds, warned):
+    from simsiam_embed.training.loop import StopRequest
+
+    reports = []
+    loop, _task, _clock = _budget_loop(tmp_path, 120, step_seconds, reports)
+    loop.run(StopRequest(), started=0.0, show_progress=False)
+    slow = [(steps, message) for steps, message in reports if "a third of" in message]
+    assert bool(slow) == warned
+    if warned:
+        assert slow[0][0] == 1 and "a smaller --batch-size" in slow[0][1]
+
+
+def test_the_first_ctrl_c_says_how_long_the_step_has_left_and_the_second_stops_now():
+    import os
+    import signal
+    import time
+
+    from simsiam_embed.training.loop import StopRequest, stop_on_signals
+
+    def eventually(condition):
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return condition()
+
+    clock, reports, aborted = FakeClock(), [], []
+    stop = StopRequest(clock=clock, abort=aborted.append)
+    stop.step_began(at=100.0, seconds_per_step=240.0, checkpoint_step=6)
+    clock.now = 160.0
+    with stop_on_signals(stop, reports.append):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert eventually(lambda: stop.requested and reports)
+        assert "about 3m00s left" in reports[-1] and "checkpoint of step 6" in reports[-1], reports
+        assert aborted == []
+        os.kill(os.getpid(), signal.SIGINT)
+        assert eventually(lambda: aborted == [130]) and "stopping now" in reports[-1]
+    assert stop.exit_status == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_stops_now_and_keeps_the_last_complete_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from simsiam_embed.artefacts import Checkpoint
+
+    worker = subprocess.Popen([sys.executable, str(Path(__file__).parent / "slow_step_worker.py"), str(tmp_path / "run")],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in worker.stderr:
+            lines.append(line)
+            if "long step begins" in line:
+                break
+        time.sleep(0.5)
+        worker.send_signal(signal.SIGINT)
+        for line in worker.stderr:
+            lines.append(line)
+            if "stopping after this step" in line:
+                break
+        second = time.monotonic()
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=60)
+        waited = time.monotonic() - second
+    finally:
+        worker.kill()
+    assert worker.returncode == 130, "".join(lines)
+    assert waited < 3, waited   # not after the long call: it computes for many seconds more
+    saved = Checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert saved.step == 2 and not saved.finished

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -108,12 +109,22 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class StopRequest:
-    """Set by a signal handler (or a test); the loop checkpoints and stops at the next step."""
+    """Set by a signal handler (or a test); the loop checkpoints and stops at the next step.
 
-    def __init__(self, stop_at_step: int | None = None):
+    The loop tells it when each step began, how long steps take and which step the last complete
+    checkpoint holds, so a Ctrl-C can say how long stopping will take and what a second one keeps.
+    """
+
+    def __init__(self, stop_at_step: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 abort: Callable[[int], None] = os._exit):
         self.requested = False
         self.stop_at_step = stop_at_step
         self.signal_number: int | None = None   # the signal that asked, for the exit status (128 + it)
+        self.clock = clock
+        self.abort = abort                      # ends the process now, with this exit status
+        self.step_started_at: float | None = None
+        self.seconds_per_step: float | None = None
+        self.checkpoint_step: int | None = None
 
     @property
     def exit_status(self) -> int:
@@ -124,27 +135,72 @@ class StopRequest:
     def should_stop(self, step: int) -> bool:
         return self.requested or (self.stop_at_step is not None and step >= self.stop_at_step)
 
+    def step_began(self, at: float, seconds_per_step: float | None, checkpoint_step: int | None) -> None:
+        self.step_started_at, self.seconds_per_step, self.checkpoint_step = at, seconds_per_step, checkpoint_step
+
+    def wait_described(self) -> str:
+        """How long until the step in progress ends, as far as the pace so far tells."""
+        if self.step_started_at is None or self.seconds_per_step is None:
+            return ""
+        left = max(self.seconds_per_step - (self.clock() - self.step_started_at), 0.0)
+        return f" (about {format_duration(left)} left of it)" if left >= 1 else ""
+
+    def kept_described(self) -> str:
+        return f"the checkpoint of step {self.checkpoint_step}" if self.checkpoint_step else "no checkpoint yet"
+
 
 @contextmanager
 def stop_on_signals(stop: StopRequest, report: Report) -> Iterator[None]:
-    """First Ctrl-C or SIGTERM: finish the step, save, stop. A second Ctrl-C aborts at once."""
+    """First Ctrl-C or SIGTERM: finish the step, save, stop. A second Ctrl-C stops now.
+
+    Python runs a signal handler only between bytecodes, so inside one long C call (a large
+    convolution can take minutes on a CPU) a handler would neither answer nor stop anything. The
+    handler here only keeps the signal from raising; the C-level handler also writes the signal's
+    number to a wakeup pipe at once, and a thread that waits on that pipe acts: it says what will
+    happen, and on the second Ctrl-C ends the process (exit 130). Checkpoints are written to a
+    temporary file and renamed, so what is on disk is then the last complete one.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
 
-    def handle(signum, frame):
-        if stop.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.requested = True
-        stop.signal_number = signum
-        report("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+    def watch() -> None:
+        while True:
+            try:
+                received = os.read(read_end, 64)
+            except OSError:
+                return
+            if not received:
+                return
+            for signum in received:
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                if stop.requested and signum == signal.SIGINT and stop.signal_number == signal.SIGINT:
+                    report(f"\nstopping now; {stop.kept_described()} is kept")
+                    stop.abort(128 + signal.SIGINT)
+                    continue
+                if stop.requested:
+                    continue
+                stop.signal_number = signum
+                stop.requested = True
+                report(f"\nstopping after this step{stop.wait_described()} and saving a checkpoint "
+                       f"(Ctrl-C again stops now, keeping {stop.kept_described()})")
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, lambda _signum, _frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="stop-on-signals", daemon=True)
+    watcher.start()
     try:
         yield
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(write_end)   # the watcher reads the end of the pipe and returns
+        watcher.join(timeout=5)
+        os.close(read_end)
 
 
 def ignore_stop_signals_in_worker(_worker_id: int) -> None:
@@ -509,6 +565,7 @@ class LoopPlan:
     epoch_records: bool = True       # a line of epoch means (and the task's epoch-end record) a epoch
     resume_hint: str = "the same command and --resume"
     shorter_run_hint: str = ""       # how to ask this task for a shorter run, said when a run is long
+    slow_step_hint: str = "a smaller batch"   # how to make this task's steps cheaper, said when one is too slow
     divergence_hint: str = "lower --base-lr"
 
 
@@ -526,8 +583,10 @@ class LoopOutcome:
 class TrainingLoop:
     """Runs a :class:`TrainingTask` from its first (or resumed) step to the planned last one."""
 
-    #: Timed steps (after one untimed) that measure the speed a time budget is planned on.
+    #: Timed steps (after one untimed) that measure the pace a long run's duration is told from.
     BUDGET_WARMUP_STEPS = 5
+    #: A time-budget run ends within this share of the budget past it (or one step, if longer).
+    BUDGET_MARGIN = 0.05
 
     def __init__(self, task: TrainingTask, run: RunFolder, plan: LoopPlan, context: DistributedContext,
                  device: str, report: Report, clock: Callable[[], float] = time.monotonic):
@@ -668,8 +727,16 @@ class TrainingLoop:
         if self.budget is not None and self.total_steps is not None:
             self.budget.resume(self.step, elapsed(), self.total_steps)   # a resumed budget run keeps checking its plan
         task.on_start(self.step, metrics)
+        step_seconds: float | None = None   # the latest step's wall time (the first one's includes start-up)
+        step_began = self.clock()
         try:
             while self.total_steps is None or self.step < self.total_steps:
+                # Every step in one process; under torchrun at the logged steps, where every rank asks.
+                if (self.budget is not None and step_seconds is not None
+                        and (not self.context.enabled or self.step % plan.log_every == 0)
+                        and self._another_step_overruns(elapsed(), step_seconds)):
+                    break
+                stop.step_began(step_began, step_seconds, self.saved_step)
                 batch, failures = next(loader)
                 self.skipped.update(failures)
                 lr = task.set_learning_rate(self.step, self.total_steps)
@@ -680,19 +747,21 @@ class TrainingLoop:
                 self.step += 1
                 bar.update(1)
                 now = self.clock()
+                step_seconds, step_began = now - step_began, now
                 if timed_from is None:
-                    timed_from = (self.step, now)   # the first step pays for start-up; not timed
+                    timed_from = (self.step, now)   # the first step pays for start-up; not in the pace
                 timed_steps = self.step - timed_from[0]
                 samples_per_s = timed_steps * plan.batch_size / (now - timed_from[1]) if timed_steps else None
 
-                if timed_steps == self.BUDGET_WARMUP_STEPS:
-                    seconds_per_step = (now - timed_from[1]) / timed_steps
-                    if self.total_steps is None:
-                        self._plan_time_budget(seconds_per_step, elapsed)
-                        bar.total = self.total_steps
-                        bar.refresh()
-                    else:
-                        self._report_duration(seconds_per_step)
+                if self.total_steps is None:
+                    # Planned on the first step, start-up included: a budget may not afford more
+                    # before it knows how many steps fit (the first corrections follow at the logged steps).
+                    self._plan_time_budget(step_seconds, elapsed)
+                    bar.total = self.total_steps
+                    bar.refresh()
+                    step_began = self.clock()   # the measuring checkpoint is not the next step's time
+                elif timed_steps == self.BUDGET_WARMUP_STEPS and self.budget is None:
+                    self._report_duration((now - timed_from[1]) / timed_steps)
 
                 finished = self.total_steps is not None and self.step >= self.total_steps
                 if self.step % plan.log_every == 0 or finished:
@@ -732,10 +801,15 @@ class TrainingLoop:
                     return self._outcome(False, means, samples_per_s, stopped_at)
                 if end_of_epoch:
                     self.save(finished=False, elapsed_s=elapsed())
-                if self.budget is not None and self.step % plan.log_every == 0 and self._correct_time_plan(elapsed()):
+                    step_began = self.clock()
+                # Corrected every step in one process (the first plan includes start-up, so the
+                # first correction comes two steps later); under torchrun at the logged steps.
+                if (self.budget is not None and (not self.context.enabled or self.step % plan.log_every == 0)
+                        and self._correct_time_plan(elapsed())):
                     bar.total = self.total_steps
                     bar.refresh()
                     metrics.write(self.replans[-1])
+                    step_began = self.clock()
         finally:
             bar.close()
             metrics.close()
@@ -772,6 +846,24 @@ class TrainingLoop:
             f"{self.total_steps} steps ({self.total_steps / self.plan.steps_per_epoch:.1f} epochs), "
             f"{self.plan.schedule} planned over exactly those"
         )
+        if seconds_per_step > self.plan.budget_s / 3:
+            self.report(f"warning: one step took {format_duration(seconds_per_step)}, more than a third of the "
+                        f"{format_duration(self.plan.budget_s)} budget: {self.total_steps} step(s) fit, too few to "
+                        f"learn from. For more steps in this time use {self.plan.slow_step_hint}")
+
+    def _another_step_overruns(self, elapsed_s: float, step_seconds: float) -> bool:
+        """Whether one more step and the final checkpoint would end past the budget's 5% margin;
+        then the run ends here, on time, though its schedule is cut short (the plan and its
+        corrections keep this rare: it takes a pace that changed since the last logged step)."""
+        limit = self.plan.budget_s * (1 + self.BUDGET_MARGIN)
+        overruns = elapsed_s + step_seconds + self.budget.save_seconds > limit
+        if not value_of_main(int(overruns), self.context, self.device):   # rank 0's clock decides for all
+            return False
+        ending = self.total_steps = self.budget.total_steps = self.task.settings.total_steps = self.step
+        self._write_settings()
+        self.report(f"\nending at step {ending}: another step would end past the time budget "
+                    f"({format_duration(self.plan.budget_s)})")
+        return True
 
     def _correct_time_plan(self, elapsed_s: float) -> bool:
         """Re-plan (on rank 0's clock, for every rank) if the pace since planning drifted by more

@@ -211,6 +211,8 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
                     + (f" --name {config.run_name}" if config.run_name != default_name else ""),
         divergence_hint=f"lower --base-lr (now {config.base_lr:g})",
         shorter_run_hint="--time-budget plans a shorter run that still finishes its schedule",
+        slow_step_hint=f"a smaller --batch-size (now {config.batch_size}) or --crop-size (now {config.crop_size})"
+                       + ("" if config.backbone == "resnet18" else ", or --backbone resnet18"),
     )
     loop = TrainingLoop(task, run, plan, context, rank_device, rank_report)
     loop.on_first_save = lambda: workspace.mark_latest(run_name)
