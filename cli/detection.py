@@ -35,7 +35,8 @@ def _default(name: str, text: str = "") -> str:
               help="Validation boxes, any of the same formats (a data.yaml: its val split); scored with COCO AP.  "
                    "[default: the val split of a --data data.yaml, if it names one]")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
-              help="The SimSiam run folder or checkpoint to start from.  [default: the latest run]")
+              help="The SimSiam run folder or checkpoint to start from, or a torchvision/timm ResNet (.pth, "
+                   ".safetensors).  [default: the latest run]")
 @click.option("--init", type=click.Choice(INITS), help=_default("init", "random: the same recipe from scratch, for comparison."))
 @click.option("--backbone", type=click.Choice(BACKBONE_NAMES), help="Only with --init random.  [default: resnet50 on GPU, resnet18 on CPU]")
 @click.option("--norm", type=click.Choice(NORMS),

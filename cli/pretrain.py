@@ -50,6 +50,10 @@ _positive = FiniteFloatRange(min=0, min_open=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help=default_help("device"))
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help=default_help("amp", "Mixed precision."))
 @click.option("--log-every", type=click.IntRange(min=1), help=default_help("log_every", "Steps between lines of metrics.jsonl."))
+@click.option("--init", type=click.Path(exists=True, path_type=Path),
+              help="Start the backbone from these weights: a torchvision or timm ResNet state dict (.pth), a "
+                   "safetensors file (timm or Hugging Face names) or another run; the backbone is the file's.  "
+                   "[default: random init, as the paper]")
 @click.option("--val-dir", type=click.Path(exists=True, file_okay=False),
               help="Labelled folder (VAL/<class>/images): kNN accuracy every --val-every epochs, against random init.")
 @click.option("--val-every", type=click.IntRange(min=1), help=default_help("val_every", "Epochs between kNN evaluations."))
@@ -64,6 +68,8 @@ def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: 
     """
     if time_budget is not None:
         settings["time_budget_s"] = parse_duration(time_budget)
+    if settings.get("init") is not None:
+        settings["init"] = str(settings["init"])
     # Ablation flags only ever switch a part off; unset means "as the paper".
     settings.update(
         stop_gradient=False if no_stop_grad else None,

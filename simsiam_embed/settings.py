@@ -151,6 +151,9 @@ class PretrainConfig(SavedSettings):
     # NHWC convolutions are faster in oneDNN (CPU) and cuDNN (tensor cores) alike.
     channels_last: bool = True
     log_every: int = 10
+    # Warm start: the backbone's first weights, from a file (resnet_weights.py reads it), and its digest.
+    init: str | None = None
+    init_digest: str | None = None
     # kNN monitor on a labelled folder (issue: know whether training beats random init).
     val_dir: str | None = None
     val_every: int = 1

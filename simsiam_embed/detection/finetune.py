@@ -40,7 +40,7 @@ from simsiam_embed.images import first_readable, open_image
 from simsiam_embed.models.backbones import BACKBONE_NAMES
 from simsiam_embed.detection.settings import DetectionConfig, default_detection_batch  # noqa: F401 (the API's names)
 from simsiam_embed.settings import INITS, NORMS, SCHEDULES
-from simsiam_embed.trained_model import load_pretrained_resnet
+from simsiam_embed.resnet_weights import load_resnet_weights, read_resnet_weights
 from simsiam_embed.training.loop import (
     LoopPlan, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop, open_run, place_model, refuse_changed_settings,
 )
@@ -54,37 +54,17 @@ Report = Callable[[str], None]
 
 
 def simsiam_backbone_weights(checkpoint: Path | str) -> tuple[dict[str, torch.Tensor], str]:
-    """The ResNet weights of a SimSiam run (torchvision names, no classifier) and its backbone name.
+    """The ResNet weights to start from (torchvision names, no classifier) and the backbone name:
+    a SimSiam run, or any ResNet weights file :mod:`simsiam_embed.resnet_weights` reads.
 
-    Refuses runs trained with the small-image stem: a 3x3 stride-1 stem on full-size photos is
-    not the network the detector's FPN expects, and its weights do not fit the 7x7 stem.
+    Refuses the small-image stem: a 3x3 stride-1 stem on full-size photos is not the network the
+    detector's FPN expects, and its weights do not fit the 7x7 stem.
     """
-    pretrained = load_pretrained_resnet(checkpoint)
-    if pretrained.small_image_stem:
+    start = read_resnet_weights(checkpoint)
+    if start.small_image_stem:
         raise UserError(f"{checkpoint} was pretrained with the small-image stem (images <= 64 px); detection needs "
                         "a backbone pretrained on larger images: run `simsiam-embed pretrain` on your photos")
-    return pretrained.weights, pretrained.backbone
-
-
-def load_backbone_weights(resnet: tv_models.ResNet, weights: dict[str, torch.Tensor]) -> int:
-    """Copy ``weights`` into ``resnet``; every backbone tensor must be there with its shape.
-
-    Returns how many tensors were loaded. FrozenBatchNorm2d has no ``num_batches_tracked``,
-    which is the only key allowed to be missing on either side.
-    """
-    target = resnet.state_dict()
-    wanted = {key for key in target if not key.startswith("fc.")}
-    given = {key for key in weights if not key.endswith("num_batches_tracked")}
-    missing = sorted(key for key in wanted - given if not key.endswith("num_batches_tracked"))
-    mismatched = sorted(key for key in wanted & given if target[key].shape != weights[key].shape)
-    if missing or mismatched:
-        detail = (f"missing {missing[:3]}" if missing else "") + \
-                 (f" shape differs for {mismatched[:3]}" if mismatched else "")
-        raise UserError(f"the SimSiam backbone does not fit the detector's ResNet ({detail.strip()}): "
-                        "pretrain with the same --backbone, or pass --init random")
-    loadable = {key: value for key, value in weights.items() if key in wanted}
-    resnet.load_state_dict(loadable, strict=False)
-    return len(loadable)
+    return start.weights, start.backbone
 
 
 def build_detector(config: DetectionConfig, num_classes: int,
@@ -96,7 +76,7 @@ def build_detector(config: DetectionConfig, num_classes: int,
     """
     norm_layer = FrozenBatchNorm2d if config.norm == "frozen" else nn.BatchNorm2d
     resnet = getattr(tv_models, config.backbone)(weights=None, norm_layer=norm_layer)
-    loaded = load_backbone_weights(resnet, weights) if weights is not None else 0
+    loaded = load_resnet_weights(resnet, weights, "the pretrained backbone", "the detector's ResNet")[0] if weights is not None else 0
     backbone = _resnet_fpn_extractor(resnet, config.trainable_layers)
     detector = FasterRCNN(backbone, num_classes=num_classes + 1, min_size=config.min_size, max_size=config.max_size,
                           box_batch_size_per_image=config.roi_samples)

@@ -94,8 +94,11 @@ def build_chart(records: list[MetricsRecord], name: str, dim: int | None) -> Cha
         knn = _series(records, "knn_top1", "kNN top-1")
         if not knn.x:
             return None
-        init = next((r.get("knn_top1_random_init") for r in records if r.has("knn_top1_random_init")), None)
-        references = [ReferenceLine(f"random init {init:.3f}", init)] if init is not None else []
+        references = []   # the network's score before its first step: the bar to clear
+        for key, label in (("knn_top1_random_init", "random init"), ("knn_top1_warm_start", "warm start")):
+            start = next((r.get(key) for r in records if r.has(key)), None)
+            if start is not None:
+                references = [ReferenceLine(f"{label} {start:.3f}", start)]
         return line_chart([knn], "kNN accuracy on --val-dir", "top-1", references=references)
     raise ValueError(f"unknown chart {name!r}")
 

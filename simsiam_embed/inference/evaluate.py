@@ -174,16 +174,19 @@ class _LiveBackbone:
 
 class KnnMonitor:
     """kNN accuracy on a labelled folder during pretraining (leave-one-out: each image is
-    classified by all the others), with the score at random init as the bar to clear."""
+    classified by all the others), with the score of the network it started from as the bar to
+    clear: random init, or the weights of a warm start (``warm_start=True``)."""
 
     def __init__(self, val_dir: Path, preprocessing, device: str, k: int = 20, temperature: float = 0.07,
-                 workers: int = 0, context: DistributedContext = DistributedContext()):
+                 workers: int = 0, context: DistributedContext = DistributedContext(), warm_start: bool = False):
         self.images = labelled_folder(val_dir)
         if len(self.images.class_names) < 2:
             raise UserError(f"--val-dir {val_dir} has a single class: kNN accuracy needs two or more")
         self.preprocessing, self.device, self.val_dir, self.context = preprocessing, device, val_dir, context
         self.k, self.temperature, self.workers = k, temperature, workers
-        self.random_init_top1: float | None = None
+        self.warm_start = warm_start
+        self.baseline = "the warm start" if warm_start else "random init"
+        self.baseline_top1: float | None = None   # the network's score before its first step
 
     def top1(self, backbone) -> float:
         """Every rank must call it: under torchrun each embeds its shard of the images, and rank 0
@@ -211,15 +214,18 @@ class KnnMonitor:
         return top1
 
     def verdict(self, top1: float) -> str:
-        """One sentence: has training beaten the random network yet?"""
-        if self.random_init_top1 is None:
+        """One sentence: has training beaten the network it started from yet?"""
+        if self.baseline_top1 is None:
             return f"kNN top-1 {top1:.3f}"
-        gain = top1 - self.random_init_top1
+        gain = top1 - self.baseline_top1
+        start = f"{self.baseline} ({self.baseline_top1:.3f})"
         if gain > 0:
-            return (f"kNN top-1 {top1:.3f} on the labelled --val-dir, {gain:+.3f} over the same network at random "
-                    f"init ({self.random_init_top1:.3f}): training has paid off")
-        return (f"kNN top-1 {top1:.3f} on the labelled --val-dir, {gain:+.3f} against random init "
-                f"({self.random_init_top1:.3f}): this encoder is NOT yet better than an untrained one; train longer")
+            return (f"kNN top-1 {top1:.3f} on the labelled --val-dir, {gain:+.3f} over " +
+                    (f"{start}: SimSiam improved on it" if self.warm_start else
+                     f"the same network at {start}: training has paid off"))
+        return (f"kNN top-1 {top1:.3f} on the labelled --val-dir, {gain:+.3f} against {start}: " +
+                ("SimSiam has NOT improved on the weights it started from; train longer, or keep those" if self.warm_start
+                 else "this encoder is NOT yet better than an untrained one; train longer"))
 
 
 @dataclass

@@ -29,6 +29,7 @@ from simsiam_embed.files import ensure_writable_folder, write_json_atomic
 from simsiam_embed.images import discover_images, scan_images
 from simsiam_embed.inference.evaluate import KnnMonitor
 from simsiam_embed.models import SimSiam, simsiam_loss
+from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, read_resnet_weights
 from simsiam_embed.settings import PretrainConfig, resolve_pretrain_config
 from simsiam_embed.trained_model import build_model, preprocessing_for
 from simsiam_embed.training.augment import (
@@ -185,21 +186,27 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
     # Rank 0 scans and every rank trains on its list: ranks that each scanned a changing folder
     # could index different files and train on different samples.
     scan = from_main(_scan_folder(data_dir, rank_report) if context.is_main else None, context)
+    start = None
     if previous is not None:
+        if overrides.get("init") is not None:   # the run saved the file's full path
+            overrides["init"] = str(Path(overrides["init"]).resolve())
         config = _config_for_resume(previous, overrides, run)
         config.device = device
     else:
+        start = _warm_start(overrides)
         config = resolve_pretrain_config(
             str(data_dir.resolve()), run_name, len(scan.paths), scan.median_short_side, device, overrides,
             processes=context.world_size,
         )
+        if start is not None and start.backbone_chosen:
+            config.choices.insert(0, f"backbone {config.backbone}: the --init file's")
 
     if context.is_main:
         ensure_writable_folder(run_dir)
         write_json_atomic(run.config, config.to_dict())
         _report_settings(config, run, report)
 
-    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report)
+    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report, start.weights if start else None)
     default_name = run_name_for(Path(config.data_dir))
     plan = LoopPlan(
         steps_per_epoch=task.steps_per_epoch,
@@ -261,6 +268,27 @@ def _scan_folder(data_dir: Path, report: Report):
     return scan
 
 
+@dataclass(frozen=True)
+class _WarmStart:
+    weights: ResNetWeights
+    backbone_chosen: bool   # the file decided the backbone (the user gave none)
+
+
+def _warm_start(overrides: dict[str, Any]) -> _WarmStart | None:
+    """Read ``--init``'s weights; the run's backbone is theirs, and the settings record the
+    file's path and digest (``overrides`` is completed in place)."""
+    if overrides.get("init") is None:
+        return None
+    path = Path(overrides["init"])
+    start = read_resnet_weights(path)
+    given = overrides.get("backbone")
+    if given is not None and given != start.backbone:
+        raise UserError(f"--init {path} holds a {start.backbone}'s weights and --backbone is {given}: "
+                        f"drop --backbone, or pass --backbone {start.backbone}")
+    overrides.update(backbone=start.backbone, init=str(path.resolve()), init_digest=start.digest)
+    return _WarmStart(start, given is None)
+
+
 def _config_for_resume(previous: Checkpoint, overrides: dict[str, Any], run: RunFolder) -> PretrainConfig:
     """The checkpoint's own settings; an explicit setting that contradicts them is an error."""
     config = PretrainConfig.from_dict(previous.settings, source=run.checkpoint)
@@ -281,6 +309,7 @@ def _report_settings(config: PretrainConfig, run: RunFolder, report: Report) -> 
         f"  projector {config.projector_layers} layers x {config.projector_hidden_dim} -> {config.dim}, "
         f"predictor {config.dim} -> {config.predictor_hidden_dim} -> {config.dim}, blur {'on' if config.blur else 'off'}\n"
         f"  device {config.device}, AMP {config.amp}, {config.num_workers} loader workers, seed {config.seed}"
+        + (f"\n  backbone starts from {config.init} (sha256 {config.init_digest[:12]})" if config.init else "")
     )
     for choice in config.choices:
         report(f"  chosen: {choice}")
@@ -293,11 +322,19 @@ class SimSiamTask(TaskDefaults):
     kind = "pretrain"
 
     def __init__(self, config: PretrainConfig, paths: list[Path], context: DistributedContext, device: str,
-                 report: Report):
+                 report: Report, start: ResNetWeights | None = None):
+        """``start``: the weights of a warm start (``--init``), for a run's first step; a resumed
+        run has its own in the checkpoint."""
         self.settings = config
         self.context, self.device, self.report = context, device, report
         torch.manual_seed(config.seed)
-        self.model, self.network = place_model(build_model(config), device, context, config.channels_last, sync_bn=True)
+        model = build_model(config)
+        if start is not None:
+            loaded, left = load_resnet_weights(model.backbone.resnet, start.weights, config.init, allow_other_stem=True)
+            report(f"warm start: {loaded} tensors of the backbone from {config.init} ({start.source})"
+                   + (f"; left at random init: {', '.join(left)} (the small-image stem differs from the file's)"
+                      if left else "") + "; the projector and predictor start at random init")
+        self.model, self.network = place_model(model, device, context, config.channels_last, sync_bn=True)
         if device.startswith("cuda"):
             # Training crops have one fixed size, so cuDNN's per-shape algorithm search pays off
             # after the first step (GPU-only; checked by bench/gpu_check.py).
@@ -310,8 +347,8 @@ class SimSiamTask(TaskDefaults):
         self.steps_per_epoch = len(paths) // config.batch_size
         self.collapse_level = COLLAPSE_FRACTION / math.sqrt(config.dim)
         # On every rank: each embeds its share of the labelled images (see KnnMonitor.top1).
-        self.monitor = (KnnMonitor(Path(config.val_dir), preprocessing_for(config), device, context=context)
-                        if config.val_dir else None)
+        self.monitor = (KnnMonitor(Path(config.val_dir), preprocessing_for(config), device, context=context,
+                                   warm_start=config.init is not None) if config.val_dir else None)
         self.knn_top1: float | None = None
 
     # -- the data ----------------------------------------------------------------------------
@@ -374,19 +411,22 @@ class SimSiamTask(TaskDefaults):
     # -- monitors ----------------------------------------------------------------------------
 
     def extra_state(self) -> dict[str, Any]:
+        # The old key name stays: checkpoints written before warm starts existed resume alike.
         return {"steps_per_epoch": self.steps_per_epoch,
-                "knn_random_init_top1": self.monitor.random_init_top1 if self.monitor else None}
+                "knn_random_init_top1": self.monitor.baseline_top1 if self.monitor else None}
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         value = extra.get("knn_random_init_top1")
         if self.monitor is not None and isinstance(value, float):
-            self.monitor.random_init_top1 = value
+            self.monitor.baseline_top1 = value
 
     def on_start(self, step: int, log: MetricsLog) -> None:
-        if self.monitor is not None and self.monitor.random_init_top1 is None and step == 0:
-            self.monitor.random_init_top1 = self._knn_top1()
-            self.report(f"kNN top-1 on {self.settings.val_dir} at random init: {self.monitor.random_init_top1:.3f}")
-            log.write({"step": 0, "knn_top1_random_init": self.monitor.random_init_top1})
+        monitor = self.monitor
+        if monitor is not None and monitor.baseline_top1 is None and step == 0:
+            monitor.baseline_top1 = self._knn_top1()
+            self.report(f"kNN top-1 on {self.settings.val_dir} at {monitor.baseline}: {monitor.baseline_top1:.3f}")
+            key = "knn_top1_warm_start" if monitor.warm_start else "knn_top1_random_init"
+            log.write({"step": 0, key: monitor.baseline_top1})
 
     def on_epoch_end(self, step: int, means: dict[str, float], finished: bool) -> dict[str, Any]:
         config = self.settings

@@ -1,0 +1,144 @@
+"""Warm start from weights users already have: torchvision and timm state dicts, Hugging Face
+safetensors, another run. The files are built here from torchvision's own (untrained) ResNets:
+nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import models as tv_models
+
+from conftest import FAST_TRAINING, assert_one_line_error_in_process, invoke, make_image_folder
+from simsiam_embed.errors import UserError
+from simsiam_embed.resnet_weights import read_resnet_weights
+
+safetensors_torch = pytest.importorskip("safetensors.torch", reason="the [interop] extra (in [dev]) is not installed")
+
+
+def torchvision_state(name: str = "resnet18", seed: int = 1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    resnet = getattr(tv_models, name)(weights=None)
+    with torch.no_grad():   # statistics unlike a fresh network's, so loading them is visible
+        for module in resnet.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+    return resnet.state_dict()
+
+
+def huggingface_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision -> transformers' ResNetModel names, written out independently of the reader."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            renamed[key.replace("fc.", "classifier.1.")] = value
+            continue
+        stem = re.fullmatch(r"(conv1|bn1)\.(.+)", key)
+        if stem:
+            part = "convolution" if stem.group(1) == "conv1" else "normalization"
+            renamed[f"resnet.embedder.embedder.{part}.{stem.group(2)}"] = value
+            continue
+        layer, block, module, rest = re.fullmatch(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.\d)\.(.+)", key).groups()
+        base = f"resnet.encoder.stages.{int(layer) - 1}.layers.{block}"
+        if module.startswith("downsample"):
+            part = "convolution" if module.endswith("0") else "normalization"
+            renamed[f"{base}.shortcut.{part}.{rest}"] = value
+        else:
+            part = "convolution" if module.startswith("conv") else "normalization"
+            renamed[f"{base}.layer.{int(module[-1]) - 1}.{part}.{rest}"] = value
+    return renamed
+
+
+def assert_same_backbone(read: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    expected = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    assert set(read) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(read[key], value), key
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "wrapped", "timm", "huggingface"])
+def test_every_naming_reads_as_the_same_torchvision_weights(tmp_path, layout):
+    state = torchvision_state("resnet18")
+    if layout == "torchvision":
+        path = tmp_path / "resnet18.pth"
+        torch.save(state, path)
+    elif layout == "wrapped":   # a training script's checkpoint: DDP's prefix inside {"state_dict": ...}
+        path = tmp_path / "lightning.ckpt"
+        torch.save({"epoch": 3, "state_dict": {f"module.{key}": value for key, value in state.items()}}, path)
+    elif layout == "timm":      # timm's ResNets share torchvision's names
+        path = tmp_path / "model.safetensors"
+        safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        path = tmp_path / "model.safetensors"
+        safetensors_torch.save_file({k: v.contiguous() for k, v in huggingface_names(state).items()}, str(path))
+    start = read_resnet_weights(path)
+    assert start.backbone == "resnet18" and not start.small_image_stem and len(start.digest) == 64
+    assert_same_backbone(start.weights, state)
+
+
+def test_the_architecture_is_read_from_the_blocks(tmp_path):
+    for name in ("resnet34", "resnet50"):
+        torch.save(torchvision_state(name), tmp_path / f"{name}.pth")
+        assert read_resnet_weights(tmp_path / f"{name}.pth").backbone == name
+
+
+def test_files_that_are_not_resnet_weights_are_one_line_errors(tmp_path):
+    torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "linear.pth")
+    with pytest.raises(UserError, match="holds no ResNet weights"):
+        read_resnet_weights(tmp_path / "linear.pth")
+    torch.save({"model": torch.nn.Linear(3, 2)}, tmp_path / "pickled.pth")   # a whole module: code, not data
+    with pytest.raises(UserError, match="more than tensors"):
+        read_resnet_weights(tmp_path / "pickled.pth")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        read_resnet_weights(tmp_path / "broken.safetensors")
+    state = torchvision_state("resnet18")
+    state = {key: value for key, value in state.items() if not key.startswith("layer4.1.")}
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(UserError, match=r"\(2, 2, 2, 1\) blocks per stage"):
+        read_resnet_weights(tmp_path / "odd.pth")
+
+
+def test_pretrain_starts_from_the_file_and_records_it(tmp_path):
+    images = make_image_folder(tmp_path / "images", per_class=4, size=16)
+    state = torchvision_state("resnet18")
+    torch.save(state, tmp_path / "resnet18.pth")
+    result = invoke("pretrain", "images", "--init", "resnet18.pth", "--epochs", "1", "--val-dir", str(images),
+                    *FAST_TRAINING, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    # The small images train the CIFAR stem (3x3): the file's 7x7 conv1 cannot fit it, the rest does.
+    loadable = sum(not key.startswith("fc.") for key in state) - 1
+    assert f"warm start: {loadable} tensors of the backbone" in result.stderr, result.stderr
+    assert "left at random init: conv1.weight" in result.stderr
+    assert "chosen: backbone resnet18: the --init file's" in result.stderr
+    assert re.search(r"kNN top-1 on \S+ at the warm start: \d\.\d{3}", result.stderr)
+    assert "over the warm start" in result.stdout or "against the warm start" in result.stdout, result.stdout
+    config = json.loads((tmp_path / "runs" / "images" / "config.json").read_text())
+    assert config["init"] == str(tmp_path / "resnet18.pth") and len(config["init_digest"]) == 64
+    metrics = (tmp_path / "runs" / "images" / "metrics.jsonl").read_text()
+    assert "knn_top1_warm_start" in metrics and "knn_top1_random_init" not in metrics
+
+
+def test_pretrain_refuses_weights_of_another_backbone(tmp_path):
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    torch.save(torchvision_state("resnet34"), tmp_path / "resnet34.pth")
+    result = invoke("pretrain", "images", "--init", "resnet34.pth", "--backbone", "resnet18", *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error_in_process(result, "resnet34's weights", "--backbone resnet34")
+    assert not (tmp_path / "runs" / "images" / "checkpoint.pt").exists()
+
+
+def test_detection_fine_tunes_from_a_torchvision_file(tmp_path):
+    from simsiam_embed.detection.finetune import DetectionConfig, build_detector, simsiam_backbone_weights
+
+    state = torchvision_state("resnet18")
+    torch.save(state, tmp_path / "resnet18.pth")
+    weights, name = simsiam_backbone_weights(tmp_path / "resnet18.pth")
+    assert name == "resnet18"
+    detector, loaded = build_detector(DetectionConfig(data="x", backbone=name), 2, weights)
+    body = detector.backbone.body.state_dict()
+    assert loaded == sum(not key.startswith("fc.") for key in state)
+    for key, value in body.items():
+        assert torch.equal(value, state[key]), key
