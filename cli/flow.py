@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
-from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS, HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32
+from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_WORKERS, HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32
 from .options import printable, workspace_at, workspace_option
 from .lazy import library
 
 artefacts = library("artefacts")
 inference_embed = library("inference.embed")
 inference_export = library("inference.export")
+inference_weights_export = library("inference.weights_export")
 flow = library("flow")
 index_search = library("index.search")
 
@@ -34,18 +35,33 @@ workers_option = click.option("--workers", type=click.IntRange(min=0), default=E
 @click.argument("source", required=False, type=click.Path(exists=True, path_type=Path))
 @workspace_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="ONNX file to write.  [default: encoder.onnx in the run folder, encoder-fp16.onnx with --fp16]")
+              help="File to write.  [default: encoder.onnx in the run folder, encoder-fp16.onnx with --fp16, "
+                   "backbone.safetensors with --format safetensors]")
+@click.option("--format", "file_format", type=click.Choice(["onnx", "safetensors"]), default="onnx",
+              help="onnx: the encoder with its preprocessing, for index, search and ONNX Runtime; safetensors: the "
+                   "backbone's weights under torchvision/timm names, with a .json of its architecture and "
+                   "preprocessing beside it.")
 @click.option("--head", type=click.Choice(HEADS), default="backbone",
               help="backbone: pooled features (for retrieval and transfer); projector: the SimSiam z.")
 @click.option("--fp16", is_flag=True, help=f"Half-precision weights for GPU inference (fp32 inputs and outputs); "
               f"checked against fp32 at cosine >= {MIN_COSINE_FP16} instead of {MIN_COSINE_FP32}.")
-def export_command(source: Path | None, workspace: Path, output: Path | None, head: str, fp16: bool) -> None:
+def export_command(source: Path | None, workspace: Path, output: Path | None, file_format: str, head: str,
+                   fp16: bool) -> None:
     """Export a run's encoder (RUN folder or CHECKPOINT; default: the latest run) to ONNX.
 
     The file carries its preprocessing in its metadata; every export ends with a parity check
-    on real images against PyTorch and fails if they disagree.
+    on real images against PyTorch and fails if they disagree. --format safetensors writes the
+    backbone's weights for torchvision and timm instead.
     """
     checkpoint = artefacts.resolve_checkpoint_path(source if source is not None else workspace_at(workspace).latest_run_dir())
+    if file_format == "safetensors":
+        if fp16 or head != "backbone":
+            raise click.UsageError("--fp16 and --head are for ONNX; --format safetensors writes the backbone's fp32 weights")
+        exported = inference_weights_export.export_safetensors(
+            checkpoint, output or checkpoint.with_name(artefacts.BACKBONE_WEIGHTS_FILE))
+        click.echo(f"wrote {exported.path} ({exported.tensors} tensors of a {exported.backbone}, torchvision/timm "
+                   f"names) and {exported.config_path}")
+        return
     output = output or artefacts.exported_encoder_path(checkpoint, head, fp16)
     result = inference_export.export_onnx(checkpoint, output, head=head, fp16=fp16)
     click.echo(f"wrote {result.path} ({result.embedding_dim}-d, {'fp16' if fp16 else 'fp32'}); parity with PyTorch "
@@ -57,6 +73,9 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, he
 @click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for embeddings.npy, paths.jsonl (each row's path and label) and skipped.jsonl.")
+@click.option("--format", "file_format", type=click.Choice(EMBED_FORMATS), default="npy",
+              help="npy: embeddings.npy and paths.jsonl; parquet: embeddings.parquet with path, label and embedding "
+                   "columns (pyarrow, the [interop] extra), as clip-retrieval and FiftyOne read them.")
 @workspace_option
 @click.option("--model", type=click.Path(exists=True, path_type=Path),
               help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run's encoder]")
@@ -64,14 +83,15 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, he
 @provider_option
 @batch_option
 @workers_option
-def embed_command(image_dir: Path, output: Path, workspace: Path, model: Path | None, backend: str,
+def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Path, model: Path | None, backend: str,
                   provider: str | None, batch_size: int, workers: int) -> None:
     """Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded)."""
     encoder, _ = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err)
     _echo_err(f"encoder: {encoder.description}")
-    result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers)
+    result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers, file_format=file_format)
     skipped = f", {len(result.failures)} unreadable skipped (skipped.jsonl)" if result.failures else ""
-    click.echo(f"embedded {result.count} images into {result.output / 'embeddings.npy'} "
+    written = artefacts.EMBEDDINGS_PARQUET_FILE if file_format == "parquet" else artefacts.EMBEDDINGS_FILE
+    click.echo(f"embedded {result.count} images into {result.output / written} "
                f"({result.images_per_second:.0f} images/s{skipped})")
 
 

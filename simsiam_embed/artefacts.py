@@ -43,12 +43,18 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 ENCODER_FILE = "encoder.onnx"
+#: ``export --format safetensors``: the backbone's weights, and its .json beside it.
+BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
 EVALUATION_FILE = "evaluation.json"
 REPORT_PAGE = "report.html"
+#: TensorBoard's event files, a copy of metrics.jsonl's numbers (when tensorboard is installed).
+TENSORBOARD_FOLDER = "tensorboard"
 #: In a workspace's runs/ folder: the name of the newest run that has a checkpoint.
 LATEST_MARKER = "LATEST"
 #: Folder output of ``embed``.
 EMBEDDINGS_FILE, PATHS_FILE = "embeddings.npy", "paths.jsonl"
+#: ``embed --format parquet``: path, label and embedding columns in one file.
+EMBEDDINGS_PARQUET_FILE = "embeddings.parquet"
 
 KINDS = ("pretrain", "detection")
 
@@ -102,6 +108,10 @@ class RunFolder:
     @property
     def report_page(self) -> Path:
         return self.path / REPORT_PAGE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_FOLDER
 
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file()

@@ -56,6 +56,8 @@ BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 #: Embedding (embed, index, kNN, search): images per forward pass, and decoding processes.
 EMBED_BATCH_SIZE = 64
 EMBED_WORKERS = 2
+#: What `embed` writes: embeddings.npy + paths.jsonl, or embeddings.parquet.
+EMBED_FORMATS = ("npy", "parquet")
 #: ONNX export: the parity bar of every fp32 export, ONNX Runtime and PyTorch must agree this
 #: closely; fp16 keeps about 3 significant digits, and through ~50 layers its features stay this close.
 #: What an exported encoder outputs: pooled backbone features, or the SimSiam projection z.

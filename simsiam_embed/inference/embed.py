@@ -29,8 +29,8 @@ from simsiam_embed.images import (
 )
 from simsiam_embed.distributed import DistributedContext, distributed_session
 from simsiam_embed.errors import UserError
-from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
-from simsiam_embed.artefacts import EMBEDDINGS_FILE, PATHS_FILE, SKIPPED_FILE
+from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_WORKERS
+from simsiam_embed.artefacts import EMBEDDINGS_FILE, EMBEDDINGS_PARQUET_FILE, PATHS_FILE, SKIPPED_FILE
 from simsiam_embed.files import atomic_path, ensure_writable_folder, read_jsonl, write_jsonl_atomic
 
 class Encoder(Protocol):
@@ -139,23 +139,33 @@ def embed_folder(
     batch_size: int = EMBED_BATCH_SIZE,
     workers: int = EMBED_WORKERS,
     show_progress: bool = True,
+    file_format: str = "npy",
 ) -> EmbedFolderResult:
     """Embed every image under ``image_dir`` into ``output/``: ``embeddings.npy`` (n x dim,
     unit-length float32), ``paths.jsonl`` (line i: row i's ``path`` and ``label``, its folder)
     and ``skipped.jsonl`` (``path`` and ``reason``). JSON lines, because a file name may hold
-    a newline or a tab. Under torchrun each rank embeds its shard and rank 0 merges the shards.
+    a newline or a tab. ``file_format="parquet"``: ``embeddings.parquet`` (path, label and
+    embedding columns) instead of the first two. Under torchrun each rank embeds its shard and
+    rank 0 merges the shards.
     """
+    if file_format not in EMBED_FORMATS:
+        raise UserError(f"unknown format {file_format!r}: choose one of {', '.join(EMBED_FORMATS)}")
+    if file_format == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401  (before hours of embedding, not after)
+        except ImportError:
+            raise UserError("--format parquet needs pyarrow: pip install 'simsiam-embed[interop]'") from None
     paths = discover_images(image_dir)
     if not paths:
         raise UserError(f"no images in {image_dir}")
     ensure_writable_folder(output)   # before the embedding, which may take hours
     # The shards meet through files and one barrier: gloo serves that on GPU machines too.
     with distributed_session("cpu") as context:
-        return _embed_shards(paths, encoder, output, batch_size, workers, show_progress, context)
+        return _embed_shards(paths, encoder, output, batch_size, workers, show_progress, context, file_format)
 
 
 def _embed_shards(paths: list[Path], encoder: Encoder, output: Path, batch_size: int, workers: int,
-                  show_progress: bool, context: DistributedContext) -> EmbedFolderResult:
+                  show_progress: bool, context: DistributedContext, file_format: str) -> EmbedFolderResult:
     mine = shard_for_rank(len(paths), context.rank, context.world_size)
     result = embed_paths([paths[i] for i in mine], encoder, batch_size, workers, show_progress and context.is_main)
     global_rows = np.asarray(list(mine), dtype=np.int64)[result.indices] if len(result.indices) else np.zeros(0, np.int64)
@@ -180,9 +190,31 @@ def _embed_shards(paths: list[Path], encoder: Encoder, output: Path, batch_size:
     else:
         vectors = result.vectors
     kept = [paths[i] for i in global_rows]
-    with atomic_path(output / EMBEDDINGS_FILE) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, vectors)
-    write_jsonl_atomic(output / PATHS_FILE, [{"path": str(path), "label": label_of(path)} for path in kept])
+    if file_format == "parquet":
+        write_parquet(output / EMBEDDINGS_PARQUET_FILE, [str(path) for path in kept], [label_of(path) for path in kept],
+                      vectors)
+    else:
+        with atomic_path(output / EMBEDDINGS_FILE) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, vectors)
+        write_jsonl_atomic(output / PATHS_FILE, [{"path": str(path), "label": label_of(path)} for path in kept])
     write_jsonl_atomic(output / SKIPPED_FILE, [{"path": path, "reason": reason} for path, reason in failures])
     return EmbedFolderResult(output, len(kept), failures, result.images_per_second, result.decode_share)
+
+
+#: Rows a parquet row group: readers (DuckDB, Spark, clip-retrieval) stream it group by group.
+PARQUET_ROW_GROUP = 65_536
+
+
+def write_parquet(path: Path, paths: list[str], labels: list[str], vectors: np.ndarray) -> None:
+    """``path``, ``label`` and ``embedding`` (a fixed-size list of float32) columns, in row groups,
+    as clip-retrieval and FiftyOne read embeddings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    table = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.string()),
+                      "embedding": embedding})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=PARQUET_ROW_GROUP)

@@ -299,15 +299,18 @@ def refuse_changed_settings(saved: Any, explicit: dict[str, Any], may_change: fr
 
 
 class MetricsLog:
-    """``metrics.jsonl``, one JSON object a line; written by the main process only.
+    """``metrics.jsonl``, one JSON object a line; written by the main process only. With
+    ``tensorboard`` installed, every number also goes to TensorBoard event files in
+    ``tensorboard_dir``, under its step.
 
-    On resume, lines after the checkpoint's step are dropped first: those steps run again, and
-    would otherwise be logged twice.
+    On resume, lines (and events) after the checkpoint's step are dropped first: those steps run
+    again, and would otherwise be logged twice.
     """
 
-    def __init__(self, path: Path, resumed_step: int | None, is_main: bool):
+    def __init__(self, path: Path, resumed_step: int | None, is_main: bool, tensorboard_dir: Path | None = None):
         self.path = path
         self.handle: IO[str] | None = None
+        self.tensorboard = None
         if not is_main:
             return
         if resumed_step is not None and path.exists():
@@ -316,16 +319,36 @@ class MetricsLog:
             with atomic_write(path) as rewritten:
                 rewritten.write("".join(line + "\n" for line in kept))
         self.handle = open(path, "a")
+        if tensorboard_dir is not None and tensorboard_installed():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(tensorboard_dir),
+                                             purge_step=resumed_step + 1 if resumed_step is not None else None)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.handle is not None:
             self.handle.write(json.dumps(record) + "\n")
             self.handle.flush()
+        if self.tensorboard is not None and isinstance(record.get("step"), int):
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def tensorboard_installed() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class RunningMeans:
@@ -722,7 +745,9 @@ class TrainingLoop:
         loader = self._loader()   # before the bar: it prints the loader's memory plan
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)
-        metrics = MetricsLog(self.folder.metrics, self.resumed_from, self.context.is_main)
+        metrics = MetricsLog(self.folder.metrics, self.resumed_from, self.context.is_main, self.folder.tensorboard)
+        if metrics.tensorboard is not None and self.step == 0:
+            self.report(f"TensorBoard: tensorboard --logdir {self.folder.tensorboard}")
         elapsed = lambda: self.elapsed_before + self.clock() - started  # noqa: E731  (this run's own clock)
         if self.budget is not None and self.total_steps is not None:
             self.budget.resume(self.step, elapsed(), self.total_steps)   # a resumed budget run keeps checking its plan
