@@ -58,9 +58,11 @@ _positive = FiniteFloatRange(min=0, min_open=True)
               help="Labelled folder (VAL/<class>/images): kNN accuracy every --val-every epochs, against random init.")
 @click.option("--val-every", type=click.IntRange(min=1), help=default_help("val_every", "Epochs between kNN evaluations."))
 @click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size even when the crop is much smaller.")
+@click.option("--no-image-store", is_flag=True,
+              help="Decode every image again each epoch instead of keeping its decoded pixels in RUN/decoded/.")
 def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: bool, time_budget: str | None,
                      no_stop_grad: bool, no_predictor: bool, asymmetric_loss: bool, no_heads_bn: bool,
-                     no_draft: bool, **settings) -> None:
+                     no_draft: bool, no_image_store: bool, **settings) -> None:
     """Train a SimSiam encoder on every image under DATA_DIR (recursively; labels are not used).
 
     Settings not given are chosen from the data and the hardware, printed, and saved in
@@ -77,6 +79,7 @@ def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: 
         symmetric_loss=False if asymmetric_loss else None,
         heads_batch_norm=False if no_heads_bn else None,
         decode_draft=False if no_draft else None,
+        store_images=False if no_image_store else None,
     )
     result = training_pretrain.pretrain(data_dir, workspace_at(workspace), settings, run_name=name, resume=resume,
                       report=lambda message: click.echo(message, err=True))

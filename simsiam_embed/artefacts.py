@@ -47,6 +47,8 @@ ENCODER_FILE = "encoder.onnx"
 BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
 EVALUATION_FILE = "evaluation.json"
 REPORT_PAGE = "report.html"
+#: The decoded-image store of a run (training/image_store.py): each training image decoded once.
+DECODED_FOLDER = "decoded"
 #: TensorBoard's event files, a copy of metrics.jsonl's numbers (when tensorboard is installed).
 TENSORBOARD_FOLDER = "tensorboard"
 #: In a workspace's runs/ folder: the name of the newest run that has a checkpoint.
@@ -108,6 +110,10 @@ class RunFolder:
     @property
     def report_page(self) -> Path:
         return self.path / REPORT_PAGE
+
+    @property
+    def decoded_images(self) -> Path:
+        return self.path / DECODED_FOLDER
 
     @property
     def tensorboard(self) -> Path:

@@ -160,6 +160,8 @@ class PretrainConfig(SavedSettings):
     val_dir: str | None = None
     val_every: int = 1
     decode_draft: bool = True
+    # Decode each training image once and keep its pixels beside the run (training/image_store.py).
+    store_images: bool = True
     # Colour jitter, grayscale, blur and normalisation batched on the training device (loader
     # workers only decode, crop and flip); False: all of it per image in the workers, as before.
     augment_on_device: bool = True

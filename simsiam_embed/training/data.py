@@ -6,6 +6,7 @@ against), and the dataset that draws both views of a sample from that sample's o
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from simsiam_embed.images import IMAGENET_MEAN, IMAGENET_STD, first_readable, open_image
+from simsiam_embed.training.image_store import DecodedImageStore
 
 
 class RandomGaussianBlur:
@@ -76,19 +78,24 @@ class TwoViewDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[Path], augment: Callable | None = None, draft_side: int | None = None,
-                 pair: Callable | None = None):
+                 pair: Callable | None = None, store: DecodedImageStore | None = None):
+        """``store``: decode each image once and read it back in later epochs (the same pixels)."""
         if (augment is None) == (pair is None):
             raise ValueError("give either augment or pair")
+        if store is not None and store.draft_side != draft_side:
+            raise ValueError("the store must decode as the dataset does")
         self.paths = list(paths)
         self.pair = pair or _TwoViews(augment)
         self.draft_side = draft_side
+        self.store = store
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: tuple[int, int]):
         sample_seed, index = key
-        image, failures = first_readable(index, self.paths, lambda i: open_image(self.paths[i], self.draft_side))
+        load = self.store.load if self.store is not None else partial(open_image, draft_side=self.draft_side)
+        image, failures = first_readable(index, self.paths, lambda i: load(self.paths[i]))
         if image is None:
             return None, failures
         with torch.random.fork_rng(devices=[]):

@@ -30,11 +30,12 @@ from simsiam_embed.images import discover_images, scan_images
 from simsiam_embed.inference.evaluate import KnnMonitor
 from simsiam_embed.models import SimSiam, simsiam_loss
 from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, read_resnet_weights
-from simsiam_embed.settings import PretrainConfig, resolve_pretrain_config
+from simsiam_embed.settings import PretrainConfig, physical_memory_bytes, resolve_pretrain_config
 from simsiam_embed.trained_model import build_model, preprocessing_for
 from simsiam_embed.training.augment import (
     AugmentationRecipe, BatchAugment, crop_on_device, draw_uncropped_views, draw_view, stack_uncropped,
 )
+from simsiam_embed.training.image_store import DecodedImageStore, plan_store
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
 from simsiam_embed.training.loop import (
     LoopPlan, MetricsLog, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop, format_duration, open_run,
@@ -43,7 +44,8 @@ from simsiam_embed.training.loop import (
 from simsiam_embed.workspace import Workspace, run_name_for
 
 #: Settings that may differ when resuming: they change how, not what, the run computes.
-RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "log_every", "decode_draft", "val_dir", "val_every"})
+RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "log_every", "decode_draft", "store_images", "val_dir",
+                                 "val_every"})
 
 
 Report = Callable[[str], None]
@@ -206,7 +208,14 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         write_json_atomic(run.config, config.to_dict())
         _report_settings(config, run, report)
 
-    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report, start.weights if start else None)
+    store = None
+    if config.store_images:
+        plan = plan_store(len(scan.paths), scan.median_short_side, image_draft_side(config), run.decoded_images,
+                          physical_memory_bytes())
+        rank_report(f"  chosen: {plan.summary}")
+        if plan.capacity_bytes:
+            store = DecodedImageStore(run.decoded_images, image_draft_side(config), plan.capacity_bytes)
+    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report, start.weights if start else None, store)
     default_name = run_name_for(Path(config.data_dir))
     plan = LoopPlan(
         steps_per_epoch=task.steps_per_epoch,
@@ -289,6 +298,11 @@ def _warm_start(overrides: dict[str, Any]) -> _WarmStart | None:
     return _WarmStart(start, given is None)
 
 
+def image_draft_side(config: PretrainConfig) -> int | None:
+    """The side a training image is decoded at (JPEG draft decoding), or None for full size."""
+    return training_draft_side(config.crop_size, config.min_crop_scale) if config.decode_draft else None
+
+
 def _config_for_resume(previous: Checkpoint, overrides: dict[str, Any], run: RunFolder) -> PretrainConfig:
     """The checkpoint's own settings; an explicit setting that contradicts them is an error."""
     config = PretrainConfig.from_dict(previous.settings, source=run.checkpoint)
@@ -322,9 +336,10 @@ class SimSiamTask(TaskDefaults):
     kind = "pretrain"
 
     def __init__(self, config: PretrainConfig, paths: list[Path], context: DistributedContext, device: str,
-                 report: Report, start: ResNetWeights | None = None):
+                 report: Report, start: ResNetWeights | None = None, store: DecodedImageStore | None = None):
         """``start``: the weights of a warm start (``--init``), for a run's first step; a resumed
-        run has its own in the checkpoint."""
+        run has its own in the checkpoint. ``store``: where decoded images are kept between epochs."""
+        self.store = store
         self.settings = config
         self.context, self.device, self.report = context, device, report
         torch.manual_seed(config.seed)
@@ -357,19 +372,22 @@ class SimSiamTask(TaskDefaults):
         """The dataset for the loader layout the settings ask for, how its samples stack, and
         their bytes in flight."""
         config = self.settings
-        draft = training_draft_side(config.crop_size, config.min_crop_scale) if config.decode_draft else None
+        draft = image_draft_side(config)
+        store = self.store
         view_bytes = 3 * config.crop_size ** 2
         if config.crop_on_device:   # workers decode; crops, colour and blur on the device
-            dataset = TwoViewDataset(paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=self.recipe))
+            dataset = TwoViewDataset(paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=self.recipe),
+                                     store=store)
             # A drafted decode keeps the shorter side >= draft (up to twice that), at 4:3 or so.
             side = 2 * (draft or 2 * config.crop_size)
             return dataset, stack_uncropped, 3 * side * side * 4 // 3, "decoded images"
         if config.augment_on_device:   # workers crop; colour and blur on the device
-            return TwoViewDataset(paths, partial(draw_view, recipe=self.recipe), draft), default_collate, \
+            return TwoViewDataset(paths, partial(draw_view, recipe=self.recipe), draft, store=store), default_collate, \
                 2 * view_bytes, "uint8 crops"
         # The per-image path, kept as the baseline bench/bench_loader.py compares against.
-        dataset = TwoViewDataset(paths, simsiam_augmentation(
-            config.crop_size, config.blur, min_crop_scale=config.min_crop_scale, color_jitter=config.color_jitter), draft)
+        augment = simsiam_augmentation(config.crop_size, config.blur, min_crop_scale=config.min_crop_scale,
+                                       color_jitter=config.color_jitter)
+        dataset = TwoViewDataset(paths, augment, draft, store=store)
         return dataset, default_collate, 2 * view_bytes * 4, "float32 views"
 
     def loader_shape(self):
