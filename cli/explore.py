@@ -12,6 +12,7 @@ from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MA
 from .options import FiniteFloatRange, printable, workspace_at, workspace_option
 from .lazy import library
 
+explore_analyses = library("explore.analyses")
 explore_stored = library("explore.stored")
 explore_pages = library("explore.pages")
 files = library("files")
@@ -68,6 +69,9 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
     loaded, folder = _open(workspace, index_dir, output)
     result = explore_stored.analysis(loaded, "duplicates", _echo_err, threshold=threshold, neighbours=neighbours, plan=plan,
                                      pixel_check=not no_pixel_check)
+    result, notes = explore_analyses.confirm_plan(result)   # the files as they are now, not as indexed
+    for note in notes:
+        _echo_err(f"warning: {note}")
     written = explore_pages.write_duplicates(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return

@@ -395,3 +395,33 @@ def test_small_pictures_need_the_stricter_threshold(tmp_path, side, grouped_by_d
     assert grouped(find_duplicates(loaded)) == grouped_by_default
     assert grouped(find_duplicates(loaded, threshold=0.8))   # an explicit threshold holds for every pair
     assert not grouped(find_duplicates(loaded, pixel_check=False))   # 0.95 without the pixel check
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_a_plan_never_marks_the_last_copy_for_removal(tmp_path, copies):
+    """A keeper deleted between `index` and `dedup --plan` was still kept by the plan, and its
+    only remaining copy marked for removal (rc 0, no warning)."""
+    import shutil
+
+    from conftest import distinct_images
+
+    paths = distinct_images(tmp_path / "images", 12)
+    for number in range(copies):
+        shutil.copyfile(paths[0], tmp_path / "images" / f"z-copy-{number}.png")
+    build_pixel_index(tmp_path / "images", tmp_path / "index")
+    first = json.loads(invoke("dedup", "--plan", "keep-first", "--json", cwd=tmp_path).stdout)
+    group = next(g for g in first["groups"] if len(g["members"]) == copies + 1)
+    keeper = Path(group["members"][0]["path"])
+    keeper.unlink()
+
+    result = invoke("dedup", "--plan", "keep-first", "--json", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "explore" / "plan.json").read_text())
+    left = sorted(str(p) for p in (tmp_path / "images").glob("z-copy-*.png"))
+    assert str(keeper) not in plan["keep"] and str(keeper) not in {row["path"] for row in plan["remove"]}
+    if copies == 1:   # one copy left: nothing to remove, the group is left out and said so
+        assert all(row["path"] not in left for row in plan["remove"])
+        assert "left out of the plan" in result.stderr
+    else:             # the next member keeps the picture, the other is removed
+        assert left[0] in plan["keep"] and [row["path"] for row in plan["remove"]] == [left[1]]
+        assert f"keeping {Path(left[0]).name} instead" in result.stderr

@@ -18,10 +18,13 @@ n x k, not n squared (imagededup's all-pairs matrix runs out of memory near 60k 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import faiss
@@ -301,6 +304,42 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
     unreadable = agreement.unreadable_pairs if agreement is not None else 0
     return DuplicateResult(rule, graph.method, len(entries), groups, plan,
                            len(candidates) - len(confirmed) - unreadable, unreadable)
+
+
+def confirm_plan(result: DuplicateResult) -> tuple[DuplicateResult, list[str]]:
+    """The plan checked against the disk just before it is written: a plan is acted on, and the
+    groups were found from what the index recorded. A member whose file is gone or whose bytes
+    changed since indexing leaves its group; a group whose keeper left keeps the next member in
+    the plan's order instead; a group with one member left is dropped (its last copy is never
+    marked for removal). Returns the confirmed result and a sentence for each change."""
+    if result.plan is None:
+        return result, []
+    groups, notes = [], []
+    for group in result.groups:
+        present = [member for member in group.members if _still_as_indexed(member)]
+        gone = [Path(member.path).name for member in group.members if member not in present]
+        if len(present) < 2:
+            if gone:
+                notes.append(f"group {group.number} left out of the plan: {', '.join(gone)} gone or changed since "
+                             "indexing, so no copy is left to remove")
+            if not gone:
+                groups.append(group)
+            continue
+        if gone:
+            kept = "" if present[0] is group.members[0] else f"; keeping {Path(present[0].path).name} instead"
+            notes.append(f"group {group.number}: {', '.join(gone)} gone or changed since indexing, left out{kept}")
+        members = [dataclasses.replace(member, action="keep" if number == 0 else "remove")
+                   for number, member in enumerate(present)]
+        groups.append(dataclasses.replace(group, members=members))
+    return dataclasses.replace(result, groups=groups), notes
+
+
+def _still_as_indexed(member: DuplicateMember) -> bool:
+    try:
+        data = Path(member.path).read_bytes()
+    except OSError:
+        return False
+    return hashlib.sha256(data).hexdigest() == member.digest
 
 
 #: The pixel check: each picture as a 32 x 32 grey image, brightness and contrast normalised
