@@ -148,8 +148,9 @@ def map_command(workspace: Path, index_dir: Path | None, output: Path | None, me
     written = explore_pages.write_analysis(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return
-    click.echo(f"{result.method} map of {len(result.points)} images: {written[-1]}"
-               + (f"\n{result.note}" if result.note else ""))
+    if result.note:
+        _echo_err(result.note)
+    click.echo(f"{result.method} map of {len(result.points)} images: {written[-1]}")
 
 
 @click.command("report")

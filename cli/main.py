@@ -80,7 +80,10 @@ class _Commands(click.Group):
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="simsiam-embed")
-def cli() -> None:
+@click.option("--workspace", type=click.Path(file_okay=False),
+              help="Folder that holds runs/ and index/, for the command that follows (as its own --workspace).")
+@click.pass_context
+def cli(ctx: click.Context, workspace: str | None) -> None:
     """Learn image embeddings from a folder of unlabelled images (SimSiam), then search them.
 
     \b
@@ -88,6 +91,8 @@ def cli() -> None:
       simsiam-embed index                 embed every image and build a search index
       simsiam-embed search query.jpg      the most similar images, with scores
     """
+    if workspace is not None:   # the command's default; its own --workspace, given too, still wins
+        ctx.default_map = {name: {"workspace": workspace} for name in COMMANDS}
 
 
 def main() -> None:

@@ -111,7 +111,8 @@ def resolve_index_sources(
 def _warn_if_unfinished(checkpoint: Path, report: Report) -> None:
     facts = run_facts(checkpoint, kind="pretrain")
     if not facts.finished:
-        report(f"note: {checkpoint} is from an unfinished run (step {facts.step} of {facts.total_steps}); "
+        of_total = f" of {facts.total_steps}" if facts.total_steps else ""   # a time budget not yet planned
+        report(f"note: {checkpoint} is from an unfinished run (step {facts.step}{of_total}); "
                "`simsiam-embed pretrain ... --resume` finishes it")
 
 

@@ -330,6 +330,9 @@ def make_ultralytics(root: Path, yaml_text: str) -> dict[str, dict]:
     # Written on another machine: absolute paths there, re-rooted here.
     "path: /home/alice/datasets/shapes\ntrain: /home/alice/datasets/shapes/images/train\n"
     "val: /home/alice/datasets/shapes/images/val\nnames: {0: box, 1: disc}\n",
+    # Written on Windows (a real Ultralytics file's form): drive letters and backslashes, re-rooted too.
+    "path: F:\\github_projects\\datasets\\shapes\ntrain: F:\\github_projects\\datasets\\shapes\\images\\train\n"
+    "val: images\\val\nnames: [box, disc]\n",
 ])
 def test_ultralytics_data_yaml_gives_the_boxes_of_each_split(tmp_path: Path, yaml_text: str):
     truths = make_ultralytics(tmp_path / "shapes", yaml_text)

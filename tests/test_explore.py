@@ -425,3 +425,25 @@ def test_a_plan_never_marks_the_last_copy_for_removal(tmp_path, copies):
     else:             # the next member keeps the picture, the other is removed
         assert left[0] in plan["keep"] and [row["path"] for row in plan["remove"]] == [left[1]]
         assert f"keeping {Path(left[0]).name} instead" in result.stderr
+
+
+def test_explore_commands_print_no_faiss_chatter_and_no_note_twice(tmp_path, capfd):
+    """clusters printed FAISS's C++ "WARNING clustering 21 points..." on stderr; map printed its
+    note on stdout and stderr both."""
+    from conftest import indexed_folder_with_a_copy
+
+    indexed_folder_with_a_copy(tmp_path, 20)
+    assert invoke("clusters", "-k", "3", cwd=tmp_path).exit_code == 0
+    assert "WARNING clustering" not in capfd.readouterr().err
+    mapped = invoke("map", "--method", "pca", "--max-points", "10", cwd=tmp_path)
+    assert mapped.exit_code == 0, mapped.output
+    assert "random 10" in mapped.stderr and "random 10" not in mapped.stdout
+
+
+def test_the_workspace_may_come_before_the_command(tmp_path):
+    from conftest import indexed_folder_with_a_copy
+
+    indexed_folder_with_a_copy(tmp_path / "ws", 6)
+    result = invoke("--workspace", str(tmp_path / "ws"), "outliers", "-n", "2", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ws" / "explore" / "outliers.json").is_file()

@@ -406,3 +406,16 @@ def test_the_python_api_does_the_three_commands_work(tmp_path, monkeypatch):
                                  '"predictor_hidden_dim": 16}'), "README", "exec"), namespace)
     hits = namespace["hits"]
     assert hits and hits[0].score > 0.99 and Path(hits[0].path).name == "disc-00.png"
+
+
+def test_an_unfinished_time_budget_run_is_named_without_none(tmp_path):
+    """`index` printed "step 3 of None" for a time-budget run stopped before its plan."""
+    from simsiam_embed.flow import _warn_if_unfinished
+    from simsiam_embed.settings import PretrainConfig
+
+    config = PretrainConfig(data_dir="d", run_name="r", epochs=None, time_budget_s=60.0)
+    Checkpoint(kind="pretrain", settings=config.to_dict(), model={}, step=3, finished=False,
+               total_steps=None).save(tmp_path / "checkpoint.pt")
+    said = []
+    _warn_if_unfinished(tmp_path / "checkpoint.pt", said.append)
+    assert "(step 3)" in said[0] and "None" not in said[0]

@@ -14,10 +14,11 @@ Images without boxes are kept (negatives teach the detector what is background).
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from PIL import Image
@@ -366,6 +367,14 @@ def _yaml_class_names(document: dict, path: Path) -> list[str]:
     return [str(name) for name in names]
 
 
+def _as_written(entry: str) -> PurePath:
+    """A path as the YAML's author wrote it: with a drive letter or backslashes, a Windows one
+    (``F:\\data\\coco128\\images\\train`` is absolute there, and re-rooted like any other)."""
+    if "\\" in entry or re.match(r"^[A-Za-z]:[\\/]", entry):
+        return PureWindowsPath(entry)
+    return PurePosixPath(entry)
+
+
 def _split_folders(document: dict, split: str, path: Path) -> list[Path]:
     """The image folders (or list files) of ``split``, found on this machine.
 
@@ -389,9 +398,12 @@ def _split_folders(document: dict, split: str, path: Path) -> list[Path]:
     for entry in entries:
         if not isinstance(entry, str):
             raise UserError(f"{path}: {split!r} must be a path or a list of paths")
-        if Path(entry).is_absolute():
-            parts = Path(entry).parts
+        written = _as_written(entry)
+        if written.is_absolute():
+            parts = written.parts
             candidates = [Path(entry)] + [here.joinpath(*parts[i:]) for i in range(1, len(parts))]
+        elif isinstance(written, PureWindowsPath):   # images\train, from a YAML written on Windows
+            candidates = [root.joinpath(*written.parts), here.joinpath(*written.parts)]
         else:
             candidates = [root / entry, here / entry]
             if entry.startswith("../"):

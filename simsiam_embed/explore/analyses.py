@@ -515,7 +515,10 @@ def find_clusters(loaded: LoadedIndex, k: int | None = None, examples: int = CLU
         k, reason = default_cluster_count(count), f"sqrt(n/2) for {count:,} images"
     elif k > count:
         raise UserError(f"-k {k} is more than the {count} images in the index: use -k {count} or less")
-    kmeans = faiss.Kmeans(vectors.dim, k, niter=KMEANS_ITERATIONS, spherical=True, seed=seed, verbose=False)
+    # min_points_per_centroid 1: k = sqrt(n/2) leaves fewer points a centroid than FAISS's 39, by
+    # design; FAISS would print a warning on stderr (from C++, past any verbose flag) for each run.
+    kmeans = faiss.Kmeans(vectors.dim, k, niter=KMEANS_ITERATIONS, spherical=True, seed=seed, verbose=False,
+                          min_points_per_centroid=1)
     # k-means trains on at most 256 points a centroid (FAISS's own sampling), then every vector
     # is assigned in chunks: memory stays n x (one id + one score) beyond the mapped vectors.
     kmeans.train(_training_sample(vectors, k * kmeans.cp.max_points_per_centroid, seed))
@@ -666,7 +669,7 @@ def project_to_map(loaded: LoadedIndex, method: str = "auto", max_points: int = 
             note += "PCA: umap-learn is not installed (pip install 'simsiam-embed[map]' for UMAP, which keeps " \
                     "neighbourhoods better)."
     if report is not None:
-        report(f"map: {name} of {len(rows):,} images. {note}".strip())
+        report(f"map: {name} of {len(rows):,} images")   # the note travels in the result
     points = [MapPoint(entries[p].id, entries[p].path, entries[p].label, round(float(x), 5), round(float(y), 5))
               for p, (x, y) in zip(rows.tolist(), coordinates)]
     return MapResult(name, note.strip(), len(entries), points)

@@ -100,11 +100,14 @@ def _empty_index(factory: str, dim: int) -> faiss.Index:
     try:
         return faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
-        raise UserError(f"FAISS cannot build index type {factory!r} ({_first_line(error)})") from None
+        raise UserError(f"FAISS cannot build index type {factory!r} ({_first_line(error)}): use --index-type flat, "
+                        "hnsw, ivfpq, or a FAISS factory string such as IVF256,Flat") from None
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+    """FAISS's message without its C++ frame ("Error in <signature> at <file>:<line>: ")."""
+    message = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", message)[:200]
 
 
 def _training_problem(factory: str, count: int, dim: int) -> str | None:
