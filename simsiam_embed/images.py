@@ -242,21 +242,19 @@ class Preprocessing:
 # Datasets
 
 
-#: How many following images a training sample tries in place of an unreadable one.
-REFILL_ATTEMPTS = 32
-
-
 def first_readable(index: int, paths: Sequence[Path | str],
                    load: Callable[[int], Any]) -> tuple[Any, list[tuple[str, str]]]:
     """``load(index)``, or, if that image is unreadable, the next readable one after it.
 
-    Training batches keep their size this way: under torchrun a rank whose whole share of a
-    batch was unreadable would skip a step the other ranks take, and hang their all-reduce.
-    Returns the loaded value (None if none of REFILL_ATTEMPTS images could be read) and the
-    (path, reason) of each unreadable image met on the way.
+    Training batches keep their size this way: under torchrun a rank whose share of a batch
+    came up short would skip a step the other ranks take, or die in batch norm, and leave the
+    others waiting in their all-reduce. So the search goes on past any run of unreadable files,
+    round the whole set if need be (a folder whose first 40 files are truncated still fills every
+    share from its good ones). Returns the loaded value (None only if no image of the set can be
+    read) and the (path, reason) of each unreadable image met on the way.
     """
     failures: list[tuple[str, str]] = []
-    for offset in range(min(REFILL_ATTEMPTS, len(paths))):
+    for offset in range(len(paths)):
         position = (index + offset) % len(paths)
         try:
             return load(position), failures

@@ -158,3 +158,43 @@ def test_a_rank_whose_whole_share_is_unreadable_still_steps(tmp_path):
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     listed = {Path(record["path"]).name for record in read_jsonl(tmp_path / "ws" / "runs" / "images" / "skipped.jsonl")}
     assert listed and listed <= {f"photo-{number:02d}.jpg" for number in truncated}
+
+
+def test_a_run_of_unreadable_files_longer_than_any_refill_window_still_fills_every_share(tmp_path):
+    """40 truncated JPEGs in a row, then 8 good ones, 2 ranks at --batch-size 4: the refill looked
+    at the next 32 files only, a rank got a 1-pair share and died in batch norm, and the other
+    waited in its all-reduce for ever. Every share is filled from the good files now."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(48):
+        path = images / f"photo-{number:02d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+        if number < 40:
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    (tmp_path / "out").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+         str(images), str(tmp_path / "ws"), str(tmp_path / "out"), '{"batch_size": 4, "epochs": 1, "crop_size": 32}'],
+        capture_output=True, text=True, timeout=300,   # it hung: a time-out here is the failure
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Checkpoint.load(tmp_path / "ws" / "runs" / "images" / "checkpoint.pt").finished
+
+
+def test_a_share_below_two_pairs_a_process_is_refused_on_every_rank(tmp_path):
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "simsiam_embed.cli.main", "pretrain", str(images), "--batch-size", "2", "--workers", "0",
+         "--workspace", str(tmp_path / "ws")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2 and all("--batch-size 4 or more" in line for line in errors), result.stderr[-2000:]
+    # torchrun reports its children's failure with its own traceback; none comes from ours.
+    assert not [line for line in result.stderr.splitlines() if line.strip().startswith("File ") and "simsiam_embed" in line]

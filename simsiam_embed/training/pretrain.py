@@ -202,6 +202,7 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         )
         if start is not None and start.backbone_chosen:
             config.choices.insert(0, f"backbone {config.backbone}: the --init file's")
+    _check_share_per_process(config.batch_size, context.world_size)
 
     if context.is_main:
         ensure_writable_folder(run_dir)
@@ -296,6 +297,15 @@ def _warm_start(overrides: dict[str, Any]) -> _WarmStart | None:
                         f"drop --backbone, or pass --backbone {start.backbone}")
     overrides.update(backbone=start.backbone, init=str(path.resolve()), init_digest=start.digest)
     return _WarmStart(start, given is None)
+
+
+def _check_share_per_process(batch_size: int, processes: int) -> None:
+    """Every process normalises its own share of the batch (batch norm on the CPU; SyncBN still
+    needs two values a channel on some process): a share below 2 pairs cannot train. Decided
+    from the settings alone, so every rank refuses alike."""
+    if processes > 1 and batch_size // processes < 2:
+        raise UserError(f"--batch-size {batch_size} over {processes} processes leaves {batch_size // processes} pair "
+                        f"a process, and batch norm needs 2: use --batch-size {2 * processes} or more")
 
 
 def image_draft_side(config: PretrainConfig) -> int | None:
