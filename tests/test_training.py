@@ -74,6 +74,16 @@ def test_the_loader_keeps_a_bounded_number_of_bytes_in_flight():
     assert device_path.bytes_in_flight <= LOADER_BYTES_BUDGET and device_path.prefetch == 3
 
 
+def test_workers_are_fewer_when_one_batch_each_would_pass_the_budget():
+    """Prefetch is at least 1 a worker: 16 workers of 2 GiB batches planned 31 GiB against 4."""
+    from simsiam_embed.training.loop import LOADER_BYTES_BUDGET, plan_loader_memory
+
+    plan = plan_loader_memory(1024, 2 << 20, workers=16, what="decoded images", shared_memory_bytes=64 << 30)
+    assert plan.workers == 2 and plan.prefetch == 1 and plan.bytes_in_flight <= LOADER_BYTES_BUDGET
+    assert "16 asked" in plan.summary
+    assert plan_loader_memory(1024, 2 << 20, workers=0, what="x", shared_memory_bytes=64 << 30).workers == 0
+
+
 # --------------------------------------------------------------------------------------------
 # The budget in the loop: slow steps and Ctrl-C, on a fake clock
 

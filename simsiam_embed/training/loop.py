@@ -382,6 +382,7 @@ class LoaderMemoryPlan:
     bytes_in_flight: int
     summary: str
     shared_memory_hint: str | None
+    workers: int                     # as asked, or fewer when even one batch each passes the budget
 
 
 def plan_loader_memory(pairs_per_batch: int, bytes_per_pair: int, workers: int, what: str,
@@ -390,9 +391,15 @@ def plan_loader_memory(pairs_per_batch: int, bytes_per_pair: int, workers: int, 
     when /dev/shm cannot hold them (Docker's default is 64 MB: the first batch would fail).
     ``what``: the form the pairs travel in, for the printed summary."""
     batch_bytes = pairs_per_batch * bytes_per_pair
+    asked = workers
+    if workers > 1 and workers * batch_bytes > LOADER_BYTES_BUDGET:
+        # Each worker holds at least one batch: past the budget even at prefetch 1, fewer workers.
+        workers = max(1, LOADER_BYTES_BUDGET // max(batch_bytes, 1))
     prefetch = max(1, min(MAX_PREFETCH, LOADER_BYTES_BUDGET // max(workers * batch_bytes, 1)))
     in_flight = workers * prefetch * batch_bytes
-    summary = (f"loader: {workers} workers x prefetch {prefetch} x {batch_bytes / 2**20:.1f} MiB a batch "
+    fewer = (f" ({asked} asked: {asked} batches in flight would pass the {LOADER_BYTES_BUDGET / 2**30:.0f} GiB "
+             "loader budget)") if workers < asked else ""
+    summary = (f"loader: {workers} workers{fewer} x prefetch {prefetch} x {batch_bytes / 2**20:.1f} MiB a batch "
                f"({what}) = {in_flight / 2**20:.0f} MiB in flight")
     if shared_memory_bytes is None:
         shared_memory_bytes = _shared_memory_bytes()
@@ -401,7 +408,7 @@ def plan_loader_memory(pairs_per_batch: int, bytes_per_pair: int, workers: int, 
         hint = (f"hint: /dev/shm holds {shared_memory_bytes / 2**20:.0f} MiB and the loader keeps up to "
                 f"{in_flight / 2**20:.0f} MiB there: give the container more (docker run --shm-size="
                 f"{max(1, -(-2 * in_flight // 2**30))}g), or pass --workers 0")
-    return LoaderMemoryPlan(prefetch, in_flight, summary, hint)
+    return LoaderMemoryPlan(prefetch, in_flight, summary, hint, workers)
 
 
 def _shared_memory_bytes() -> int | None:
@@ -703,8 +710,8 @@ class TrainingLoop:
     def _loader(self) -> Iterator:
         stack, sample_bytes, what = self.task.loader_shape()
         sampler = StepBatchSampler(len(self.task.dataset), self.plan.batch_size, self.plan.seed, self.step, self.context)
-        workers = self.plan.workers
-        memory = plan_loader_memory(self.plan.batch_size // self.context.world_size, sample_bytes, workers, what)
+        memory = plan_loader_memory(self.plan.batch_size // self.context.world_size, sample_bytes, self.plan.workers, what)
+        workers = memory.workers
         self.report(memory.summary)
         if memory.shared_memory_hint:
             self.report(memory.shared_memory_hint)
