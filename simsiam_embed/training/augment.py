@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -117,22 +118,27 @@ class BatchAugment:
 
     @torch.no_grad()
     def __call__(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        """``views``: uint8, or float in [0, 255] (from :func:`crop_on_device`)."""
+        """``views``: uint8, or float in [0, 255] (from :func:`crop_on_device`). ``parameters``:
+        best left on the CPU, where the loader made them: which views take which operation is
+        decided there, so a GPU never waits on a sync for it (a boolean mask on the device would
+        cost one ``.any()`` sync per operation, 18 a step); only the factors go to the device."""
         images = views.float() / 255.0
-        parameters = parameters.to(images.device)
-        jittered = parameters[:, JITTER] > 0.5
+        decide = parameters.cpu()
+        factors = parameters.to(images.device, non_blocking=True)
+        jittered = decide[:, JITTER] > 0.5
         operations = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+        def apply(chosen: torch.Tensor, operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], slot: int) -> None:
+            if not chosen.any():   # a CPU tensor: no device sync
+                return
+            rows = chosen.nonzero().squeeze(1).to(images.device, non_blocking=True)
+            images.index_copy_(0, rows, operation(images.index_select(0, rows), factors[:, slot].index_select(0, rows)))
+
         for position in range(4):   # each view applies the four operations in its own order
             for operation_id, operation in enumerate(operations):
-                chosen = jittered & (parameters[:, ORDER + position] == operation_id)
-                if chosen.any():
-                    images[chosen] = operation(images[chosen], parameters[chosen, BRIGHTNESS + operation_id])
-        grey = parameters[:, GRAYSCALE] > 0.5
-        if grey.any():
-            images[grey] = grayscale(images[grey]).expand(-1, 3, -1, -1)
-        blurred = parameters[:, BLUR] > 0.5
-        if blurred.any():
-            images[blurred] = gaussian_blur(images[blurred], parameters[blurred, SIGMA])
+                apply(jittered & (decide[:, ORDER + position] == operation_id), operation, BRIGHTNESS + operation_id)
+        apply(decide[:, GRAYSCALE] > 0.5, lambda chosen, _factors: grayscale(chosen).expand(-1, 3, -1, -1), GRAYSCALE)
+        apply(decide[:, BLUR] > 0.5, gaussian_blur, SIGMA)
         return (images - self.mean) / self.std
 
 

@@ -417,7 +417,7 @@ class SimSiamTask(TaskDefaults):
             parameters = torch.cat([parameters1, parameters2])
         else:
             return tuple(view.to(self.device, non_blocking=True, memory_format=memory_format) for view in batch)
-        views = self.augment_batch(crops, parameters.to(self.device, non_blocking=True))
+        views = self.augment_batch(crops, parameters)   # parameters stay on the CPU (see BatchAugment)
         views = views.contiguous(memory_format=memory_format)
         return views[:len(views) // 2], views[len(views) // 2:]
 
