@@ -40,7 +40,8 @@ def _default(name: str, text: str = "") -> str:
 @click.option("--init", type=click.Choice(INITS), help=_default("init", "random: the same recipe from scratch, for comparison."))
 @click.option("--backbone", type=click.Choice(BACKBONE_NAMES), help="Only with --init random.  [default: resnet50 on GPU, resnet18 on CPU]")
 @click.option("--norm", type=click.Choice(NORMS),
-              help=_default("norm", "Backbone BN: frozen statistics, trainable BN, or SyncBN (torchrun on GPUs)."))
+              help="Backbone BN: frozen statistics, trainable BN, or SyncBN (torchrun on GPUs).  [default: syncbn "
+                   "under torchrun on GPUs (the paper's recipe), bn otherwise]")
 @click.option("--trainable-layers", type=click.IntRange(0, 5), help=_default("trainable_layers", "Backbone stages that train (5: all, the paper's)."))
 @click.option("--epochs", type=click.IntRange(min=1), help=_default("epochs"))
 @click.option("--batch-size", type=click.IntRange(min=1),

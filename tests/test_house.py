@@ -337,6 +337,21 @@ def test_a_python_caller_gets_the_gpu_policy_of_the_command_line(monkeypatch):
     assert choices and choices[0].startswith("batch 16:")
     on_cpu = DetectionConfig(data="x", device="cpu", batch_size=2)
     assert on_cpu.choose_for_hardware() == [] and (on_cpu.amp, on_cpu.channels_last, on_cpu.batch_size) == ("off", False, 2)
+    assert on_gpu.norm == on_cpu.norm == "bn"   # one process: its own batch norm
+
+
+def test_detection_on_several_gpus_shares_batch_norm_statistics(monkeypatch):
+    """Under torchrun on GPUs detection defaulted to per-GPU BN over 2 images a GPU."""
+    import simsiam_embed.settings as settings
+    from simsiam_embed.detection.settings import DetectionConfig
+
+    monkeypatch.setattr(settings, "gpu_memory_bytes", lambda _device: 16 * 2 ** 30)
+    several = DetectionConfig(data="x", device="cuda")
+    choices = several.choose_for_hardware(processes=4)
+    assert several.norm == "syncbn" and any(line.startswith("norm syncbn") for line in choices)
+    chosen = DetectionConfig(data="x", device="cuda", norm="bn")
+    chosen.choose_for_hardware(processes=4)
+    assert chosen.norm == "bn"   # the user's word stands
 
 
 def test_embedding_defaults_are_written_once(tmp_path):

@@ -34,8 +34,8 @@ class DetectionConfig(SavedSettings):
     init: str = "simsiam"
     backbone: str | None = None         # from the checkpoint; resnet50 (GPU) / resnet18 (CPU) for random init
     # The paper's detection recipe (from MoCo) fine-tunes every layer with normalisation that
-    # trains: SyncBN across GPUs; on one machine, ordinary BN is the closest.
-    norm: str = "bn"
+    # trains: SyncBN across GPUs; in one process, ordinary BN is the closest. None: that rule.
+    norm: str | None = None
     trainable_layers: int = 5
     epochs: int = 12
     batch_size: int | None = None       # None: default_detection_batch
@@ -76,8 +76,14 @@ class DetectionConfig(SavedSettings):
             self.amp = "fp16" if on_gpu else "off"
         if self.channels_last is None:
             self.channels_last = on_gpu   # NHWC pays on tensor cores; FPN's odd shapes gain nothing on a CPU
+        processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+        if self.norm is None:
+            # Per-GPU BN over 2 images a GPU estimates its statistics from 2 images: SyncBN pools
+            # them over every GPU, as the MoCo/SimSiam detection recipe does.
+            self.norm = "syncbn" if on_gpu and processes > 1 else "bn"
+            if self.norm == "syncbn":
+                choices.append(f"norm syncbn: {processes} GPU processes share batch-norm statistics (the paper's recipe)")
         if self.batch_size is None:
-            processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
             self.batch_size, reason = default_detection_batch(self.device, self.max_size, processes)
             choices.append(reason)
         return choices
