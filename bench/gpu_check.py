@@ -4,7 +4,13 @@ its table into bench/RESULTS.md with the device named.
     python bench/gpu_check.py                  # CUDA: the real defaults, ResNet-50 at 224 px
     python bench/gpu_check.py --device cpu     # small sizes: proves the script itself works (CI)
 
-What it checks, each a row of the table (a failed check makes the exit status 1):
+It never passes by mistake: ``--device cuda`` (the default) with no GPU visible stops at once
+with exit status 2; each check runs on its own, so one that raises is a FAILED row and the others
+still run; the table is always printed, and written as JSON (``--json``, default
+``gpu_check.json`` in the working folder) for bench/RESULTS.md. A throughput row is compared with
+a floor from this device's own measured matmul peak and the model's FLOPs, and marked SHORT below it.
+
+What it checks, each a row of the table (a failed or short check makes the exit status 1):
 1. pretraining with the default batch (chosen from the GPU's memory) and AMP: pairs/s, peak
    memory against the estimate the batch was chosen by, and the loader's own pairs/s against
    the GPU's (training steps on batches already on the device): is the loader the bottleneck?
@@ -12,7 +18,8 @@ What it checks, each a row of the table (a failed check makes the exit status 1)
 3. export to ONNX, then `embed` and `search --json` through ONNX Runtime's CUDA provider (and
    TensorRT when its runtime is installed), the JSON parsed;
 4. FAISS on the GPU when a GPU build is installed (k <= 2048 on the GPU, larger k on the CPU);
-5. detection fine-tuning steps with AMP (fp16 + loss scaler).
+5. detection fine-tuning steps with AMP (fp16 + loss scaler);
+6. the batched colour augmentation runs without a device sync.
 Images are drawn by the script itself: the device machine needs nothing but this repository.
 """
 
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +42,7 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from simsiam_embed.training.augment import AugmentationRecipe, BatchAugment  # noqa: E402
+from simsiam_embed.training.augment import AugmentationRecipe, BatchAugment, draw_view  # noqa: E402
 from simsiam_embed.trained_model import build_model  # noqa: E402
 from simsiam_embed.settings import PAIR_BYTES_224_AMP  # noqa: E402
 from simsiam_embed.models import simsiam_loss  # noqa: E402
@@ -81,17 +89,60 @@ class Table:
         self.rows: list[tuple[str, str, str]] = []
         self.failed = False
 
-    def add(self, check: str, ok: bool | None, figures: str) -> None:
-        """ok: True passed, False failed, None skipped."""
-        verdict = {True: "ok", False: "FAILED", None: "skipped"}[ok]
-        self.failed |= ok is False
+    def add(self, check: str, ok: bool | None, figures: str, short: bool = False) -> None:
+        """ok: True passed, False failed, None skipped; ``short``: ran, but below its floor."""
+        verdict = "SHORT" if ok and short else {True: "ok", False: "FAILED", None: "skipped"}[ok]
+        self.failed |= ok is False or verdict == "SHORT"
         self.rows.append((check, verdict, figures))
         print(f"{check}: {verdict}: {figures}", flush=True)
+
+    def run(self, check: str, work, *args) -> Any:
+        """``work(self, *args)``; an exception is this check's FAILED row, and the next check runs."""
+        try:
+            return work(self, *args)
+        except Exception as error:   # noqa: BLE001  (any failure is a row of the table, not the end of it)
+            self.add(check, False, f"{type(error).__name__}: {str(error).strip().splitlines()[-1:] or ''}"[:200])
+            return None
 
     def print(self, device: str) -> None:
         print(f"\ndevice: {device}\n\n| check | result | figures |\n| --- | --- | --- |")
         for row in self.rows:
             print("| " + " | ".join(row) + " |")
+
+    def write_json(self, path: Path, device: str) -> None:
+        path.write_text(json.dumps({"device": device, "failed": self.failed,
+                                    "rows": [dict(zip(("check", "result", "figures"), row)) for row in self.rows]},
+                                   indent=2) + "\n")
+        print(f"\ntable as JSON: {path}")
+
+
+#: A throughput row is SHORT below this share of (measured matmul peak / the model's FLOPs a pair):
+#: convolutions reach less than a square matmul, but a loop at a tenth of it is losing its time elsewhere.
+FLOOR_SHARE_OF_PEAK = 0.10
+
+
+def matmul_peak(device: str, dtype: torch.dtype, size: int = 4096, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul on ``device``: the device's own ceiling, measured, not from a spec sheet."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _synchronize(device)
+    return repeats * 2 * size ** 3 / (time.perf_counter() - began)
+
+
+def flops_per_pair(config) -> float:
+    """Training FLOPs of one image pair (forward and backward), counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(config).train()
+    views = torch.randn(2, 3, config.crop_size, config.crop_size)
+    with FlopCounterMode(display=False) as counter:
+        simsiam_loss(model(views, views.clone())).backward()
+    return counter.get_total_flops() / 2
 
 
 def check_pretraining(table: Table, images: Path, workspace: Path, device: str, small: bool, steps: int) -> Path:
@@ -112,7 +163,15 @@ def check_pretraining(table: Table, images: Path, workspace: Path, device: str, 
         peak = torch.cuda.max_memory_allocated()
         estimate = PAIR_BYTES_224_AMP.get(config.backbone, 0) * (config.crop_size / 224) ** 2 * config.batch_size
         figures += f"; peak memory {peak / 2**30:.1f} GiB (estimate {estimate / 2**30:.1f} GiB)"
-    table.add("pretrain, default batch and AMP", result.step == steps, figures)
+    short = False
+    if not small:   # the small CPU sizes prove the script, not a device's pace
+        peak = matmul_peak(device, torch.bfloat16 if config.amp == "bf16" else torch.float16 if config.amp == "fp16"
+                           else torch.float32)
+        floor = FLOOR_SHARE_OF_PEAK * peak / flops_per_pair(config)
+        short = (result.pairs_per_second or 0.0) < floor
+        figures += (f"; floor {floor:.0f} pairs/s ({FLOOR_SHARE_OF_PEAK:.0%} of the measured {peak / 1e12:.1f} "
+                    "TFLOP/s matmul peak)")
+    table.add("pretrain, default batch and AMP", result.step == steps, figures, short=short)
 
     # The GPU's own pace: training steps on batches already on the device, no loader at all.
     model = build_model(config).to(device).train()
@@ -120,11 +179,15 @@ def check_pretraining(table: Table, images: Path, workspace: Path, device: str, 
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     amp = MixedPrecision(config.amp, device)
-    augment = BatchAugment(AugmentationRecipe(config.crop_size), device)
+    recipe = AugmentationRecipe(config.crop_size, blur=config.blur)
+    augment = BatchAugment(recipe, device)
     crops = torch.randint(0, 256, (2 * config.batch_size, 3, config.crop_size, config.crop_size), dtype=torch.uint8,
                           device=device)
-    parameters = torch.zeros(2 * config.batch_size, 12, device=device)
-    timed = 3 if small else 10
+    # The parameters the loader draws (jitter 80%, grayscale 20%, blur as the recipe says), on the
+    # CPU as the loader hands them over: zeros would skip every colour operation and time too little.
+    canvas = Image.new("RGB", (config.crop_size, config.crop_size))
+    parameters = torch.stack([draw_view(canvas, recipe)[1] for _ in range(2 * config.batch_size)])
+    timed = 3 if small else 30
     for step in range(timed + 2):
         if step == 2:
             _synchronize(device)
@@ -142,6 +205,28 @@ def check_pretraining(table: Table, images: Path, workspace: Path, device: str, 
               + ("the loader keeps up" if loader_rate >= 0.9 * device_rate else
                  f"the loader is the bottleneck ({loader_rate / device_rate:.0%} of the device's pace)"))
     return result.run_dir
+
+
+def check_augmentation_syncs(table: Table, device: str, small: bool) -> None:
+    """The batched colour augmentation decides which views take which operation from the loader's
+    CPU copy of the parameters: on a GPU it must run without one device sync (it made 18 a step)."""
+    check = "colour augmentation, no device sync"
+    if small:
+        table.add(check, None, "a CPU has no device syncs")
+        return
+    recipe = AugmentationRecipe(224, blur=True)
+    augment = BatchAugment(recipe, device)
+    canvas = Image.new("RGB", (224, 224))
+    parameters = torch.stack([draw_view(canvas, recipe)[1] for _ in range(512)])
+    crops = torch.randint(0, 256, (512, 3, 224, 224), dtype=torch.uint8, device=device)
+    augment(crops, parameters)   # the first call may sync while CUDA sets itself up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        augment(crops, parameters)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    table.add(check, True, "512 views at 224 px under torch.cuda.set_sync_debug_mode('error')")
 
 
 def _synchronize(device: str) -> None:
@@ -235,24 +320,37 @@ def check_detection(table: Table, images: Path, image_side: int, side: int, work
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda", help="cuda (default; fails without a GPU) or cpu (small sizes)")
     parser.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
+    parser.add_argument("--json", type=Path, help="where to write the table as JSON (default: OUT/gpu_check.json, "
+                                                  "or ./gpu_check.json with a temporary folder)")
     args = parser.parse_args()
-    small = not args.device.startswith("cuda")
-    on_gpu = not small
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        print("FAILED: --device cuda, and PyTorch sees no CUDA GPU here (use --device cpu to check the script itself)",
+              file=sys.stderr)
+        sys.exit(2)
+    small = not on_gpu
     name = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores), small sizes"
     table = Table()
     with tempfile.TemporaryDirectory() as tmp:
         workspace = (args.out or Path(tmp)).resolve()
         workspace.mkdir(parents=True, exist_ok=True)
-        side = 256 if on_gpu else 48
-        images = draw_images(workspace / "images", 2048 if on_gpu else 24, side)
-        run_dir = check_pretraining(table, images, workspace, args.device, small, steps=30 if on_gpu else 3)
-        check_two_processes(table, images, workspace, small)
-        check_inference(table, run_dir, images, workspace, on_gpu)
-        check_faiss_gpu(table)
-        check_detection(table, images, side, 512 if on_gpu else 64, workspace, args.device, steps=20 if on_gpu else 3)
-    table.print(name)
+        try:
+            side = 256 if on_gpu else 48
+            images = draw_images(workspace / "images", 2048 if on_gpu else 24, side)
+            run_dir = table.run("pretrain, default batch and AMP", check_pretraining, images, workspace, args.device,
+                                small, 30 if on_gpu else 3)
+            table.run("colour augmentation, no device sync", check_augmentation_syncs, args.device, small)
+            table.run("torchrun, 2 processes on 2 GPUs", check_two_processes, images, workspace, small)
+            if run_dir is not None:
+                table.run("export and inference", check_inference, run_dir, images, workspace, on_gpu)
+            table.run("FAISS on the GPU", check_faiss_gpu)
+            table.run("detection fine-tuning", check_detection, images, side, 512 if on_gpu else 64, workspace,
+                      args.device, 20 if on_gpu else 3)
+        finally:
+            table.print(name)
+            table.write_json(args.json or (args.out or Path.cwd()) / "gpu_check.json", name)
     sys.exit(1 if table.failed else 0)
 
 
