@@ -1,6 +1,7 @@
 """Training throughput: simsiam-embed's loop against a plain reference loop, same run, same machine.
 
     python bench/bench_pretrain.py [--steps 4]
+    python bench/bench_pretrain.py --against-lightly [--steps 12] [--images 10000]
 
 Reference: the paper's Algorithm 1 as most people write it: torchvision transforms through a
 TwoCropsTransform, an ImageFolder-style dataset, a standard DataLoader, fp32. Ours: the real
@@ -89,11 +90,124 @@ def draft_decode_seconds(paths, side: int | None) -> float:
     return time.monotonic() - started
 
 
+# --------------------------------------------------------------------------------------------
+# Against lightly 1.6 on lightly's CIFAR-10 benchmark model, and the default recipe's share of peak
+
+
+def lightly_pairs_per_second(folder: Path, steps: int, workers: int, batch: int) -> float | None:
+    """lightly's own SimSiam training loop (its example and CIFAR-10 benchmark): ResNet-18 with the
+    standard stem, a 2-layer 2048 projector, its SimSiamTransform at 32 px without blur, fp32."""
+    try:
+        from lightly.data import LightlyDataset
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules.heads import ProjectionHead, SimSiamPredictionHead
+        from lightly.transforms import SimSiamTransform
+    except ImportError:
+        print("lightly is not installed (pip install 'simsiam-embed[bench]'): its column is left out")
+        return None
+    from torch import nn
+    from torchvision import models as tv_models
+
+    torch.manual_seed(0)
+    resnet = tv_models.resnet18()
+    backbone = nn.Sequential(*list(resnet.children())[:-1])
+    projector = ProjectionHead([(512, 2048, nn.BatchNorm1d(2048), nn.ReLU()),
+                                (2048, 2048, nn.BatchNorm1d(2048, affine=False), None)])
+    predictor = SimSiamPredictionHead(2048, 512, 2048)
+    model = nn.ModuleList([backbone, projector, predictor]).train()
+    criterion = NegativeCosineSimilarity()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * batch / 256, momentum=0.9, weight_decay=5e-4)
+    dataset = LightlyDataset(str(folder), transform=SimSiamTransform(input_size=32, gaussian_blur=0.0))
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        persistent_workers=workers > 0)
+    done, started = 0, None
+    while done <= steps:
+        for (x0, x1), _, _ in loader:
+            z0, z1 = (projector(backbone(x).flatten(start_dim=1)) for x in (x0, x1))
+            p0, p1 = predictor(z0), predictor(z1)
+            loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == 1:
+                started = time.monotonic()
+            if done > steps:
+                break
+    rate = steps * batch / (time.monotonic() - started)
+    del loader   # its persistent workers end here, not during the next measurement
+    return rate
+
+
+def ours_later_epochs_pairs_per_second(folder: Path, settings: dict, steps: int, workspace: Path) -> float:
+    """``pretrain()``'s pace after its first epoch (the decoded-image store then full), from metrics.jsonl."""
+    import json
+
+    images = len(discover_images(folder))
+    steps_per_epoch = images // settings["batch_size"]
+    result = pretrain(folder, Workspace(workspace), dict(settings, epochs=1 + -(-steps // steps_per_epoch), log_every=1),
+                      report=lambda _m: None, show_progress=False)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = {r["step"]: r["time_s"] for r in records if "time_s" in r}
+    first, last = steps_per_epoch + 1, steps_per_epoch + steps
+    return (last - first) * settings["batch_size"] / (times[last] - times[first])
+
+
+def against_lightly(steps: int, workers: int, images: int) -> None:
+    from bench_loader import flops_per_pair, peak_matmul_flops
+
+    print(f"machine: {machine()}")
+    # The peaks first, before any loader's worker processes exist, best of three: this is a
+    # shared 2-core machine, and a peak measured while anything else runs would be too low.
+    peaks = {"fp32": max(peak_matmul_flops(torch.float32) for _ in range(3)),
+             "bf16": max(peak_matmul_flops(torch.bfloat16) for _ in range(3))}
+    batch = 256
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = write_fashion_mnist_folder(tmp / "fmnist32", "train", images, size=32)
+        lightly_model = dict(recipe="cifar", backbone="resnet18", small_image_stem=False, crop_size=32,
+                             projector_layers=2, batch_size=batch, num_workers=workers, blur=False)
+        rows = []
+        for label, settings in (("lightly's model, ours fp32, decoded each epoch", dict(lightly_model, amp="off",
+                                                                                           store_images=False)),
+                                ("lightly's model, ours defaults (store on)", lightly_model),
+                                ("default CIFAR recipe (small-image stem), store on",
+                                 dict(recipe="cifar", batch_size=batch, num_workers=workers))):
+            rate = ours_later_epochs_pairs_per_second(folder, settings, steps, tmp / str(len(rows)))
+            rows.append((label, rate))
+            print(f"{label}: {rate:.1f} pairs/s", flush=True)
+        reference = lightly_pairs_per_second(folder, steps, workers, batch)
+        if reference is not None:
+            print(f"lightly 1.6 loop: {reference:.1f} pairs/s", flush=True)
+        default = PretrainConfig(str(folder), "x", recipe="cifar", backbone="resnet18", small_image_stem=True,
+                                 crop_size=32, projector_layers=2, blur=False)
+        flops = flops_per_pair(default)
+        print(f"\npeak matmul 2048^2: fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
+              f"default recipe {flops / 1e9:.2f} GFLOP a pair (torch.utils.flop_counter)")
+        print("\n| loop | pairs/s | vs lightly |")
+        print("| --- | --- | --- |")
+        if reference is not None:
+            print(f"| lightly 1.6 (fp32, its SimSiamTransform, no blur) | {reference:.1f} | 1.00x |")
+        for label, rate in rows:
+            print(f"| {label} | {rate:.1f} | {f'{rate / reference:.2f}x' if reference else 'n/a'} |")
+        default_rate = rows[-1][1]
+        amp = default.amp if default.amp == "bf16" else "fp32"
+        print(f"\ndefault recipe: {default_rate * flops / 1e9:.0f} GFLOP/s = "
+              f"{default_rate * flops / peaks[amp]:.0%} of the {amp} matmul peak")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--against-lightly", action="store_true",
+                        help="lightly 1.6's loop vs ours on its CIFAR-10 benchmark model, and the default recipe's "
+                             "share of this machine's matmul peak")
+    parser.add_argument("--images", type=int, default=10_000, help="CIFAR-size images for --against-lightly")
     args = parser.parse_args()
+    if args.against_lightly:
+        against_lightly(args.steps, args.workers, args.images)
+        return
     data = require_shared_data()
     print(f"machine: {machine()}")
     rows = []
