@@ -1,16 +1,17 @@
-"""Calibrate `dedup`'s threshold: plant near-duplicates among distinct real images, then score the
-groups `dedup` finds at each threshold (pair precision and recall, by kind of edit).
+"""Calibrate `dedup`: plant edited copies among distinct real images, then score the groups
+`dedup` finds (pair precision and recall, by kind of edit), today's pixel check and the
+geometric check side by side in one run, with the time per 1,000 images.
 
     python bench/bench_dedup_threshold.py --images PHOTOS --model runs/x/encoder.onnx [--images ... --model ...]
 
 Each --images folder is paired with the --model after it. From each folder, --planted images are
-drawn at random and each gets one copy edited as people's copies are: JPEG re-encoded at low
-quality, resized to half, cropped by 5% a side, or brightened by 15% (the four in turn). Every
-image and copy is indexed with the model, and `find_duplicates` runs at each threshold. A pair
+drawn at random and each gets one copy edited as people's copies are (in turn): JPEG re-encoded at
+quality 30, resized to 60%, centre-cropped to 85%, brightened by 15%, mirrored and re-encoded at
+quality 60, rotated by 5 degrees, a caption strip across the bottom. Every image and copy is
+indexed with the model and `find_duplicates` runs at each threshold and at the default. A pair
 counts as found when the original and its copy land in one group; precision is over all pairs
-that the groups imply (distinct images wrongly joined lower it). Side by side: the same rule
-without the pixel check, and the baseline of single links (every neighbour pair at or above
-the threshold joined, what a plain range search plus union-find gives) on the same graph.
+the groups imply (distinct images wrongly joined lower it). The same folder with nothing planted
+shows the false groups each rule makes on its own.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from common import machine  # noqa: E402
 from simsiam_embed.artefacts import file_digest
 from simsiam_embed.images import discover_images, open_image
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
-from simsiam_embed.explore.analyses import CentredVectors, _DisjointSets, find_duplicates, neighbour_graph
+from simsiam_embed.explore.analyses import find_duplicates
 from simsiam_embed.index.store import EncoderIdentity, load_index, update_index
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.93, 0.95, 0.97, 0.99)
@@ -56,7 +57,40 @@ def brighter(image: Image.Image, out: Path) -> None:
     ImageEnhance.Brightness(image).enhance(1.15).save(out.with_suffix(".png"))
 
 
-EDITS = {"jpeg q30": jpeg_low_quality, "half size": half_size, "crop 5%": crop_five_percent, "brightness +15%": brighter}
+def resize_60(image: Image.Image, out: Path) -> None:
+    image.resize((max(1, round(image.width * 0.6)), max(1, round(image.height * 0.6))), Image.BICUBIC).save(
+        out.with_suffix(".png"))
+
+
+def centre_crop_85(image: Image.Image, out: Path) -> None:
+    width, height = round(image.width * 0.85), round(image.height * 0.85)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image.crop((left, top, left + width, top + height)).save(out.with_suffix(".png"))
+
+
+def mirror_jpeg_q60(image: Image.Image, out: Path) -> None:
+    image.transpose(Image.FLIP_LEFT_RIGHT).save(out.with_suffix(".jpg"), quality=60)
+
+
+def rotate_5(image: Image.Image, out: Path) -> None:
+    image.rotate(5, resample=Image.BICUBIC, expand=False).save(out.with_suffix(".png"))
+
+
+def caption_strip(image: Image.Image, out: Path) -> None:
+    """A white strip with a line of text across the bottom eighth, as a meme or a watermark."""
+    from PIL import ImageDraw
+
+    captioned = image.copy()
+    strip = max(8, image.height // 8)
+    draw = ImageDraw.Draw(captioned)
+    draw.rectangle([0, image.height - strip, image.width, image.height], fill=(255, 255, 255))
+    draw.text((4, image.height - strip + 2), "shared from my phone  #nature", fill=(0, 0, 0))
+    captioned.save(out.with_suffix(".png"))
+
+
+EDITS = {"jpeg q30": jpeg_low_quality, "resize 60%": resize_60, "centre crop 85%": centre_crop_85,
+         "brightness +15%": brighter, "mirror + jpeg q60": mirror_jpeg_q60, "rotate 5 deg": rotate_5,
+         "caption strip": caption_strip}
 
 
 def plant(images: list[Path], planted: int, folder: Path, seed: int) -> dict[str, tuple[str, str]]:
@@ -80,19 +114,6 @@ def plant(images: list[Path], planted: int, folder: Path, seed: int) -> dict[str
         made = next(copies.glob(stem.name + ".*"))
         truth[str(made.resolve())] = (str(original.resolve()), name)
     return truth
-
-
-def single_link_groups(loaded, threshold: float) -> list[list[str]]:
-    """The baseline: every pair of the 10-NN graph at or above ``threshold``, joined transitively."""
-    graph = neighbour_graph(CentredVectors(loaded.vectors), 10)
-    sets = _DisjointSets(loaded.count)
-    for row, column in zip(*np.nonzero(graph.scores >= threshold)):
-        sets.union(int(row), int(graph.positions[row, column]))
-    paths = [loaded.entries[int(i)].path for i in loaded.ids]
-    members: dict[int, list[str]] = {}
-    for position, path in enumerate(paths):
-        members.setdefault(sets.find(position), []).append(path)
-    return [group for group in members.values() if len(group) > 1]
 
 
 def paths_of(result) -> list[list[str]]:
@@ -122,58 +143,43 @@ def main() -> None:
     parser.add_argument("--model", type=Path, action="append", required=True, help="encoder.onnx")
     parser.add_argument("--planted", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--thresholds", type=float, nargs="*", default=list(THRESHOLDS))
     args = parser.parse_args()
     if len(args.images) != len(args.model):
         parser.error("give one --model after each --images")
     print(f"machine: {machine()}")
-    checked_f1: dict[float, list[float]] = {}
-    checked_precision: dict[float, list[float]] = {}
-    unchecked_precision: dict[float, list[float]] = {}
     for images_dir, model in zip(args.images, args.model):
         images = discover_images(images_dir)
-        with tempfile.TemporaryDirectory() as scratch:
-            scratch = Path(scratch)
-            truth = plant(images, min(args.planted, len(images)), scratch / "images", args.seed)
-            encoder = OnnxEncoder(model)
-            identity = EncoderIdentity("onnx", str(model), file_digest(model), encoder.dim)
-            started = time.monotonic()
-            update_index(scratch / "images", encoder, identity, scratch / "index", report=lambda _m: None,
-                         show_progress=False)
-            loaded = load_index(scratch / "index", for_search=False)
-            print(f"\n{images_dir} ({len(images)} distinct images + {len(truth)} planted copies), model {model} "
-                  f"(indexed in {time.monotonic() - started:.0f} s)")
-            print(f"| threshold | groups | precision | recall | F1 | {' | '.join(EDITS)} "
-                  "| no pixel check: P / R / F1 | single links: P / R / F1 |")
-            print("|---" * (7 + len(EDITS)) + "|")
-            for threshold in (*THRESHOLDS, None):
-                result = find_duplicates(loaded, threshold)
-                precision, recall, by_edit = score(paths_of(result), truth)
-                f1 = f_score(precision, recall)
-                checked = find_duplicates(loaded, threshold, pixel_check=False)
-                p0, r0, _ = score(paths_of(checked), truth)
-                if threshold is None:
-                    print(f"| **default** | {len(result.groups)} | {precision:.3f} | {recall:.3f} | {f1:.3f} | "
-                          + " | ".join(f"{by_edit.get(edit, 0):.2f}" for edit in EDITS)
-                          + f" | {p0:.3f} / {r0:.3f} / {f_score(p0, r0):.3f} | |")
-                    print(f"\ndefault: {result.rule.describe()}; without the pixel check: {checked.rule.describe()}")
+        for planted in (0, min(args.planted, len(images))):
+            with tempfile.TemporaryDirectory() as scratch:
+                scratch = Path(scratch)
+                truth = plant(images, planted, scratch / "images", args.seed)
+                encoder = OnnxEncoder(model)
+                identity = EncoderIdentity("onnx", str(model), file_digest(model), encoder.dim)
+                update_index(scratch / "images", encoder, identity, scratch / "index", report=lambda _m: None,
+                             show_progress=False)
+                loaded = load_index(scratch / "index", for_search=False)
+                print(f"\n{images_dir}: {len(images)} distinct images + {len(truth)} planted copies, model {model}")
+                if not truth:
+                    for label, geometry in (("pixel check (before)", False), ("geometric check", True)):
+                        result = find_duplicates(loaded, None, geometry=geometry)
+                        print(f"  nothing planted, {label}: {len(result.groups)} groups "
+                              f"({', '.join(str([Path(m.path).name for m in g.members]) for g in result.groups[:5])})")
                     continue
-                checked_f1.setdefault(threshold, []).append(f1)
-                checked_precision.setdefault(threshold, []).append(precision)
-                unchecked_precision.setdefault(threshold, []).append(p0)
-                p1, r1, _ = score(single_link_groups(loaded, threshold), truth)
-                print(f"| {threshold} | {len(result.groups)} | {precision:.3f} | {recall:.3f} | {f1:.3f} | "
-                      + " | ".join(f"{by_edit.get(edit, 0):.2f}" for edit in EDITS)
-                      + f" | {p0:.3f} / {r0:.3f} / {f_score(p0, r0):.3f} | {p1:.3f} / {r1:.3f} / {f_score(p1, r1):.3f} |")
-    print("\nthe calibration rules (one value per set, in the order given):")
-    for number, name in enumerate(args.images):
-        f1s = {t: values[number] for t, values in checked_f1.items()}
-        top = max(f1s.values())
-        near_best = max(t for t, f1 in f1s.items() if f1 >= top - 0.01)
-        floor = min((t for t, values in checked_precision.items() if values[number] >= 0.8), default=None)
-        print(f"  {name}: with the pixel check, highest threshold within 0.01 of the best F1 ({top:.3f}): {near_best}; "
-              f"lowest with precision >= 0.8: {floor}")
-    unchecked = min((t for t, values in unchecked_precision.items() if min(values) >= 0.8), default=None)
-    print(f"  without the pixel check, lowest threshold with precision >= 0.8 on every set: {unchecked}")
+                print(f"| rule | threshold | groups | pair precision | recall | F1 | {' | '.join(EDITS)} | s / 1,000 images |")
+                print("|---" * (7 + len(EDITS)) + "|")
+                for label, geometry in (("pixel check (before)", False), ("geometric check", True)):
+                    for threshold in (*args.thresholds, None):
+                        started = time.monotonic()
+                        result = find_duplicates(loaded, threshold, geometry=geometry)
+                        seconds = time.monotonic() - started
+                        precision, recall, by_edit = score(paths_of(result), truth)
+                        shown = "**default**" if threshold is None else threshold
+                        print(f"| {label} | {shown} | {len(result.groups)} | {precision:.3f} | {recall:.3f} | "
+                              f"{f_score(precision, recall):.3f} | "
+                              + " | ".join(f"{by_edit.get(edit, 0):.2f}" for edit in EDITS)
+                              + f" | {1000 * seconds / loaded.count:.1f} |", flush=True)
+                    print(f"  ({label} default: {find_duplicates(loaded, None, geometry=geometry).rule.describe()})")
 
 
 if __name__ == "__main__":

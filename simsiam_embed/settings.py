@@ -68,6 +68,9 @@ MIN_COSINE_FP16 = 0.999
 KNN_SETTINGS = ((200, 0.1), (20, 0.07))
 #: dedup: the calibrated default rule (explore/analyses.py explains the calibration).
 CANDIDATE_THRESHOLD = 0.8
+#: With geometric verification (OpenCV installed): candidates from this centred cosine, each
+#: confirmed by local features; lower than the pixel check's, since the verifier gives precision.
+GEOMETRY_THRESHOLD = 0.7
 SMALL_PICTURE_THRESHOLD = 0.93
 SMALL_PICTURE_SIDE = SMALL_IMAGE_MAX_SIDE
 UNCHECKED_THRESHOLD = 0.95

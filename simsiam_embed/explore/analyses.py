@@ -35,7 +35,7 @@ from simsiam_embed.images import UnreadableImage, open_image
 from simsiam_embed.errors import UserError
 from simsiam_embed.index.store import CatalogEntry, LoadedIndex
 from simsiam_embed.index.thumbnails import indexed_bytes
-from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
+from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, GEOMETRY_THRESHOLD, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
 
 Report = Callable[[str], None]
 
@@ -205,6 +205,8 @@ class DuplicateGroup:
     exact: bool           # every member has the same bytes
     min_score: float      # the weakest link that joined the group
     members: list[DuplicateMember]
+    # What confirmed its links: "bytes", "pixels", "pixels (small picture)", "geometry: N inliers[, mirrored]".
+    evidence: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -214,22 +216,39 @@ class DuplicateRule:
     threshold: float                        # centred cosine, every pair
     small_picture_threshold: float | None   # pairs with a picture of <= SMALL_PICTURE_SIDE px
     pixel_check: bool
+    geometry: bool = False                  # photos confirmed by local features (explore/verify.py)
 
     @classmethod
-    def default_or(cls, threshold: float | None, pixel_check: bool = True) -> "DuplicateRule":
-        """The calibrated rule (see CANDIDATE_THRESHOLD), or the user's ``threshold`` for every pair."""
+    def default_or(cls, threshold: float | None, pixel_check: bool = True,
+                   geometry: bool | None = None) -> "DuplicateRule":
+        """The calibrated rule, or the user's ``threshold`` for every pair. ``geometry`` None: on
+        when OpenCV is installed (with the pixel check; without it, the check is pixels alone)."""
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            raise UserError(f"--threshold {threshold} is not a cosine similarity: choose a value in [-1, 1]")
+        if not pixel_check:
+            return cls(threshold if threshold is not None else UNCHECKED_THRESHOLD, None, False)
+        if geometry is None:
+            from simsiam_embed.explore.verify import opencv_available
+
+            geometry = opencv_available()
+        if geometry:   # an explicit threshold holds for every pair, small pictures too
+            if threshold is not None:
+                return cls(threshold, None, True, True)
+            return cls(GEOMETRY_THRESHOLD, SMALL_PICTURE_THRESHOLD, True, True)
         if threshold is not None:
-            if not -1.0 <= threshold <= 1.0:
-                raise UserError(f"--threshold {threshold} is not a cosine similarity: choose a value in [-1, 1]")
-            return cls(threshold, None, pixel_check)
-        if pixel_check:
-            return cls(CANDIDATE_THRESHOLD, SMALL_PICTURE_THRESHOLD, True)
-        return cls(UNCHECKED_THRESHOLD, None, False)
+            return cls(threshold, None, True)
+        return cls(CANDIDATE_THRESHOLD, SMALL_PICTURE_THRESHOLD, True)
 
     def describe(self) -> str:
-        small = (f" ({self.small_picture_threshold} for pictures of {SMALL_PICTURE_SIDE} px or less)"
-                 if self.small_picture_threshold is not None else "")
-        check = ", pictures agreeing pixel for pixel" if self.pixel_check else ", no pixel check"
+        small = (f" ({self.small_picture_threshold} for pictures of {SMALL_PICTURE_SIDE} px or less, which only "
+                 "pixels can check)" if self.small_picture_threshold is not None else "")
+        if self.geometry:
+            from simsiam_embed.explore.verify import MIN_INLIERS
+
+            check = (f", confirmed by local features: >= {MIN_INLIERS} keypoints agreeing on one shift, scale and "
+                     "rotation, mirrored or not")
+        else:
+            check = ", pictures agreeing pixel for pixel" if self.pixel_check else ", no pixel check"
         return f"mutual nearest neighbours at centred cosine >= {self.threshold}{small}{check}"
 
 
@@ -254,12 +273,12 @@ class DuplicateResult(AnalysisResult):
 
 def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
                     neighbours: int = DUPLICATE_NEIGHBOURS, plan: str | None = None, pixel_check: bool = True,
-                    report: Report | None = None) -> DuplicateResult:
+                    report: Report | None = None, geometry: bool | None = None) -> DuplicateResult:
     """Groups of images that are each other's nearest neighbours, similar enough by the
     :class:`DuplicateRule` (the calibrated one unless ``threshold`` is given) and, unless
     ``pixel_check`` is off, the same picture pixel for pixel; joined transitively. Files with
     identical bytes group whatever their vectors."""
-    rule = DuplicateRule.default_or(threshold, pixel_check)
+    rule = DuplicateRule.default_or(threshold, pixel_check, geometry)
     if plan is not None and plan not in PLANS:
         raise UserError(f"unknown plan {plan!r}: choose one of {', '.join(PLANS)}")
     entries = _entries_by_position(loaded)
@@ -277,9 +296,20 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
             sets.union(same_bytes[0], position)
             touched.update((same_bytes[0], position))
     weakest: dict[int, float] = {}   # by the position an edge starts from
+    evidence: dict[int, str] = {}    # by the position an edge starts from
     candidates = mutual_near_pairs(graph, rule.threshold, representative)
     agreement = PixelAgreement(entries, rule.small_picture_threshold) if rule.pixel_check else None
-    confirmed = [pair for pair in candidates if agreement is None or agreement.agree(*pair)]
+    if rule.geometry:
+        # Pictures checked by pixels keep the pixel check's own calibrated floor (the geometric
+        # rule's candidates start lower, since keypoints are the stricter test).
+        pixel_floor = CANDIDATE_THRESHOLD if threshold is None else rule.threshold
+        agreement = GeometricAgreement(entries, candidates, agreement, pixel_floor)
+    confirmed = []
+    for row, other, score in candidates:
+        found = agreement.evidence(row, other, score) if agreement is not None else "centred cosine only"
+        if found is not None:
+            confirmed.append((row, other, score))
+            evidence[row] = found
     for row, other, score in confirmed:
         sets.union(row, other)
         touched.update((row, other))
@@ -291,12 +321,19 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
     groups = []
     for members in components.values():
         floor = min((weakest[p] for p in members if p in weakest), default=1.0)
-        groups.append(_group(vectors, entries, members, floor, plan))
+        group = _group(vectors, entries, members, floor, plan)
+        found = {evidence[p] for p in members if p in evidence}
+        if len({entries[p].digest for p in members}) < len(members):
+            found.add("bytes")
+        group.evidence = sorted(found)
+        groups.append(group)
     groups.sort(key=lambda group: (-len(group.members), group.members[0].path))
     for number, group in enumerate(groups, start=1):
         group.number = number
     if agreement is not None and report is not None:
-        report(f"pixel check: {len(confirmed)} of {len(candidates)} candidate pairs confirmed"
+        checks = "; ".join(f"{name} check: {confirmed_count} of {judged} candidate pairs confirmed"
+                           for name, (judged, confirmed_count) in agreement.tally.items() if judged)
+        report((checks or f"0 of {len(candidates)} candidate pairs checked")
                + (f"; {agreement.small_pairs_below} pairs of small pictures below {rule.small_picture_threshold}"
                   if agreement.small_pairs_below else "")
                + (f"; {agreement.unreadable_pairs} not checked (file gone or changed since indexing)"
@@ -366,6 +403,7 @@ class PixelAgreement:
         self.pictures: dict[int, tuple[np.ndarray, int] | None] = {}
         self.unreadable_pairs = 0
         self.small_pairs_below = 0   # small pictures under small_picture_threshold
+        self.judged = self.confirmed = 0
 
     def agree(self, a: int, b: int, score: float) -> bool:
         first, second = self._picture(a), self._picture(b)
@@ -382,6 +420,69 @@ class PixelAgreement:
         if position not in self.pictures:
             self.pictures[position] = pixel_signature(self.entries[position])
         return self.pictures[position]
+
+    @property
+    def tally(self) -> dict[str, tuple[int, int]]:
+        """Pairs judged and confirmed, by the check that judged them."""
+        return {"pixel": (self.judged, self.confirmed)}
+
+    def evidence(self, a: int, b: int, score: float) -> str | None:
+        before = self.unreadable_pairs
+        agreed = self.agree(a, b, score)
+        if self.unreadable_pairs == before:   # a pair whose file is gone was not judged
+            self.judged += 1
+            self.confirmed += agreed
+        if not agreed:
+            return None
+        small = min(self.pictures[a][1], self.pictures[b][1]) <= SMALL_PICTURE_SIDE
+        return "pixels (small picture)" if small and self.small_picture_threshold is not None else "pixels"
+
+
+class GeometricAgreement:
+    """Candidate pairs of photos confirmed by local features (:mod:`.verify`): a copy shares many
+    keypoints with its original under one similarity transform, mirrored or not; a look-alike
+    does not. Pairs with a picture too small or too plain for keypoints (a flat logo, a diagram)
+    go to ``pixels`` instead (with the small-picture threshold where small), as before there was
+    a verifier, and their evidence says so."""
+
+    def __init__(self, entries: list[CatalogEntry], candidates: list[tuple[int, int, float]],
+                 small_pictures: PixelAgreement, pixel_floor: float):
+        from simsiam_embed.explore.verify import extract_features
+
+        positions = sorted({p for a, b, _ in candidates for p in (a, b)})
+        self.features = dict(zip(positions, extract_features([entries[p] for p in positions])))
+        self.small_pictures = small_pictures
+        self.pixel_floor = pixel_floor
+        self.gone_pairs = 0
+        self.judged = self.confirmed = 0
+
+    @property
+    def unreadable_pairs(self) -> int:
+        return self.gone_pairs + self.small_pictures.unreadable_pairs
+
+    @property
+    def small_pairs_below(self) -> int:
+        return self.small_pictures.small_pairs_below
+
+    @property
+    def tally(self) -> dict[str, tuple[int, int]]:
+        return {"geometric": (self.judged, self.confirmed), **self.small_pictures.tally}
+
+    def evidence(self, a: int, b: int, score: float) -> str | None:
+        from simsiam_embed.explore.verify import MIN_INLIERS, match
+
+        first, second = self.features.get(a), self.features.get(b)
+        if first is None or second is None:
+            self.gone_pairs += 1
+            return None
+        if not (first.verifiable and second.verifiable):   # too small, or too plain, for keypoints
+            return self.small_pictures.evidence(a, b, score) if score >= self.pixel_floor else None
+        found = match(first, second)
+        self.judged += 1
+        if found is None or found.inliers < MIN_INLIERS:
+            return None
+        self.confirmed += 1
+        return found.describe()
 
 
 def pixel_signature(entry: CatalogEntry) -> tuple[np.ndarray, int] | None:

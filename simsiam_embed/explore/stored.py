@@ -31,7 +31,7 @@ from simsiam_embed.typed_json import JsonShapeError, from_json
 Report = Callable[[str], None]
 STORE_FOLDER = "analyses"
 #: Bumped when an analysis changes what it finds for the same settings: older results are recomputed.
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 
 ANALYSES: dict[str, tuple[Callable[..., AnalysisResult], type]] = {
     "duplicates": (find_duplicates, DuplicateResult),
@@ -68,7 +68,12 @@ def _complete(compute: Callable[..., AnalysisResult], settings: dict[str, Any]) 
     ask the same question in different words, and must find the same stored answer."""
     bound = inspect.signature(compute).bind(None, **settings)
     bound.apply_defaults()
-    return {name: value for name, value in list(bound.arguments.items())[1:] if name != "report"}
+    complete = {name: value for name, value in list(bound.arguments.items())[1:] if name != "report"}
+    if complete.get("geometry", False) is None:   # duplicates: whether this machine can verify geometrically
+        from simsiam_embed.explore.verify import opencv_available
+
+        complete["geometry"] = opencv_available() and complete.get("pixel_check", True)
+    return complete
 
 
 def stored_path(loaded: LoadedIndex, kind: str, settings: dict[str, Any]) -> Path:
