@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from simsiam_embed.errors import UserError
-from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
+from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, GEOMETRY_THRESHOLD, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
 from .options import FiniteFloatRange, printable, workspace_at, workspace_option
 from .lazy import library
 
@@ -49,10 +49,11 @@ def _printed_as_json(result, written: list[Path], as_json: bool) -> bool:
 @index_dir_option
 @output_option
 @click.option("--threshold", type=FiniteFloatRange(-1.0, 1.0),
-              help="Centred cosine at or above which two mutual nearest neighbours are near-duplicates, for "
-                   f"every pair.  [default: calibrated (README): {CANDIDATE_THRESHOLD} with the pixel check, "
+              help="Centred cosine at or above which two mutual nearest neighbours are candidates, for "
+                   f"every pair.  [default: calibrated (README): {GEOMETRY_THRESHOLD} for photos confirmed by local "
+                   f"features (OpenCV), {CANDIDATE_THRESHOLD} for pictures checked by pixels, "
                    f"{SMALL_PICTURE_THRESHOLD} for pictures of {SMALL_PICTURE_SIDE} px or less, "
-                   f"{UNCHECKED_THRESHOLD} without it]")
+                   f"{UNCHECKED_THRESHOLD} with --no-pixel-check]")
 @click.option("--plan", type=click.Choice(PLANS),
               help="Also write plan.json/plan.csv: which file of each group to keep, which to remove. "
                    "Nothing is ever deleted.")
@@ -60,8 +61,9 @@ def _printed_as_json(result, written: list[Path], as_json: bool) -> bool:
               help="Neighbours searched per image; byte-identical copies among them are skipped over to "
                    "find its nearest other image.")
 @click.option("--no-pixel-check", is_flag=True,
-              help="Group look-alikes the encoder pairs even when their pictures differ (by default a pair "
-                   "must also agree pixel for pixel at 32 px: a copy, not a similar photo).")
+              help="Group look-alikes the encoder pairs without looking at the pictures (by default a pair must "
+                   "also be confirmed by local features, or for small or plain pictures agree pixel for pixel: "
+                   "a copy, not a similar photo).")
 @json_option
 def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, threshold: float | None, plan: str | None,
                   neighbours: int, no_pixel_check: bool, as_json: bool) -> None:
