@@ -59,19 +59,29 @@ def reference_pairs_per_second(paths, config: PretrainConfig, steps: int, worker
     augment = TwoCrops(simsiam_augmentation(config.crop_size, config.blur))
     loader = DataLoader(PlainFolder(paths, augment), batch_size=config.batch_size, shuffle=True,
                         num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+
+    def step(batch) -> None:
+        view1, view2 = batch
+        loss = simsiam_loss(model(view1, view2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return pairs_per_second(loader, step, steps, config.batch_size)
+
+
+def pairs_per_second(loader: DataLoader, step, steps: int, batch: int) -> float:
+    """``step`` on the loader's batches: the pace of ``steps`` steps after one untimed (start-up)."""
     done, started = 0, None
     while done <= steps:
-        for view1, view2 in loader:
-            loss = simsiam_loss(model(view1, view2))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        for item in loader:
+            step(item)
             done += 1
             if done == 1:
                 started = time.monotonic()
             if done > steps:
                 break
-    return steps * config.batch_size / (time.monotonic() - started)
+    return steps * batch / (time.monotonic() - started)
 
 
 def ours_pairs_per_second(folder: Path, settings: dict, steps: int, workspace: Path) -> tuple[float, PretrainConfig]:
@@ -120,21 +130,17 @@ def lightly_pairs_per_second(folder: Path, steps: int, workers: int, batch: int)
     dataset = LightlyDataset(str(folder), transform=SimSiamTransform(input_size=32, gaussian_blur=0.0))
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0)
-    done, started = 0, None
-    while done <= steps:
-        for (x0, x1), _, _ in loader:
-            z0, z1 = (projector(backbone(x).flatten(start_dim=1)) for x in (x0, x1))
-            p0, p1 = predictor(z0), predictor(z1)
-            loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == 1:
-                started = time.monotonic()
-            if done > steps:
-                break
-    rate = steps * batch / (time.monotonic() - started)
+
+    def step(item) -> None:
+        (x0, x1), _, _ = item
+        z0, z1 = (projector(backbone(x).flatten(start_dim=1)) for x in (x0, x1))
+        p0, p1 = predictor(z0), predictor(z1)
+        loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    rate = pairs_per_second(loader, step, steps, batch)
     del loader   # its persistent workers end here, not during the next measurement
     return rate
 
