@@ -408,3 +408,20 @@ def test_the_gpu_detection_batch_follows_the_memory(monkeypatch, memory_gib, pro
     batch, reason = default_detection_batch("cuda", max_size, processes)
     assert batch == expected and reason.startswith(f"batch {expected}:")
     assert default_detection_batch("cpu", 853, 1)[0] == 4
+
+
+def test_images_travel_as_uint8_and_train_as_to_tensor_would_make_them(three_formats, tmp_path: Path):
+    """Each image went through the loader's shared memory as float32: a 12-megapixel photo is
+    144 MB so, 36 MB as uint8."""
+    from torchvision.transforms import functional as TF
+
+    from simsiam_embed.detection.finetune import DetectionTrainingSet
+    from simsiam_embed.images import open_image
+
+    _, coco, _, _ = three_formats
+    dataset = load_detection_set(coco)
+    training = DetectionTrainingSet(dataset.images, flip=False)
+    (image, _target), failures = training[(0, 0)]
+    assert image.dtype == torch.uint8 and not failures
+    expected = TF.to_tensor(open_image(dataset.images[0].path, upright=False))
+    assert torch.equal(image.float().div_(255), expected)
