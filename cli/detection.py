@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from simsiam_embed.detection.settings import default_of
-from simsiam_embed.settings import BACKBONE_NAMES, INITS, NORMS, SCHEDULES
+from simsiam_embed.detection.settings import DetectionConfig
+from simsiam_embed.settings import BACKBONE_NAMES, INITS, NORMS, SCHEDULES, field_default
 from .lazy import library
 from .options import FiniteFloatRange, workspace_at, workspace_option
 
@@ -24,7 +24,7 @@ def _format_ap(value: float) -> str:
 
 def _default(name: str, text: str = "") -> str:
     """Help text with DetectionConfig's own default, so that the two cannot drift apart."""
-    return f"{text}  [default: {default_of(name)}]".strip()
+    return f"{text}  [default: {field_default(DetectionConfig, name)}]".strip()
 
 
 @click.command("finetune-detection")
@@ -67,7 +67,7 @@ def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Pa
     # What the user gave: on --resume these may not contradict the run's own settings.
     explicit = {"data", *given} | {key for key, value in (("val_data", val_data), ("checkpoint", checkpoint)) if value}
     place = workspace_at(workspace)
-    init = given.get("init", default_of("init"))
+    init = given.get("init", field_default(DetectionConfig, "init"))
     if init == "simsiam" and checkpoint is None:
         checkpoint = place.latest_run_dir()
     if init == "simsiam" and "backbone" in given:

@@ -210,13 +210,18 @@ class PretrainConfig(SavedSettings):
         return {key: getattr(self, key) for key in keys}
 
 
+def field_default(settings_class: type, name: str) -> Any:
+    """A settings dataclass's own default for ``name``: what --help shows."""
+    return next(f.default for f in dataclasses.fields(settings_class) if f.name == name)
+
+
 def default_help(name: str, text: str = "") -> str:
     """``--help`` text of a pretraining setting: ``text``, then its default as the recipes and the
     adapting rules above give it, so that help and behaviour cannot drift apart."""
     if name in ADAPTED_DEFAULTS:
         default = ADAPTED_DEFAULTS[name]
     else:
-        shared = next(f.default for f in dataclasses.fields(PretrainConfig) if f.name == name)
+        shared = field_default(PretrainConfig, name)
         per_recipe = {recipe: values.get(name, shared) for recipe, values in RECIPE_SETTINGS.items()}
         default = _shown(per_recipe["imagenet"]) + "".join(
             f", {recipe} {_shown(value)}" for recipe, value in per_recipe.items() if value != per_recipe["imagenet"])

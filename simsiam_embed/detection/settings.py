@@ -6,7 +6,6 @@ Importable without PyTorch, so that ``finetune-detection --help`` shows these de
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -87,11 +86,6 @@ class DetectionConfig(SavedSettings):
             self.batch_size, reason = default_detection_batch(self.device, self.max_size, processes)
             choices.append(reason)
         return choices
-
-
-def default_of(name: str) -> object:
-    """DetectionConfig's default for ``name``: what --help shows."""
-    return next(f.default for f in dataclasses.fields(DetectionConfig) if f.name == name)
 
 
 def default_detection_batch(device: str, max_size: int, processes: int) -> tuple[int, str]:

@@ -19,7 +19,6 @@ n x k, not n squared (imagededup's all-pairs matrix runs out of memory near 60k 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import math
 import time
@@ -277,7 +276,8 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
     """Groups of images that are each other's nearest neighbours, similar enough by the
     :class:`DuplicateRule` (the calibrated one unless ``threshold`` is given) and, unless
     ``pixel_check`` is off, the same picture pixel for pixel; joined transitively. Files with
-    identical bytes group whatever their vectors."""
+    identical bytes group whatever their vectors. With ``geometry`` (default: when OpenCV is
+    installed) photos are confirmed by local features instead of pixels (:class:`GeometricAgreement`)."""
     rule = DuplicateRule.default_or(threshold, pixel_check, geometry)
     if plan is not None and plan not in PLANS:
         raise UserError(f"unknown plan {plan!r}: choose one of {', '.join(PLANS)}")
@@ -353,14 +353,12 @@ def confirm_plan(result: DuplicateResult) -> tuple[DuplicateResult, list[str]]:
         return result, []
     groups, notes = [], []
     for group in result.groups:
-        present = [member for member in group.members if _still_as_indexed(member)]
+        # A member carries its catalogue path and digest, all indexed_bytes reads.
+        present = [member for member in group.members if indexed_bytes(member) is not None]
         gone = [Path(member.path).name for member in group.members if member not in present]
-        if len(present) < 2:
-            if gone:
-                notes.append(f"group {group.number} left out of the plan: {', '.join(gone)} gone or changed since "
-                             "indexing, so no copy is left to remove")
-            if not gone:
-                groups.append(group)
+        if len(present) < 2:   # a group has two members or more: something is gone
+            notes.append(f"group {group.number} left out of the plan: {', '.join(gone)} gone or changed since "
+                         "indexing, so no copy is left to remove")
             continue
         if gone:
             kept = "" if present[0] is group.members[0] else f"; keeping {Path(present[0].path).name} instead"
@@ -369,14 +367,6 @@ def confirm_plan(result: DuplicateResult) -> tuple[DuplicateResult, list[str]]:
                    for number, member in enumerate(present)]
         groups.append(dataclasses.replace(group, members=members))
     return dataclasses.replace(result, groups=groups), notes
-
-
-def _still_as_indexed(member: DuplicateMember) -> bool:
-    try:
-        data = Path(member.path).read_bytes()
-    except OSError:
-        return False
-    return hashlib.sha256(data).hexdigest() == member.digest
 
 
 #: The pixel check: each picture as a 32 x 32 grey image, brightness and contrast normalised

@@ -787,7 +787,7 @@ class TrainingLoop:
 
                 if self.total_steps is None:
                     # Planned on the first step, start-up included: a budget may not afford more
-                    # before it knows how many steps fit (the first corrections follow at the logged steps).
+                    # before it knows how many steps fit (corrections follow, see _correct_time_plan).
                     self._plan_time_budget(step_seconds, elapsed)
                     bar.total = self.total_steps
                     bar.refresh()

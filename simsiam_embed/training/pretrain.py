@@ -195,12 +195,13 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         config = _config_for_resume(previous, overrides, run)
         config.device = device
     else:
+        backbone_given = overrides.get("backbone") is not None
         start = _warm_start(overrides)
         config = resolve_pretrain_config(
             str(data_dir.resolve()), run_name, len(scan.paths), scan.median_short_side, device, overrides,
             processes=context.world_size,
         )
-        if start is not None and start.backbone_chosen:
+        if start is not None and not backbone_given:
             config.choices.insert(0, f"backbone {config.backbone}: the --init file's")
     _check_share_per_process(config.batch_size, context.world_size)
 
@@ -211,12 +212,12 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
 
     store = None
     if config.store_images:
-        plan = plan_store(len(scan.paths), scan.median_short_side, image_draft_side(config), run.decoded_images,
-                          physical_memory_bytes())
+        draft = image_draft_side(config)
+        plan = plan_store(len(scan.paths), scan.median_short_side, draft, run.decoded_images, physical_memory_bytes())
         rank_report(f"  chosen: {plan.summary}")
         if plan.capacity_bytes:
-            store = DecodedImageStore(run.decoded_images, image_draft_side(config), plan.capacity_bytes)
-    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report, start.weights if start else None, store)
+            store = DecodedImageStore(run.decoded_images, draft, plan.capacity_bytes)
+    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report, start, store)
     default_name = run_name_for(Path(config.data_dir))
     plan = LoopPlan(
         steps_per_epoch=task.steps_per_epoch,
@@ -278,13 +279,7 @@ def _scan_folder(data_dir: Path, report: Report):
     return scan
 
 
-@dataclass(frozen=True)
-class _WarmStart:
-    weights: ResNetWeights
-    backbone_chosen: bool   # the file decided the backbone (the user gave none)
-
-
-def _warm_start(overrides: dict[str, Any]) -> _WarmStart | None:
+def _warm_start(overrides: dict[str, Any]) -> ResNetWeights | None:
     """Read ``--init``'s weights; the run's backbone is theirs, and the settings record the
     file's path and digest (``overrides`` is completed in place)."""
     if overrides.get("init") is None:
@@ -296,7 +291,7 @@ def _warm_start(overrides: dict[str, Any]) -> _WarmStart | None:
         raise UserError(f"--init {path} holds a {start.backbone}'s weights and --backbone is {given}: "
                         f"drop --backbone, or pass --backbone {start.backbone}")
     overrides.update(backbone=start.backbone, init=str(path.resolve()), init_digest=start.digest)
-    return _WarmStart(start, given is None)
+    return start
 
 
 def _check_share_per_process(batch_size: int, processes: int) -> None:
