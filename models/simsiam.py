@@ -6,6 +6,10 @@
     p1, p2 = h(z1), h(z2)
     L = D(p1, z2) / 2 + D(p2, z1) / 2, with D(p, z) = -cos(p, stopgrad(z))
 
+Optionally with small extra views (multi-crop, as SwAV and DINO add them): each small view's
+prediction is pulled towards both full views' z, and the loss averages every (prediction,
+other view's target) pair, so its minimum stays -1.
+
     >>> model = SimSiam(build_backbone("resnet18", small_images=True), projector_layers=2)
     >>> loss = simsiam_loss(model(view1, view2))
 """
@@ -27,6 +31,8 @@ class SimSiamOutput(NamedTuple):
     p2: torch.Tensor
     z1: torch.Tensor
     z2: torch.Tensor
+    #: Predictions of the small views, N x S x dim (sample-major), when there are any.
+    p_small: torch.Tensor | None = None
 
 
 class SimSiam(nn.Module):
@@ -62,13 +68,18 @@ class SimSiam(nn.Module):
         """z = f(x): the projector's output."""
         return self.projector(self.backbone(images))
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> SimSiamOutput:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, small: torch.Tensor | None = None) -> SimSiamOutput:
+        """``small``: N x S small views (N*S images, sample-major), one batch of their own so that
+        batch norm sees one resolution at a time (as SwAV runs its crops)."""
         z1, z2 = self.encode(view1), self.encode(view2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
+        p_small = None
+        if small is not None:
+            p_small = self.predictor(self.encode(small)).unflatten(0, (len(view1), -1))
         if self.stop_gradient:
             # The stop-gradient: z is a constant target, the one thing that prevents collapse.
             z1, z2 = z1.detach(), z2.detach()
-        return SimSiamOutput(p1, p2, z1, z2)
+        return SimSiamOutput(p1, p2, z1, z2, p_small)
 
 
 def negative_cosine_similarity(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -85,10 +96,20 @@ def simsiam_loss(output: SimSiamOutput, symmetric: bool = True) -> torch.Tensor:
     """The symmetrized loss L = D(p1, z2)/2 + D(p2, z1)/2 (Eq. 2); minimum -1.
 
     ``symmetric=False`` is the paper's asymmetric variant (Table 4, "asym."): D(p1, z2) alone.
+    With small views, the mean over every pair (a view's prediction, a full view's target other
+    than itself): the two pairs above and 2S per sample for S small views, so one small view
+    weighs what one full view does.
     """
     if not symmetric:
-        return negative_cosine_similarity(output.p1, output.z2)
-    return (
-        negative_cosine_similarity(output.p1, output.z2) / 2
-        + negative_cosine_similarity(output.p2, output.z1) / 2
-    )
+        full_views = [(output.p1, output.z2)]
+    else:
+        full_views = [(output.p1, output.z2), (output.p2, output.z1)]
+    loss = sum(negative_cosine_similarity(p, z) for p, z in full_views)
+    pairs = len(full_views)
+    if output.p_small is not None:
+        small_views = output.p_small.shape[1]
+        for z in (output.z1, output.z2):
+            # Every small view against this target: the mean over N x S, weighted by S.
+            loss = loss + small_views * negative_cosine_similarity(output.p_small, z.unsqueeze(1).expand_as(output.p_small))
+        pairs += 2 * small_views
+    return loss / pairs

@@ -45,6 +45,7 @@ ADAPTED_DEFAULTS = {
     "amp": "bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else off",
     "num_workers": "the CPU cores / the processes on this machine",
     "device": "cuda if available",
+    "small_crop_size": "96/224 of the crop (SwAV's ratio), at least 8 px",
 }
 #: torchvision ResNets the backbone may be (models/backbones.py builds them).
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
@@ -144,6 +145,10 @@ class PretrainConfig(SavedSettings):
     min_crop_scale: float = 0.2
     color_jitter: float = 0.4   # brightness, contrast and saturation strength; hue is a quarter of it
     warmup_fraction: float = 0.0   # share of the steps with a linear lr warm-up (the paper has none)
+    # Multi-crop (SwAV, DINO; not in the paper): small extra views a sample, each predicting both
+    # full views; 0 is the paper's two views. Their side: SwAV's 96/224 of the crop unless given.
+    small_views: int = 0
+    small_crop_size: int | None = None
     # The paper's ablations (Table 1, Figure 2, Table 4); all on by default, as SimSiam is.
     stop_gradient: bool = True
     use_predictor: bool = True
@@ -196,10 +201,12 @@ class PretrainConfig(SavedSettings):
             raise UserError(f"{source} is damaged: its backbone {self.backbone!r} is not one of {', '.join(BACKBONE_NAMES)}")
         widths = {"dim": self.dim, "projector_hidden_dim": self.projector_hidden_dim,
                   "predictor_hidden_dim": self.predictor_hidden_dim, "projector_layers": self.projector_layers,
-                  "crop_size": self.crop_size}
+                  "crop_size": self.crop_size, "small_crop_size": self.small_crop_size,
+                  "small_views": self.small_views}
         for name, value in widths.items():
-            if not 1 <= value <= MAX_WIDTH:
-                raise UserError(f"{source} is damaged: its setting {name!r} is {value}, outside 1..{MAX_WIDTH}")
+            if value is not None and not (0 if name == "small_views" else 1) <= value <= MAX_WIDTH:
+                raise UserError(f"{source} is damaged: its setting {name!r} is {value}, outside "
+                                f"{0 if name == 'small_views' else 1}..{MAX_WIDTH}")
         if self.stem_stride not in (1, 2):
             raise UserError(f"{source} is damaged: its setting 'stem_stride' is {self.stem_stride}, not 1 or 2")
 
@@ -402,7 +409,11 @@ def resolve_pretrain_config(
     if "time_budget_s" in given and "epochs" not in given:
         recipe_defaults["epochs"] = None
 
-    if on_gpu and given.get("augment_on_device", True) and "crop_on_device" not in given:
+    if given.get("small_views") and "small_crop_size" not in given:
+        recipe_defaults["small_crop_size"] = small_crop_size(given.get("crop_size", recipe_defaults["crop_size"]))
+    if on_gpu and given.get("small_views") and "crop_on_device" not in given:
+        choices.append("crops made by the loader: it draws the small views (--small-views)")
+    elif on_gpu and given.get("augment_on_device", True) and "crop_on_device" not in given:
         recipe_defaults["crop_on_device"] = True
         choices.append("crops made on the GPU: the loader only decodes (the crops were most of its CPU time)")
     # Precision and loader are the config's own defaults for this machine (default_amp,
@@ -416,6 +427,11 @@ def resolve_pretrain_config(
     validate(config, num_images)
     check_crop_size(config, median_short_side)
     return config
+
+
+def small_crop_size(crop_size: int) -> int:
+    """Multi-crop's small views: SwAV's 96 px beside 224, in proportion."""
+    return max(8, round(crop_size * 96 / 224))
 
 
 #: Loader batches in flight: each worker prefetches 4, plus the one in training and the one pinned.
@@ -473,6 +489,15 @@ def validate(config: PretrainConfig, num_images: int) -> None:
         )
     if config.crop_size < 8:
         raise UserError("--crop-size must be at least 8 pixels")
+    if config.small_views < 0:
+        raise UserError("--small-views must be 0 or more")
+    if config.small_views:
+        if not config.augment_on_device or config.crop_on_device:
+            # Only the layout where loader workers make the crops draws small views.
+            raise UserError("--small-views needs crops made by the loader: leave augment_on_device on and "
+                            "crop_on_device off")
+        if config.small_crop_size is None or not 8 <= config.small_crop_size <= config.crop_size:
+            raise UserError(f"--small-crop-size must be between 8 and the crop size ({config.crop_size})")
     if not 0 < config.min_crop_scale <= 1:
         raise UserError("--min-crop-scale must be in (0, 1]")
     if config.amp == "fp16" and not config.device.startswith("cuda"):

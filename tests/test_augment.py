@@ -100,3 +100,29 @@ def test_crops_made_on_the_device_are_torchvisions_resized_crops():
     torch.manual_seed(0)
     first_view = draw_view(images[0], recipe)
     assert torch.equal(first_view[1], parameters[0, 0])
+
+
+def test_small_views_leave_the_full_views_as_they_were_and_crop_smaller_shares():
+    """A sample's two full views are the same with or without multi-crop (the small ones are
+    drawn after them), and the small views are smaller crops of a smaller share of the image."""
+    from simsiam_embed.training.augment import MultiCropViews, small_view_recipe
+
+    recipe = AugmentationRecipe(24, min_crop_scale=0.2)
+    small = small_view_recipe(recipe, 10)
+    assert (small.crop_size, small.min_crop_scale, small.max_crop_scale) == (10, 0.05, 0.2)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    torch.manual_seed(7)
+    plain = draw_view(image, recipe), draw_view(image, recipe)
+    torch.manual_seed(7)
+    view1, view2, (small_crops, small_parameters) = MultiCropViews(recipe, small, 4)(image)
+    assert torch.equal(view1[0], plain[0][0]) and torch.equal(view2[1], plain[1][1])
+    assert small_crops.shape == (4, 3, 10, 10) and small_parameters.shape == (4, 12)
+    assert small_crops.dtype == torch.uint8 and not torch.equal(small_crops[0], small_crops[1])
+
+    # The boxes: SwAV's small share of the area, never more than the full views' smallest.
+    from torchvision import transforms as T
+    torch.manual_seed(0)
+    areas = [h * w / (48 * 64) for _, _, h, w in
+             (T.RandomResizedCrop.get_params(image, (small.min_crop_scale, small.max_crop_scale), (3 / 4, 4 / 3))
+              for _ in range(500))]
+    assert 0.04 <= min(areas) and max(areas) <= 0.21

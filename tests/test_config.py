@@ -115,3 +115,24 @@ def test_gpu_runs_crop_on_the_device_and_cpu_runs_in_the_workers(fake_gpu):
     assert gpu.crop_on_device and gpu.augment_on_device
     assert any("crops made on the GPU" in choice for choice in gpu.choices)
     assert not resolve(num_images=10_000, side=375, device="cpu").crop_on_device
+
+
+def test_small_views_take_swavs_ratio_and_the_loader_crops_them(fake_gpu):
+    assert resolve(side=32, small_views=4).small_crop_size == 14   # 32 x 96 / 224
+    assert resolve(side=375, small_views=2).small_crop_size == 96
+    assert resolve(side=32, small_views=2, small_crop_size=16).small_crop_size == 16
+    assert resolve(side=32).small_views == 0 and resolve(side=32).small_crop_size is None
+    gpu = resolve(side=375, device="cuda", small_views=2)
+    assert not gpu.crop_on_device and any("small views" in choice for choice in gpu.choices)
+    with pytest.raises(UserError, match="--small-views needs crops made by the loader"):
+        resolve(side=375, device="cuda", small_views=2, crop_on_device=True)
+    with pytest.raises(UserError, match="--small-crop-size must be between 8 and the crop size"):
+        resolve(side=32, small_views=2, small_crop_size=40)
+
+
+def test_a_damaged_small_view_setting_is_refused_when_read_back():
+    values = PretrainConfig("/data", "run").to_dict()
+    with pytest.raises(UserError, match="'small_crop_size' is 10000000"):
+        PretrainConfig.from_dict(dict(values, small_views=2, small_crop_size=10_000_000))
+    with pytest.raises(UserError, match="'small_views' is -1"):
+        PretrainConfig.from_dict(dict(values, small_views=-1))

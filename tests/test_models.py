@@ -126,3 +126,30 @@ def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, n
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _index=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native if not including_emulation else True)
     assert default_amp("cuda") == expected
+
+
+def test_small_views_predict_both_full_views_and_the_loss_stays_a_mean():
+    """Multi-crop: the loss averages the two full-view pairs and every (small view, full view)
+    pair, so it is -1 when all agree, and each small view pulls on the backbone."""
+    from simsiam_embed.models import SimSiamOutput
+
+    torch.manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(6, 32) for _ in range(4))
+    p_small = torch.randn(6, 3, 32)
+    by_hand = (negative_cosine_similarity(p1, z2) + negative_cosine_similarity(p2, z1)
+               + sum(negative_cosine_similarity(p_small[:, s], z) for s in range(3) for z in (z1, z2))) / 8
+    assert simsiam_loss(SimSiamOutput(p1, p2, z1, z2, p_small)).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    aligned = SimSiamOutput(z2, z1, z1, z2, (z1 + z2).unsqueeze(1).expand(-1, 3, -1))
+    assert simsiam_loss(SimSiamOutput(z2, z1, z1, z2)).item() == pytest.approx(-1.0)
+    assert simsiam_loss(aligned).item() > -1.0   # a small view between the two is not both
+    same = torch.randn(6, 32)
+    assert simsiam_loss(SimSiamOutput(same, same, same, same, torch.stack([same] * 3, 1))).item() == pytest.approx(-1.0)
+
+    model = _tiny_model()
+    x1, x2, small = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(8, 3, 8, 8)
+    output = model(x1, x2, small)
+    assert output.p_small.shape == (4, 2, 32) and not output.z1.requires_grad
+    # The small views reach the backbone: without them the gradient differs.
+    with_small = _parameter_grads(model, simsiam_loss(output))
+    without = _parameter_grads(model, simsiam_loss(model(x1, x2)))
+    assert not torch.allclose(with_small, without)

@@ -193,3 +193,24 @@ def test_the_crop_on_device_path_trains(image_folder, tmp_path):
                                                                crop_on_device=True),
                       report=lambda _m: None, show_progress=False)
     assert result.finished and result.config.crop_on_device and -1 <= result.loss <= 1
+
+
+def test_multi_crop_trains_and_resumes_exactly(image_folder, tmp_path):
+    """--small-views through the real loop: the small views change what is learned, and an
+    interrupted run ends with the same weights as an uninterrupted one (the small views come from
+    the sample's seed)."""
+    settings = dict(FAST_OVERRIDES, epochs=2, small_views=2, small_crop_size=8)
+    whole = pretrain(image_folder, Workspace(tmp_path / "whole"), settings, report=lambda _m: None, show_progress=False)
+    assert whole.finished and whole.config.small_views == 2 and -1 <= whole.loss <= 1
+    two_views = pretrain(image_folder, Workspace(tmp_path / "two"), dict(settings, small_views=0),
+                         report=lambda _m: None, show_progress=False)
+    assert not torch.equal(_weights(whole)["backbone.resnet.conv1.weight"],
+                           _weights(two_views)["backbone.resnet.conv1.weight"])
+    halves = Workspace(tmp_path / "halves")
+    first = pretrain(image_folder, halves, settings, stop=StopRequest(stop_at_step=whole.step // 2),
+                     report=lambda _m: None, show_progress=False)
+    assert not first.finished
+    resumed = pretrain(image_folder, halves, settings, resume=True, report=lambda _m: None, show_progress=False)
+    assert resumed.finished
+    for key, value in _weights(whole).items():
+        assert torch.equal(value, _weights(resumed)[key]), key

@@ -17,6 +17,7 @@ a view is reproducible wherever and whenever it is made.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -35,6 +36,8 @@ PARAMETER_COUNT = 12
 #: Probabilities of the paper's recipe (MoCo v2's augmentation).
 P_JITTER, P_GRAYSCALE, P_BLUR = 0.8, 0.2, 0.5
 SIGMA_RANGE = (0.1, 2.0)
+#: Multi-crop: the smallest area share of a small view (SwAV's).
+SMALL_VIEW_MIN_SCALE = 0.05
 #: Taps of the blur kernel: +-3 sigma at the largest sigma, so the truncated Gaussian keeps 99.7%.
 BLUR_TAPS = 2 * math.ceil(3 * SIGMA_RANGE[1]) + 1
 
@@ -43,6 +46,7 @@ BLUR_TAPS = 2 * math.ceil(3 * SIGMA_RANGE[1]) + 1
 class AugmentationRecipe:
     crop_size: int
     min_crop_scale: float = 0.2
+    max_crop_scale: float = 1.0
     color_jitter: float = 0.4   # brightness, contrast and saturation strength; hue is a quarter of it
     blur: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -54,6 +58,27 @@ def draw_view(image: Image.Image, recipe: AugmentationRecipe) -> tuple[torch.Ten
     box, parameters, flip = _plan_view(image, recipe)
     crop = TF.resized_crop(image, *box, [recipe.crop_size, recipe.crop_size])
     return TF.pil_to_tensor(TF.hflip(crop) if flip else crop), parameters
+
+
+def small_view_recipe(recipe: AugmentationRecipe, crop_size: int) -> AugmentationRecipe:
+    """The recipe of multi-crop's small views: SwAV's, scaled to this recipe. SwAV pairs full
+    crops of (0.14, 1) of the area at 224 px with small ones of (0.05, 0.14) at 96 px; here the
+    small ones cover (0.05, the full views' smallest share), at ``crop_size``."""
+    smallest = min(SMALL_VIEW_MIN_SCALE, recipe.min_crop_scale)
+    return dataclasses.replace(recipe, crop_size=crop_size, min_crop_scale=smallest, max_crop_scale=recipe.min_crop_scale)
+
+
+class MultiCropViews:
+    """A sample of multi-crop: two full views (:func:`draw_view`, drawn first, so a sample's full
+    views are the ones it has without small views) and ``count`` small views, stacked."""
+
+    def __init__(self, recipe: AugmentationRecipe, small_recipe: AugmentationRecipe, count: int):
+        self.recipe, self.small_recipe, self.count = recipe, small_recipe, count
+
+    def __call__(self, image: Image.Image) -> tuple:
+        full = draw_view(image, self.recipe), draw_view(image, self.recipe)
+        crops, parameters = zip(*(draw_view(image, self.small_recipe) for _ in range(self.count)))
+        return (*full, (torch.stack(crops), torch.stack(parameters)))
 
 
 def draw_uncropped_views(image: Image.Image, recipe: AugmentationRecipe) -> tuple[torch.Tensor, ...]:
@@ -93,7 +118,7 @@ def crop_on_device(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch
 
 def _plan_view(image: Image.Image, recipe: AugmentationRecipe) -> tuple[tuple[int, int, int, int], torch.Tensor, bool]:
     """Crop box, colour parameters and flip of one view, drawn in torchvision's order."""
-    box = T.RandomResizedCrop.get_params(image, scale=(recipe.min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3))
+    box = T.RandomResizedCrop.get_params(image, scale=(recipe.min_crop_scale, recipe.max_crop_scale), ratio=(3 / 4, 4 / 3))
     strength = recipe.color_jitter
     parameters = torch.zeros(PARAMETER_COUNT)
     parameters[JITTER] = float(torch.rand(1) < P_JITTER)

@@ -33,7 +33,8 @@ from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, rea
 from simsiam_embed.settings import PretrainConfig, physical_memory_bytes, resolve_pretrain_config
 from simsiam_embed.trained_model import build_model, preprocessing_for
 from simsiam_embed.training.augment import (
-    AugmentationRecipe, BatchAugment, crop_on_device, draw_uncropped_views, draw_view, stack_uncropped,
+    AugmentationRecipe, BatchAugment, MultiCropViews, crop_on_device, draw_uncropped_views, draw_view,
+    small_view_recipe, stack_uncropped,
 )
 from simsiam_embed.training.image_store import DecodedImageStore, plan_store
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
@@ -386,6 +387,11 @@ class SimSiamTask(TaskDefaults):
             # A drafted decode keeps the shorter side >= draft (up to twice that), at 4:3 or so.
             side = 2 * (draft or 2 * config.crop_size)
             return dataset, stack_uncropped, 3 * side * side * 4 // 3, "decoded images"
+        if config.small_views:   # workers crop full and small views (multi-crop); colour and blur on the device
+            small = small_view_recipe(self.recipe, config.small_crop_size)
+            dataset = TwoViewDataset(paths, draft_side=draft, store=store,
+                                     pair=MultiCropViews(self.recipe, small, config.small_views))
+            return dataset, default_collate, 2 * view_bytes + config.small_views * 3 * small.crop_size ** 2, "uint8 crops"
         if config.augment_on_device:   # workers crop; colour and blur on the device
             return TwoViewDataset(paths, partial(draw_view, recipe=self.recipe), draft, store=store), default_collate, \
                 2 * view_bytes, "uint8 crops"
@@ -398,10 +404,18 @@ class SimSiamTask(TaskDefaults):
     def loader_shape(self):
         return self._stack, self._sample_bytes, self._what
 
-    def _views_on_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views as normalised float batches on the training device, in its memory format."""
+    def _views_on_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Both views as normalised float batches on the training device, in its memory format,
+        and the small views (N*S of them, sample-major) when the run has them."""
         config = self.settings
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        small = None
+        if config.small_views:
+            full, (small_crops, small_parameters) = batch[:2], batch[2]
+            small = self.augment_batch(small_crops.flatten(0, 1).to(self.device, non_blocking=True),
+                                       small_parameters.flatten(0, 1))
+            small = small.contiguous(memory_format=memory_format)
+            batch = full
         if config.crop_on_device:
             images, boxes, flips, parameters = batch
             crops = crop_on_device(images, boxes, flips, config.crop_size, self.device)
@@ -411,10 +425,10 @@ class SimSiamTask(TaskDefaults):
             crops = torch.cat([crops1, crops2]).to(self.device, non_blocking=True)
             parameters = torch.cat([parameters1, parameters2])
         else:
-            return tuple(view.to(self.device, non_blocking=True, memory_format=memory_format) for view in batch)
+            return (*(view.to(self.device, non_blocking=True, memory_format=memory_format) for view in batch), None)
         views = self.augment_batch(crops, parameters)   # parameters stay on the CPU (see BatchAugment)
         views = views.contiguous(memory_format=memory_format)
-        return views[:len(views) // 2], views[len(views) // 2:]
+        return views[:len(views) // 2], views[len(views) // 2:], small
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -424,9 +438,9 @@ class SimSiamTask(TaskDefaults):
     def train_step(self, batch: tuple) -> dict[str, torch.Tensor]:
         if _pairs_in(batch) < 2:   # BatchNorm needs two samples
             return {}
-        view1, view2 = self._views_on_device(batch)
+        view1, view2, small = self._views_on_device(batch)
         with self.amp.autocast():
-            output = self.network(view1, view2)
+            output = self.network(view1, view2, small)
             loss = simsiam_loss(output, symmetric=self.settings.symmetric_loss)
         self.amp.backward_and_step(loss, self.optimizer)
         return {"loss": loss.detach(), "z_std": output_std(output.z1.detach())}
