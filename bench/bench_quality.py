@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import machine, raw_pixel_knn, require_shared_data, write_fashion_mnist_folder
+from common import DATASETS, labelled_folders, machine, raw_pixel_knn
 from simsiam_embed.settings import parse_duration
 from simsiam_embed.inference.embed import TorchEncoder
 from simsiam_embed.inference.evaluate import KNN_SETTINGS, evaluate_knn
@@ -27,16 +27,6 @@ from simsiam_embed.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
 CURVE_JSON, CURVE_PNG = HERE / "learning_curve.json", HERE / "learning_curve.png"
-TRAIN_IMAGES, TEST_IMAGES = 10_000, 2_000
-
-
-def labelled_folders(dataset: str, tmp: Path) -> tuple[Path, Path]:
-    if dataset == "fashion-mnist":
-        return (write_fashion_mnist_folder(tmp / "train", "train", TRAIN_IMAGES),
-                write_fashion_mnist_folder(tmp / "test", "test", TEST_IMAGES))
-    root = require_shared_data() / "hymenoptera"
-    return root / "train", root / "test"
-
 
 def draw_curve(curves: dict) -> None:
     import matplotlib
@@ -66,7 +56,7 @@ def draw_curve(curves: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", choices=("fashion-mnist", "hymenoptera"), default="fashion-mnist")
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     parser.add_argument("--budgets", nargs="+", default=["5m", "15m", "45m"])
     parser.add_argument("--plot-only", action="store_true", help="Redraw the PNG and tables from the JSON; train nothing.")
     args = parser.parse_args()
@@ -107,8 +97,8 @@ def draw_and_print(curves: dict) -> None:
     for dataset, curve in sorted(curves.items()):
         print(f"\n{dataset}\n| encoder | training | {header} |")
         print("| --- | --- | " + " | ".join("---" for _ in KNN_SETTINGS) + " |")
-        print(f"| raw pixels | - | " + " | ".join(f"{s:.3f}" for s in curve["raw_pixels"]) + " |")
-        print(f"| same network, random init | - | " + " | ".join(f"{s:.3f}" for s in curve["random_init"]) + " |")
+        print("| raw pixels | - | " + " | ".join(f"{s:.3f}" for s in curve["raw_pixels"]) + " |")
+        print("| same network, random init | - | " + " | ".join(f"{s:.3f}" for s in curve["random_init"]) + " |")
         for p in sorted(curve["points"], key=lambda p: p["budget_s"]):
             source = f" ({p['source']})" if p.get("source") else ""
             print(f"| SimSiam, {p['budget_s'] / 60:g} min{source} | {p['steps']} steps ({p['epochs']} epochs), z-std "

@@ -1,30 +1,30 @@
-"""The short-budget search: which settings make SimSiam beat random init (and raw pixels) soonest.
+"""The short-budget study: which settings turn a few CPU minutes into a better encoder, over seeds.
 
-    python bench/bench_short_budget.py --budget 5m \\
-        --variant "paper:" --variant "lr 0.06:base_lr=0.06" --variant "stride 2:stem_stride=2"
+    python bench/bench_short_budget.py --dataset fashion-mnist --budget 5m --seeds 0 1 \\
+        --variant "paper:" --variant "multi-crop 4:small_views=4" --variant "narrow heads:dim=512"
 
-Each ``--variant "NAME:key=value,key=value"`` is one pretraining run of ``--budget`` on the
-first 10,000 Fashion-MNIST training images (the unlabelled set and the kNN bank), with the
-given settings over the defaults (any PretrainConfig field; values are read as JSON, else as
-text). Every run is scored by weighted kNN on the first 2,000 test images, next to the same
-architecture at random init and to raw pixels, all in one table.
+Each ``--variant "NAME:key=value,key=value"`` is one pretraining run of ``--budget`` per seed,
+with the given settings over the defaults (any PretrainConfig field; values are read as JSON,
+else as text), on the dataset's unlabelled training set (bench/common.py: DATASETS). Every run
+is scored by weighted kNN (bank: the training set; queries: the test set), next to the same
+architecture at random init and to raw pixels, all in one table: each seed's score and their
+mean, so a difference can be read against the spread between seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
-from common import machine, raw_pixel_knn, write_fashion_mnist_folder
+from common import DATASETS, labelled_folders, machine, raw_pixel_knn
 from simsiam_embed.settings import parse_duration
 from simsiam_embed.inference.embed import TorchEncoder
 from simsiam_embed.inference.evaluate import KNN_SETTINGS, evaluate_knn
 from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
-
-TRAIN_IMAGES, TEST_IMAGES = 10_000, 2_000
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -39,42 +39,52 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name.strip(), overrides
 
 
+def knn_top1(encoder: TorchEncoder, train: Path, test: Path) -> list[float]:
+    return [report.top1 for report in evaluate_knn(encoder, train, test, show_progress=False).reports]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     parser.add_argument("--budget", default="5m")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", action="append", required=True, help="NAME:key=value,...")
     args = parser.parse_args()
     variants = [parse_variant(text) for text in args.variant]
-    settings = " and ".join(f"k={k}, T={t}" for k, t in KNN_SETTINGS)
-    print(f"machine: {machine()}; Fashion-MNIST {TRAIN_IMAGES} train (bank) / {TEST_IMAGES} test; "
-          f"{args.budget} per run; kNN {settings}", flush=True)
-    random_init_scores: dict[str, list[float]] = {}
+    knn = " and ".join(f"k={k}, T={t}" for k, t in KNN_SETTINGS)
+    print(f"machine: {machine()}; {args.dataset}; {args.budget} per run; seeds {args.seeds}; kNN {knn}", flush=True)
+    random_init: dict[str, list[float]] = {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train = write_fashion_mnist_folder(tmp / "train", "train", TRAIN_IMAGES)
-        test = write_fashion_mnist_folder(tmp / "test", "test", TEST_IMAGES)
-        rows = [("raw pixels", "", "-", "-", *raw_pixel_knn(train, test), *["-"] * len(KNN_SETTINGS))]
+        train, test = labelled_folders(args.dataset, tmp)
+        raw_pixels = raw_pixel_knn(train, test)
+        print(f"raw pixels: {raw_pixels}", flush=True)
         for number, (name, overrides) in enumerate(variants):
-            result = pretrain(train, Workspace(tmp / f"run-{number}"),
-                              {**overrides, "time_budget_s": parse_duration(args.budget)},
-                              report=lambda _m: None, show_progress=False)
-            trained = [r.top1 for r in evaluate_knn(TorchEncoder(result.checkpoint), train, test,
-                                                    show_progress=False).reports]
+            runs = []
+            for seed in args.seeds:
+                result = pretrain(train, Workspace(tmp / f"run-{number}-{seed}"),
+                                  {**overrides, "seed": seed, "time_budget_s": parse_duration(args.budget)},
+                                  report=lambda _m: None, show_progress=False)
+                runs.append((result.step, result.epochs_done, result.z_std, knn_top1(TorchEncoder(result.checkpoint), train, test)))
+                print(f"{name} seed {seed}: {result.step} steps, z-std {result.z_std:.4f}, kNN {runs[-1][3]}", flush=True)
             architecture = json.dumps(result.config.architecture(), sort_keys=True)
-            if architecture not in random_init_scores:
-                random_init_scores[architecture] = [
-                    r.top1 for r in evaluate_knn(TorchEncoder(result.checkpoint, random_init=True), train, test,
-                                                 show_progress=False).reports]
-            baseline = random_init_scores[architecture]
-            settings_text = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
-            rows.append((name, settings_text, f"{result.step} ({result.epochs_done:.1f} ep)",
-                         f"{result.z_std:.4f}", *trained, *baseline))
-            print(rows[-1], flush=True)
-    header = " | ".join(f"k={k}, T={t}" for k, t in KNN_SETTINGS)
-    print(f"\n| variant | settings | steps | z-std | trained: {header} | random init: {header} |")
-    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in range(2 * len(KNN_SETTINGS))) + " |")
-    for name, settings_text, steps, z_std, *scores in rows:
-        print(f"| {name} | {settings_text} | {steps} | {z_std} | " + " | ".join(f"{s:.3f}" if isinstance(s, float) else s for s in scores) + " |")
+            if architecture not in random_init:   # one start per architecture: the last seed's
+                random_init[architecture] = knn_top1(TorchEncoder(result.checkpoint, random_init=True), train, test)
+            rows.append((name, overrides, runs, random_init[architecture]))
+
+    first = f"k={KNN_SETTINGS[0][0]}, T={KNN_SETTINGS[0][1]}"
+    print(f"\n| variant | settings | steps (epochs) | z-std | kNN top-1 ({first}) per seed | mean | "
+          f"mean at k={KNN_SETTINGS[1][0]}, T={KNN_SETTINGS[1][1]} | random init ({first}) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| raw pixels | | - | - | | {raw_pixels[0]:.3f} | {raw_pixels[1]:.3f} | - |")
+    for name, overrides, runs, baseline in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
+        steps = f"{statistics.mean(r[0] for r in runs):.0f} ({statistics.mean(r[1] for r in runs):.1f})"
+        z_std = f"{statistics.mean(r[2] for r in runs):.4f}"
+        per_seed = " / ".join(f"{r[3][0]:.3f}" for r in runs)
+        means = [statistics.mean(r[3][i] for r in runs) for i in range(len(KNN_SETTINGS))]
+        print(f"| {name} | {settings} | {steps} | {z_std} | {per_seed} | {means[0]:.3f} | {means[1]:.3f} | {baseline[0]:.3f} |")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,21 @@ def write_fashion_mnist_folder(out: Path, split: str, count: int, size: int = 28
     return out
 
 
+#: The labelled sets of the quality benches: Fashion-MNIST's first 10,000 training images (the
+#: unlabelled set and the kNN bank) and first 2,000 test images; the ants/bees photos' own split.
+DATASETS = ("fashion-mnist", "hymenoptera")
+FASHION_MNIST_TRAIN, FASHION_MNIST_TEST = 10_000, 2_000
+
+
+def labelled_folders(dataset: str, tmp: Path) -> tuple[Path, Path]:
+    """(unlabelled training set and kNN bank, test queries) of one of DATASETS, as class folders."""
+    if dataset == "fashion-mnist":
+        return (write_fashion_mnist_folder(tmp / "train", "train", FASHION_MNIST_TRAIN),
+                write_fashion_mnist_folder(tmp / "test", "test", FASHION_MNIST_TEST))
+    root = require_shared_data() / "hymenoptera"
+    return root / "train", root / "test"
+
+
 def raw_pixel_knn(train_dir: Path, test_dir: Path) -> list[float]:
     """kNN on l2-normalised, mean-centred pixels (images at most RAW_PIXEL_SIDE px): the floor."""
     train = labelled_folder(train_dir)
