@@ -447,3 +447,19 @@ def test_the_workspace_may_come_before_the_command(tmp_path):
     result = invoke("--workspace", str(tmp_path / "ws"), "outliers", "-n", "2", cwd=tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ws" / "explore" / "outliers.json").is_file()
+
+
+def test_a_report_draws_only_what_was_logged_and_never_an_empty_chart(tmp_path):
+    """A short run stopped before its first log_every step, as older versions logged it: only
+    epoch records. The z-std the summary quotes is drawn; the lr, never logged, has no empty frame."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"dim": 64}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 6, "epoch_end": 1, "loss": -0.3, "z_std": 0.12}) + "\n")
+    report = write_run_report(run)
+    assert [path.name for path in report.charts] == ["report-loss.png", "report-z_std.png"]
+    with Image.open(run / "report-z_std.png") as image:
+        pixels = np.asarray(image.convert("RGB"))
+    # The epoch mean is drawn (a dot in the second palette colour), not "no data yet".
+    assert (np.abs(pixels - np.array([0xD0, 0x58, 0x2A])).sum(axis=2) < 10).sum() > 10
+    assert "0.1200" in report.page.read_text()

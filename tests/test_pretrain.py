@@ -214,3 +214,13 @@ def test_multi_crop_trains_and_resumes_exactly(image_folder, tmp_path):
     assert resumed.finished
     for key, value in _weights(whole).items():
         assert torch.equal(value, _weights(resumed)[key]), key
+
+
+def test_a_run_stopped_before_its_first_log_every_has_curves_from_its_first_step(image_folder, tmp_path):
+    result = pretrain(image_folder, Workspace(tmp_path), dict(FAST_OVERRIDES, epochs=3, log_every=10),
+                      stop=StopRequest(stop_at_step=2), report=lambda _m: None, show_progress=False)
+    assert not result.finished and result.step == 2
+    steps = [record for record in read_jsonl(result.run_dir / "metrics.jsonl") if "lr" in record]
+    assert [record["step"] for record in steps] == [1] and "z_std" in steps[0] and "loss" in steps[0]
+    report = (result.run_dir / "report.html").read_text()
+    assert 'src="report-lr.png"' in report and 'src="report-z_std.png"' in report

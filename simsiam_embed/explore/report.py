@@ -67,10 +67,18 @@ def run_dimension(config: dict[str, Any]) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
+#: The values each chart draws: a chart is drawn only when the run has logged one of them, so a
+#: report never shows an empty frame beside a summary that quotes a number.
+CHART_VALUES = {"loss": ("loss",), "lr": ("lr",), "z_std": ("z_std",), "knn": ("knn_top1",)}
+
+
 def available_charts(records: list[MetricsRecord]) -> list[str]:
-    """The charts a run has data for: all but kNN, which needs a run with --val-dir."""
-    has_knn = any(record.get("knn_top1") is not None for record in records)
-    return [name for name in CHART_NAMES if name != "knn" or has_knn]
+    """The charts a run has data for (kNN needs a run with --val-dir)."""
+    def drawable(value: float | None) -> bool:
+        return value is not None and math.isfinite(value)
+
+    return [name for name in CHART_NAMES
+            if any(drawable(record.get(key)) for record in records for key in CHART_VALUES[name])]
 
 
 def build_chart(records: list[MetricsRecord], name: str, dim: int | None) -> Chart | None:
@@ -88,7 +96,8 @@ def build_chart(records: list[MetricsRecord], name: str, dim: int | None) -> Cha
             references = [ReferenceLine(f"1/sqrt(dim) = {dim ** -0.5:.4f}", dim ** -0.5, "#2a9d3a"),
                           ReferenceLine(f"collapse below {COLLAPSE_FRACTION * dim ** -0.5:.4f}",
                                         COLLAPSE_FRACTION * dim ** -0.5, "#c0392b")]
-        return line_chart([_series(steps, "z_std", "z-std (logged steps)")],
+        return line_chart([_series(steps, "z_std", "z-std (logged steps)"),
+                           _series(records, "z_std", "epoch mean", where="epoch_end")],
                           "Collapse monitor: std of the l2-normalised outputs", "z-std", references=references)
     if name == "knn":
         knn = _series(records, "knn_top1", "kNN top-1")

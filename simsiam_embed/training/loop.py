@@ -796,7 +796,9 @@ class TrainingLoop:
                     self._report_duration((now - timed_from[1]) / timed_steps)
 
                 finished = self.total_steps is not None and self.step >= self.total_steps
-                if self.step % plan.log_every == 0 or finished:
+                # The first step of every process too: a run stopped before its first log_every
+                # still has curves to draw from its first step (the report quotes what it drew).
+                if self.step % plan.log_every == 0 or finished or self.step == timed_from[0]:
                     if window.count:
                         # A mean over every rank: each rank sees the same value, so a non-finite
                         # loss stops every rank at this step, where one rank alone raising would
