@@ -1,9 +1,12 @@
 """The web app end to end in a real browser: `simsiam-embed serve` on a loopback port, driven by
-Playwright through Debian's Chromium (headless). Upload a query, see its results, click one to
-search from it, open the duplicates view; a screenshot of each step lands in the test's folder."""
+Playwright through Debian's Chromium (headless), with any request to another host failing the
+test. Search a page at a time, see an image whole with its facts and neighbours, move with the
+keyboard, change and export a dedup plan, zoom and select on the map, read /docs; a screenshot of
+each step lands in the test's folder."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -24,6 +27,7 @@ if not CHROMIUM.exists():
 @pytest.fixture
 def server(tmp_path: Path):
     paths = indexed_folder_with_a_copy(tmp_path, 24)
+    (tmp_path / "not-an-image.txt").write_text("plain text, not an image")
     process = subprocess.Popen([str(CONSOLE_SCRIPT), "serve", "--port", "0"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -36,53 +40,133 @@ def server(tmp_path: Path):
         process.wait(timeout=20)
 
 
-def test_search_by_upload_then_by_click_then_the_duplicates_view(server):
+def launch(playwright, folder: Path):
+    """Chromium with every request watched: one to another host fails the test (the app and /docs
+    must work with no network), and so does any script error on the page."""
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+    page = browser.new_page(accept_downloads=True)
+    page.errors, page.foreign = [], []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+
+    def only_this_machine(route):
+        if route.request.url.startswith(("http://127.0.0.1:", "data:", "blob:")):
+            route.continue_()
+        else:
+            page.foreign.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_this_machine)
+    return browser, page
+
+
+def test_search_pages_view_and_keyboard(server):
     url, folder, paths = server
     with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        browser, page = launch(playwright, folder)
         try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(url)
             playwright_api.expect(page.locator("#status")).to_contain_text("25 images")
 
+            page.select_option("#page-size", "10")
             page.set_input_files("#file-input", str(paths[7]))
             results = page.locator("#results figure")
-            playwright_api.expect(results).to_have_count(20)
+            playwright_api.expect(results).to_have_count(10)
             assert paths[7].name in results.first.get_attribute("title")
             assert results.first.locator("figcaption").inner_text().startswith("1. 1.000")
+            page.click("#more")   # the next page of the same query
+            playwright_api.expect(results).to_have_count(20)
+            page.click("#more")
+            playwright_api.expect(results).to_have_count(25)   # every image: no more to ask for
+            playwright_api.expect(page.locator("#more")).to_be_hidden()
             page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
-            page.screenshot(path=str(folder / "1-upload.png"), full_page=True)
+            page.screenshot(path=str(folder / "1-search.png"), full_page=True)
 
-            clicked = results.nth(1).get_attribute("title")
-            results.nth(1).click()
-            playwright_api.expect(page.locator("#query figure")).to_have_attribute("title", clicked)
-            playwright_api.expect(page.locator("#results figure")).to_have_count(20)
-            assert clicked not in [figure.get_attribute("title") for figure in page.locator("#results figure").all()]
-            page.screenshot(path=str(folder / "2-clicked.png"), full_page=True)
+            # Keyboard: focus the first result, move right, open it whole with Enter.
+            results.first.focus()
+            page.keyboard.press("ArrowRight")
+            second = results.nth(1).get_attribute("title")
+            assert page.evaluate("document.activeElement.title") == second
+            page.keyboard.press("Enter")
+            viewer = page.locator("#viewer")
+            playwright_api.expect(viewer).to_be_visible()
+            playwright_api.expect(page.locator("#viewer-title")).to_have_text(Path(second).name)
+            playwright_api.expect(page.locator("#viewer-facts")).to_contain_text("32 x 32 px")
+            playwright_api.expect(page.locator("#viewer-neighbours figure")).to_have_count(8)
+            page.wait_for_function("document.getElementById('viewer-image').naturalWidth === 32")
+            page.screenshot(path=str(folder / "2-viewer.png"), full_page=True)
+            page.keyboard.press("ArrowRight")   # the next result, in the viewer
+            playwright_api.expect(page.locator("#viewer-title")).to_have_text(Path(results.nth(2).get_attribute("title")).name)
+            page.click("#viewer-search")
+            playwright_api.expect(viewer).to_be_hidden()
+            playwright_api.expect(page.locator("#query figure")).to_have_attribute("title", results.nth(2).get_attribute("title"))
 
+            page.keyboard.press("Escape")
+            page.set_input_files("#file-input", str(folder / "not-an-image.txt"))
+            playwright_api.expect(page.locator("#message.error")).to_contain_text("cannot read the uploaded image")
+            assert '"' not in page.locator("#message").inner_text()   # a sentence, not a JSON-quoted string
+            assert page.errors == [] and page.foreign == []
+        finally:
+            browser.close()
+
+
+def test_duplicates_plan_map_and_docs(server):
+    url, folder, paths = server
+    copy = paths[0].parent / "copy-of-first.png"
+    with playwright_api.sync_playwright() as playwright:
+        browser, page = launch(playwright, folder)
+        try:
+            page.goto(url)
             page.click("button[data-view=duplicates]")
             group = page.locator("#view-duplicates section")
             playwright_api.expect(group).to_have_count(1)
-            titles = {figure.get_attribute("title") for figure in group.locator("figure").all()}
-            assert titles == {str(paths[0]), str(paths[0].parent / "copy-of-first.png")}
+            titles = [figure.get_attribute("title") for figure in group.locator("figure").all()]
+            assert set(titles) == {str(paths[0]), str(copy)}
+            playwright_api.expect(group.locator("figure.keep")).to_have_count(1)
+            # The user keeps the other one, and exports the plan: the same plan.json dedup writes.
+            group.locator("figure.remove").click()
+            kept = group.locator("figure.keep").get_attribute("title")
+            with page.expect_download() as download_info:
+                page.click("#export-json")
+            plan = json.loads(Path(download_info.value.path()).read_text())
+            assert plan["keep"] == [kept] and [r["path"] for r in plan["remove"]] == [t for t in titles if t != kept]
+            with page.expect_download() as download_info:
+                page.click("#export-csv")
+            assert Path(download_info.value.path()).read_text().splitlines()[1] == f"keep,{kept},1,"
+            playwright_api.expect(page.locator("#plan-notes")).to_contain_text("1 files kept, 1 to remove")
             page.screenshot(path=str(folder / "3-duplicates.png"), full_page=True)
 
-            for view in ("clusters", "outliers", "map"):
+            for view in ("clusters", "outliers"):
                 page.click(f"button[data-view={view}]")
                 playwright_api.expect(page.locator(f"#view-{view} .error")).to_have_count(0)
+            page.click("button[data-view=map]")
             playwright_api.expect(page.locator("#map-note")).to_contain_text("PCA")
+            playwright_api.expect(page.locator("#legend span")).to_have_count(1)
+            canvas = page.locator("#map").bounding_box()
+            scale = canvas["width"] / 1000
             # Hovering a point shows that image: the canvas position of one point, from the page.
             x, y = page.evaluate("mapView.positionOf(mapView.points[3])")
-            box = page.locator("#map").bounding_box()
-            page.mouse.move(box["x"] + x * box["width"] / 1000, box["y"] + y * box["height"] / 700)
-            tip = page.locator("#tip")
-            playwright_api.expect(tip).to_be_visible()
-            playwright_api.expect(tip.locator("img")).to_have_attribute("src", re.compile(r"/api/thumbnails/\d+$"))
+            page.mouse.move(canvas["x"] + x * scale, canvas["y"] + y * scale)
+            playwright_api.expect(page.locator("#tip img")).to_have_attribute("src", re.compile(r"/api/thumbnails/\d+$"))
+            # The wheel zooms in around the pointer.
+            page.mouse.wheel(0, -300)
+            page.wait_for_function("mapView.zoom > 1")
+            # Shift-drag selects the points in a box: every point, at zoom 1.
+            page.evaluate("mapView.zoomAt(0.01, 0, 0)")
+            page.keyboard.down("Shift")
+            page.mouse.move(canvas["x"] + 2, canvas["y"] + 2)
+            page.mouse.down()
+            page.mouse.move(canvas["x"] + canvas["width"] - 2, canvas["y"] + canvas["height"] - 2, steps=5)
+            page.mouse.up()
+            page.keyboard.up("Shift")
+            playwright_api.expect(page.locator("#selection figure")).to_have_count(25)
             page.screenshot(path=str(folder / "4-map.png"), full_page=True)
-            assert errors == []
+
+            page.goto(url + "/docs")   # Swagger UI from the package, no CDN
+            playwright_api.expect(page.locator(".opblock-summary-path").first).to_be_visible()
+            assert page.locator(".opblock").count() >= 10
+            page.screenshot(path=str(folder / "5-docs.png"), full_page=True)
+            assert page.errors == [] and page.foreign == []
         finally:
             browser.close()
-    for name in ("1-upload.png", "2-clicked.png", "3-duplicates.png"):
+    for name in ("1-search.png", "2-viewer.png", "3-duplicates.png", "4-map.png", "5-docs.png"):
         assert (folder / name).stat().st_size > 5_000

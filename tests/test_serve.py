@@ -135,14 +135,63 @@ def test_duplicates_clusters_outliers_and_map(served):
     assert len(client.get("/api/map").json()["points"]) == 21
 
 
-def test_the_page_and_the_openapi_docs_are_served(served):
+def test_the_page_and_the_openapi_docs_are_served_from_the_package(served):
     client, _, _ = served
     page = client.get("/")
-    assert page.status_code == 200 and 'id="file-input"' in page.text and "drawMap" in page.text
+    assert page.status_code == 200 and 'id="file-input"' in page.text
+    for asset in ("/static/app.js", "/static/map.js", "/static/app.css"):
+        assert client.get(asset).status_code == 200, asset
+    assert "function drawMap" in client.get("/static/map.js").text
     schema = client.get("/openapi.json").json()
-    for path in ("/api/search", "/api/search/{image_id}", "/api/duplicates", "/api/clusters", "/api/outliers"):
+    for path in ("/api/search", "/api/search/{image_id}", "/api/duplicates", "/api/clusters", "/api/outliers",
+                 "/api/images/{image_id}/facts", "/api/plan"):
         assert path in schema["paths"], path
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/static/swagger-ui/swagger-ui-bundle.js" in docs.text
+    # Nothing the pages name lives on another host (Swagger UI's default loads from a CDN).
+    assert "http://" not in docs.text and "https://" not in docs.text and '"validatorUrl": null' in docs.text
+    assert "https://" not in page.text and client.get("/static/swagger-ui/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/redoc").status_code == 404   # ReDoc would load from a CDN too
+
+
+def test_an_images_facts_come_from_the_catalogue_and_its_header(served):
+    client, _, paths = served
+    image_id = id_of(client, paths[3])
+    facts = client.get(f"/api/images/{image_id}/facts").json()
+    assert facts["path"] == str(paths[3]) and facts["name"] == paths[3].name and facts["folder"] == str(paths[3].parent)
+    assert (facts["width"], facts["height"], facts["format"]) == (*Image.open(paths[3]).size, "PNG")
+    assert facts["bytes"] == paths[3].stat().st_size and facts["present"] and facts["modified"].startswith("20")
+    paths[3].write_bytes(b"changed")
+    changed = client.get(f"/api/images/{image_id}/facts").json()
+    assert not changed["present"] and changed["width"] is None
+    assert client.get("/api/images/../../etc/passwd/facts").status_code == 404
+
+
+def test_the_apps_plan_is_the_dedup_plan_with_the_users_keeper_checked_on_disk(served):
+    client, folder, paths = served
+    copy = paths[0].parent / "copy-of-first.png"
+    plan = client.post("/api/plan", json={"plan": "keep-first"}).json()
+    assert plan["plan"] == {"plan": "keep-first", "keep": [str(copy)],
+                            "remove": [{"path": str(paths[0]), "duplicate_of": str(copy), "group": 1, "score": 1.0}]}
+    assert plan["csv"].splitlines() == ["action,path,group,duplicate_of", f"keep,{copy},1,",
+                                        f"remove,{paths[0]},1,{copy}"] and plan["notes"] == []
+    # The same files `dedup --plan keep-first` writes.
+    assert invoke("dedup", "--plan", "keep-first", "--output", str(folder / "out"), cwd=folder).exit_code == 0
+    assert json.loads((folder / "out" / "plan.json").read_text()) == plan["plan"]
+    assert (folder / "out" / "plan.csv").read_bytes().decode() == plan["csv"]
+
+    # The user keeps the other one instead.
+    chosen = client.post("/api/plan", json={"plan": "keep-first", "keepers": {"1": id_of(client, paths[0])}}).json()
+    assert chosen["plan"]["keep"] == [str(paths[0])] and chosen["plan"]["remove"][0]["path"] == str(copy)
+    # A keeper deleted since indexing: the plan keeps the copy left and says so; never removes the last one.
+    paths[0].unlink()
+    checked = client.post("/api/plan", json={"plan": "keep-first", "keepers": {"1": id_of(client, copy)}}).json()
+    assert checked["plan"]["keep"] == [] and checked["plan"]["remove"] == []
+    assert "left out of the plan" in checked["notes"][0]
+    for body, words in (({"plan": "keep-everything"}, "no plan"), ({"keepers": {"7": 1}}, "no duplicate group 7"),
+                        ({"keepers": {"1": 99999}}, "not in duplicate group 1"), ({"keepers": {"x": 1}}, "group numbers")):
+        answer = client.post("/api/plan", json=body)
+        assert answer.status_code == 422 and words in answer.json()["detail"], (body, answer.text)
 
 
 def test_a_new_generation_is_picked_up_while_searches_go_on(served):

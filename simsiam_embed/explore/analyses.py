@@ -343,6 +343,22 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
                            len(candidates) - len(confirmed) - unreadable, unreadable)
 
 
+def choose_keepers(result: DuplicateResult, keepers: dict[int, int]) -> DuplicateResult:
+    """The plan with the user's choices: ``keepers`` maps a group's number to the id of the member
+    to keep instead of the plan's (the web app's duplicates view). The chosen member moves first;
+    :func:`confirm_plan` then checks it against the disk like any keeper."""
+    groups = {group.number: group for group in result.groups}
+    for number, member_id in keepers.items():
+        group = groups.get(number)
+        if group is None:
+            raise UserError(f"there is no duplicate group {number}: reload the duplicates view")
+        chosen = [member for member in group.members if member.id == member_id]
+        if not chosen:
+            raise UserError(f"image {member_id} is not in duplicate group {number}: reload the duplicates view")
+        groups[number] = dataclasses.replace(group, members=chosen + [m for m in group.members if m.id != member_id])
+    return dataclasses.replace(result, groups=[groups[group.number] for group in result.groups])
+
+
 def confirm_plan(result: DuplicateResult) -> tuple[DuplicateResult, list[str]]:
     """The plan checked against the disk just before it is written: a plan is acted on, and the
     groups were found from what the index recorded. A member whose file is gone or whose bytes

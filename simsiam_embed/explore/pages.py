@@ -68,13 +68,17 @@ def script_json(value) -> str:
     return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+def _csv_text(header: list[str], rows: list[list]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
     writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     with atomic_write(path, "w") as handle:
-        handle.write(buffer.getvalue())
+        handle.write(_csv_text(header, rows))
 
 
 def write_duplicates(result: DuplicateResult, loaded: LoadedIndex, folder: Path) -> list[Path]:
@@ -87,15 +91,30 @@ def write_duplicates(result: DuplicateResult, loaded: LoadedIndex, folder: Path)
                 for g in result.groups for m in g.members])
     write_duplicates_page(result, loaded, written[2])
     if result.plan:
-        keep = [g.members[0].path for g in result.groups]
-        remove = [{"path": m.path, "duplicate_of": g.members[0].path, "group": g.number, "score": m.score}
-                  for g in result.groups for m in g.members[1:]]
         written += [folder / "plan.json", folder / "plan.csv"]
-        write_json_atomic(written[-2], {"plan": result.plan, "keep": keep, "remove": remove})
-        _write_csv(written[-1], ["action", "path", "group", "duplicate_of"],
-                   [["keep", path, g.number, ""] for g, path in zip(result.groups, keep)]
-                   + [["remove", r["path"], r["group"], r["duplicate_of"]] for r in remove])
+        write_json_atomic(written[-2], plan_json(result))
+        with atomic_write(written[-1], "w") as handle:
+            handle.write(plan_csv(result))
     return written
+
+
+PLAN_CSV_COLUMNS = ["action", "path", "group", "duplicate_of"]
+
+
+def plan_json(result: DuplicateResult) -> dict:
+    """plan.json: the file each group keeps, and each one it would remove (with its keeper). The
+    one shape for `dedup --plan` and the web app's export; nothing is ever deleted here."""
+    keep = [g.members[0].path for g in result.groups]
+    remove = [{"path": m.path, "duplicate_of": g.members[0].path, "group": g.number, "score": m.score}
+              for g in result.groups for m in g.members[1:]]
+    return {"plan": result.plan, "keep": keep, "remove": remove}
+
+
+def plan_csv(result: DuplicateResult) -> str:
+    """plan.csv: plan.json as rows (keep rows first)."""
+    rows = [["keep", g.members[0].path, g.number, ""] for g in result.groups]
+    rows += [["remove", m.path, g.number, g.members[0].path] for g in result.groups for m in g.members[1:]]
+    return _csv_text(PLAN_CSV_COLUMNS, rows)
 
 
 def write_analysis(result: ClusterResult | OutlierResult | MapResult, loaded: LoadedIndex, folder: Path) -> list[Path]:
@@ -155,43 +174,19 @@ def write_map_page(result: MapResult, loaded: LoadedIndex, path: Path) -> None:
         preview = cached_thumbnail(loaded.folder, loaded.entries[point.id], MAP_THUMBNAIL_SIDE)
         points.append({"x": point.x, "y": point.y, "label": point.label, "name": Path(point.path).name,
                        "src": data_uri(preview) if preview is not None else ""})
-    summary = f"{result.method} projection of {len(result.points)} images. {result.note} Hover a point to see it."
-    body = f"""<canvas id="map" width="900" height="700" style="border:1px solid #ccc"></canvas>
+    summary = (f"{result.method} projection of {len(result.points)} images. {result.note} Hover a point to see "
+               "it; wheel zooms, drag pans, shift-drag selects.")
+    body = f"""<div id="legend" style="font-size:.9em;color:#555"></div>
+<canvas id="map" width="900" height="700" style="border:1px solid #ccc"></canvas>
 <div id="tip" style="position:fixed;display:none;background:#fff;border:1px solid #999;padding:4px;font-size:11px"></div>
 <script>
 const points = {script_json(points)};
 {MAP_SCRIPT}
-window.mapView = drawMap(document.getElementById("map"), document.getElementById("tip"), points, p => p.src);
+window.mapView = drawMap(document.getElementById("map"), document.getElementById("tip"), points, p => p.src,
+                         {{legend: document.getElementById("legend")}});
 </script>"""
     _write(path, _page("Map", summary, body))
 
 
-#: The scatter plot with hover previews; the web app's map view draws with the same function.
-MAP_SCRIPT = """
-function drawMap(canvas, tip, points, imageOf) {
-  const ctx = canvas.getContext("2d"), pad = 20;
-  const xs = points.map(p => p.x), ys = points.map(p => p.y);
-  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-  const labels = [...new Set(points.map(p => p.label))];
-  const colour = l => `hsl(${(labels.indexOf(l) * 137) % 360}, 65%, 45%)`;
-  const px = p => pad + (p.x - x0) / ((x1 - x0) || 1) * (canvas.width - 2 * pad);
-  const py = p => pad + (p.y - y0) / ((y1 - y0) || 1) * (canvas.height - 2 * pad);
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  for (const p of points) { ctx.fillStyle = colour(p.label); ctx.fillRect(px(p) - 2, py(p) - 2, 4, 4); }
-  canvas.onmousemove = e => {
-    const r = canvas.getBoundingClientRect(), mx = e.clientX - r.left, my = e.clientY - r.top;
-    let best = null, bestD = 64;
-    for (const p of points) { const d = (px(p) - mx) ** 2 + (py(p) - my) ** 2; if (d < bestD) { best = p; bestD = d; } }
-    if (!best) { tip.style.display = "none"; return; }
-    tip.replaceChildren();
-    const src = imageOf(best);
-    if (src) { const img = document.createElement("img"); img.src = src; img.style.maxWidth = "128px"; tip.append(img); }
-    const caption = document.createElement("div"); caption.textContent = best.name + (best.label ? " (" + best.label + ")" : "");
-    tip.append(caption);
-    tip.dataset.id = best.id ?? "";
-    tip.style.left = (e.clientX + 12) + "px"; tip.style.top = (e.clientY + 12) + "px"; tip.style.display = "block";
-  };
-  canvas.onmouseleave = () => { tip.style.display = "none"; };
-  return { positionOf: p => [px(p), py(p)] };
-}
-"""
+#: The scatter plot (legend, zoom, pan, selection, hover previews): the web app draws with the same file.
+MAP_SCRIPT = (Path(__file__).parent / "static" / "map.js").read_text()

@@ -21,19 +21,24 @@ import ipaddress
 import socket
 import threading
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Body, FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from simsiam_embed.images import UnreadableImage, open_image
 from simsiam_embed.inference.embed import Encoder
 from simsiam_embed.errors import UserError
-from simsiam_embed.explore.analyses import AnalysisResult
+from simsiam_embed.explore.analyses import AnalysisResult, choose_keepers, confirm_plan
+from simsiam_embed.explore.pages import plan_csv, plan_json
 from simsiam_embed.explore.stored import analysis
 from simsiam_embed.index.store import LoadedIndex, current_generation, load_index
 from simsiam_embed.explore.report import (
@@ -41,7 +46,7 @@ from simsiam_embed.explore.report import (
 )
 from simsiam_embed.index.search import encoder_of_index, nearest_hits
 from simsiam_embed.index.thumbnails import cached_thumbnail, indexed_bytes
-from simsiam_embed.explore.web_page import PAGE
+from simsiam_embed.settings import PLANS
 from simsiam_embed.workspace import Workspace
 
 Report = Callable[[str], None]
@@ -51,6 +56,9 @@ MAX_K = 200
 BROWSER_FORMATS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
                    ".webp": "image/webp", ".bmp": "image/bmp"}
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+#: The page, its script and style, and Swagger UI for /docs: all served from the package, so the
+#: app works with no network and no request leaves the machine (FastAPI's /docs uses a CDN).
+STATIC = Path(__file__).parent / "static"
 
 
 class LiveIndex:
@@ -112,7 +120,8 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
 
     live = LiveIndex(index_dir, provider)
     app = FastAPI(title="simsiam-embed", summary="Search, duplicates, clusters and outliers of an image index.",
-                  version="1")
+                  version="1", docs_url=None, redoc_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(_BodySizeLimit, max_bytes=max_upload_bytes)
@@ -142,7 +151,16 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return PAGE
+        return (STATIC / "app.html").read_text()
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        # validatorUrl None: Swagger UI would otherwise send the schema to validator.swagger.io.
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="simsiam-embed API",
+                                   swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger-ui/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})
 
     @app.get("/api/status", summary="What the index holds")
     def status() -> dict:
@@ -191,6 +209,23 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         image.save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type="image/png")
 
+    @app.get("/api/images/{image_id}/facts", summary="What the catalogue and the file say about an indexed image")
+    def image_facts(image_id: str) -> dict:
+        entry = entry_or_404(index_now(), image_id)
+        data = indexed_bytes(entry)
+        width = height = image_format = None
+        if data is not None:
+            try:   # the header only: no pixel is decoded
+                with Image.open(io.BytesIO(data)) as image:
+                    (width, height), image_format = image.size, image.format
+            except (OSError, ValueError, Image.DecompressionBombError):
+                pass
+        path = Path(entry.path)
+        return {"id": entry.id, "path": entry.path, "name": path.name, "folder": str(path.parent), "label": entry.label,
+                "bytes": entry.size, "modified": datetime.fromtimestamp(entry.mtime_ns / 1e9, timezone.utc).isoformat(
+                    timespec="seconds"), "width": width, "height": height, "format": image_format,
+                "present": data is not None}
+
     @app.get("/api/thumbnails/{image_id}", summary="A small JPEG preview of an indexed image")
     def thumbnail(image_id: str):
         loaded = index_now()
@@ -201,9 +236,27 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
 
     @app.get("/api/duplicates", summary="Near-duplicate and exact duplicate groups")
     def duplicates(threshold: float | None = Query(None, ge=-1.0, le=1.0, description="default: the calibrated rule"),
-                   limit: int = Query(200, ge=1, le=10_000)) -> dict:
+                   limit: int = Query(200, ge=1, le=10_000),
+                   plan: str | None = Query(None, description=f"order each group's members: {', '.join(PLANS)}")) -> dict:
         loaded = index_now()
-        return live.analysis(loaded, "duplicates", threshold=threshold).to_json(limit)
+        if plan is not None and plan not in PLANS:
+            raise HTTPException(422, f"there is no plan {plan!r}: choose one of {', '.join(PLANS)}")
+        return live.analysis(loaded, "duplicates", threshold=threshold, plan=plan).to_json(limit)
+
+    @app.post("/api/plan", summary="The dedup plan as `dedup --plan` writes it, with the user's keepers")
+    def dedup_plan(plan: str = Body("keep-largest", description=", ".join(PLANS)),
+                   keepers: dict[str, int] = Body({}, description="group number -> the id of the member to keep"),
+                   threshold: float | None = Body(None, ge=-1.0, le=1.0)) -> dict:
+        """plan.json's content and plan.csv's text, checked against the disk now (a member gone or
+        changed leaves its group, a group with one left is dropped: see ``notes``). Deletes nothing."""
+        if plan not in PLANS:
+            raise HTTPException(422, f"there is no plan {plan!r}: choose one of {', '.join(PLANS)}")
+        if not all(number.isdigit() and number.isascii() for number in keepers):
+            raise HTTPException(422, "keepers maps group numbers to image ids")
+        result = live.analysis(index_now(), "duplicates", threshold=threshold, plan=plan)
+        result = choose_keepers(result, {int(number): member for number, member in keepers.items()})
+        result, notes = confirm_plan(result)
+        return {"plan": plan_json(result), "csv": plan_csv(result), "notes": notes}
 
     @app.get("/api/clusters", summary="k-means clusters of the index")
     def clusters(k: int | None = Query(None, ge=1, le=10_000), limit: int = Query(200, ge=1, le=10_000)) -> dict:

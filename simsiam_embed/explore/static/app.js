@@ -1,0 +1,285 @@
+// The web app over the JSON API (/docs). Every name from the index (file names, labels) is
+// inserted as text, never as HTML. Nothing is fetched from another host.
+"use strict";
+const $ = id => document.getElementById(id);
+const baseName = path => path.split(/[\\/]/).pop();
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+// A preview tile; `list` is the sequence it belongs to, for the viewer's previous / next.
+function figure(id, caption, title, list, onClick) {
+  const node = el("figure", {"data-id": id, title: title, tabindex: "0"},
+                  el("img", {src: `/api/thumbnails/${id}`, alt: caption, loading: "lazy"}), el("figcaption"));
+  node.querySelector("figcaption").textContent = caption;
+  node.addEventListener("click", onClick || (() => openViewer(id, list)));
+  node.addEventListener("keydown", event => {
+    if (event.key === "Enter") { event.preventDefault(); node.click(); }
+    const step = {ArrowRight: 1, ArrowLeft: -1}[event.key];
+    if (step) {   // move along the row of tiles this one is in
+      const tiles = [...node.parentElement.querySelectorAll("figure")];
+      const next = tiles[tiles.indexOf(node) + step];
+      if (next) { event.preventDefault(); next.focus(); }
+    }
+  });
+  return node;
+}
+
+// An error as the sentence the server wrote: its `detail`, or FastAPI's field errors in words.
+function sentence(detail, fallback) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) return detail.map(d => `${(d.loc || []).slice(1).join(" ")}: ${d.msg}`.trim()).join("; ");
+  return fallback;
+}
+
+async function api(url, options) {
+  let response;
+  try { response = await fetch(url, options); }
+  catch (error) { throw new Error("The server does not answer: is `simsiam-embed serve` still running?"); }
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(sentence(body.detail, `The server answered ${response.status} ${response.statusText}.`));
+  return body;
+}
+
+function say(text, isError = false) { $("message").textContent = text; $("message").className = isError ? "error" : "note"; }
+
+// -- search, a page at a time --------------------------------------------------------------
+
+const MAX_K = 200;   // the API's own limit (serve.py)
+let query = null;   // {file} or {id}: what "more results" asks again, for more
+const pageSize = () => Number($("page-size").value);
+
+async function runSearch(k) {
+  if (query.file) {
+    const form = new FormData(); form.append("file", query.file);
+    return api(`/api/search?k=${k}`, {method: "POST", body: form});
+  }
+  return api(`/api/search/${query.id}?k=${k}`);
+}
+
+function showHits(answer, queryNode) {
+  $("query").replaceChildren(queryNode);
+  const list = answer.hits.map(hit => hit.id);
+  $("results").replaceChildren(...answer.hits.map(hit =>
+    figure(hit.id, `${hit.rank}. ${hit.score.toFixed(3)} ${baseName(hit.path)}`, hit.path, list)));
+  $("more").hidden = answer.hits.length < query.k || query.k >= MAX_K;
+  say(`${answer.hits.length} nearest images; click one (or Enter) to see it whole, arrows move between them.`);
+}
+
+async function search(newQuery, queryNode) {
+  showView("search");
+  query = {...newQuery, k: pageSize(), node: queryNode};
+  say("searching ...");
+  try { showHits(await runSearch(query.k), queryNode()); }
+  catch (error) { say(error.message, true); }
+}
+
+function searchUpload(file) {
+  search({file}, () => {
+    const preview = el("figure", {}, el("img", {src: URL.createObjectURL(file), alt: "query"}), el("figcaption"));
+    preview.querySelector("figcaption").textContent = "query: " + file.name;
+    return preview;
+  });
+}
+
+function searchById(id, path) {
+  search({id}, () => figure(id, "query: " + baseName(path || String(id)), path || String(id), [id]));
+}
+
+$("more").addEventListener("click", async () => {
+  query.k = Math.min(MAX_K, query.k + pageSize());
+  try { showHits(await runSearch(query.k), query.node()); }
+  catch (error) { say(error.message, true); }
+});
+$("page-size").addEventListener("change", () => { if (query) search(query, query.node); });
+
+// -- the full-size viewer ------------------------------------------------------------------
+
+const viewer = {list: [], index: 0};
+
+async function openViewer(id, list) {
+  viewer.list = list && list.includes(id) ? list : [id];
+  viewer.index = viewer.list.indexOf(id);
+  const dialog = $("viewer");
+  if (!dialog.open) dialog.showModal();
+  $("viewer-image").src = `/api/images/${id}`;
+  $("viewer-title").textContent = "";
+  $("viewer-facts").replaceChildren();
+  $("viewer-neighbours").replaceChildren();
+  try {
+    const facts = await api(`/api/images/${id}/facts`);
+    $("viewer-title").textContent = facts.name;
+    $("viewer-image").alt = facts.name;
+    const rows = [["path", facts.path], ["folder", facts.folder], ["label", facts.label || "-"],
+                  ["size", facts.width ? `${facts.width} x ${facts.height} px` : "-"],
+                  ["file", `${facts.bytes.toLocaleString()} bytes, ${facts.format || "?"}`], ["modified", facts.modified],
+                  ["on disk", facts.present ? "as indexed" : "gone or changed since indexing"]];
+    $("viewer-facts").replaceChildren(...rows.flatMap(([name, value]) => {
+      const dt = el("dt"), dd = el("dd"); dt.textContent = name; dd.textContent = value; return [dt, dd]; }));
+    const near = await api(`/api/search/${id}?k=8`);
+    const ids = near.hits.map(hit => hit.id);
+    $("viewer-neighbours").replaceChildren(...near.hits.map(hit =>
+      figure(hit.id, `${hit.score.toFixed(3)} ${baseName(hit.path)}`, hit.path, ids, () => openViewer(hit.id, ids))));
+  } catch (error) {
+    const p = el("p", {class: "error"}); p.textContent = error.message; $("viewer-facts").replaceChildren(p);
+  }
+}
+
+$("viewer-close").addEventListener("click", () => $("viewer").close());
+$("viewer-search").addEventListener("click", () => {
+  const id = viewer.list[viewer.index];
+  $("viewer").close();
+  searchById(id, $("viewer-facts").querySelector("dd")?.textContent);
+});
+$("viewer").addEventListener("keydown", event => {
+  const step = {ArrowRight: 1, ArrowLeft: -1}[event.key];
+  if (!step || event.target.closest("#viewer-neighbours")) return;
+  const next = viewer.index + step;
+  if (next >= 0 && next < viewer.list.length) { event.preventDefault(); openViewer(viewer.list[next], viewer.list); }
+});
+
+// -- the other views -----------------------------------------------------------------------
+
+const keepers = {};   // duplicates view: group number -> the member id the user keeps instead
+
+function download(name, text, type) {
+  const link = el("a", {href: URL.createObjectURL(new Blob([text], {type})), download: name});
+  document.body.append(link); link.click(); link.remove();
+}
+
+const loaders = {
+  async duplicates(view) {
+    const plan = view.querySelector("#plan-rule")?.value || "keep-largest";
+    const data = await api(`/api/duplicates?plan=${plan}`);
+    const rule = el("select", {id: "plan-rule"}, ...["keep-largest", "keep-oldest", "keep-first"].map(name =>
+      el("option", name === plan ? {selected: ""} : {}, name)));
+    rule.addEventListener("change", () => { for (const key in keepers) delete keepers[key]; loaders.duplicates(view); });
+    const exportAs = format => async () => {
+      try {
+        const answer = await api("/api/plan", {method: "POST", headers: {"Content-Type": "application/json"},
+                                               body: JSON.stringify({plan: rule.value, keepers})});
+        format === "json" ? download("plan.json", JSON.stringify(answer.plan, null, 1), "application/json")
+                          : download("plan.csv", answer.csv, "text/csv");
+        notes.textContent = answer.notes.length ? answer.notes.join(" ") :
+          `plan.${format}: ${answer.plan.keep.length} files kept, ${answer.plan.remove.length} to remove (nothing is deleted here).`;
+        notes.className = answer.notes.length ? "error" : "note";
+      } catch (error) { notes.textContent = error.message; notes.className = "error"; }
+    };
+    const jsonButton = el("button", {id: "export-json"}, "export plan.json"), csvButton = el("button", {id: "export-csv"}, "export plan.csv");
+    jsonButton.addEventListener("click", exportAs("json")); csvButton.addEventListener("click", exportAs("csv"));
+    const notes = el("span", {class: "note", id: "plan-notes"});
+    const summary = el("p", {class: "note"});
+    summary.textContent = `${data.total_groups} groups, ${data.duplicate_files} files beyond the first of each, among ` +
+      `${data.images} images (copies: ${data.rule_text}; ${data.method}). The outlined image of each group is kept: ` +
+      "click another to keep it instead; the plan is exported, never carried out here.";
+    view.replaceChildren(summary, el("div", {class: "toolbar"}, el("label", {}, "plan ", rule), jsonButton, csvButton, notes));
+    for (const group of data.groups) {
+      const title = el("h2"); title.textContent = `group ${group.number}: ${group.members.length} images, ` +
+        (group.exact ? "identical bytes" : `cosine >= ${group.min_score.toFixed(3)}`) +
+        (group.evidence.length ? ` (${group.evidence.join("; ")})` : "");
+      const row = el("div", {class: "row"});
+      const mark = () => {
+        const keeper = keepers[group.number] ?? group.members[0].id;
+        for (const tile of row.children) {
+          const keep = Number(tile.dataset.id) === keeper;
+          tile.className = keep ? "keep" : "remove";
+          tile.querySelector(".action").textContent = keep ? "keep " : "remove ";
+        }
+      };
+      for (const member of group.members) {
+        const tile = figure(member.id, `${member.score.toFixed(3)} ${baseName(member.path)}`, member.path, null, () => {
+          keepers[group.number] = member.id; mark(); });
+        tile.querySelector("figcaption").prepend(el("span", {class: "action"}));
+        tile.addEventListener("dblclick", () => openViewer(member.id, group.members.map(m => m.id)));
+        row.append(tile);
+      }
+      view.append(el("section", {"data-group": group.number}, title, row));
+      mark();
+    }
+  },
+  async clusters(view) {
+    const data = await api("/api/clusters");
+    view.replaceChildren(el("p", {class: "note"}));
+    view.firstChild.textContent = `${data.clusters.length} clusters of ${data.images} images (k = ${data.k}: ${data.k_reason}). ` +
+      "Each shows the images nearest its centre.";
+    for (const cluster of data.clusters) {
+      const labels = Object.entries(cluster.labels).slice(0, 4).map(([l, n]) => `${l} ${n}`).join(", ");
+      const title = el("h2"); title.textContent = `cluster ${cluster.number}: ${cluster.size} images, cohesion ` +
+        `${cluster.cohesion.toFixed(3)}` + (labels ? ` (${labels})` : "");
+      const ids = cluster.nearest.map(image => image.id);
+      view.append(el("section", {}, title, el("div", {class: "row"}, ...cluster.nearest.map(image =>
+        figure(image.id, `${image.score.toFixed(3)} ${baseName(image.path)}`, image.path, ids)))));
+    }
+  },
+  async outliers(view) {
+    const data = await api("/api/outliers");
+    const note = el("p", {class: "note"});
+    note.textContent = `The ${data.outliers.length} images least like their ${data.neighbours} nearest neighbours ` +
+      `(mean cosine; the typical image scores ${data.median_score.toFixed(3)}).`;
+    const ids = data.outliers.map(o => o.id);
+    view.replaceChildren(note, el("div", {class: "row"}, ...data.outliers.map(o =>
+      figure(o.id, `${o.rank}. ${o.score.toFixed(3)} ${baseName(o.path)}`, o.path, ids))));
+  },
+  async map(view) {
+    const data = await api("/api/map");
+    $("map-note").textContent = `${data.method} of ${data.points.length} images, coloured by folder. ${data.note} ` +
+      "Hover a point to see it, click to open it; wheel zooms, drag pans, shift-drag selects.";
+    const points = data.points.map(p => ({...p, name: baseName(p.path)}));
+    const showSelection = chosen => {
+      const ids = chosen.map(p => p.id);
+      const note = el("p", {class: "note"}); note.textContent = `${chosen.length} images selected.`;
+      $("selection").replaceChildren(note, el("div", {class: "row"}, ...chosen.slice(0, 200).map(p =>
+        figure(p.id, p.name, p.path, ids))));
+    };
+    window.mapView = drawMap($("map"), $("tip"), points, p => `/api/thumbnails/${p.id}`,
+                             {legend: $("legend"), onSelect: showSelection});
+    window.mapView.points = points;
+    $("map").onclick = () => {
+      const shown = $("tip").style.display !== "none" && $("tip").dataset.id;
+      if (shown && !$("map").dataset.dragged) openViewer(Number(shown), points.map(p => p.id));
+    };
+  },
+  async report(view) {
+    const data = await api("/api/report");
+    const note = el("p", {class: "note"}); note.textContent = `run ${data.run}: ${data.summary}`;
+    view.replaceChildren(note, ...data.charts.map(name => el("img", {src: `/api/report/${name}.png`, alt: name})));
+  },
+};
+
+const loaded = {};
+async function showView(name) {
+  for (const button of document.querySelectorAll("#tabs button"))
+    button.classList.toggle("active", button.dataset.view === name);
+  for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== "view-" + name;
+  if (loaders[name] && !loaded[name]) {
+    const view = $("view-" + name);
+    if (name !== "map") view.replaceChildren(el("p", {class: "note"}, "working ..."));
+    try { await loaders[name](view); loaded[name] = true; }
+    catch (error) { const p = el("p", {class: "error"}); p.textContent = error.message;
+                    name === "map" ? $("map-note").replaceChildren(p) : view.replaceChildren(p); }
+  }
+}
+
+for (const button of document.querySelectorAll("#tabs button"))
+  button.addEventListener("click", () => showView(button.dataset.view));
+$("file-input").addEventListener("change", event => { if (event.target.files[0]) searchUpload(event.target.files[0]); });
+const drop = $("drop");
+drop.addEventListener("dragover", event => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", event => { event.preventDefault(); drop.classList.remove("over");
+  if (event.dataTransfer.files[0]) searchUpload(event.dataTransfer.files[0]); });
+
+let generation = null;
+async function refreshStatus() {
+  try {
+    const status = await api("/api/status");
+    if (generation && status.generation !== generation) for (const key in loaded) delete loaded[key];
+    generation = status.generation;
+    $("status").textContent = `${status.images} images, ${status.index_type}, ${status.generation}`;
+  } catch (error) { $("status").textContent = error.message; }
+}
+refreshStatus(); setInterval(refreshStatus, 10000);
