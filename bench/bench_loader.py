@@ -3,6 +3,7 @@
 decoding only in the loader, with crops and augmentation on the device (the GPU default).
 
     python bench/bench_loader.py [--steps 6] [--pairs 128]
+    python bench/bench_loader.py --store [--pairs 128]
 
 For each recipe (the paper's CIFAR recipe on 32 px Fashion-MNIST, its ImageNet recipe on the
 ants/bees JPEGs at 224 px):
@@ -33,6 +34,7 @@ from simsiam_embed.training.augment import (
 from simsiam_embed.trained_model import build_model
 from simsiam_embed.settings import PretrainConfig
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
+from simsiam_embed.training.image_store import DecodedImageStore
 from simsiam_embed.images import discover_images
 from simsiam_embed.models import simsiam_loss
 from simsiam_embed.training.pretrain import pretrain
@@ -95,12 +97,43 @@ def train_pairs_per_second(folder: Path, settings: dict, steps: int, workspace: 
     return result.pairs_per_second, result.config
 
 
+def store_trial(pairs: int) -> None:
+    """What the decoded-image store saves the loader: CPU per pair of the CPU default's loader
+    (uint8 crops), decoding the file each time against reading the store's pixels back (filled
+    beforehand, as in every epoch after the first), on 32-px PNGs and on the ants/bees JPEGs."""
+    data = require_shared_data()
+    print(f"machine: {machine()}")
+    print("\n| images | crop | decoded each time | from the store | cut |")
+    print("| --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = [("Fashion-MNIST PNGs, 32 px", write_fashion_mnist_folder(tmp / "fmnist32", "train", 1024, size=32), 32),
+                 ("ants/bees JPEGs (median ~500 x 375, up to 2592 wide)", data / "hymenoptera" / "train", 224),
+                 ("ants/bees JPEGs, full-size decode (no draft)", data / "hymenoptera" / "train", 224)]
+        for number, (label, folder, crop) in enumerate(cases):
+            paths = discover_images(folder)
+            recipe = AugmentationRecipe(crop, blur=crop > 64)
+            draft = None if "no draft" in label else training_draft_side(crop)
+            view = partial(draw_view, recipe=recipe)
+            decoded = loader_ms_per_pair(TwoViewDataset(paths, view, draft), paths, pairs)
+            store = DecodedImageStore(tmp / f"store-{number}", draft, capacity_bytes=8 << 30)
+            stored = TwoViewDataset(paths, view, draft, store=store)
+            for index in range(len(paths)):   # the first epoch: every image decoded once and kept
+                stored[(index, index)]
+            from_store = loader_ms_per_pair(stored, paths, pairs)
+            print(f"| {label} | {crop} | {decoded:.2f} ms | {from_store:.2f} ms | {decoded / from_store:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per measurement")
     parser.add_argument("--pairs", type=int, default=128, help="pairs timed through each loader path")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--store", action="store_true", help="only: what the decoded-image store saves the loader")
     args = parser.parse_args()
+    if args.store:
+        store_trial(args.pairs)
+        return
     data = require_shared_data()
     print(f"machine: {machine()}")
     peaks = {"off": peak_matmul_flops(torch.float32), "bf16": peak_matmul_flops(torch.bfloat16)}

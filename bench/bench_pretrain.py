@@ -2,6 +2,7 @@
 
     python bench/bench_pretrain.py [--steps 4]
     python bench/bench_pretrain.py --against-lightly [--steps 12] [--images 10000]
+    python bench/bench_pretrain.py --compile-trial [--steps 4]
 
 Reference: the paper's Algorithm 1 as most people write it: torchvision transforms through a
 TwoCropsTransform, an ImageFolder-style dataset, a standard DataLoader, fp32. Ours: the real
@@ -202,6 +203,56 @@ def against_lightly(steps: int, workers: int, images: int) -> None:
               f"{default_rate * flops / peaks[amp]:.0%} of the {amp} matmul peak")
 
 
+# --------------------------------------------------------------------------------------------
+# torch.compile and channels_last on the CPU: the model's own step, without any loader
+
+
+def model_step_seconds(config: PretrainConfig, compiled: bool, channels_last: bool, steps: int) -> tuple[float, float]:
+    """(seconds a training step takes, seconds its first two steps took: start-up and, compiled,
+    the compilation) on random views, so only the network, the loss and SGD are timed."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(config).train().to(memory_format=memory_format)
+    network = torch.compile(model) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    views = [torch.randn(config.batch_size, 3, config.crop_size, config.crop_size).contiguous(memory_format=memory_format)
+             for _ in range(2)]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp == "bf16"):
+            loss = simsiam_loss(network(*views))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    started = time.monotonic()
+    step()
+    step()
+    warm_up = time.monotonic() - started
+    started = time.monotonic()
+    for _ in range(steps):
+        step()
+    return (time.monotonic() - started) / steps, warm_up
+
+
+def compile_trial(steps: int) -> None:
+    print(f"machine: {machine()}")
+    models = {"lightly's model (standard stem)": dict(small_image_stem=False),
+              "default CIFAR recipe (small-image stem)": dict(small_image_stem=True)}
+    print("\n| model | precision | eager, contiguous | eager, channels_last | compiled, channels_last (compile time) |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, model in models.items():
+        for amp in ("bf16", "off"):
+            config = PretrainConfig("x", "x", recipe="cifar", backbone="resnet18", crop_size=32, projector_layers=2,
+                                    blur=False, batch_size=256, amp=amp, **model)
+            cells = []
+            for compiled, channels_last in ((False, False), (False, True), (True, True)):
+                seconds, warm_up = model_step_seconds(config, compiled, channels_last, steps)
+                cells.append(f"{config.batch_size / seconds:.1f} pairs/s" + (f" ({warm_up:.0f} s)" if compiled else ""))
+                print(f"{label}, {amp}, compiled={compiled}, channels_last={channels_last}: {cells[-1]}", flush=True)
+            print(f"| {label} | {'bf16' if amp == 'bf16' else 'fp32'} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
@@ -210,7 +261,12 @@ def main() -> None:
                         help="lightly 1.6's loop vs ours on its CIFAR-10 benchmark model, and the default recipe's "
                              "share of this machine's matmul peak")
     parser.add_argument("--images", type=int, default=10_000, help="CIFAR-size images for --against-lightly")
+    parser.add_argument("--compile-trial", action="store_true",
+                        help="torch.compile and channels_last against eager, on the model's own step (no loader)")
     args = parser.parse_args()
+    if args.compile_trial:
+        compile_trial(args.steps)
+        return
     if args.against_lightly:
         against_lightly(args.steps, args.workers, args.images)
         return

@@ -135,9 +135,22 @@ def test_duplicates_plan_map_and_docs(server):
             playwright_api.expect(page.locator("#plan-notes")).to_contain_text("1 files kept, 1 to remove")
             page.screenshot(path=str(folder / "3-duplicates.png"), full_page=True)
 
-            for view in ("clusters", "outliers"):
-                page.click(f"button[data-view={view}]")
-                playwright_api.expect(page.locator(f"#view-{view} .error")).to_have_count(0)
+            page.click("button[data-view=outliers]")
+            playwright_api.expect(page.locator("#view-outliers figure").first).to_be_visible()
+            # A cluster opens whole: every member, not only the 8 nearest its centre.
+            page.click("button[data-view=clusters]")
+            playwright_api.expect(page.locator("#view-clusters section")).to_have_count(4)   # sqrt(25 / 2)
+            page.fill("#cluster-k", "2")   # two clusters of 25 images: the larger has more than its 8 examples
+            page.dispatch_event("#cluster-k", "change")
+            playwright_api.expect(page.locator("#view-clusters section")).to_have_count(2)
+            largest = page.locator("#view-clusters section").first
+            size = int(re.search(r"(\d+) images", largest.locator("h2").inner_text()).group(1))
+            assert size > 8
+            playwright_api.expect(largest.locator("figure")).to_have_count(8)
+            largest.locator("button.whole").click()
+            playwright_api.expect(largest.locator("figure")).to_have_count(size)
+            playwright_api.expect(largest.locator("button.whole")).to_be_hidden()
+            playwright_api.expect(page.locator(".error")).to_have_count(0)
             page.click("button[data-view=map]")
             playwright_api.expect(page.locator("#map-note")).to_contain_text("PCA")
             playwright_api.expect(page.locator("#legend span")).to_have_count(1)

@@ -123,13 +123,27 @@ def test_requests_for_another_host_name_are_refused(served):
 
 
 def test_duplicates_clusters_outliers_and_map(served):
-    client, _, paths = served
+    client, folder, paths = served
     duplicates = client.get("/api/duplicates").json()
     assert duplicates["total_groups"] == 1
     assert {m["path"] for m in duplicates["groups"][0]["members"]} == {str(paths[0]), str(paths[0].parent / "copy-of-first.png")}
     clusters = client.get("/api/clusters?k=3").json()
     assert clusters["k"] == 3 and sum(c["size"] for c in clusters["clusters"]) == 21
     assert client.get("/api/clusters?k=500").status_code == 422
+    # Each cluster whole, a page at a time, nearest its centre first: together, every image once.
+    assert all(c["member_ids"] == [] for c in clusters["clusters"])   # the listing stays small
+    every = []
+    for cluster in clusters["clusters"]:
+        first = client.get(f"/api/clusters/{cluster['number']}?k=3&limit=5").json()
+        rest = client.get(f"/api/clusters/{cluster['number']}?k=3&offset=5&limit=1000").json()
+        members = first["members"] + rest["members"]
+        assert len(members) == cluster["size"] and len(first["members"]) == min(5, cluster["size"])
+        assert [m["id"] for m in members[:len(cluster["nearest"])]] == [image["id"] for image in cluster["nearest"]]
+        every += [m["path"] for m in members]
+    assert sorted(every) == sorted(str(path) for path in (folder / "images").iterdir())
+    assert client.get("/api/clusters/4?k=3").status_code == 404
+    whole = client.get("/api/clusters?k=3&members=true").json()
+    assert sum(len(c["member_ids"]) for c in whole["clusters"]) == 21
     outliers = client.get("/api/outliers?count=4").json()
     assert len(outliers["outliers"]) == 4 and outliers["images"] == 21
     assert len(client.get("/api/map").json()["points"]) == 21

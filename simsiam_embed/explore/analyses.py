@@ -588,6 +588,8 @@ class Cluster:
     cohesion: float       # mean cosine of the members to the centre
     nearest: list[ClusterImage]
     labels: dict[str, int] = field(default_factory=dict)   # folder labels of the members, when any
+    #: Every member's catalogue id, nearest the centre first: the cluster whole (n ids over all clusters).
+    member_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -643,7 +645,8 @@ def find_clusters(loaded: LoadedIndex, k: int | None = None, examples: int = CLU
         members = order[bounds[centre]:bounds[centre + 1]]
         if len(members) == 0:
             continue
-        best = members[np.argsort(-similarity[members], kind="stable")[:examples]]
+        ranked = members[np.argsort(-similarity[members], kind="stable")]
+        best = ranked[:examples]
         labels: dict[str, int] = {}
         for position in members.tolist():
             label = entries[position].label
@@ -653,6 +656,7 @@ def find_clusters(loaded: LoadedIndex, k: int | None = None, examples: int = CLU
             0, len(members), round(float(similarity[members].mean()), 6),
             [ClusterImage(entries[p].id, entries[p].path, entries[p].label, round(float(similarity[p]), 6)) for p in best],
             dict(sorted(labels.items(), key=lambda item: -item[1])),
+            [entries[p].id for p in ranked.tolist()],
         ))
     clusters.sort(key=lambda cluster: -cluster.size)
     for number, cluster in enumerate(clusters, start=1):

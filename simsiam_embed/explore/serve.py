@@ -259,9 +259,26 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         return {"plan": plan_json(result), "csv": plan_csv(result), "notes": notes}
 
     @app.get("/api/clusters", summary="k-means clusters of the index")
-    def clusters(k: int | None = Query(None, ge=1, le=10_000), limit: int = Query(200, ge=1, le=10_000)) -> dict:
+    def clusters(k: int | None = Query(None, ge=1, le=10_000), limit: int = Query(200, ge=1, le=10_000),
+                 members: bool = Query(False, description="every member's id too (n ids in all); else left empty")) -> dict:
         loaded = index_now()
-        return live.analysis(loaded, "clusters", k=k).to_json(limit)
+        answer = live.analysis(loaded, "clusters", k=k).to_json(limit)
+        if not members:   # the listing stays small at a million images; a cluster whole is paged below
+            for cluster in answer["clusters"]:
+                cluster["member_ids"] = []
+        return answer
+
+    @app.get("/api/clusters/{number}", summary="One cluster whole, a page at a time, nearest its centre first")
+    def cluster_members(number: int, k: int | None = Query(None, ge=1, le=10_000), offset: int = Query(0, ge=0),
+                        limit: int = Query(100, ge=1, le=1_000)) -> dict:
+        loaded = index_now()
+        result = live.analysis(loaded, "clusters", k=k)
+        cluster = next((c for c in result.clusters if c.number == number), None)
+        if cluster is None:
+            raise HTTPException(404, f"there is no cluster {number}: the index has {len(result.clusters)}")
+        page = [loaded.entries[member_id] for member_id in cluster.member_ids[offset:offset + limit]]
+        return {"number": number, "size": cluster.size, "offset": offset,
+                "members": [{"id": entry.id, "path": entry.path, "label": entry.label} for entry in page]}
 
     @app.get("/api/outliers", summary="The images least similar to their nearest neighbours")
     def outliers(count: int = Query(50, ge=1, le=10_000)) -> dict:

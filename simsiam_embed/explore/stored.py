@@ -31,7 +31,7 @@ from simsiam_embed.typed_json import JsonShapeError, from_json
 Report = Callable[[str], None]
 STORE_FOLDER = "analyses"
 #: Bumped when an analysis changes what it finds for the same settings: older results are recomputed.
-STORE_FORMAT = 2
+STORE_FORMAT = 3
 
 ANALYSES: dict[str, tuple[Callable[..., AnalysisResult], type]] = {
     "duplicates": (find_duplicates, DuplicateResult),
@@ -117,5 +117,8 @@ def _check_images(value: Any, loaded: LoadedIndex) -> None:
             raise JsonShapeError(f"{value.path!r:.60} is gone") from None
         if (stat.st_size, stat.st_mtime_ns) != (value.size, value.mtime_ns):
             raise JsonShapeError(f"{value.path!r:.60} changed since")
+    member_ids = getattr(value, "member_ids", [])
+    if any(member_id not in loaded.entries for member_id in member_ids):
+        raise JsonShapeError("a cluster member is not in the index")
     for field in dataclasses.fields(value):
         _check_images(getattr(value, field.name), loaded)

@@ -202,17 +202,38 @@ const loaders = {
     }
   },
   async clusters(view) {
-    const data = await api("/api/clusters");
-    view.replaceChildren(el("p", {class: "note"}));
-    view.firstChild.textContent = `${data.clusters.length} clusters of ${data.images} images (k = ${data.k}: ${data.k_reason}). ` +
-      "Each shows the images nearest its centre.";
+    const asked = view.querySelector("#cluster-k")?.value;
+    const k = asked ? `k=${Number(asked)}` : "";
+    const data = await api(`/api/clusters?${k}`);
+    const note = el("p", {class: "note"});
+    note.textContent = `${data.clusters.length} clusters of ${data.images} images (k = ${data.k}: ${data.k_reason}). ` +
+      "Each shows the images nearest its centre; open one whole with its button.";
+    const kInput = el("input", {id: "cluster-k", type: "number", min: "1", max: String(data.images), value: String(data.k)});
+    kInput.addEventListener("change", () => loaders.clusters(view).catch(error => { note.textContent = error.message;
+                                                                              note.className = "error"; }));
+    view.replaceChildren(note, el("div", {class: "toolbar"}, el("label", {}, "clusters (k) ", kInput)));
     for (const cluster of data.clusters) {
       const labels = Object.entries(cluster.labels).slice(0, 4).map(([l, n]) => `${l} ${n}`).join(", ");
       const title = el("h2"); title.textContent = `cluster ${cluster.number}: ${cluster.size} images, cohesion ` +
         `${cluster.cohesion.toFixed(3)}` + (labels ? ` (${labels})` : "");
       const ids = cluster.nearest.map(image => image.id);
-      view.append(el("section", {}, title, el("div", {class: "row"}, ...cluster.nearest.map(image =>
-        figure(image.id, `${image.score.toFixed(3)} ${baseName(image.path)}`, image.path, ids)))));
+      const row = el("div", {class: "row"}, ...cluster.nearest.map(image =>
+        figure(image.id, `${image.score.toFixed(3)} ${baseName(image.path)}`, image.path, ids)));
+      const whole = el("button", {class: "whole"}, `show all ${cluster.size}`);
+      whole.hidden = cluster.size <= cluster.nearest.length;
+      let shown = 0;
+      whole.addEventListener("click", async () => {   // the cluster whole, 100 at a time
+        try {
+          const page = await api(`/api/clusters/${cluster.number}?k=${data.k}&offset=${shown}&limit=100`);
+          if (shown === 0) { row.replaceChildren(); ids.length = 0; }
+          ids.push(...page.members.map(m => m.id));
+          row.append(...page.members.map(m => figure(m.id, baseName(m.path), m.path, ids)));
+          shown += page.members.length;
+          whole.textContent = `more (${shown} of ${cluster.size} shown)`;
+          whole.hidden = shown >= cluster.size;
+        } catch (error) { whole.replaceWith(Object.assign(el("p", {class: "error"}), {textContent: error.message})); }
+      });
+      view.append(el("section", {"data-cluster": cluster.number}, title, row, whole));
     }
   },
   async outliers(view) {
