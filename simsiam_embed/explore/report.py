@@ -11,7 +11,6 @@ stops; ``simsiam-embed report`` writes it for any run, also while one trains.
 
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from simsiam_embed.explore.charts import Chart, ReferenceLine, Series, line_char
 from simsiam_embed.artefacts import MetricsRecord, RunFolder, read_metrics
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import atomic_write
+from simsiam_embed.html_pages import render
 
 #: Below this fraction of 1/sqrt(dim), z-std means collapse (the paper's Figure 2); the same
 #: level as the training loop's warning.
@@ -117,18 +117,17 @@ def write_run_report(run_dir: Path) -> RunReport:
     records = read_run_metrics(run_dir)
     config = read_run_config(run_dir)
     dim = run_dimension(config)
-    written, figures = [], []
+    written = []
     for name in available_charts(records):
         chart = build_chart(records, name, dim)
         path = run_dir / f"report-{name}.png"
         with atomic_write(path, "wb") as handle:
             handle.write(chart.png())
         written.append(path)
-        figures.append(f'<img src="{path.name}" alt="{name}">')
     steps = max((r.step for r in records), default=0)
     page = RunFolder(run_dir).report_page
     with atomic_write(page) as handle:
-        handle.write(_page(run_dir, config, records, steps, figures))
+        handle.write(_page(run_dir, config, records, steps, [path.name for path in written]))
     return RunReport(run_dir, page, written, steps)
 
 
@@ -148,9 +147,6 @@ def run_summary(config: dict[str, Any], records: list[MetricsRecord]) -> str:
     return "; ".join(parts)
 
 
-def _page(run_dir: Path, config: dict[str, Any], records: list[MetricsRecord], steps: int, figures: list[str]) -> str:
-    title = f"simsiam-embed run {run_dir.name}"
-    summary = html.escape(f"{steps} steps logged. {run_summary(config, records)}")
-    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            '<style>body{font-family:system-ui,sans-serif;margin:1em 2em} img{display:block;margin:1em 0}</style>'
-            f'</head><body><h1>{html.escape(title)}</h1><p>{summary}</p>{"".join(figures)}</body></html>\n')
+def _page(run_dir: Path, config: dict[str, Any], records: list[MetricsRecord], steps: int, charts: list[str]) -> str:
+    return render("run_report.html", title=f"simsiam-embed run {run_dir.name}",
+                  summary=f"{steps} steps logged. {run_summary(config, records)}", charts=charts)

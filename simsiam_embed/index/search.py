@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
@@ -165,31 +164,20 @@ def embed_image(source: Path | str | BinaryIO, encoder: Encoder) -> np.ndarray:
 def write_results_html(results: list[QueryResult], output: Path, thumbnail: int = 128) -> None:
     """A self-contained page: each query beside its results, thumbnails embedded as data URIs."""
     from simsiam_embed.files import atomic_write
+    from simsiam_embed.html_pages import render
 
     if not output.parent.is_dir():
         raise UserError(f"cannot write {output}: the folder {output.parent} does not exist")
 
-    def image_tag(path: str, caption: str) -> str:
+    def tile(path: str, caption: str, css: str = "") -> dict:
         preview = thumbnail_of_file(path, thumbnail)
-        picture = (f'<img src="{data_uri(preview)}" alt="{html.escape(path)}">' if preview is not None
-                   else '<div class="missing">unreadable</div>')
-        return f'<figure>{picture}<figcaption title="{html.escape(path)}">{html.escape(caption)}</figcaption></figure>'
+        return {"src": data_uri(preview) if preview is not None else None, "caption": caption, "path": path, "css": css}
 
-    rows = []
-    for result in results:
-        figures = [image_tag(result.query, "query: " + Path(result.query).name)]
-        figures += [image_tag(hit.path, f"{hit.rank}. {hit.score:.3f} {Path(hit.path).name}") for hit in result.hits]
-        rows.append(f'<section>{"".join(figures)}</section>')
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>simsiam-embed search</title>
-<style>
-body {{ font-family: sans-serif; margin: 1em; }}
-section {{ display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 1.5em; border-bottom: 1px solid #ddd; }}
-figure {{ margin: 0; width: {thumbnail}px; }} figure:first-child {{ outline: 3px solid #36c; }}
-img {{ max-width: {thumbnail}px; max-height: {thumbnail}px; image-rendering: pixelated; }}
-figcaption {{ font-size: 11px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }}
-</style></head><body><h1>simsiam-embed search</h1>{"".join(rows)}</body></html>
-"""
+    sections = [{"heading": "", "note": "",
+                 "tiles": [tile(result.query, "query: " + Path(result.query).name, "query")]
+                 + [tile(hit.path, f"{hit.rank}. {hit.score:.3f} {Path(hit.path).name}") for hit in result.hits]}
+                for result in results]
+    page = render("sections.html", title="simsiam-embed search", sections=sections, tile=thumbnail, pixelated=True)
     with atomic_write(output) as handle:
         handle.write(page)
 
