@@ -106,7 +106,9 @@ async function openViewer(id, list) {
   viewer.index = viewer.list.indexOf(id);
   const dialog = $("viewer");
   if (!dialog.open) dialog.showModal();
-  $("viewer-image").src = `/api/images/${id}`;
+  const image = $("viewer-image");
+  image.onload = () => image.classList.toggle("small", image.naturalWidth < 160);
+  image.src = `/api/images/${id}`;
   $("viewer-title").textContent = "";
   $("viewer-facts").replaceChildren();
   $("viewer-neighbours").replaceChildren();
