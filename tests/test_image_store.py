@@ -93,9 +93,12 @@ def test_the_store_stops_at_its_capacity_and_images_are_still_decoded(tmp_path):
     assert len(list((tmp_path / "decoded").rglob("*.npy"))) == 1   # the first entry, then full
 
 
-def test_the_plan_says_when_the_store_does_not_fit(tmp_path):
-    fits = plan_store(10_000, 32, None, tmp_path / "decoded", memory_bytes=8 << 30, free_disk_bytes=100 << 30)
+def test_the_plan_says_when_the_store_does_not_fit_or_would_not_pay(tmp_path):
+    fits = plan_store(10_000, 96, None, tmp_path / "decoded", memory_bytes=8 << 30, free_disk_bytes=100 << 30)
     assert fits.capacity_bytes >= fits.estimated_bytes and fits.in_memory and "all of 10,000 images" in fits.summary
+    # Small pictures decode faster than their stored pixels read back: no store, and the plan says why.
+    small = plan_store(10_000, 32, None, tmp_path / "decoded", memory_bytes=8 << 30, free_disk_bytes=100 << 30)
+    assert small.capacity_bytes == 0 and "costs less than reading its pixels back" in small.summary
     full = plan_store(1_000_000, 500, 501, tmp_path / "decoded", memory_bytes=8 << 30, free_disk_bytes=(2 << 30) + 1000)
     assert full.capacity_bytes == 0 and "store off" in full.summary
     part = plan_store(1_000_000, 500, 501, tmp_path / "decoded", memory_bytes=8 << 30, free_disk_bytes=200 << 30)

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from simsiam_embed.images import open_image
+from simsiam_embed.settings import SMALL_IMAGE_MAX_SIDE
 
 #: Kept free on the run's disk beyond the store: checkpoints and the user's own files come first.
 DISK_RESERVE_BYTES = 2 << 30
@@ -52,6 +53,12 @@ def plan_store(count: int, median_short_side: int, draft_side: int | None, folde
     are read from disk, still without decoding)."""
     short = min(median_short_side, 2 * draft_side) if draft_side else median_short_side
     estimated = int(count * short * short * 4 / 3 * 3)   # about 4:3, three channels
+    if median_short_side <= SMALL_IMAGE_MAX_SIDE:
+        # Measured (bench_loader.py --store): a 32-px PNG costs 1.06 ms a pair decoded and 1.44 ms
+        # read back from the store, 0.74x in two runs (opening a file costs more than decoding one this small).
+        return StorePlan(0, estimated, False, f"decoded-image store off: decoding a {median_short_side}-px image costs "
+                                              "less than reading its pixels back (bench/RESULTS.md); every epoch "
+                                              "decodes the files")
     if free_disk_bytes is None:
         free_disk_bytes = shutil.disk_usage(_existing_parent(folder)).free
     capacity = int(max(free_disk_bytes - DISK_RESERVE_BYTES, 0) * DISK_SHARE)
