@@ -213,7 +213,7 @@ def test_the_loop_trains_checkpoints_each_epoch_and_finishes(tmp_path):
     saved = Checkpoint.load(tmp_path / "run" / "checkpoint.pt")
     assert saved.finished and saved.step == 8 and saved.kind == "pretrain"
     steps = [r.step for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.has("lr")]
-    assert steps == [2, 4, 6, 8]
+    assert steps == [1, 2, 4, 6, 8]   # every log_every, and the first step (a short run still has curves)
 
 
 def test_a_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
