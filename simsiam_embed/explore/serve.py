@@ -220,10 +220,13 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
                     (width, height), image_format = image.size, image.format
             except (OSError, ValueError, Image.DecompressionBombError):
                 pass
+        try:   # a received catalogue may hold any int64; Windows refuses dates before 1970
+            modified = datetime.fromtimestamp(entry.mtime_ns / 1e9, timezone.utc).isoformat(timespec="seconds")
+        except (OverflowError, OSError, ValueError):
+            modified = None
         path = Path(entry.path)
         return {"id": entry.id, "path": entry.path, "name": path.name, "folder": str(path.parent), "label": entry.label,
-                "bytes": entry.size, "modified": datetime.fromtimestamp(entry.mtime_ns / 1e9, timezone.utc).isoformat(
-                    timespec="seconds"), "width": width, "height": height, "format": image_format,
+                "bytes": entry.size, "modified": modified, "width": width, "height": height, "format": image_format,
                 "present": data is not None}
 
     @app.get("/api/thumbnails/{image_id}", summary="A small JPEG preview of an indexed image")

@@ -118,7 +118,7 @@ async function openViewer(id, list) {
     $("viewer-image").alt = facts.name;
     const rows = [["path", facts.path], ["folder", facts.folder], ["label", facts.label || "-"],
                   ["size", facts.width ? `${facts.width} x ${facts.height} px` : "-"],
-                  ["file", `${facts.bytes.toLocaleString()} bytes, ${facts.format || "?"}`], ["modified", facts.modified],
+                  ["file", `${facts.bytes.toLocaleString()} bytes, ${facts.format || "?"}`], ["modified", facts.modified || "-"],
                   ["on disk", facts.present ? "as indexed" : "gone or changed since indexing"]];
     $("viewer-facts").replaceChildren(...rows.flatMap(([name, value]) => {
       const dt = el("dt"), dd = el("dd"); dt.textContent = name; dd.textContent = value; return [dt, dd]; }));
