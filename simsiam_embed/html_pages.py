@@ -34,6 +34,15 @@ def _environment():
     return environment
 
 
+def tile(preview: bytes | None, caption: str, path: str, css_class: str = "") -> dict:
+    """One preview for the templates' ``figure`` macro: the JPEG ``preview`` embedded as a data
+    URI (None: the file cannot be read now), its caption, and its path shown on hover."""
+    from simsiam_embed.index.thumbnails import data_uri
+
+    return {"src": data_uri(preview) if preview is not None else None, "caption": caption, "path": path,
+            "css": css_class}
+
+
 def render(template: str, **context: Any) -> str:
     context.setdefault("tile", TILE_SIDE)
     context.setdefault("summary", "")

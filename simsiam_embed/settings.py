@@ -201,12 +201,12 @@ class PretrainConfig(SavedSettings):
             raise UserError(f"{source} is damaged: its backbone {self.backbone!r} is not one of {', '.join(BACKBONE_NAMES)}")
         widths = {"dim": self.dim, "projector_hidden_dim": self.projector_hidden_dim,
                   "predictor_hidden_dim": self.predictor_hidden_dim, "projector_layers": self.projector_layers,
-                  "crop_size": self.crop_size, "small_crop_size": self.small_crop_size,
-                  "small_views": self.small_views}
+                  "crop_size": self.crop_size, "small_crop_size": self.small_crop_size}
         for name, value in widths.items():
-            if value is not None and not (0 if name == "small_views" else 1) <= value <= MAX_WIDTH:
-                raise UserError(f"{source} is damaged: its setting {name!r} is {value}, outside "
-                                f"{0 if name == 'small_views' else 1}..{MAX_WIDTH}")
+            if value is not None and not 1 <= value <= MAX_WIDTH:
+                raise UserError(f"{source} is damaged: its setting {name!r} is {value}, outside 1..{MAX_WIDTH}")
+        if not 0 <= self.small_views <= MAX_WIDTH:
+            raise UserError(f"{source} is damaged: its setting 'small_views' is {self.small_views}, outside 0..{MAX_WIDTH}")
         if self.stem_stride not in (1, 2):
             raise UserError(f"{source} is damaged: its setting 'stem_stride' is {self.stem_stride}, not 1 or 2")
 

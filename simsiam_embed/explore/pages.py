@@ -14,7 +14,7 @@ from pathlib import Path
 
 from simsiam_embed.explore.analyses import ClusterResult, DuplicateResult, MapResult, OutlierResult
 from simsiam_embed.files import atomic_write, write_json_atomic
-from simsiam_embed.html_pages import render
+from simsiam_embed.html_pages import render, tile
 from simsiam_embed.index.store import LoadedIndex
 from simsiam_embed.index.thumbnails import cached_thumbnail, data_uri
 
@@ -24,11 +24,8 @@ PAGE_MAX_MEMBERS = 24
 MAP_THUMBNAIL_SIDE = 96
 
 def _tile(loaded: LoadedIndex, image_id: int, caption: str, css_class: str = "") -> dict:
-    """One preview for a page's template (html_pages.py): the thumbnail embedded as a data URI."""
     entry = loaded.entries[image_id]
-    preview = cached_thumbnail(loaded.folder, entry)
-    return {"src": data_uri(preview) if preview is not None else None, "caption": caption, "path": entry.path,
-            "css": css_class}
+    return tile(cached_thumbnail(loaded.folder, entry), caption, entry.path, css_class)
 
 
 def _more(shown: int, total: int, what: str, data_file: str) -> str:
@@ -65,8 +62,7 @@ def write_duplicates(result: DuplicateResult, loaded: LoadedIndex, folder: Path)
     if result.plan:
         written += [folder / "plan.json", folder / "plan.csv"]
         write_json_atomic(written[-2], plan_json(result))
-        with atomic_write(written[-1], "w") as handle:
-            handle.write(plan_csv(result))
+        _write(written[-1], plan_csv(result))
     return written
 
 
@@ -146,8 +142,6 @@ def write_map_page(result: MapResult, loaded: LoadedIndex, path: Path) -> None:
                        "src": data_uri(preview) if preview is not None else ""})
     summary = (f"{result.method} projection of {len(result.points)} images. {result.note} Hover a point to see "
                "it; wheel zooms, drag pans, shift-drag selects.")
-    _write(path, render("map.html", title="Map", summary=summary, points=points, map_script=MAP_SCRIPT))
-
-
-#: The scatter plot (legend, zoom, pan, selection, hover previews): the web app draws with the same file.
-MAP_SCRIPT = (Path(__file__).parent / "static" / "map.js").read_text()
+    # The scatter plot (legend, zoom, pan, selection, hover previews): the web app draws with the same file.
+    map_script = (Path(__file__).parent / "static" / "map.js").read_text()
+    _write(path, render("map.html", title="Map", summary=summary, points=points, map_script=map_script))

@@ -67,9 +67,9 @@ def run_dimension(config: dict[str, Any]) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
-#: The values each chart draws: a chart is drawn only when the run has logged one of them, so a
-#: report never shows an empty frame beside a summary that quotes a number.
-CHART_VALUES = {"loss": ("loss",), "lr": ("lr",), "z_std": ("z_std",), "knn": ("knn_top1",)}
+#: The value each chart draws: a chart is drawn only when the run has logged it, so a report
+#: never shows an empty frame beside a summary that quotes a number.
+CHART_VALUES = {"loss": "loss", "lr": "lr", "z_std": "z_std", "knn": "knn_top1"}
 
 
 def available_charts(records: list[MetricsRecord]) -> list[str]:
@@ -78,7 +78,7 @@ def available_charts(records: list[MetricsRecord]) -> list[str]:
         return value is not None and math.isfinite(value)
 
     return [name for name in CHART_NAMES
-            if any(drawable(record.get(key)) for record in records for key in CHART_VALUES[name])]
+            if any(drawable(record.get(CHART_VALUES[name])) for record in records)]
 
 
 def build_chart(records: list[MetricsRecord], name: str, dim: int | None) -> Chart | None:

@@ -145,6 +145,10 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
             raise HTTPException(404, "no such image in the index")
         return entry
 
+    def known_plan(plan: str) -> None:
+        if plan not in PLANS:
+            raise HTTPException(422, f"there is no plan {plan!r}: choose one of {', '.join(PLANS)}")
+
     def hits_for(loaded: LoadedIndex, vector: np.ndarray, k: int, leave_out_id: int | None = None) -> list[dict]:
         leave_out = [lambda entry: entry.id == leave_out_id] if leave_out_id is not None else None
         return [asdict(hit) for hit in nearest_hits(loaded, vector.reshape(1, -1), k, leave_out)[0]]
@@ -242,8 +246,8 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
                    limit: int = Query(200, ge=1, le=10_000),
                    plan: str | None = Query(None, description=f"order each group's members: {', '.join(PLANS)}")) -> dict:
         loaded = index_now()
-        if plan is not None and plan not in PLANS:
-            raise HTTPException(422, f"there is no plan {plan!r}: choose one of {', '.join(PLANS)}")
+        if plan is not None:
+            known_plan(plan)
         return live.analysis(loaded, "duplicates", threshold=threshold, plan=plan).to_json(limit)
 
     @app.post("/api/plan", summary="The dedup plan as `dedup --plan` writes it, with the user's keepers")
@@ -252,8 +256,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
                    threshold: float | None = Body(None, ge=-1.0, le=1.0)) -> dict:
         """plan.json's content and plan.csv's text, checked against the disk now (a member gone or
         changed leaves its group, a group with one left is dropped: see ``notes``). Deletes nothing."""
-        if plan not in PLANS:
-            raise HTTPException(422, f"there is no plan {plan!r}: choose one of {', '.join(PLANS)}")
+        known_plan(plan)
         if not all(number.isdigit() and number.isascii() for number in keepers):
             raise HTTPException(422, "keepers maps group numbers to image ids")
         result = live.analysis(index_now(), "duplicates", threshold=threshold, plan=plan)

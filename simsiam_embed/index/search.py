@@ -18,7 +18,7 @@ from simsiam_embed.inference.embed import Encoder, TorchEncoder, embed_paths, l2
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
 from simsiam_embed.errors import UserError
 from simsiam_embed.index.store import CatalogEntry, LoadedIndex, load_index
-from simsiam_embed.index.thumbnails import data_uri, thumbnail_of_file
+from simsiam_embed.index.thumbnails import thumbnail_of_file
 
 
 DEFAULT_K = 10
@@ -164,18 +164,17 @@ def embed_image(source: Path | str | BinaryIO, encoder: Encoder) -> np.ndarray:
 def write_results_html(results: list[QueryResult], output: Path, thumbnail: int = 128) -> None:
     """A self-contained page: each query beside its results, thumbnails embedded as data URIs."""
     from simsiam_embed.files import atomic_write
-    from simsiam_embed.html_pages import render
+    from simsiam_embed.html_pages import render, tile
 
     if not output.parent.is_dir():
         raise UserError(f"cannot write {output}: the folder {output.parent} does not exist")
 
-    def tile(path: str, caption: str, css: str = "") -> dict:
-        preview = thumbnail_of_file(path, thumbnail)
-        return {"src": data_uri(preview) if preview is not None else None, "caption": caption, "path": path, "css": css}
+    def preview(path: str, caption: str, css: str = "") -> dict:
+        return tile(thumbnail_of_file(path, thumbnail), caption, path, css)
 
     sections = [{"heading": "", "note": "",
-                 "tiles": [tile(result.query, "query: " + Path(result.query).name, "query")]
-                 + [tile(hit.path, f"{hit.rank}. {hit.score:.3f} {Path(hit.path).name}") for hit in result.hits]}
+                 "tiles": [preview(result.query, "query: " + Path(result.query).name, "query")]
+                 + [preview(hit.path, f"{hit.rank}. {hit.score:.3f} {Path(hit.path).name}") for hit in result.hits]}
                 for result in results]
     page = render("sections.html", title="simsiam-embed search", sections=sections, tile=thumbnail, pixelated=True)
     with atomic_write(output) as handle:
