@@ -4,6 +4,7 @@ decoding only in the loader, with crops and augmentation on the device (the GPU 
 
     python bench/bench_loader.py [--steps 6] [--pairs 128]
     python bench/bench_loader.py --store [--pairs 128]
+    python bench/bench_loader.py --against REV [--pairs 512]   # the CPU default's loader, REV vs this tree
 
 For each recipe (the paper's CIFAR recipe on 32 px Fashion-MNIST, its ImageNet recipe on the
 ants/bees JPEGs at 224 px):
@@ -19,6 +20,9 @@ ants/bees JPEGs at 224 px):
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -29,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine, require_shared_data, write_fashion_mnist_folder
 from simsiam_embed.training.augment import (
-    AugmentationRecipe, BatchAugment, crop_on_device, draw_uncropped_views, draw_view, stack_uncropped,
+    AugmentationRecipe, BatchAugment, CroppedViews, crop_on_device, draw_uncropped_views, stack_uncropped,
 )
 from simsiam_embed.trained_model import build_model
 from simsiam_embed.settings import PretrainConfig
@@ -59,7 +63,7 @@ def device_ms_per_pair(recipe: AugmentationRecipe, paths: list[Path], draft: int
         parameters = torch.cat([parameters[:, 0], parameters[:, 1]])
         work = lambda: augment(crop_on_device(images, boxes, flips, recipe.crop_size, "cpu"), parameters)  # noqa: E731
     else:
-        dataset = TwoViewDataset(paths, partial(draw_view, recipe=recipe), draft)
+        dataset = TwoViewDataset(paths, draft_side=draft, pair=CroppedViews(recipe))
         samples = [dataset[(i, i % len(paths))][0] for i in range(batch)]
         crops = torch.stack([view for pair in samples for view, _ in pair])
         parameters = torch.stack([p for pair in samples for _, p in pair])
@@ -114,14 +118,75 @@ def store_trial(pairs: int) -> None:
             paths = discover_images(folder)
             recipe = AugmentationRecipe(crop, blur=crop > 64)
             draft = None if "no draft" in label else training_draft_side(crop)
-            view = partial(draw_view, recipe=recipe)
-            decoded = loader_ms_per_pair(TwoViewDataset(paths, view, draft), paths, pairs)
+            decoded = loader_ms_per_pair(TwoViewDataset(paths, draft_side=draft, pair=CroppedViews(recipe)), paths, pairs)
             store = DecodedImageStore(tmp / f"store-{number}", draft, capacity_bytes=8 << 30)
-            stored = TwoViewDataset(paths, view, draft, store=store)
+            stored = TwoViewDataset(paths, draft_side=draft, pair=CroppedViews(recipe), store=store)
             for index in range(len(paths)):   # the first epoch: every image decoded once and kept
                 stored[(index, index)]
             from_store = loader_ms_per_pair(stored, paths, pairs)
             print(f"| {label} | {crop} | {decoded:.2f} ms | {from_store:.2f} ms | {decoded / from_store:.2f}x |", flush=True)
+
+
+#: Loader CPU per pair of the CPU default's path (uint8 crops), built as pretrain() builds it in
+#: either version: with view makers that take the sample's generator (CroppedViews), or, before,
+#: a view function drawing from torch's global generator, seeded for each sample.
+_LOADER_COST = """
+import sys, time
+from functools import partial
+from pathlib import Path
+import simsiam_embed.training.augment as augment
+from simsiam_embed.images import discover_images
+from simsiam_embed.training.data import TwoViewDataset, training_draft_side
+folder, crop, pairs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+paths = discover_images(folder)
+recipe = augment.AugmentationRecipe(crop, blur=crop > 64)
+draft = training_draft_side(crop)
+if hasattr(augment, "CroppedViews"):
+    dataset = TwoViewDataset(paths, draft_side=draft, pair=augment.CroppedViews(recipe))
+else:
+    dataset = TwoViewDataset(paths, partial(augment.draw_view, recipe=recipe), draft)
+print(augment.__file__, file=sys.stderr)
+for i in range(16):   # warm caches and lazy imports
+    dataset[(i, i % len(paths))]
+best = float("inf")
+for _ in range(3):
+    started = time.perf_counter()
+    for i in range(pairs):
+        dataset[(i, i % len(paths))]
+    best = min(best, 1000 * (time.perf_counter() - started) / pairs)
+print(best)
+"""
+
+
+def against_revision(revision: str, pairs: int) -> None:
+    """The CPU default's loader CPU per pair at ``revision`` and in this working tree, one after
+    the other in one run (best of three passes each), on 32-px PNGs and the ants/bees JPEGs."""
+    data = require_shared_data()
+    repository = Path(__file__).resolve().parents[1]
+    print(f"machine: {machine()}")
+    print(f"\n| images | crop | {revision} | this tree | cut |")
+    print("| --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        old_tree = tmp / "old"
+        subprocess.run(["git", "-C", str(repository), "worktree", "add", "--detach", str(old_tree), revision],
+                       check=True, capture_output=True)
+        try:
+            cases = [("Fashion-MNIST PNGs, 32 px", write_fashion_mnist_folder(tmp / "fmnist32", "train", 1024, size=32), 32),
+                     ("ants/bees JPEGs (drafted decode)", data / "hymenoptera" / "train", 224)]
+            for label, folder, crop in cases:
+                costs = []
+                for tree in (old_tree, repository):
+                    # The installed package is this tree's; the old tree's comes first on the path.
+                    environment = {**os.environ, "PYTHONPATH": str(tree)}
+                    run = subprocess.run([sys.executable, "-c", _LOADER_COST, str(folder), str(crop), str(pairs)],
+                                         env=environment, cwd=tmp, check=True, capture_output=True, text=True)
+                    assert run.stderr.strip().startswith(str(tree)), run.stderr   # the version asked for
+                    costs.append(float(run.stdout.split()[-1]))
+                print(f"| {label} | {crop} | {costs[0]:.3f} ms | {costs[1]:.3f} ms | {costs[0] / costs[1]:.2f}x |",
+                      flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(repository), "worktree", "remove", "--force", str(old_tree)], check=False)
 
 
 def main() -> None:
@@ -130,7 +195,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=128, help="pairs timed through each loader path")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--store", action="store_true", help="only: what the decoded-image store saves the loader")
+    parser.add_argument("--against", metavar="REV", help="only: the CPU default's loader at REV and in this tree")
     args = parser.parse_args()
+    if args.against:
+        against_revision(args.against, args.pairs)
+        return
     if args.store:
         store_trial(args.pairs)
         return
@@ -154,7 +223,7 @@ def main() -> None:
             draft = training_draft_side(settings["crop_size"])
             before = loader_ms_per_pair(TwoViewDataset(paths, simsiam_augmentation(recipe.crop_size, recipe.blur), draft),
                                         paths, args.pairs)
-            after = loader_ms_per_pair(TwoViewDataset(paths, partial(draw_view, recipe=recipe), draft), paths, args.pairs)
+            after = loader_ms_per_pair(TwoViewDataset(paths, draft_side=draft, pair=CroppedViews(recipe)), paths, args.pairs)
             decode_only = loader_ms_per_pair(
                 TwoViewDataset(paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=recipe)), paths, args.pairs)
             on_device = device_ms_per_pair(recipe, paths, draft, settings["batch_size"], crops_too=False)

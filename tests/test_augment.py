@@ -68,6 +68,53 @@ def test_views_are_drawn_as_the_paper_draws_them():
     assert all(draw_view(image, no_blur)[1][BLUR] == 0 for _ in range(50))
 
 
+def test_the_crop_boxes_are_torchvisions():
+    """The same distribution of boxes as RandomResizedCrop.get_params (area share and aspect
+    ratio in range, the position uniform), and its centre crop where ten attempts miss."""
+    from torchvision import transforms as T
+
+    from simsiam_embed.training.augment import _plan_view
+
+    recipe = AugmentationRecipe(24, min_crop_scale=0.2)
+    image = Image.new("RGB", (64, 48))
+    generator = torch.Generator().manual_seed(0)
+    ours = torch.tensor([_plan_view(image, recipe, generator)[0] for _ in range(4000)], dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = torch.tensor([T.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(4000)],
+                          dtype=torch.float64)
+    for boxes in (ours, theirs):
+        top, left, height, width = boxes.unbind(1)
+        assert ((height * width / (64 * 48) >= 0.19) & (top + height <= 48) & (left + width <= 64)).all()
+    # Mean top, left, height and width agree within sampling error (~1% of the side).
+    assert (ours.mean(0) - theirs.mean(0)).abs().max() < 0.7
+    assert (ours.std(0) - theirs.std(0)).abs().max() < 0.7
+    long_image = Image.new("RGB", (1000, 10))   # no crop of >= 20% fits at 3/4..4/3: the centre fallback
+    assert _plan_view(long_image, recipe, generator)[0] == T.RandomResizedCrop.get_params(long_image, (0.2, 1.0),
+                                                                                            (3 / 4, 4 / 3))
+
+
+def test_a_sample_is_drawn_from_its_own_generator_never_the_global_one():
+    """The dataset seeds a generator of the sample's own: its views depend on the sample's seed
+    only, and training's other random draws (the global generator) are left as they were."""
+    from simsiam_embed.training.augment import CroppedViews
+    from simsiam_embed.training.data import TwoViewDataset
+
+    recipe = AugmentationRecipe(24)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    dataset = TwoViewDataset(["unused"], pair=CroppedViews(recipe))
+    dataset.store = type("Loaded", (), {"draft_side": None, "load": staticmethod(lambda path: image)})()
+    torch.manual_seed(1)
+    first, _ = dataset[(42, 0)]
+    after_first = torch.rand(1)
+    torch.manual_seed(2)
+    again, _ = dataset[(42, 0)]
+    other, _ = dataset[(43, 0)]
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_first)   # the global generator did not move
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][1], other[0][1])
+
+
 def test_a_view_is_reproducible_from_its_seed():
     recipe = AugmentationRecipe(24)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import make_image_folder
 from simsiam_embed.images import discover_images, open_image
-from simsiam_embed.training.augment import AugmentationRecipe, draw_uncropped_views, draw_view
+from simsiam_embed.training.augment import AugmentationRecipe, CroppedViews, draw_uncropped_views
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation
 from simsiam_embed.training.image_store import DecodedImageStore, plan_store
 
@@ -43,7 +43,7 @@ def test_a_sample_from_the_store_is_the_sample_from_the_file_bit_for_bit(tmp_pat
     recipe = AugmentationRecipe(64, 0.2, 0.4, True)
     draft = 150
     if layout == "uint8 crops":
-        make = dict(augment=partial(draw_view, recipe=recipe))
+        make = dict(pair=CroppedViews(recipe))
     elif layout == "uncropped":
         make = dict(pair=partial(draw_uncropped_views, recipe=recipe))
     else:

@@ -1,7 +1,7 @@
 """The paper's augmentations (Section 4.1, from MoCo v2), split where the work is cheapest.
 
     >>> recipe = AugmentationRecipe(crop_size=224, min_crop_scale=0.2, color_jitter=0.4, blur=True)
-    >>> view, parameters = draw_view(image, recipe)            # in a loader worker: uint8 + 12 numbers
+    >>> view, parameters = draw_view(image, recipe, generator) # in a loader worker: uint8 + 12 numbers
     >>> batch = BatchAugment(recipe, "cuda")(views, parameters) # on the training device, batched
 
 A loader worker decodes, crops and flips (uint8: a quarter of float32's bytes in flight) and
@@ -11,8 +11,11 @@ p=0.8, grayscale with p=0.2, blur with p=0.5 and sigma in [0.1, 2]). Colour jitt
 blur and normalisation then run on the whole batch on the training device, where they cost a
 fraction of the per-image PIL work they replace (bench/RESULTS.md).
 
-The parameters come from torch's generator, which the dataset seeds with the sample's seed, so
-a view is reproducible wherever and whenever it is made.
+The parameters come from a generator of the sample's own, seeded with the sample's seed, so a
+view is reproducible wherever and whenever it is made. Each view takes all its random numbers in
+one draw (:data:`DRAWS` uniforms) and maps them to the crop, the flip and the colour parameters:
+seeding torch's global generator and drawing ~15 scalars one call at a time cost ~0.5 ms a
+sample on a CPU, more than decoding a small image (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from simsiam_embed.images import IMAGENET_MEAN, IMAGENET_STD
@@ -53,11 +55,23 @@ class AugmentationRecipe:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def draw_view(image: Image.Image, recipe: AugmentationRecipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """One view's crop (uint8, 3 x crop x crop, flipped or not) and its colour parameters."""
-    box, parameters, flip = _plan_view(image, recipe)
+def draw_view(image: Image.Image, recipe: AugmentationRecipe,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view's crop (uint8, 3 x crop x crop, flipped or not) and its colour parameters, drawn
+    from ``generator`` (torch's global one when None)."""
+    box, parameters, flip = _plan_view(image, recipe, generator)
     crop = TF.resized_crop(image, *box, [recipe.crop_size, recipe.crop_size])
     return TF.pil_to_tensor(TF.hflip(crop) if flip else crop), parameters
+
+
+class CroppedViews:
+    """A sample's two views (:func:`draw_view`), both from the sample's generator."""
+
+    def __init__(self, recipe: AugmentationRecipe):
+        self.recipe = recipe
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> tuple:
+        return draw_view(image, self.recipe, generator), draw_view(image, self.recipe, generator)
 
 
 def small_view_recipe(recipe: AugmentationRecipe, crop_size: int) -> AugmentationRecipe:
@@ -75,19 +89,20 @@ class MultiCropViews:
     def __init__(self, recipe: AugmentationRecipe, small_recipe: AugmentationRecipe, count: int):
         self.recipe, self.small_recipe, self.count = recipe, small_recipe, count
 
-    def __call__(self, image: Image.Image) -> tuple:
-        full = draw_view(image, self.recipe), draw_view(image, self.recipe)
-        crops, parameters = zip(*(draw_view(image, self.small_recipe) for _ in range(self.count)))
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> tuple:
+        full = draw_view(image, self.recipe, generator), draw_view(image, self.recipe, generator)
+        crops, parameters = zip(*(draw_view(image, self.small_recipe, generator) for _ in range(self.count)))
         return (*full, (torch.stack(crops), torch.stack(parameters)))
 
 
-def draw_uncropped_views(image: Image.Image, recipe: AugmentationRecipe) -> tuple[torch.Tensor, ...]:
+def draw_uncropped_views(image: Image.Image, recipe: AugmentationRecipe,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
     """Both views' plans, for cropping on the device: the image (uint8, 3 x H x W, decoded once),
     each view's crop box (top, left, height, width), flip and colour parameters.
 
     The same draws as two :func:`draw_view` calls, so either path makes the same views (up to
     the resampling: PIL's antialiased bilinear here, torch's there)."""
-    plans = [_plan_view(image, recipe) for _ in range(2)]
+    plans = [_plan_view(image, recipe, generator) for _ in range(2)]
     boxes = torch.tensor([box for box, _, _ in plans], dtype=torch.int64)
     flips = torch.tensor([flip for _, _, flip in plans], dtype=torch.bool)
     return TF.pil_to_tensor(image), boxes, flips, torch.stack([parameters for _, parameters, _ in plans])
@@ -116,21 +131,59 @@ def crop_on_device(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch
     return torch.cat(views[0] + views[1])
 
 
-def _plan_view(image: Image.Image, recipe: AugmentationRecipe) -> tuple[tuple[int, int, int, int], torch.Tensor, bool]:
-    """Crop box, colour parameters and flip of one view, drawn in torchvision's order."""
-    box = T.RandomResizedCrop.get_params(image, scale=(recipe.min_crop_scale, recipe.max_crop_scale), ratio=(3 / 4, 4 / 3))
+#: Uniforms one view takes: 10 crop attempts of two each (torchvision's RandomResizedCrop tries
+#: 10 times), the crop's position (two), the flip, the colour jitter and its order (nine),
+#: grayscale, blur and the blur's sigma.
+DRAWS = 35
+_ATTEMPTS, _POSITION, _FLIP, _COLOUR, _SIGMA = 0, 20, 22, 23, 34
+_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+
+
+def _plan_view(image: Image.Image, recipe: AugmentationRecipe,
+               generator: torch.Generator | None) -> tuple[tuple[int, int, int, int], torch.Tensor, bool]:
+    """Crop box, colour parameters and flip of one view: torchvision's distributions (its
+    RandomResizedCrop, ColorJitter with a random order, RandomGrayscale, the blur's sigma),
+    mapped from one draw of :data:`DRAWS` uniforms."""
+    u = torch.rand(DRAWS, generator=generator, dtype=torch.float64).tolist()
+    box = _crop_box(image.size, recipe.min_crop_scale, recipe.max_crop_scale, u)
     strength = recipe.color_jitter
-    parameters = torch.zeros(PARAMETER_COUNT)
-    parameters[JITTER] = float(torch.rand(1) < P_JITTER)
-    parameters[ORDER:ORDER + 4] = torch.randperm(4).float()
-    for slot in (BRIGHTNESS, CONTRAST, SATURATION):
-        parameters[slot] = torch.empty(1).uniform_(max(0.0, 1.0 - strength), 1.0 + strength)
-    parameters[HUE] = torch.empty(1).uniform_(-strength / 4, strength / 4)
-    parameters[GRAYSCALE] = float(torch.rand(1) < P_GRAYSCALE)
-    parameters[BLUR] = float(recipe.blur and bool(torch.rand(1) < P_BLUR))
-    parameters[SIGMA] = torch.empty(1).uniform_(*SIGMA_RANGE)
-    flip = bool(torch.rand(1) < 0.5)   # flips commute with every colour operation and the symmetric blur
+    colour = u[_COLOUR:]
+
+    def between(low: float, high: float, uniform: float) -> float:
+        return low + (high - low) * uniform
+
+    low = max(0.0, 1.0 - strength)
+    order = sorted(range(4), key=lambda operation: colour[1 + operation])   # a uniformly random permutation
+    parameters = torch.tensor([
+        float(colour[0] < P_JITTER), *order,
+        between(low, 1.0 + strength, colour[5]), between(low, 1.0 + strength, colour[6]),
+        between(low, 1.0 + strength, colour[7]), between(-strength / 4, strength / 4, colour[8]),
+        float(colour[9] < P_GRAYSCALE), float(recipe.blur and colour[10] < P_BLUR), between(*SIGMA_RANGE, u[_SIGMA]),
+    ], dtype=torch.float32)
+    flip = u[_FLIP] < 0.5   # flips commute with every colour operation and the symmetric blur
     return box, parameters, flip
+
+
+def _crop_box(size: tuple[int, int], min_scale: float, max_scale: float, u: list[float]) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` (ratio 3/4 to 4/3) on given uniforms:
+    (top, left, height, width)."""
+    width, height = size
+    area = width * height
+    for attempt in range(10):
+        target = area * (min_scale + (max_scale - min_scale) * u[_ATTEMPTS + 2 * attempt])
+        aspect = math.exp(_LOG_RATIO[0] + (_LOG_RATIO[1] - _LOG_RATIO[0]) * u[_ATTEMPTS + 2 * attempt + 1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[_POSITION] * (height - h + 1)), int(u[_POSITION + 1] * (width - w + 1)), h, w
+    # Ten misses (a very long image): the centre crop at the nearest allowed ratio, as torchvision.
+    ratio = width / height
+    if ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif ratio > 4 / 3:
+        h, w = height, round(height * (4 / 3))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 class BatchAugment:

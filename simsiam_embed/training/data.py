@@ -73,8 +73,10 @@ class TwoViewDataset(Dataset):
     would. An unreadable file is replaced by the next readable one (:func:`first_readable`) and
     listed beside the sample; :func:`collate_skipping_unreadable` collects the list.
 
-    ``augment`` makes one view and is called twice; ``pair`` instead makes the whole sample from
-    the image at once (when both views share work, such as a decoded image cropped elsewhere).
+    ``pair`` makes the whole sample from the image and a generator seeded with the sample's seed
+    (:class:`~simsiam_embed.training.augment.CroppedViews` and the other view makers);
+    ``augment`` is a torchvision-style transform drawing from torch's global generator (the
+    paper's per-image baseline), called twice with that generator seeded for the sample.
     """
 
     def __init__(self, paths: Sequence[Path], augment: Callable | None = None, draft_side: int | None = None,
@@ -85,7 +87,7 @@ class TwoViewDataset(Dataset):
         if store is not None and store.draft_side != draft_side:
             raise ValueError("the store must decode as the dataset does")
         self.paths = list(paths)
-        self.pair = pair or _TwoViews(augment)
+        self.pair = pair or _GloballySeededTwoViews(augment)
         self.draft_side = draft_side
         self.store = store
 
@@ -98,18 +100,19 @@ class TwoViewDataset(Dataset):
         image, failures = first_readable(index, self.paths, lambda i: load(self.paths[i]))
         if image is None:
             return None, failures
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            return self.pair(image), failures
+        return self.pair(image, generator=torch.Generator().manual_seed(sample_seed)), failures
 
 
-class _TwoViews:
-    """A view-maker applied twice (a class, not a lambda: loader workers may pickle it)."""
+class _GloballySeededTwoViews:
+    """A torchvision-style transform applied twice, with torch's global generator seeded from
+    the sample's (and restored after). A class, not a lambda: loader workers may pickle it."""
 
     def __init__(self, augment: Callable):
         self.augment = augment
 
-    def __call__(self, image: Image.Image) -> tuple[Any, Any]:
-        return self.augment(image), self.augment(image)
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> tuple[Any, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(generator.initial_seed())
+            return self.augment(image), self.augment(image)
 
 

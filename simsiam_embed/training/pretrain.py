@@ -33,7 +33,7 @@ from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, rea
 from simsiam_embed.settings import PretrainConfig, physical_memory_bytes, resolve_pretrain_config
 from simsiam_embed.trained_model import build_model, preprocessing_for
 from simsiam_embed.training.augment import (
-    AugmentationRecipe, BatchAugment, MultiCropViews, crop_on_device, draw_uncropped_views, draw_view,
+    AugmentationRecipe, BatchAugment, CroppedViews, MultiCropViews, crop_on_device, draw_uncropped_views,
     small_view_recipe, stack_uncropped,
 )
 from simsiam_embed.training.image_store import DecodedImageStore, plan_store
@@ -393,7 +393,7 @@ class SimSiamTask(TaskDefaults):
                                      pair=MultiCropViews(self.recipe, small, config.small_views))
             return dataset, default_collate, 2 * view_bytes + config.small_views * 3 * small.crop_size ** 2, "uint8 crops"
         if config.augment_on_device:   # workers crop; colour and blur on the device
-            return TwoViewDataset(paths, partial(draw_view, recipe=self.recipe), draft, store=store), default_collate, \
+            return TwoViewDataset(paths, draft_side=draft, store=store, pair=CroppedViews(self.recipe)), default_collate, \
                 2 * view_bytes, "uint8 crops"
         # The per-image path, kept as the baseline bench/bench_loader.py compares against.
         augment = simsiam_augmentation(config.crop_size, config.blur, min_crop_scale=config.min_crop_scale,
