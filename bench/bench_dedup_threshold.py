@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from simsiam_embed.artefacts import file_digest
-from simsiam_embed.images import discover_images, open_image
+from simsiam_embed.image_files import discover_images, open_image
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
 from simsiam_embed.explore.analyses import find_duplicates
 from simsiam_embed.index.store import EncoderIdentity, load_index, update_index

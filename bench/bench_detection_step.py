@@ -20,7 +20,7 @@ import torchvision.transforms.functional as TF
 
 from bench_detection import csv_to_coco
 from common import machine, require_shared_data
-from simsiam_embed.images import open_image
+from simsiam_embed.image_files import open_image
 from simsiam_embed.detection.finetune import DetectionConfig, build_detector
 from simsiam_embed.detection.data import load_detection_set
 

@@ -19,7 +19,7 @@ from common import machine, require_shared_data, write_fashion_mnist_folder
 from simsiam_embed.trained_model import build_model
 from simsiam_embed.artefacts import Checkpoint
 from simsiam_embed.settings import PretrainConfig
-from simsiam_embed.images import discover_images
+from simsiam_embed.image_files import discover_images
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
 from simsiam_embed.inference.embed import TorchEncoder, embed_paths
 from simsiam_embed.inference.export import export_onnx

@@ -63,7 +63,7 @@ def real_embeddings() -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     from bench_embed import make_checkpoint
-    from simsiam_embed.images import discover_images
+    from simsiam_embed.image_files import discover_images
     from simsiam_embed.inference.onnx_encoder import OnnxEncoder
     from simsiam_embed.inference.embed import embed_paths
     from simsiam_embed.inference.export import export_onnx

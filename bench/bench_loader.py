@@ -39,7 +39,7 @@ from simsiam_embed.trained_model import build_model
 from simsiam_embed.settings import PretrainConfig
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
 from simsiam_embed.training.image_store import DecodedImageStore
-from simsiam_embed.images import discover_images
+from simsiam_embed.image_files import discover_images
 from simsiam_embed.models import simsiam_loss
 from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
@@ -135,7 +135,7 @@ import sys, time
 from functools import partial
 from pathlib import Path
 import simsiam_embed.training.augment as augment
-from simsiam_embed.images import discover_images
+from simsiam_embed.image_files import discover_images
 from simsiam_embed.training.data import TwoViewDataset, training_draft_side
 folder, crop, pairs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 paths = discover_images(folder)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from common import machine, require_shared_data, write_fashion_mnist_folder
 from simsiam_embed.trained_model import build_model
 from simsiam_embed.settings import PretrainConfig
-from simsiam_embed.images import discover_images, open_image
+from simsiam_embed.image_files import discover_images, open_image
 from simsiam_embed.training.data import simsiam_augmentation, training_draft_side
 from simsiam_embed.models import simsiam_loss
 from simsiam_embed.training.pretrain import pretrain

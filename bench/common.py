@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simsiam_embed.images import open_image
+from simsiam_embed.image_files import open_image
 from simsiam_embed.inference.evaluate import KNN_SETTINGS, knn_classify, labelled_folder
 
 RAW_PIXEL_SIDE = 32   # photos are resized to this square for the raw-pixel baseline

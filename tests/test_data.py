@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from simsiam_embed.images import (
-    Preprocessing, UnreadableImage, collate_skipping_unreadable, discover_images, label_of, open_image, scan_images,
-)
+from simsiam_embed.images import Preprocessing, collate_skipping_unreadable
+from simsiam_embed.image_files import UnreadableImage, discover_images, label_of, open_image, scan_images
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
 
 from conftest import draw_shape_image, make_awkward_files

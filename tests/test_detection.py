@@ -416,7 +416,7 @@ def test_images_travel_as_uint8_and_train_as_to_tensor_would_make_them(three_for
     from torchvision.transforms import functional as TF
 
     from simsiam_embed.detection.finetune import DetectionTrainingSet
-    from simsiam_embed.images import open_image
+    from simsiam_embed.image_files import open_image
 
     _, coco, _, _ = three_formats
     dataset = load_detection_set(coco)

@@ -145,7 +145,7 @@ def test_a_rank_whose_whole_share_is_unreadable_still_steps(tmp_path):
         if number % 2:
             path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     truncated = {number for number in range(count) if number % 2}
-    from simsiam_embed.images import discover_images, scan_images
+    from simsiam_embed.image_files import discover_images, scan_images
     assert len(scan_images(discover_images(images)).paths) == count   # the headers are all fine
     # A seed under which some step gives some rank only truncated files: the case that hung.
     def hangs_without_refill(seed: int) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from simsiam_embed.artefacts import file_digest
-from simsiam_embed.images import discover_images
+from simsiam_embed.image_files import discover_images
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
 from simsiam_embed.inference.embed import TorchEncoder, embed_folder, embed_paths
 from simsiam_embed.errors import UserError

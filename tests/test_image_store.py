@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder
-from simsiam_embed.images import discover_images, open_image
+from simsiam_embed.image_files import discover_images, open_image
 from simsiam_embed.training.augment import AugmentationRecipe, CroppedViews, draw_uncropped_views
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation
 from simsiam_embed.training.image_store import DecodedImageStore, plan_store

@@ -23,7 +23,7 @@ from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image
 
-from simsiam_embed.images import IMAGE_EXTENSIONS
+from simsiam_embed.image_files import IMAGE_EXTENSIONS
 from simsiam_embed.errors import UserError
 
 #: A box narrower or shorter than this (pixels, after clipping) cannot be learned: dropped.

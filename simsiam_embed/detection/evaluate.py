@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from simsiam_embed.images import UnreadableImage, open_image
+from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.detection.data import DetectionSet
 
 

@@ -36,7 +36,7 @@ from simsiam_embed.detection.evaluate import DetectionEvaluation, evaluate_detec
 from simsiam_embed.distributed import DistributedContext, agree_on_every_rank, device_for_rank, distributed_session, launched_by_torchrun
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import ensure_writable_folder, write_json_atomic
-from simsiam_embed.images import first_readable, open_image
+from simsiam_embed.image_files import first_readable, open_image
 from simsiam_embed.models.backbones import BACKBONE_NAMES
 from simsiam_embed.detection.settings import DetectionConfig, default_detection_batch  # noqa: F401 (the API's names)
 from simsiam_embed.settings import INITS, NORMS, SCHEDULES

@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from simsiam_embed.images import UnreadableImage, open_image
+from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.errors import UserError
 from simsiam_embed.index.store import CatalogEntry, LoadedIndex
 from simsiam_embed.index.thumbnails import indexed_bytes

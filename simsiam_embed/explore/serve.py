@@ -34,7 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from simsiam_embed.images import UnreadableImage, open_image
+from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.inference.embed import Encoder
 from simsiam_embed.errors import UserError
 from simsiam_embed.explore.analyses import AnalysisResult, choose_keepers, confirm_plan

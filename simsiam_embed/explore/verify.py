@@ -23,11 +23,14 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simsiam_embed.index.store import CatalogEntry
 from simsiam_embed.index.thumbnails import indexed_bytes
+
+if TYPE_CHECKING:   # the store imports FAISS and torch; picture-reading workers need neither
+    from simsiam_embed.index.store import CatalogEntry
 
 #: Pictures are reduced to this longer side first: enough keypoints for a copy, bounded cost.
 VERIFY_SIDE = 480
@@ -94,7 +97,7 @@ def _features_of(entry: CatalogEntry) -> PictureFeatures | None:
     import cv2
     from PIL import Image
 
-    from simsiam_embed.images import UnreadableImage, open_image
+    from simsiam_embed.image_files import UnreadableImage, open_image
 
     cv2.setNumThreads(1)   # one process a core already
     data = indexed_bytes(entry)
@@ -124,8 +127,9 @@ def _features_of(entry: CatalogEntry) -> PictureFeatures | None:
 
 
 def match(first: PictureFeatures, second: PictureFeatures) -> GeometricMatch | None:
-    """The better of the plain and the mirrored match of ``second`` onto ``first`` (None: no
-    features on one side)."""
+    """The plain match of ``second`` onto ``first`` if it confirms a copy, else the better of it
+    and the mirrored match (None: no features on one side). Most copies are not mirrored, and a
+    match costs as much as extracting a picture's features, so the mirror is tried only when needed."""
     if first.plain is None:
         return None
     best = None
@@ -135,6 +139,8 @@ def match(first: PictureFeatures, second: PictureFeatures) -> GeometricMatch | N
         inliers = _inliers(first.plain, other)
         if best is None or inliers > best.inliers:
             best = GeometricMatch(inliers, mirrored)
+        if best.inliers >= MIN_INLIERS:
+            break
     return best
 
 

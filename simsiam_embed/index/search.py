@@ -13,7 +13,7 @@ from typing import BinaryIO, Callable, Sequence
 import numpy as np
 
 from simsiam_embed.artefacts import file_digest
-from simsiam_embed.images import discover_images, open_image
+from simsiam_embed.image_files import discover_images, open_image
 from simsiam_embed.inference.embed import Encoder, TorchEncoder, embed_paths, l2_normalize
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
 from simsiam_embed.errors import UserError

@@ -35,7 +35,7 @@ import numpy as np
 
 from simsiam_embed import __version__
 from simsiam_embed.artefacts import ENCODER_FILE, file_digest
-from simsiam_embed.images import discover_images, label_of
+from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.inference.embed import Encoder, embed_paths
 from simsiam_embed.errors import UserError
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS

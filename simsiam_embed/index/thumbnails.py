@@ -18,14 +18,16 @@ import hashlib
 import io
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from PIL import Image
 
-from simsiam_embed.images import UnreadableImage, open_image
+from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import atomic_write
-from simsiam_embed.index.store import CatalogEntry
+
+if TYPE_CHECKING:   # the store imports FAISS and torch; picture-reading workers need neither
+    from simsiam_embed.index.store import CatalogEntry
 
 THUMBNAIL_SIDE = 160
 THUMBNAIL_FOLDER = "thumbnails"

@@ -24,9 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from simsiam_embed.trained_model import load_trained_backbone
-from simsiam_embed.images import (
-    EvalImageDataset, Preprocessing, collate_skipping_unreadable, discover_images, label_of, start_workers,
-)
+from simsiam_embed.images import EvalImageDataset, Preprocessing, collate_skipping_unreadable, start_workers
+from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.distributed import DistributedContext, distributed_session
 from simsiam_embed.errors import UserError
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_WORKERS

@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from simsiam_embed.images import discover_images, label_of
+from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.distributed import DistributedContext, from_main, gather_to_main
 from simsiam_embed.inference.embed import EmbedResult, Encoder, embed_paths
 from simsiam_embed.errors import UserError

@@ -19,7 +19,8 @@ from torch import nn
 
 from simsiam_embed.artefacts import HEADS, EncoderMetadata, file_digest
 from simsiam_embed.trained_model import load_trained_model, preprocessing_for
-from simsiam_embed.images import Preprocessing, UnreadableImage, discover_images, open_image
+from simsiam_embed.images import Preprocessing
+from simsiam_embed.image_files import UnreadableImage, discover_images, open_image
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import atomic_path, ensure_writable_folder
 from simsiam_embed.inference.onnx_encoder import onnx_session, write_encoder

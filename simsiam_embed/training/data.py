@@ -16,7 +16,8 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from simsiam_embed.images import IMAGENET_MEAN, IMAGENET_STD, first_readable, open_image
+from simsiam_embed.images import IMAGENET_MEAN, IMAGENET_STD
+from simsiam_embed.image_files import first_readable, open_image
 from simsiam_embed.training.image_store import DecodedImageStore
 
 

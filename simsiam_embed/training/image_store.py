@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simsiam_embed.images import open_image
+from simsiam_embed.image_files import open_image
 from simsiam_embed.settings import SMALL_IMAGE_MAX_SIDE
 
 #: Kept free on the run's disk beyond the store: checkpoints and the user's own files come first.

@@ -26,7 +26,7 @@ from simsiam_embed.distributed import DistributedContext, agree_on_every_rank, d
 from simsiam_embed.errors import UserError
 from simsiam_embed.explore.report import COLLAPSE_FRACTION, write_run_report
 from simsiam_embed.files import ensure_writable_folder, write_json_atomic
-from simsiam_embed.images import discover_images, scan_images
+from simsiam_embed.image_files import discover_images, scan_images
 from simsiam_embed.inference.evaluate import KnnMonitor
 from simsiam_embed.models import SimSiam, simsiam_loss
 from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, read_resnet_weights
