@@ -156,6 +156,8 @@ def test_the_first_ctrl_c_says_how_long_the_step_has_left_and_the_second_stops_n
 
     from simsiam_embed.training.loop import StopRequest, stop_on_signals
 
+    handler_before = signal.getsignal(signal.SIGINT)   # SIG_IGN when the suite runs in the background
+
     def eventually(condition):
         deadline = time.monotonic() + 10
         while not condition() and time.monotonic() < deadline:
@@ -174,7 +176,7 @@ def test_the_first_ctrl_c_says_how_long_the_step_has_left_and_the_second_stops_n
         os.kill(os.getpid(), signal.SIGINT)
         assert eventually(lambda: aborted == [130]) and "stopping now" in reports[-1]
     assert stop.exit_status == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before   # restored
 
 
 def test_a_second_ctrl_c_stops_now_and_keeps_the_last_complete_checkpoint(tmp_path):
