@@ -93,16 +93,15 @@ def test_the_crop_boxes_are_torchvisions():
                                                                                             (3 / 4, 4 / 3))
 
 
-def test_a_sample_is_drawn_from_its_own_generator_never_the_global_one():
+def test_a_sample_is_drawn_from_its_own_generator_never_the_global_one(tmp_path):
     """The dataset seeds a generator of the sample's own: its views depend on the sample's seed
     only, and training's other random draws (the global generator) are left as they were."""
     from simsiam_embed.training.augment import CroppedViews
     from simsiam_embed.training.data import TwoViewDataset
 
     recipe = AugmentationRecipe(24)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    dataset = TwoViewDataset(["unused"], pair=CroppedViews(recipe))
-    dataset.store = type("Loaded", (), {"draft_side": None, "load": staticmethod(lambda path: image)})()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    dataset = TwoViewDataset([tmp_path / "a.png"], pair=CroppedViews(recipe))
     torch.manual_seed(1)
     first, _ = dataset[(42, 0)]
     after_first = torch.rand(1)

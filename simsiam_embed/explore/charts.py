@@ -1,6 +1,6 @@
 """Line charts for run reports and the web app, drawn with matplotlib to PNG.
 
-    >>> png = line_chart([Series("loss", steps, losses)], title="loss", y_label="loss").png()
+    >>> png = line_chart([Series("loss", steps, losses)], title="loss", y_label="loss")   # PNG bytes
 
 matplotlib's object API with its Agg canvas, not pyplot: no global figure state, so the web
 app's worker threads can draw at once, and no display is ever looked for.
@@ -34,17 +34,9 @@ class ReferenceLine:
     dashed: bool = True
 
 
-@dataclass
-class Chart:
-    png_bytes: bytes
-
-    def png(self) -> bytes:
-        return self.png_bytes
-
-
 def line_chart(series: list[Series], title: str, y_label: str, x_label: str = "step",
-               references: list[ReferenceLine] | None = None) -> Chart:
-    """The series as lines on shared axes (a lone point as a dot), reference lines dashed, the
+               references: list[ReferenceLine] | None = None) -> bytes:
+    """The chart as PNG bytes: the series as lines on shared axes (a lone point as a dot), reference lines dashed, the
     legend in a row between the title and the plot, never over the data. Non-finite values are
     left out; callers draw a chart only for values a run logged (report.available_charts)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -75,4 +67,4 @@ def line_chart(series: list[Series], title: str, y_label: str, x_label: str = "s
                     fontsize=9, handlelength=1.5, borderaxespad=0)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    return Chart(buffer.getvalue())
+    return buffer.getvalue()

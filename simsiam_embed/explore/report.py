@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simsiam_embed.explore.charts import Chart, ReferenceLine, Series, line_chart
+from simsiam_embed.explore.charts import ReferenceLine, Series, line_chart
 from simsiam_embed.artefacts import MetricsRecord, RunFolder, read_metrics
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import atomic_write
@@ -81,8 +81,8 @@ def available_charts(records: list[MetricsRecord]) -> list[str]:
             if any(drawable(record.get(CHART_VALUES[name])) for record in records)]
 
 
-def build_chart(records: list[MetricsRecord], name: str, dim: int | None) -> Chart | None:
-    """One of :data:`CHART_NAMES`; None when the run has no data for it (kNN without --val-dir)."""
+def build_chart(records: list[MetricsRecord], name: str, dim: int | None) -> bytes | None:
+    """One of :data:`CHART_NAMES` as PNG bytes; None when the run has no data for it (kNN without --val-dir)."""
     steps = [r for r in records if not r.has("epoch_end") and not r.has("replanned_total_steps")]
     if name == "loss":
         return line_chart([_series(steps, "loss", "loss (logged steps)"),
@@ -122,7 +122,7 @@ def write_run_report(run_dir: Path) -> RunReport:
         chart = build_chart(records, name, dim)
         path = run_dir / f"report-{name}.png"
         with atomic_write(path, "wb") as handle:
-            handle.write(chart.png())
+            handle.write(chart)
         written.append(path)
     steps = max((r.step for r in records), default=0)
     page = RunFolder(run_dir).report_page

@@ -311,7 +311,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         drawn = build_chart(read_run_metrics(run_dir), chart, run_dimension(read_run_config(run_dir)))
         if drawn is None:
             raise HTTPException(404, f"the run has no data for the {chart} chart")
-        return Response(drawn.png(), media_type="image/png", headers={"Cache-Control": "no-store"})
+        return Response(drawn, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     return app
 

@@ -132,10 +132,10 @@ def crop_on_device(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch
 
 
 #: Uniforms one view takes: 10 crop attempts of two each (torchvision's RandomResizedCrop tries
-#: 10 times), the crop's position (two), the flip, the colour jitter and its order (nine),
-#: grayscale, blur and the blur's sigma.
-DRAWS = 35
-_ATTEMPTS, _POSITION, _FLIP, _COLOUR, _SIGMA = 0, 20, 22, 23, 34
+#: 10 times), the crop's position (two), the flip, then one for each colour parameter, slot by
+#: slot (the jitter's use and order, its four factors, grayscale, blur, the blur's sigma).
+_ATTEMPTS, _POSITION, _FLIP, _COLOUR = 0, 20, 22, 23
+DRAWS = _COLOUR + PARAMETER_COUNT
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
 
@@ -146,22 +146,24 @@ def _plan_view(image: Image.Image, recipe: AugmentationRecipe,
     mapped from one draw of :data:`DRAWS` uniforms."""
     u = torch.rand(DRAWS, generator=generator, dtype=torch.float64).tolist()
     box = _crop_box(image.size, recipe.min_crop_scale, recipe.max_crop_scale, u)
+    colour = u[_COLOUR:]   # colour[slot] is the uniform of parameter slot ``slot``
     strength = recipe.color_jitter
-    colour = u[_COLOUR:]
 
-    def between(low: float, high: float, uniform: float) -> float:
-        return low + (high - low) * uniform
+    def between(low: float, high: float, slot: int) -> float:
+        return low + (high - low) * colour[slot]
 
-    low = max(0.0, 1.0 - strength)
-    order = sorted(range(4), key=lambda operation: colour[1 + operation])   # a uniformly random permutation
-    parameters = torch.tensor([
-        float(colour[0] < P_JITTER), *order,
-        between(low, 1.0 + strength, colour[5]), between(low, 1.0 + strength, colour[6]),
-        between(low, 1.0 + strength, colour[7]), between(-strength / 4, strength / 4, colour[8]),
-        float(colour[9] < P_GRAYSCALE), float(recipe.blur and colour[10] < P_BLUR), between(*SIGMA_RANGE, u[_SIGMA]),
-    ], dtype=torch.float32)
+    values = [0.0] * PARAMETER_COUNT   # a list, then one tensor: a tensor item at a time costs more than the rest
+    values[JITTER] = float(colour[JITTER] < P_JITTER)
+    # A uniformly random order of the four operations.
+    values[ORDER:ORDER + 4] = sorted(range(4), key=lambda operation: colour[ORDER + operation])
+    for slot in (BRIGHTNESS, CONTRAST, SATURATION):
+        values[slot] = between(max(0.0, 1.0 - strength), 1.0 + strength, slot)
+    values[HUE] = between(-strength / 4, strength / 4, HUE)
+    values[GRAYSCALE] = float(colour[GRAYSCALE] < P_GRAYSCALE)
+    values[BLUR] = float(recipe.blur and colour[BLUR] < P_BLUR)
+    values[SIGMA] = between(*SIGMA_RANGE, SIGMA)
     flip = u[_FLIP] < 0.5   # flips commute with every colour operation and the symmetric blur
-    return box, parameters, flip
+    return box, torch.tensor(values, dtype=torch.float32), flip
 
 
 def _crop_box(size: tuple[int, int], min_scale: float, max_scale: float, u: list[float]) -> tuple[int, int, int, int]:
