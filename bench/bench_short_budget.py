@@ -66,25 +66,28 @@ def main() -> None:
                 result = pretrain(train, Workspace(tmp / f"run-{number}-{seed}"),
                                   {**overrides, "seed": seed, "time_budget_s": parse_duration(args.budget)},
                                   report=lambda _m: None, show_progress=False)
-                runs.append((result.step, result.epochs_done, result.z_std, knn_top1(TorchEncoder(result.checkpoint), train, test)))
-                print(f"{name} seed {seed}: {result.step} steps, z-std {result.z_std:.4f}, kNN {runs[-1][3]}", flush=True)
+                runs.append((result.step, result.epochs_done, result.z_std, knn_top1(TorchEncoder(result.checkpoint), train, test),
+                             result.elapsed_s))
+                print(f"{name} seed {seed}: {result.step} steps in {result.elapsed_s:.0f} s, z-std {result.z_std:.4f}, kNN {runs[-1][3]}",
+                      flush=True)
             architecture = json.dumps(result.config.architecture(), sort_keys=True)
             if architecture not in random_init:   # one start per architecture: the last seed's
                 random_init[architecture] = knn_top1(TorchEncoder(result.checkpoint, random_init=True), train, test)
             rows.append((name, overrides, runs, random_init[architecture]))
 
     first = f"k={KNN_SETTINGS[0][0]}, T={KNN_SETTINGS[0][1]}"
-    print(f"\n| variant | settings | steps (epochs) | z-std | kNN top-1 ({first}) per seed | mean | "
+    print(f"\n| variant | settings | steps (epochs) | training s (max) | z-std | kNN top-1 ({first}) per seed | mean | "
           f"mean at k={KNN_SETTINGS[1][0]}, T={KNN_SETTINGS[1][1]} | random init ({first}) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| raw pixels | | - | - | | {raw_pixels[0]:.3f} | {raw_pixels[1]:.3f} | - |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| raw pixels | | - | - | - | | {raw_pixels[0]:.3f} | {raw_pixels[1]:.3f} | - |")
     for name, overrides, runs, baseline in rows:
         settings = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
         steps = f"{statistics.mean(r[0] for r in runs):.0f} ({statistics.mean(r[1] for r in runs):.1f})"
         z_std = f"{statistics.mean(r[2] for r in runs):.4f}"
+        wall = f"{max(r[4] for r in runs):.0f}"
         per_seed = " / ".join(f"{r[3][0]:.3f}" for r in runs)
         means = [statistics.mean(r[3][i] for r in runs) for i in range(len(KNN_SETTINGS))]
-        print(f"| {name} | {settings} | {steps} | {z_std} | {per_seed} | {means[0]:.3f} | {means[1]:.3f} | {baseline[0]:.3f} |")
+        print(f"| {name} | {settings} | {steps} | {wall} | {z_std} | {per_seed} | {means[0]:.3f} | {means[1]:.3f} | {baseline[0]:.3f} |")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ _positive = FiniteFloatRange(min=0, min_open=True)
 @click.option("--small-views", type=click.IntRange(min=0, max=16),
               help=default_help("small_views", "Multi-crop (SwAV, DINO): small extra views a sample, each predicting both full views; 0 is the paper's two."))
 @click.option("--small-crop-size", type=click.IntRange(min=8), help=default_help("small_crop_size", "Side of the small views."))
+@click.option("--start-crop-size", type=click.IntRange(min=8),
+              help="Progressive resizing (fast.ai, FFCV): crops start at this side, grow to --crop-size from 40% "
+                   "to 85% of the steps, and end at it; early steps cost less.  [default: off, the paper's one size]")
 @click.option("--warmup-fraction", type=FiniteFloatRange(0, 1, max_open=True), help=default_help("warmup_fraction", "Share of steps with a linear lr warm-up."))
 @click.option("--stem-stride", type=click.IntRange(1, 2), help=default_help("stem_stride", "Small-image stem stride; 2 is 4x cheaper and coarser."))
 @click.option("--no-stop-grad", "no_stop_grad", is_flag=True, help="Ablation (paper Fig. 2): remove the stop-gradient; collapses.")

@@ -149,6 +149,9 @@ class PretrainConfig(SavedSettings):
     # full views; 0 is the paper's two views. Their side: SwAV's 96/224 of the crop unless given.
     small_views: int = 0
     small_crop_size: int | None = None
+    # Progressive resizing (fast.ai, FFCV; not in the paper): crops start at this side and grow
+    # to crop_size over the schedule (training/pretrain.py: progressive_side); None: one size.
+    start_crop_size: int | None = None
     # The paper's ablations (Table 1, Figure 2, Table 4); all on by default, as SimSiam is.
     stop_gradient: bool = True
     use_predictor: bool = True
@@ -201,7 +204,8 @@ class PretrainConfig(SavedSettings):
             raise UserError(f"{source} is damaged: its backbone {self.backbone!r} is not one of {', '.join(BACKBONE_NAMES)}")
         widths = {"dim": self.dim, "projector_hidden_dim": self.projector_hidden_dim,
                   "predictor_hidden_dim": self.predictor_hidden_dim, "projector_layers": self.projector_layers,
-                  "crop_size": self.crop_size, "small_crop_size": self.small_crop_size}
+                  "crop_size": self.crop_size, "small_crop_size": self.small_crop_size,
+                  "start_crop_size": self.start_crop_size}
         for name, value in widths.items():
             if value is not None and not 1 <= value <= MAX_WIDTH:
                 raise UserError(f"{source} is damaged: its setting {name!r} is {value}, outside 1..{MAX_WIDTH}")
@@ -498,6 +502,8 @@ def validate(config: PretrainConfig, num_images: int) -> None:
                             "crop_on_device off")
         if config.small_crop_size is None or not 8 <= config.small_crop_size <= config.crop_size:
             raise UserError(f"--small-crop-size must be between 8 and the crop size ({config.crop_size})")
+    if config.start_crop_size is not None and not 8 <= config.start_crop_size <= config.crop_size:
+        raise UserError(f"--start-crop-size must be between 8 and the crop size ({config.crop_size})")
     if not 0 < config.min_crop_scale <= 1:
         raise UserError("--min-crop-scale must be in (0, 1]")
     if config.amp == "fp16" and not config.device.startswith("cuda"):

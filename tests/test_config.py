@@ -136,3 +136,13 @@ def test_a_damaged_small_view_setting_is_refused_when_read_back():
         PretrainConfig.from_dict(dict(values, small_views=2, small_crop_size=10_000_000))
     with pytest.raises(UserError, match="'small_views' is -1"):
         PretrainConfig.from_dict(dict(values, small_views=-1))
+
+
+def test_progressive_resizing_starts_no_larger_than_the_crop_and_is_off_by_default():
+    assert resolve(side=32).start_crop_size is None
+    assert resolve(side=32, start_crop_size=16).start_crop_size == 16
+    with pytest.raises(UserError, match="--start-crop-size must be between 8 and the crop size \\(32\\)"):
+        resolve(side=32, start_crop_size=40)
+    values = PretrainConfig("/data", "run").to_dict()
+    with pytest.raises(UserError, match="'start_crop_size' is 0"):
+        PretrainConfig.from_dict(dict(values, start_crop_size=0))

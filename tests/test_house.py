@@ -179,7 +179,7 @@ class _TinyTask(TaskDefaults):
     def loader_shape(self):
         return torch.tensor, 8, "numbers"
 
-    def set_learning_rate(self, step, total_steps):
+    def begin_step(self, step, total_steps):
         return 0.1
 
     def train_step(self, batch):

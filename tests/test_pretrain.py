@@ -219,6 +219,31 @@ def test_multi_crop_trains_and_resumes_exactly(image_folder, tmp_path):
         assert torch.equal(value, _weights(resumed)[key]), key
 
 
+def test_progressive_resizing_trains_small_first_and_ends_at_the_full_crop(image_folder, tmp_path, monkeypatch):
+    """--start-crop-size through the real loop: the network sees the starting side first, growing
+    sides after, the full crop at the end; a resumed run sees what an uninterrupted one saw."""
+    from simsiam_embed.models import SimSiam
+
+    seen: list[int] = []
+    forward = SimSiam.forward
+
+    def recording_forward(self, view1, view2, small=None):
+        assert view1.shape == view2.shape
+        seen.append(view1.shape[-1])
+        return forward(self, view1, view2, small)
+
+    monkeypatch.setattr(SimSiam, "forward", recording_forward)
+    settings = dict(FAST_OVERRIDES, epochs=5, start_crop_size=8)   # 36 images, batch 8: 20 steps
+    whole = pretrain(image_folder, Workspace(tmp_path / "whole"), settings, report=lambda _m: None, show_progress=False)
+    assert whole.finished and whole.config.start_crop_size == 8
+    assert seen[0] == 8 and seen[-1] == 16 and seen == sorted(seen) and 12 in seen, seen
+    whole_sides, seen[:] = list(seen), []
+    halves = Workspace(tmp_path / "halves")
+    pretrain(image_folder, halves, settings, stop=StopRequest(stop_at_step=7), report=lambda _m: None, show_progress=False)
+    pretrain(image_folder, halves, settings, resume=True, report=lambda _m: None, show_progress=False)
+    assert seen == whole_sides
+
+
 def test_a_run_stopped_before_its_first_log_every_has_curves_from_its_first_step(image_folder, tmp_path):
     result = pretrain(image_folder, Workspace(tmp_path), dict(FAST_OVERRIDES, epochs=3, log_every=10),
                       stop=StopRequest(stop_at_step=2), report=lambda _m: None, show_progress=False)

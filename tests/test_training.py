@@ -51,6 +51,47 @@ def test_too_few_steps_since_the_plan_or_no_plan_decide_nothing():
     assert budget.observe(7, 60.0) is None            # one step is no pace
 
 
+def _progressive_cost(progress: float) -> float:
+    from simsiam_embed.training.pretrain import progressive_side
+
+    return (progressive_side(16, 32, progress) / 32) ** 2
+
+
+def _run_with_costs(budget: TimeBudget, full_step_s: float, step_cost) -> tuple[float, int]:
+    """A fake loop whose steps take ``full_step_s x step_cost(progress)``: (finish time, steps)."""
+    clock = full_step_s * step_cost(0.0)
+    step = 1
+    budget.plan(step, clock, clock, save_seconds=0.0)
+    while step < budget.total_steps:
+        clock += full_step_s * step_cost(step / budget.total_steps)
+        step += 1
+        budget.observe(step, clock)
+    return clock, step
+
+
+def test_cheap_early_steps_are_planned_as_cheap_and_the_run_still_ends_on_time():
+    """Progressive resizing: the first (measured) step costs a quarter of the last ones. Planned
+    as if every step cost what the first did, the run would overrun by ~2x; planned by cost, it
+    ends on time with the schedule finished."""
+    uniform = TimeBudget(budget_s=600.0, steps_per_epoch=1000)
+    naive_total = uniform.plan(1, 0.25, 0.25, 0.0)
+    budget = TimeBudget(budget_s=600.0, steps_per_epoch=1000, relative_cost=_progressive_cost)
+    finished_at, steps = _run_with_costs(budget, 1.0, _progressive_cost)
+    assert 600.0 - 1.0 <= finished_at <= 600.0 + 1.0, finished_at   # within one step of the budget
+    assert 600 < steps < naive_total   # more steps than full-size ones would allow, fewer than quarter-cost ones
+    # Steps with overheads the model does not see (small ones cost 0.3 + 0.7 x their FLOPs):
+    # corrections keep the run inside the budget and near its end.
+    budget = TimeBudget(budget_s=600.0, steps_per_epoch=1000, relative_cost=_progressive_cost)
+    finished_at, _ = _run_with_costs(budget, 1.0, lambda progress: 0.3 + 0.7 * _progressive_cost(progress))
+    assert 600.0 * 0.9 <= finished_at <= 600.0 * 1.05 + 1.0, finished_at
+
+
+def test_the_cost_of_a_long_stretch_of_steps_is_sampled_close_to_the_exact_sum():
+    budget = TimeBudget(budget_s=1.0, steps_per_epoch=1, relative_cost=_progressive_cost)
+    exact = sum(_progressive_cost(i / 5000) for i in range(100, 5000))
+    assert budget._cost_of_steps(100, 5000, 5000) == pytest.approx(exact, rel=0.01)
+
+
 def test_a_resumed_plan_is_checked_from_where_the_run_resumed():
     budget = TimeBudget(budget_s=600.0, steps_per_epoch=100)
     budget.resume(step=300, elapsed_s=300.0, total_steps=600)

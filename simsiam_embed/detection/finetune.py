@@ -362,7 +362,7 @@ class DetectionTask(TaskDefaults):
     def loader_shape(self):
         return _images_and_targets, self._largest_image_bytes, "uint8 images"
 
-    def set_learning_rate(self, step: int, total_steps: int | None) -> float:
+    def begin_step(self, step: int, total_steps: int | None) -> float:
         lr = detection_lr(self.settings, step, total_steps or step + 1)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -428,7 +428,12 @@ def _shared_memory_bytes() -> int | None:
 class TimeBudget:
     """How many steps fit in ``budget_s``, planned once after a measured warm-up and corrected
     when the pace since the plan drifts by more than ``tolerance`` (other load, thermal limits,
-    slower epochs), so a run ends on time with its schedule finished."""
+    slower epochs), so a run ends on time with its schedule finished.
+
+    ``relative_cost(progress)`` is a step's cost at that share of the schedule, relative to the
+    schedule's costliest step (progressive resizing runs cheap small crops first); None: every
+    step costs the same. The plan then counts time in units of a full step.
+    """
 
     budget_s: float
     steps_per_epoch: int
@@ -436,16 +441,18 @@ class TimeBudget:
     total_steps: int | None = None
     origin: tuple[int, float] | None = None   # (step, elapsed seconds) the current plan starts from
     save_seconds: float = 0.0
+    relative_cost: Callable[[float], float] | None = None
 
     def plan(self, step: int, elapsed_s: float, seconds_per_step: float, save_seconds: float) -> int:
         """The total steps that fit, given the measured step and checkpoint costs.
 
         ``elapsed_s`` is read after the measuring checkpoint; the final checkpoint, and one per
-        epoch still to come, are paid out of the budget too.
+        epoch still to come, are paid out of the budget too. The measured steps are the
+        schedule's first, so they cost what its start does.
         """
         remaining = self.budget_s - elapsed_s - save_seconds
-        per_step = seconds_per_step + save_seconds / max(self.steps_per_epoch, 1)
-        self.total_steps = step + max(0, int(remaining / per_step))
+        full_step = seconds_per_step / self._cost(0.0)
+        self.total_steps = step + self._steps_that_fit(step, remaining, full_step, save_seconds / max(self.steps_per_epoch, 1))
         self.origin = (step, elapsed_s)
         self.save_seconds = save_seconds
         return self.total_steps
@@ -461,16 +468,55 @@ class TimeBudget:
         if self.origin is None or self.total_steps is None:
             return None
         origin_step, origin_elapsed = self.origin
-        done = step - origin_step
-        if done < 2 or step >= self.total_steps:
+        if step - origin_step < 2 or step >= self.total_steps:
             return None
-        seconds_per_step = (elapsed_s - origin_elapsed) / done   # checkpoints included
+        total = self.total_steps
+        full_step = (elapsed_s - origin_elapsed) / max(self._cost_of_steps(origin_step, step, total), 1e-9)   # checkpoints included
         remaining = self.budget_s - elapsed_s - self.save_seconds
-        corrected = step + max(1, int(remaining / max(seconds_per_step, 1e-9)))
+        # Within the tolerance, in time (what tolerance x total steps of this pace take): the plan
+        # holds, and the search below is not needed (it runs at most once a step otherwise).
+        if abs(full_step * self._cost_of_steps(step, total, total) - remaining) <= \
+                self.tolerance * full_step * self._cost_of_steps(0, total, total):
+            return None
+        corrected = step + max(1, self._steps_that_fit(step, remaining, full_step, 0.0))
         if abs(corrected - self.total_steps) <= self.tolerance * self.total_steps:
             return None
         self.total_steps = corrected
         return corrected
+
+    def _cost(self, progress: float) -> float:
+        return 1.0 if self.relative_cost is None else self.relative_cost(progress)
+
+    #: Steps costed one by one up to this many; a longer stretch by this many evenly spaced ones.
+    COST_SAMPLES = 256
+
+    def _cost_of_steps(self, first: int, end: int, total: int) -> float:
+        """Steps ``first``..``end - 1`` of a ``total``-step schedule, in full steps."""
+        count = end - first
+        if count <= 0:
+            return 0.0
+        if self.relative_cost is None:
+            return float(count)
+        if count <= self.COST_SAMPLES:
+            return sum(self.relative_cost(i / total) for i in range(first, end))
+        spacing = count / self.COST_SAMPLES
+        return spacing * sum(self.relative_cost((first + (j + 0.5) * spacing) / total) for j in range(self.COST_SAMPLES))
+
+    def _steps_that_fit(self, step: int, remaining_s: float, full_step_s: float, per_step_s: float) -> int:
+        """The most steps after ``step`` whose cost (``full_step_s`` a full step, plus
+        ``per_step_s`` each) fits in ``remaining_s``, the schedule ending with them."""
+        def fits(count: int) -> bool:
+            return full_step_s * self._cost_of_steps(step, step + count, step + count) + per_step_s * count <= remaining_s
+
+        if self.relative_cost is None:   # every step alike: a division, exactly
+            return max(0, int(remaining_s / (full_step_s + per_step_s)))
+        low, high = 0, 1
+        while fits(high) and high < 1 << 40:   # the cost grows with the count: double, then bisect
+            low, high = high, 2 * high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +570,7 @@ class TrainingTask(Protocol):
                 self.dataset = TwoViewDataset(paths, byol_augmentation(settings.crop_size))
             def loader_shape(self):                      # how samples stack, and their size in flight
                 return default_collate, 2 * 3 * 224 ** 2 * 4, "float32 views"
-            def set_learning_rate(self, step, total_steps):
+            def begin_step(self, step, total_steps):     # what the schedule sets for a step; -> lr
                 return set_lr(self.optimizer, cosine_lr(self.settings.lr, step, total_steps or step + 1))
             def train_step(self, batch):
                 loss = self.network(*batch)             # -> metrics, "loss" among them
@@ -533,7 +579,8 @@ class TrainingTask(Protocol):
                 return {"loss": loss.detach()}
 
     ``extra_state``/``load_extra_state`` (what the task adds to a checkpoint), ``on_start``,
-    ``on_log``, ``on_epoch_end`` and ``postfix`` are optional: :class:`TaskDefaults` supplies them.
+    ``on_log``, ``on_epoch_end``, ``postfix`` and ``relative_step_cost`` (for a time budget, when
+    steps cost more as the schedule goes on) are optional: :class:`TaskDefaults` supplies them.
     """
 
     kind: str
@@ -545,7 +592,7 @@ class TrainingTask(Protocol):
     dataset: Any                   # indexed by the sampler's (sample_seed, index) keys
 
     def loader_shape(self) -> tuple[Callable[[list], Any], int, str]: ...
-    def set_learning_rate(self, step: int, total_steps: int | None) -> float: ...
+    def begin_step(self, step: int, total_steps: int | None) -> float: ...
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]: ...
     def extra_state(self) -> dict[str, Any]: ...
     def load_extra_state(self, extra: dict[str, Any]) -> None: ...
@@ -553,6 +600,7 @@ class TrainingTask(Protocol):
     def on_log(self, step: int, means: dict[str, float]) -> None: ...
     def on_epoch_end(self, step: int, means: dict[str, float], finished: bool) -> dict[str, Any]: ...
     def postfix(self, means: dict[str, float], lr: float) -> list[str]: ...
+    def relative_step_cost(self, progress: float) -> float: ...
 
 
 class TaskDefaults:
@@ -575,6 +623,9 @@ class TaskDefaults:
 
     def postfix(self, means: dict[str, float], lr: float) -> list[str]:
         return [f"loss {means['loss']:.3f}" if "loss" in means else "", f"lr {lr:.3g}"]
+
+    def relative_step_cost(self, progress: float) -> float:
+        return 1.0
 
 
 @dataclass
@@ -628,7 +679,8 @@ class TrainingLoop:
         self.skipped: dict[str, str] = {}   # path -> why it could not be read, over every rank
         self.saved_step: int | None = None
         self.resumed_from: int | None = None
-        self.budget = TimeBudget(plan.budget_s, plan.steps_per_epoch) if plan.budget_s else None
+        self.budget = (TimeBudget(plan.budget_s, plan.steps_per_epoch, relative_cost=task.relative_step_cost)
+                       if plan.budget_s else None)
         self.replans: list[dict] = []       # corrections of the budget's plan, written to metrics.jsonl
         self.on_first_save: Callable[[], None] = lambda: None   # e.g. LATEST moves once the run has a checkpoint
 
@@ -771,7 +823,7 @@ class TrainingLoop:
                 stop.step_began(step_began, step_seconds, self.saved_step)
                 batch, failures = next(loader)
                 self.skipped.update(failures)
-                lr = task.set_learning_rate(self.step, self.total_steps)
+                lr = task.begin_step(self.step, self.total_steps)
                 if batch is not None:
                     values = task.train_step(batch)
                     window.add(**values)

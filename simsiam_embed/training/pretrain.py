@@ -96,6 +96,32 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, 
     return current
 
 
+#: Progressive resizing: the crop stays at its starting side for this share of the steps, then
+#: grows linearly to full size, reached at RAMP_END and kept to the end. Late steps at the full
+#: size are what the encoder is used at (FFCV's ResNet recipes end their ramp ~85% in, for the
+#: same reason: a network trained small and used large sees objects at a scale it never learned).
+RAMP_START, RAMP_END = 0.40, 0.85
+#: Sides are rounded down to a multiple of this: few distinct shapes (oneDNN and cuDNN pick an
+#: algorithm per shape) and strided stages that divide evenly.
+SIDE_STEP = 4
+
+
+def progressive_side(start_side: int, full_side: int, progress: float) -> int:
+    """The training crop's side at ``progress`` (0..1) through the schedule (see RAMP_START)."""
+    ramp = min(max((progress - RAMP_START) / (RAMP_END - RAMP_START), 0.0), 1.0)
+    side = start_side + ramp * (full_side - start_side)
+    return full_side if ramp >= 1.0 else max(start_side, int(side) // SIDE_STEP * SIDE_STEP)
+
+
+def relative_step_cost(config: PretrainConfig, progress: float) -> float:
+    """A step's cost at ``progress``, relative to a step at the full crop: the model's FLOPs,
+    which scale with the crop's area. Per-step overheads that do not shrink with the crop make
+    small steps cost a little more than this; the time budget's pace corrections absorb it."""
+    if config.start_crop_size is None:
+        return 1.0
+    return (progressive_side(config.start_crop_size, config.crop_size, progress) / config.crop_size) ** 2
+
+
 def output_std(z: torch.Tensor) -> torch.Tensor:
     """The collapse monitor of Figure 2: std over the batch of l2-normalised z, mean over channels.
 
@@ -320,10 +346,12 @@ def _config_for_resume(previous: Checkpoint, overrides: dict[str, Any], run: Run
 
 def _report_settings(config: PretrainConfig, run: RunFolder, report: Report) -> None:
     length = f"{config.epochs} epochs" if config.epochs else f"time budget {format_duration(config.time_budget_s or 0)}"
+    progressive = (f" (from {config.start_crop_size} px, growing over {RAMP_START:.0%}-{RAMP_END:.0%} of the steps)"
+                   if config.start_crop_size else "")
     report(
         f"settings (all saved in {run.config}):\n"
         f"  recipe {config.recipe}, backbone {config.backbone}{' (small-image stem)' if config.small_image_stem else ''}, "
-        f"crop {config.crop_size} px, {length}, batch {config.batch_size}\n"
+        f"crop {config.crop_size} px{progressive}, {length}, batch {config.batch_size}\n"
         f"  SGD lr {config.lr:g} (= {config.base_lr:g} x {config.batch_size}/256, cosine), momentum {config.momentum:g}, "
         f"weight decay {config.weight_decay:g}, predictor lr {'fixed' if config.fix_predictor_lr else 'decayed'}\n"
         f"  projector {config.projector_layers} layers x {config.projector_hidden_dim} -> {config.dim}, "
@@ -364,6 +392,7 @@ class SimSiamTask(TaskDefaults):
         self.amp = MixedPrecision(config.amp, device)
         self.recipe = AugmentationRecipe(config.crop_size, config.min_crop_scale, config.color_jitter, config.blur)
         self.augment_batch = BatchAugment(self.recipe, device)
+        self.view_side = config.crop_size   # this step's crop side: smaller early with --start-crop-size
         self.dataset, self._stack, self._sample_bytes, self._what = self._dataset(paths)
         self.steps_per_epoch = len(paths) // config.batch_size
         self.collapse_level = COLLAPSE_FRACTION / math.sqrt(config.dim)
@@ -425,15 +454,30 @@ class SimSiamTask(TaskDefaults):
             crops = torch.cat([crops1, crops2]).to(self.device, non_blocking=True)
             parameters = torch.cat([parameters1, parameters2])
         else:
-            return (*(view.to(self.device, non_blocking=True, memory_format=memory_format) for view in batch), None)
+            return (*(self._at_view_side(view.to(self.device, non_blocking=True)).contiguous(memory_format=memory_format)
+                      for view in batch), None)
         views = self.augment_batch(crops, parameters)   # parameters stay on the CPU (see BatchAugment)
-        views = views.contiguous(memory_format=memory_format)
+        views = self._at_view_side(views).contiguous(memory_format=memory_format)
         return views[:len(views) // 2], views[len(views) // 2:], small
+
+    def _at_view_side(self, views: torch.Tensor) -> torch.Tensor:
+        """The views at this step's side (progressive resizing): the loader's full-size crops,
+        shrunk with antialiasing, are the crops of the same boxes at the smaller side (up to the
+        resampling), and the loader needs no word of the schedule."""
+        if views.shape[-1] == self.view_side:
+            return views
+        return F.interpolate(views, size=(self.view_side, self.view_side), mode="bilinear", antialias=True, align_corners=False)
 
     # -- one step ----------------------------------------------------------------------------
 
-    def set_learning_rate(self, step: int, total_steps: int | None) -> float:
-        return set_learning_rate(self.optimizer, self.settings, step, total_steps)
+    def begin_step(self, step: int, total_steps: int | None) -> float:
+        config = self.settings
+        if config.start_crop_size is not None:   # a time budget not yet planned is at its start
+            self.view_side = progressive_side(config.start_crop_size, config.crop_size, step / total_steps if total_steps else 0.0)
+        return set_learning_rate(self.optimizer, config, step, total_steps)
+
+    def relative_step_cost(self, progress: float) -> float:
+        return relative_step_cost(self.settings, progress)
 
     def train_step(self, batch: tuple) -> dict[str, torch.Tensor]:
         if _pairs_in(batch) < 2:   # BatchNorm needs two samples
