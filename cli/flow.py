@@ -85,10 +85,15 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, fi
 @workers_option
 def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Path, model: Path | None, backend: str,
                   provider: str | None, batch_size: int, workers: int) -> None:
-    """Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded)."""
-    encoder, _ = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err)
+    """Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded).
+
+    Vectors are kept in shards under OUTPUT/.embedding as they are made: a killed run, started
+    again with the same command, continues from the last finished shard.
+    """
+    encoder, identity = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err)
     _echo_err(f"encoder: {encoder.description}")
-    result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers, file_format=file_format)
+    result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers, file_format=file_format,
+                                          encoder_digest=identity.digest, report=_echo_err)
     skipped = f", {len(result.failures)} unreadable skipped (skipped.jsonl)" if result.failures else ""
     written = artefacts.EMBEDDINGS_PARQUET_FILE if file_format == "parquet" else artefacts.EMBEDDINGS_FILE
     click.echo(f"embedded {result.count} images into {result.output / written} "

@@ -57,6 +57,9 @@ LATEST_MARKER = "LATEST"
 EMBEDDINGS_FILE, PATHS_FILE = "embeddings.npy", "paths.jsonl"
 #: ``embed --format parquet``: path, label and embedding columns in one file.
 EMBEDDINGS_PARQUET_FILE = "embeddings.parquet"
+#: Beside embed's output (and in an index folder): the shards of an embedding under way
+#: (inference/shards.py), kept until the files they make are written, so a killed run resumes.
+EMBEDDING_SHARDS_DIR = ".embedding"
 
 KINDS = ("pretrain", "detection")
 

@@ -34,9 +34,10 @@ import faiss
 import numpy as np
 
 from simsiam_embed import __version__
-from simsiam_embed.artefacts import ENCODER_FILE, file_digest
+from simsiam_embed.artefacts import EMBEDDING_SHARDS_DIR, ENCODER_FILE, file_digest
 from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.inference.embed import Encoder, embed_paths
+from simsiam_embed.inference.shards import embed_in_shards
 from simsiam_embed.errors import UserError
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 from simsiam_embed.files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
@@ -453,17 +454,28 @@ def update_index(
         expected = len(unchanged) + len(to_embed)
         planned = choose_index_type(expected, identity.dim, requested)
         _check_free_space(index_dir, expected, identity)
-        result = embed_paths(to_embed, encoder, batch_size, workers, show_progress)
-        failures += [(str(to_embed[i]), reason) for i, reason in result.failures]
+        # Embedded into shards that outlive this process: an update killed after hours resumes
+        # from its last finished shard when run again on the same files (inference/shards.py).
+        shards = embed_in_shards(
+            to_embed, lambda slice_paths, bar: embed_paths(slice_paths, encoder, batch_size, workers, bar=bar),
+            index_dir / EMBEDDING_SHARDS_DIR, identity.dim, {"encoder": identity.digest},
+            show_progress=show_progress, report=report)
+        embedded_rows, new_vectors = [], []
+        for shard in shards:
+            embedded_rows.append(shard.rows)
+            new_vectors.append(shard.vectors)
+            failures += [(str(to_embed[row]), reason) for row, reason in shard.failures]
+        embedded = np.concatenate(embedded_rows) if embedded_rows else np.zeros(0, np.int64)
 
         next_id = int(previous.ids.max()) + 1 if previous is not None and len(previous.ids) else 0
         new_entries = []
-        for offset, position in enumerate(result.indices):
+        for offset, position in enumerate(embedded):
             path = to_embed[int(position)]
             st = stats[str(path)]
             new_entries.append(CatalogEntry(next_id + offset, str(path), st.st_size, st.st_mtime_ns,
                                             label_of(path), file_digest(path)))
-        vectors, ids = _merged_vectors(previous, keep_ids, result.vectors, [e.id for e in new_entries], identity.dim)
+        new_vectors = np.concatenate(new_vectors) if new_vectors else np.zeros((0, identity.dim), np.float32)
+        vectors, ids = _merged_vectors(previous, keep_ids, new_vectors, [e.id for e in new_entries], identity.dim)
         if len(ids) == 0:
             first = f": the first, {failures[0][0]}: {failures[0][1]}" if failures else ""
             raise UserError(f"none of the {len(paths)} image files in {image_dir} could be read{first}; "
@@ -479,10 +491,11 @@ def update_index(
             updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         _write_generation(index_dir, index, entries, vectors, ids, manifest, Path(identity.path))
+        shards.remove()   # their vectors are in the live generation now
     added = sum(1 for entry in new_entries if entry.path not in old_by_path)
     return IndexUpdate(index_dir, len(ids), added, len(new_entries) - added, removed, len(unchanged),
                        choice.factory, choice.reason, rebuilt_because, failures,
-                       result.images_per_second, time.monotonic() - started)
+                       shards.images_per_second, time.monotonic() - started)
 
 
 def _stat_files(paths: list[Path]) -> tuple[dict[str, os.stat_result], list[tuple[str, str]]]:
@@ -500,8 +513,9 @@ def _check_free_space(index_dir: Path, count: int, identity: EncoderIdentity) ->
     """Refuse before the embedding when the new generation clearly cannot fit on the disk."""
     vectors_bytes = count * identity.dim * 4
     encoder_bytes = Path(identity.path).stat().st_size if Path(identity.path).is_file() else 0
-    # vectors.npy and the FAISS index each hold the vectors once; ~300 bytes a catalog row.
-    needed = 2 * vectors_bytes + 300 * count + encoder_bytes
+    # vectors.npy and the FAISS index each hold the vectors once, and the embedding's shards a
+    # third time until the generation is written; ~300 bytes a catalog row.
+    needed = 3 * vectors_bytes + 300 * count + encoder_bytes
     free = shutil.disk_usage(index_dir).free
     if free < needed:
         raise UserError(f"{index_dir} has {free / 1e6:.0f} MB free and the new index needs about "

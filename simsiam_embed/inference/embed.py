@@ -5,32 +5,33 @@
 
 Images are decoded in parallel by DataLoader workers through the one evaluation transform
 (:class:`~simsiam_embed.data.Preprocessing`), so both backends see identical inputs. Under
-torchrun each rank embeds its own shard of the files and rank 0 merges them.
+torchrun each rank embeds its own shards of the files (shards.py) and rank 0 writes them out.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from simsiam_embed.trained_model import load_trained_backbone
 from simsiam_embed.images import EvalImageDataset, Preprocessing, collate_skipping_unreadable, start_workers
 from simsiam_embed.image_files import discover_images, label_of
-from simsiam_embed.distributed import DistributedContext, distributed_session
+from simsiam_embed.distributed import distributed_session
 from simsiam_embed.errors import UserError
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_WORKERS
-from simsiam_embed.artefacts import EMBEDDINGS_FILE, EMBEDDINGS_PARQUET_FILE, PATHS_FILE, SKIPPED_FILE
-from simsiam_embed.files import atomic_path, ensure_writable_folder, read_jsonl, write_jsonl_atomic
+from simsiam_embed.artefacts import EMBEDDING_SHARDS_DIR, EMBEDDINGS_FILE, EMBEDDINGS_PARQUET_FILE, PATHS_FILE, SKIPPED_FILE
+from simsiam_embed.files import atomic_path, atomic_write, ensure_writable_folder, write_jsonl_atomic
+from simsiam_embed.inference.shards import ShardedEmbedding, embed_in_shards
 
 class Encoder(Protocol):
     preprocessing: Preprocessing
@@ -81,8 +82,10 @@ def embed_paths(
     batch_size: int = EMBED_BATCH_SIZE,
     workers: int = EMBED_WORKERS,
     show_progress: bool = True,
+    bar: tqdm | None = None,
 ) -> EmbedResult:
-    """Embed ``paths`` (skipping unreadable files) into unit-length float32 vectors."""
+    """Embed ``paths`` (skipping unreadable files) into unit-length float32 vectors; progress on
+    ``bar`` when given (a caller's bar over more files), else on a bar of its own."""
     vectors = np.zeros((len(paths), encoder.dim), dtype=np.float32)
     kept: list[int] = []
     failures: list[tuple[int, str]] = []
@@ -94,8 +97,10 @@ def embed_paths(
     )
     waiting = 0.0
     started = time.monotonic()
-    with tqdm(total=len(paths), unit="img", disable=not show_progress, file=sys.stderr,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+    own_bar = bar is None
+    bar = bar if bar is not None else tqdm(total=len(paths), unit="img", disable=not show_progress, file=sys.stderr,
+                                           mininterval=0.5 if sys.stderr.isatty() else 30)
+    try:
         batches = start_workers(loader)
         while True:
             asked = time.monotonic()
@@ -110,6 +115,9 @@ def embed_paths(
                 vectors[indices.numpy()] = encoder(images.numpy())
                 kept += indices.tolist()
             bar.update(len(batch_failures) + (0 if batch is None else len(batch[1])))
+    finally:
+        if own_bar:
+            bar.close()
     elapsed = max(time.monotonic() - started, 1e-9)
     order = np.array(sorted(kept), dtype=np.int64)
     return EmbedResult(l2_normalize(vectors[order]), order, sorted(failures),
@@ -117,7 +125,7 @@ def embed_paths(
 
 
 def shard_for_rank(count: int, rank: int, world_size: int) -> range:
-    """The contiguous slice of ``count`` items that ``rank`` embeds."""
+    """The contiguous slice of ``count`` items that ``rank`` embeds (the kNN monitor's share)."""
     per_rank = -(-count // world_size)
     return range(rank * per_rank, min(count, (rank + 1) * per_rank))
 
@@ -139,13 +147,19 @@ def embed_folder(
     workers: int = EMBED_WORKERS,
     show_progress: bool = True,
     file_format: str = "npy",
+    encoder_digest: str = "",
+    report: Callable[[str], None] = lambda _message: None,
 ) -> EmbedFolderResult:
     """Embed every image under ``image_dir`` into ``output/``: ``embeddings.npy`` (n x dim,
     unit-length float32), ``paths.jsonl`` (line i: row i's ``path`` and ``label``, its folder)
     and ``skipped.jsonl`` (``path`` and ``reason``). JSON lines, because a file name may hold
     a newline or a tab. ``file_format="parquet"``: ``embeddings.parquet`` (path, label and
-    embedding columns) instead of the first two. Under torchrun each rank embeds its shard and
-    rank 0 merges the shards.
+    embedding columns) instead of the first two.
+
+    The vectors go to shards in ``output/.embedding/`` as they are made (shards.py): memory
+    stays at one shard's whatever the folder's size, a killed run continues where it stopped
+    when run again (``encoder_digest`` says which encoder the finished shards are of), and under
+    torchrun every rank embeds its own shards. Rank 0 then writes the files shard by shard.
     """
     if file_format not in EMBED_FORMATS:
         raise UserError(f"unknown format {file_format!r}: choose one of {', '.join(EMBED_FORMATS)}")
@@ -158,62 +172,74 @@ def embed_folder(
     if not paths:
         raise UserError(f"no images in {image_dir}")
     ensure_writable_folder(output)   # before the embedding, which may take hours
-    # The shards meet through files and one barrier: gloo serves that on GPU machines too.
+    # The shards meet through files and barriers: gloo serves that on GPU machines too.
     with distributed_session("cpu") as context:
-        return _embed_shards(paths, encoder, output, batch_size, workers, show_progress, context, file_format)
-
-
-def _embed_shards(paths: list[Path], encoder: Encoder, output: Path, batch_size: int, workers: int,
-                  show_progress: bool, context: DistributedContext, file_format: str) -> EmbedFolderResult:
-    mine = shard_for_rank(len(paths), context.rank, context.world_size)
-    result = embed_paths([paths[i] for i in mine], encoder, batch_size, workers, show_progress and context.is_main)
-    global_rows = np.asarray(list(mine), dtype=np.int64)[result.indices] if len(result.indices) else np.zeros(0, np.int64)
-    failures = [(str(paths[mine[i]]), reason) for i, reason in result.failures]
-    if context.enabled:
-        # Shards meet through files, which every rank of a torchrun job on one machine or a
-        # shared filesystem can see; rank 0 merges after the barrier.
-        np.savez(output / f".shard-{context.rank}.npz", vectors=result.vectors, rows=global_rows)
-        write_jsonl_atomic(output / f".shard-{context.rank}.failures.jsonl",
-                           [{"path": path, "reason": reason} for path, reason in failures])
-        dist.barrier()
+        shards = embed_in_shards(
+            paths, lambda slice_paths, bar: embed_paths(slice_paths, encoder, batch_size, workers, bar=bar),
+            output / EMBEDDING_SHARDS_DIR, encoder.dim, {"encoder": encoder_digest or encoder.description},
+            context, show_progress, report)
         if not context.is_main:
-            return EmbedFolderResult(output, len(global_rows), failures, result.images_per_second, result.decode_share)
-        shards = [np.load(output / f".shard-{rank}.npz") for rank in range(context.world_size)]
-        vectors = np.concatenate([shard["vectors"] for shard in shards])
-        global_rows = np.concatenate([shard["rows"] for shard in shards])
-        failures = [(record["path"], record["reason"]) for rank in range(context.world_size)
-                    for record in read_jsonl(output / f".shard-{rank}.failures.jsonl")]
-        for rank in range(context.world_size):
-            (output / f".shard-{rank}.npz").unlink()
-            (output / f".shard-{rank}.failures.jsonl").unlink()
-    else:
-        vectors = result.vectors
-    kept = [paths[i] for i in global_rows]
+            return EmbedFolderResult(output, 0, [], shards.images_per_second, shards.decode_share)
+        count, failures = _write_embedding_files(shards, paths, output, file_format)
+    shards.remove()   # only once the files they made are in place
+    return EmbedFolderResult(output, count, failures, shards.images_per_second, shards.decode_share)
+
+
+def _write_embedding_files(shards: ShardedEmbedding, paths: list[Path], output: Path,
+                           file_format: str) -> tuple[int, list[tuple[str, str]]]:
+    """The output files from the shards, one shard in memory at a time: (rows, failures)."""
+    count, failures = shards.kept(), []
     if file_format == "parquet":
-        write_parquet(output / EMBEDDINGS_PARQUET_FILE, [str(path) for path in kept], [label_of(path) for path in kept],
-                      vectors)
+        with atomic_path(output / EMBEDDINGS_PARQUET_FILE) as tmp, ParquetRowWriter(tmp, shards.dim) as writer:
+            for shard in shards:
+                kept = [paths[row] for row in shard.rows]
+                writer.write([str(path) for path in kept], [label_of(path) for path in kept], shard.vectors)
+                failures += [(str(paths[row]), reason) for row, reason in shard.failures]
     else:
-        with atomic_path(output / EMBEDDINGS_FILE) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, vectors)
-        write_jsonl_atomic(output / PATHS_FILE, [{"path": str(path), "label": label_of(path)} for path in kept])
+        with atomic_path(output / EMBEDDINGS_FILE) as vectors_tmp, atomic_write(output / PATHS_FILE) as rows_file:
+            vectors = np.lib.format.open_memmap(vectors_tmp, mode="w+", dtype=np.float32, shape=(count, shards.dim))
+            written = 0
+            for shard in shards:
+                vectors[written:written + len(shard.rows)] = shard.vectors
+                written += len(shard.rows)
+                rows_file.write("".join(json.dumps({"path": str(paths[row]), "label": label_of(paths[row])},
+                                                   ensure_ascii=False) + "\n" for row in shard.rows))
+                failures += [(str(paths[row]), reason) for row, reason in shard.failures]
+            vectors.flush()
+            del vectors
     write_jsonl_atomic(output / SKIPPED_FILE, [{"path": path, "reason": reason} for path, reason in failures])
-    return EmbedFolderResult(output, len(kept), failures, result.images_per_second, result.decode_share)
+    return count, failures
 
 
 #: Rows a parquet row group: readers (DuckDB, Spark, clip-retrieval) stream it group by group.
 PARQUET_ROW_GROUP = 65_536
 
 
-def write_parquet(path: Path, paths: list[str], labels: list[str], vectors: np.ndarray) -> None:
-    """``path``, ``label`` and ``embedding`` (a fixed-size list of float32) columns, in row groups,
-    as clip-retrieval and FiftyOne read embeddings."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class ParquetRowWriter:
+    """``path``, ``label`` and ``embedding`` (a fixed-size list of float32) columns, written a
+    batch at a time in row groups, as clip-retrieval and FiftyOne read embeddings."""
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-    table = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.string()),
-                      "embedding": embedding})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=PARQUET_ROW_GROUP)
+    def __init__(self, path: Path, dim: int):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._pa = pa
+        self.dim = dim
+        self.schema = pa.schema([("path", pa.string()), ("label", pa.string()),
+                                 ("embedding", pa.list_(pa.float32(), dim))])
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+
+    def write(self, paths: list[str], labels: list[str], vectors: np.ndarray) -> None:
+        pa = self._pa
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
+        table = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.string()),
+                          "embedding": embedding}, schema=self.schema)
+        self.writer.write_table(table, row_group_size=PARQUET_ROW_GROUP)
+
+    def __enter__(self) -> "ParquetRowWriter":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.writer.close()
+
