@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_WORKERS, HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32
-from .options import printable, workspace_at, workspace_option
+from simsiam_embed.settings import DEFAULT_RECALL, EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_WORKERS, HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32
+from .options import FiniteFloatRange, printable, workspace_at, workspace_option
 from .lazy import library
 
 artefacts = library("artefacts")
@@ -108,25 +108,30 @@ def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Pa
 @click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), help="[default: WORKSPACE/index]")
 @click.option("--index-type", help="flat, hnsw, ivfpq, or any FAISS factory string.  [default: by size]")
 @click.option("--rebuild", is_flag=True, help="Embed everything again instead of only new and changed files.")
+@click.option("--recall", type=FiniteFloatRange(min=0, max=1, min_open=True),
+              help=f"Recall@10 an approximate index (HNSW, IVF) is tuned to on held-back queries of its own vectors: "
+                   f"the fastest setting that meets it is kept.  [default: the last update's, else {DEFAULT_RECALL}]")
 @backend_option
 @provider_option
 @batch_option
 @workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def index_command(image_dir: Path | None, workspace: Path, model: Path | None, index_dir: Path | None,
-                  index_type: str | None, rebuild: bool, backend: str, provider: str | None, batch_size: int,
-                  workers: int, as_json: bool) -> None:
+                  index_type: str | None, rebuild: bool, recall: float | None, backend: str, provider: str | None,
+                  batch_size: int, workers: int, as_json: bool) -> None:
     """Embed the images of IMAGE_DIR (default: the latest run's folder) into a FAISS index.
 
     Running it again embeds only new or changed files and drops deleted ones.
     """
     update = flow.index_folder(workspace_at(workspace), image_dir, model, index_dir, index_type, rebuild, backend,
-                          provider, batch_size, workers, report=_echo_err)
+                          provider, batch_size, workers, report=_echo_err, recall=recall)
     if as_json:
         click.echo(json.dumps({
             "index_dir": str(update.folder), "count": update.count, "added": update.added, "changed": update.changed,
             "removed": update.removed, "unchanged": update.unchanged, "index_type": update.factory,
             "skipped": [{"path": p, "reason": r} for p, r in update.failures], "seconds": round(update.seconds, 2),
+            "search_parameters": update.tuning.parameters if update.tuning else None,
+            "recall_at_10": round(update.tuning.recall, 4) if update.tuning else None,
         }, indent=2))
         return
     if update.rebuilt_because:

@@ -129,11 +129,12 @@ def index_folder(
     workers: int = EMBED_WORKERS,
     report: Report = print,
     show_progress: bool = True,
+    recall: float | None = None,
 ) -> IndexUpdate:
     """``simsiam-embed index``: resolve the folder and encoder, then bring the index up to date."""
     sources = resolve_index_sources(workspace, image_dir, model, backend, provider, report)
     update = update_index(
         sources.image_dir, sources.encoder, sources.identity, index_dir or workspace.default_index_dir,
-        index_type, rebuild, batch_size, workers, report, show_progress,
+        index_type, rebuild, batch_size, workers, report, show_progress, recall,
     )
     return update

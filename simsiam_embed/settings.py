@@ -57,6 +57,8 @@ BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 #: Embedding (embed, index, kNN, search): images per forward pass, and decoding processes.
 EMBED_BATCH_SIZE = 64
 EMBED_WORKERS = 2
+#: The recall@10 an approximate index is tuned to unless the user asks for another (index/tuning.py).
+DEFAULT_RECALL = 0.95
 #: What `embed` writes: embeddings.npy + paths.jsonl, or embeddings.parquet.
 EMBED_FORMATS = ("npy", "parquet")
 #: ONNX export: the parity bar of every fp32 export, ONNX Runtime and PyTorch must agree this

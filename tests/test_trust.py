@@ -243,6 +243,8 @@ def test_a_damaged_current_is_one_line(tmp_path, current):
 
 @pytest.mark.parametrize("change", [
     {"dim": "12"}, {"count": -1}, {"encoder_digest": "x"}, {"format": "other"}, {"image_dir": None}, "[]",
+    {"search_parameters": {"nprobe": "9"}}, {"search_parameters": {"__class__": 1}}, {"search_parameters": [1]},
+    {"recall_at_10": 2.0}, {"recall_target": "high"},
 ])
 def test_a_malformed_manifest_is_one_line_naming_the_field(tmp_path, change):
     folder = make_image_folder(tmp_path / "images", per_class=1)

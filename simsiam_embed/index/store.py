@@ -38,6 +38,7 @@ from simsiam_embed.artefacts import EMBEDDING_SHARDS_DIR, ENCODER_FILE, file_dig
 from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.inference.embed import Encoder, embed_paths
 from simsiam_embed.inference.shards import embed_in_shards
+from simsiam_embed.index.tuning import DEFAULT_RECALL, Tuning, set_search_parameters, tune_for_recall, valid_parameters
 from simsiam_embed.errors import UserError
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 from simsiam_embed.files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
@@ -141,23 +142,13 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> fai
                             "use --index-type flat") from None
     if len(vectors):
         index.add_with_ids(vectors, ids)
-    _set_search_parameters(index)
+    set_search_parameters(index, UNTUNED_SEARCH)
     return index
 
 
-REFINE_K_FACTOR = 4
-IVF_NPROBE = 16
-
-
-def _set_search_parameters(index: faiss.Index) -> None:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    if isinstance(inner, faiss.IndexRefine):
-        inner.k_factor = REFINE_K_FACTOR   # re-rank 4k candidates to return k
-        inner = faiss.downcast_index(inner.base_index)
-    if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = HNSW_EF_SEARCH
-    elif isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = max(1, min(inner.nlist, IVF_NPROBE))
+#: Search settings of an index not tuned for a recall target (one written before tuning
+#: existed): re-rank 4k candidates to return k; FAISS's usual efSearch and nprobe.
+UNTUNED_SEARCH = {"k_factor": 4, "efSearch": HNSW_EF_SEARCH, "nprobe": 16}
 
 
 #: FAISS's GPU k-selection handles at most this many neighbours; more are searched on the CPU.
@@ -243,6 +234,11 @@ class IndexManifest:
     package_version: str = __version__
     format: str = MANIFEST_FORMAT
     metric: str = "cosine (inner product of l2-normalised vectors)"
+    # The search knob set for the recall target (index/tuning.py), and the recall@10 measured
+    # at it; absent from manifests written before tuning (UNTUNED_SEARCH applies).
+    search_parameters: dict[str, int] = field(default_factory=dict)
+    recall_target: float | None = None
+    recall_at_10: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,7 +265,16 @@ class IndexManifest:
             raise UserError(f"{path} is damaged: its field 'encoder_digest' is not a SHA-256: {REBUILD}")
         if raw["dim"] < 1 or raw["count"] < 0 or raw["skipped"] < 0:
             raise UserError(f"{path} is damaged: 'dim', 'count' or 'skipped' is out of range: {REBUILD}")
-        return cls(**{name: raw[name] for name in types}, format=MANIFEST_FORMAT)
+        parameters = raw.get("search_parameters", {})
+        if not valid_parameters(parameters):
+            raise UserError(f"{path} is damaged: its field 'search_parameters' is {parameters!r}: {REBUILD}")
+        recall = {name: raw.get(name) for name in ("recall_target", "recall_at_10")}
+        for name, value in recall.items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not 0.0 <= value <= 1.0):
+                raise UserError(f"{path} is damaged: its field {name!r} is {value!r}: {REBUILD}")
+        return cls(**{name: raw[name] for name in types}, format=MANIFEST_FORMAT, search_parameters=parameters,
+                   **{name: None if value is None else float(value) for name, value in recall.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +377,7 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
     # Every id once, each in the catalog: searches and analyses name files by these ids.
     if len(np.unique(ids)) != len(ids) or not np.isin(ids, np.fromiter(entries, dtype=np.int64)).all():
         raise UserError(f"the index in {index_dir} is inconsistent (its ids do not match its catalog): {REBUILD}")
-    _set_search_parameters(index)
+    set_search_parameters(index, {**UNTUNED_SEARCH, **manifest.search_parameters})
     return LoadedIndex(index_dir, generation, manifest, index, entries, vectors, ids)
 
 
@@ -394,6 +399,7 @@ class IndexUpdate:
     failures: list[tuple[str, str]] = field(default_factory=list)
     images_per_second: float = 0.0
     seconds: float = 0.0
+    tuning: Tuning | None = None   # None when nothing changed (the live generation stands)
 
 
 @dataclass(frozen=True)
@@ -417,12 +423,15 @@ def update_index(
     workers: int = EMBED_WORKERS,
     report: Report = print,
     show_progress: bool = True,
+    recall: float | None = None,
 ) -> IndexUpdate:
     """Bring the index in ``index_dir`` up to date with the images under ``image_dir``.
 
     Only new or changed files (by size and mtime) are embedded; deleted ones are dropped from
     index and catalog alike. Another encoder, another folder, or ``rebuild`` means starting over.
-    Holds the folder's writer lock throughout: a second update waits for this one.
+    An approximate index is tuned for recall@10 ``recall`` (the previous update's target, else
+    DEFAULT_RECALL) on its own vectors (index/tuning.py). Holds the folder's writer lock
+    throughout: a second update waits for this one.
     """
     started = time.monotonic()
     image_dir = image_dir.resolve()
@@ -445,7 +454,9 @@ def update_index(
         report(f"{len(paths)} images in {image_dir}: {len(unchanged)} unchanged, {len(to_embed) - changed} new, "
                f"{changed} changed, {removed} deleted")
         requested = index_type or (previous.manifest.requested_type if previous else None)
-        if previous is not None and not to_embed and not removed and requested == previous.manifest.requested_type:
+        target = recall or (previous.manifest.recall_target if previous else None) or DEFAULT_RECALL
+        if (previous is not None and not to_embed and not removed and requested == previous.manifest.requested_type
+                and recall in (None, previous.manifest.recall_target)):
             # Nothing to add, change or drop: the live generation already is this index.
             return IndexUpdate(index_dir, previous.count, 0, 0, 0, len(unchanged), previous.manifest.index_type,
                                "up to date: nothing changed since the last update", None, failures,
@@ -484,18 +495,24 @@ def update_index(
         # Unreadable files leave fewer vectors than planned for: then the choice is made again.
         choice = planned if len(ids) == expected else choose_index_type(len(ids), identity.dim, requested)
         index = build_faiss_index(vectors, ids, choice.factory)
+        tuning = tune_for_recall(index, vectors, ids, target)
+        report(f"search: {tuning.describe()}")
+        if not tuning.met:
+            report(f"warning: {choice.factory} reaches recall@10 {tuning.recall:.3f}, short of {target:g}, at its "
+                   "slowest setting: --index-type flat searches exactly, or pass a lower --recall")
         manifest = IndexManifest(
             image_dir=str(image_dir), encoder_kind=identity.kind, encoder_file=ENCODER_FILES[identity.kind],
             encoder_digest=identity.digest, encoder_source=identity.path, dim=identity.dim,
             index_type=choice.factory, requested_type=requested, count=len(ids), skipped=len(failures),
-            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), search_parameters=tuning.parameters,
+            recall_target=target, recall_at_10=round(tuning.recall, 4),
         )
         _write_generation(index_dir, index, entries, vectors, ids, manifest, Path(identity.path))
         shards.remove()   # their vectors are in the live generation now
     added = sum(1 for entry in new_entries if entry.path not in old_by_path)
     return IndexUpdate(index_dir, len(ids), added, len(new_entries) - added, removed, len(unchanged),
                        choice.factory, choice.reason, rebuilt_because, failures,
-                       shards.images_per_second, time.monotonic() - started)
+                       shards.images_per_second, time.monotonic() - started, tuning)
 
 
 def _stat_files(paths: list[Path]) -> tuple[dict[str, os.stat_result], list[tuple[str, str]]]:
