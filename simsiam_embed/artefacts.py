@@ -156,12 +156,13 @@ def encoder_path_for(checkpoint: Path) -> Path:
     return checkpoint.with_name(ENCODER_FILE) if checkpoint.name == CHECKPOINT_FILE else checkpoint.with_suffix(".onnx")
 
 
-def exported_encoder_path(checkpoint: Path, head: str = "backbone", fp16: bool = False) -> Path:
+def exported_encoder_path(checkpoint: Path, head: str = "backbone", precision: str = "fp32") -> Path:
     """``export``'s default output: the run's encoder.onnx, or a named variant beside it
-    (``encoder-fp16.onnx``, ``encoder-projector.onnx``) so a variant never replaces the encoder
-    that ``index`` uses."""
+    (``encoder-fp16.onnx``, ``encoder-int8.onnx``, ``encoder-projector.onnx``) so a variant never
+    replaces the encoder that ``index`` uses."""
     plain = encoder_path_for(checkpoint)
-    suffix = "-".join(part for part in ("projector" if head == "projector" else "", "fp16" if fp16 else "") if part)
+    suffix = "-".join(part for part in ("projector" if head == "projector" else "",
+                                        precision if precision != "fp32" else "") if part)
     return plain.with_name(f"{plain.stem}-{suffix}{plain.suffix}") if suffix else plain
 
 
@@ -334,7 +335,7 @@ ENCODER_METADATA_FORMAT = "simsiam-embed.encoder/1"
 #: Resize rules a consumer may apply (torchvision's InterpolationMode values).
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 MAX_INPUT_SIZE = 8192
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ EMBED_FORMATS = ("npy", "parquet")
 HEADS = ("backbone", "projector")
 MIN_COSINE_FP32 = 0.9999
 MIN_COSINE_FP16 = 0.999
+#: An int8 export's bar: each image's 10 nearest neighbours (among real images) as fp32 finds
+#: them, this share on average. Cosine alone says little of what int8 changes for retrieval.
+MIN_NEIGHBOUR_OVERLAP_INT8 = 0.95
 #: kNN evaluation: (k, temperature) pairs reported by default: the InstDisc setting and solo-learn's.
 KNN_SETTINGS = ((200, 0.1), (20, 0.07))
 #: dedup: the calibrated default rule (explore/analyses.py explains the calibration).

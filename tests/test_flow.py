@@ -69,12 +69,37 @@ def test_the_batch_axis_is_dynamic(sample_encoder):
         assert encoder(np.zeros((batch, 3, 28, 28), dtype=np.float32)).shape == (batch, 512)
 
 
-def test_fp16_export_stays_within_its_bound(sample_run, tmp_path):
-    result = export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder-fp16.onnx", fp16=True,
+def test_fp16_export_stays_within_its_bound(sample_run, sample_encoder, tmp_path):
+    result = export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder-fp16.onnx", precision="fp16",
                          parity_images=discover_images(SAMPLE / "test")[:32])
-    assert result.min_cosine >= MIN_COSINE_FP16 and result.fp16
+    assert result.min_cosine >= MIN_COSINE_FP16 and result.precision == "fp16"
     assert read_encoder_metadata(result.path).precision == "fp16"
-    assert result.path.stat().st_size < 0.6 * (sample_run / "encoder.onnx").stat().st_size
+    assert result.path.stat().st_size < 0.6 * sample_encoder.stat().st_size
+
+
+def test_int8_export_is_quantised_calibrated_and_finds_the_neighbours_fp32_finds(sample_run, sample_encoder, tmp_path):
+    import onnx
+
+    result = export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder-int8.onnx", precision="int8")
+    assert result.precision == "int8" and result.neighbour_overlap >= 0.95
+    assert read_encoder_metadata(result.path).precision == "int8"
+    operators = {node.op_type for node in onnx.load(str(result.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= operators
+    assert result.path.stat().st_size < 0.5 * sample_encoder.stat().st_size
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["encoder-int8.onnx"]   # no scratch files left
+    vectors = OnnxEncoder(result.path)(np.zeros((3, 3, 28, 28), dtype=np.float32))
+    assert vectors.shape == (3, 512) and np.isfinite(vectors).all()
+
+
+def test_an_int8_encoder_that_changes_the_neighbours_is_refused(sample_run, tmp_path, monkeypatch):
+    import simsiam_embed.inference.export as export_module
+
+    monkeypatch.setattr(export_module, "MIN_NEIGHBOUR_OVERLAP_INT8", 1.01)   # no quantised encoder can pass
+    with pytest.raises(UserError, match="other neighbours than fp32 .* was not written"):
+        export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder-int8.onnx", precision="int8")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="calibrates on the run's own images"):
+        export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder-int8.onnx", precision="int8", parity_images=[])
 
 
 def test_projector_head_exports_z(sample_run, tmp_path):

@@ -133,7 +133,7 @@ def test_metrics_records_keep_numbers_and_flags_only(tmp_path):
 def test_an_encoder_lives_beside_the_checkpoint_it_came_from(tmp_path):
     assert encoder_path_for(tmp_path / "checkpoint.pt") == tmp_path / "encoder.onnx"
     assert encoder_path_for(tmp_path / "epoch-10.pt") == tmp_path / "epoch-10.onnx"
-    assert exported_encoder_path(tmp_path / "checkpoint.pt", "projector", fp16=True).name == "encoder-projector-fp16.onnx"
+    assert exported_encoder_path(tmp_path / "checkpoint.pt", "projector", "fp16").name == "encoder-projector-fp16.onnx"
 
 
 def test_index_model_names_the_checkpoint_file_it_is_given(tmp_path):
