@@ -1,10 +1,13 @@
-"""Embedding throughput: ONNX Runtime (CPU provider) against PyTorch eager, same model, same images.
+"""Embedding throughput: ONNX Runtime (CPU provider) fp32 and int8 against PyTorch eager, same
+model, same images, one run.
 
-    python bench/bench_embed.py
+    python bench/bench_embed.py [--checkpoint RUN/checkpoint.pt]
 
-Two cases on real images: Fashion-MNIST at 28 px (the small-image ResNet-18) and the ants/bees
-JPEGs at 224 px (ResNet-18 and ResNet-50, the ImageNet recipe). Weights are random: speed does
-not depend on them. Also reports the share of wall time spent waiting for decoded images.
+Cases on real images: Fashion-MNIST at 28 px (the small-image ResNet-18) and the ants/bees JPEGs
+at 224 px (ResNet-18 and ResNet-50, the ImageNet recipe). Weights are random: speed does not
+depend on them, but which neighbours int8 keeps does, so the int8 export's neighbour overlap is
+printed for the random weights and, with ``--checkpoint``, for a trained encoder on its own
+images. Also reports the share of wall time spent waiting for decoded images.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from simsiam_embed.settings import PretrainConfig
 from simsiam_embed.image_files import discover_images
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
 from simsiam_embed.inference.embed import TorchEncoder, embed_paths
+from simsiam_embed.errors import UserError
 from simsiam_embed.inference.export import export_onnx
 
 
@@ -39,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--checkpoint", type=Path, help="also export this trained run int8 and print its neighbour overlap")
     args = parser.parse_args()
     data = require_shared_data()
     print(f"machine: {machine()}; batch {args.batch_size}, {args.workers} decoding workers; torch threads {torch.get_num_threads()}")
@@ -55,6 +60,14 @@ def main() -> None:
             onnx_path = export_onnx(checkpoint, tmp / f"{backbone}-{crop}.onnx").path
             paths = discover_images(folder)
             encoders = [("PyTorch eager", TorchEncoder(checkpoint, "cpu")), ("ONNX Runtime CPU", OnnxEncoder(onnx_path, "cpu"))]
+            overlap = "-"
+            try:
+                int8 = export_onnx(checkpoint, tmp / f"{backbone}-{crop}-int8.onnx", precision="int8")
+                encoders.append(("ONNX Runtime CPU int8", OnnxEncoder(int8.path, "cpu")))
+                overlap = f"{int8.neighbour_overlap:.3f}"
+            except UserError as error:   # refused by the neighbour gate: no file to time
+                overlap = f"refused ({str(error)[:80]})"
+            print(f"{label}: int8 neighbour overlap with fp32 (random weights) {overlap}", flush=True)
             measured = {}
             for name, encoder in encoders:
                 embed_paths(paths[: args.batch_size * 2], encoder, args.batch_size, args.workers, show_progress=False)
@@ -62,14 +75,22 @@ def main() -> None:
                 measured[name] = result
                 print(f"{label}: {name} {result.images_per_second:.0f} images/s "
                       f"(waiting for decoded images {100 * result.decode_share:.0f}% of the time)", flush=True)
-            rows.append((label, len(paths), measured))
-    print("\n| case | images | PyTorch eager (images/s) | ONNX Runtime CPU (images/s) | speed-up | decode wait, ORT |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, count, measured in rows:
+            rows.append((label, len(paths), measured, overlap))
+        if args.checkpoint:
+            trained = export_onnx(args.checkpoint, tmp / "trained-int8.onnx", precision="int8")
+            print(f"trained {args.checkpoint}: int8 top-10 neighbour overlap with fp32 on its own images "
+                  f"{trained.neighbour_overlap:.3f}, smallest cosine to PyTorch {trained.min_cosine:.4f}")
+    print("\n| case | images | PyTorch eager (images/s) | ORT fp32 (images/s) | ORT int8 (images/s) | int8 / fp32 | "
+          "int8 overlap (random weights) | decode wait, ORT int8 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, count, measured, overlap in rows:
         torch_rate = measured["PyTorch eager"].images_per_second
-        ort = measured["ONNX Runtime CPU"]
-        print(f"| {label} | {count} | {torch_rate:.0f} | {ort.images_per_second:.0f} | "
-              f"{ort.images_per_second / torch_rate:.2f}x | {100 * ort.decode_share:.0f}% |")
+        fp32 = measured["ONNX Runtime CPU"]
+        int8 = measured.get("ONNX Runtime CPU int8")
+        int8_cells = (f"{int8.images_per_second:.0f} | {int8.images_per_second / fp32.images_per_second:.2f}x"
+                      if int8 else "- | -")
+        print(f"| {label} | {count} | {torch_rate:.0f} | {fp32.images_per_second:.0f} | {int8_cells} | {overlap} | "
+              f"{100 * (int8 or fp32).decode_share:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Index build time, queries/s and recall@10 against exact search, for Flat, HNSW and IVF-PQ.
 
     python bench/bench_index.py [--sizes 100000 1000000] [--dims 512 2048]
+    python bench/bench_index.py --tuned [--recall 0.95] [--clustered 1000000]
 
 Speed on random unit vectors (their recall is a pessimistic floor: random high-dimensional
 points have no neighbourhood structure); recall also on real embeddings: Fashion-MNIST's first 20,000
 training images as the bank and 1,000 test images as queries, embedded by a ResNet-18 encoder.
+
+``--tuned``: each approximate index tuned for a recall target as ``simsiam-embed index`` tunes it
+(index/tuning.py, on held-back vectors of the bank), then measured on the separate queries against
+exact search: on the real embeddings and on clustered unit vectors ("real-like": neighbourhoods,
+unlike random ones) of ``--clustered`` rows.
 """
 
 from __future__ import annotations
@@ -59,6 +65,69 @@ def run_case(label: str, bank: np.ndarray, queries: np.ndarray, skip_approximate
     return rows
 
 
+def clustered_vectors(count: int, dim: int, seed: int, clusters: int = 4096) -> np.ndarray:
+    """Unit vectors in noisy clusters (centres from seed 0, members from ``seed``), in chunks so
+    a million rows never hold a float64 copy."""
+    centres = np.random.default_rng(0).standard_normal((clusters, dim), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    vectors = np.empty((count, dim), dtype=np.float32)
+    for start in range(0, count, 100_000):
+        end = min(count, start + 100_000)
+        chunk = centres[rng.integers(0, clusters, end - start)] + 0.8 * rng.standard_normal((end - start, dim), dtype=np.float32)
+        vectors[start:end] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return vectors
+
+
+def run_tuned_case(label: str, bank: np.ndarray, queries: np.ndarray, factories: list[str], target: float) -> list[tuple]:
+    from simsiam_embed.index.tuning import tune_for_recall
+
+    ids = np.arange(len(bank), dtype=np.int64)
+    rows = []
+    exact = build_faiss_index(bank, ids, "Flat")
+    started = time.monotonic()
+    _, truth = exact.search(queries, K)
+    flat_qps = len(queries) / (time.monotonic() - started)
+    rows.append((label, "Flat", "-", 0.0, 1.0, 1.0, flat_qps, 1.0))
+    print(f"{label} Flat: {flat_qps:.0f} queries/s", flush=True)
+    del exact
+    for factory in factories:
+        started = time.monotonic()
+        index = build_faiss_index(bank, ids, factory)
+        build = time.monotonic() - started
+        tuning = tune_for_recall(index, bank, ids, target)
+        started = time.monotonic()
+        _, found = index.search(queries, K)
+        qps = len(queries) / (time.monotonic() - started)
+        recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
+        knobs = ", ".join(f"{name} {value}" for name, value in tuning.parameters.items())
+        rows.append((label, factory, knobs, build, tuning.recall, recall, qps, qps / flat_qps))
+        print(f"{label} {factory}: build {build:.0f} s, tuned {knobs} (held-back recall {tuning.recall:.3f}), "
+              f"queries: recall@10 {recall:.3f}, {qps:.0f} queries/s = {qps / flat_qps:.1f}x Flat", flush=True)
+        del index
+    return rows
+
+
+def tuned_main(args: argparse.Namespace) -> None:
+    print(f"machine: {machine()}; FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
+          f"{QUERIES} queries, k={K}; every approximate index tuned for recall@10 {args.recall}")
+    rows = []
+    if not args.no_real:
+        bank, queries = real_embeddings()
+        rows += run_tuned_case(f"real: Fashion-MNIST {len(bank):,} x {bank.shape[1]}", bank, queries,
+                               ["HNSW32", choose_index_type(len(bank), bank.shape[1], "ivfpq").factory], args.recall)
+    if args.clustered:
+        bank = clustered_vectors(args.clustered, 512, seed=1)
+        queries = clustered_vectors(QUERIES, 512, seed=2)
+        factories = [choose_index_type(len(bank), 512, "ivfpq").factory]
+        if args.clustered <= args.approximate_max:
+            factories.insert(0, "HNSW32")
+        rows += run_tuned_case(f"clustered {args.clustered:,} x 512", bank, queries, factories, args.recall)
+    print("\n| vectors | index | tuned to | build (s) | recall@10, held-back | recall@10, queries | queries/s | vs Flat |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, factory, knobs, build, held_back, recall, qps, ratio in rows:
+        print(f"| {label} | {factory} | {knobs} | {build:.0f} | {held_back:.3f} | {recall:.3f} | {qps:.0f} | {ratio:.1f}x |")
+
+
 def real_embeddings() -> tuple[np.ndarray, np.ndarray]:
     import torch
 
@@ -89,7 +158,13 @@ def main() -> None:
                              "above it take far longer than a benchmark run on 2 cores")
     parser.add_argument("--no-real", action="store_true")
     parser.add_argument("--real-only", action="store_true")
+    parser.add_argument("--tuned", action="store_true", help="tune each approximate index for --recall first")
+    parser.add_argument("--recall", type=float, default=0.95)
+    parser.add_argument("--clustered", type=int, default=0, help="with --tuned: rows of clustered 512-d vectors")
     args = parser.parse_args()
+    if args.tuned:
+        tuned_main(args)
+        return
     print(f"machine: {machine()}; FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
           f"{QUERIES} queries, k={K}")
     rows = []
