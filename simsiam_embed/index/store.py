@@ -471,10 +471,10 @@ def update_index(
             to_embed, lambda slice_paths, bar: embed_paths(slice_paths, encoder, batch_size, workers, bar=bar),
             index_dir / EMBEDDING_SHARDS_DIR, identity.dim, {"encoder": identity.digest},
             show_progress=show_progress, report=report)
-        embedded_rows, new_vectors = [], []
+        embedded_rows, shard_vectors = [], []
         for shard in shards:
             embedded_rows.append(shard.rows)
-            new_vectors.append(shard.vectors)
+            shard_vectors.append(shard.vectors)
             failures += [(str(to_embed[row]), reason) for row, reason in shard.failures]
         embedded = np.concatenate(embedded_rows) if embedded_rows else np.zeros(0, np.int64)
 
@@ -485,7 +485,7 @@ def update_index(
             st = stats[str(path)]
             new_entries.append(CatalogEntry(next_id + offset, str(path), st.st_size, st.st_mtime_ns,
                                             label_of(path), file_digest(path)))
-        new_vectors = np.concatenate(new_vectors) if new_vectors else np.zeros((0, identity.dim), np.float32)
+        new_vectors = np.concatenate(shard_vectors) if shard_vectors else np.zeros((0, identity.dim), np.float32)
         vectors, ids = _merged_vectors(previous, keep_ids, new_vectors, [e.id for e in new_entries], identity.dim)
         if len(ids) == 0:
             first = f": the first, {failures[0][0]}: {failures[0][1]}" if failures else ""

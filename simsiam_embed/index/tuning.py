@@ -31,6 +31,9 @@ KNOB_VALUES = {
 }
 #: Candidates a refining index (IVF-PQ with 8-bit re-ranking) re-ranks, per result.
 REFINE_K_FACTORS = (4, 8, 16)
+#: A doubled knob that raises recall by less than this has reached what the index can find
+#: (its codes, not its search, limit it): the next re-ranking depth is tried instead.
+SATURATION = 0.002
 
 
 @dataclass(frozen=True)
@@ -126,16 +129,24 @@ def _without(neighbours: np.ndarray, own: np.ndarray, keep: int) -> np.ndarray:
 
 
 def tune_for_recall(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, target: float = DEFAULT_RECALL) -> Tuning:
-    """The fastest knob value that meets ``target`` (the largest tried when none does; then
-    :attr:`Tuning.met` is False and the caller says what to do), set on ``index``."""
+    """The fastest setting that meets ``target``, set on ``index``; when none does, the one with
+    the best recall (then :attr:`Tuning.met` is False and the caller says what to do).
+
+    For each re-ranking depth (a refining index has three), the smallest knob value that meets
+    the target is found, climbing until the recall stops rising; of those, the one that answered
+    the held-back queries fastest wins: a deeper re-rank at nprobe 1 can beat a shallow one at
+    nprobe 64.
+    """
     positions = held_back_queries(len(ids))
     knob = knob_of(index)
     if knob is None:   # exact search: recall 1 by construction, nothing to set or measure
         return Tuning({}, 1.0, 0.0, target, 0)
-    refine, _ = _parts(index)
+    refine, base = _parts(index)
     exact = None
     best: Tuning | None = None
+    meeting: list[Tuning] = []
     for k_factor in REFINE_K_FACTORS if refine is not None else (None,):
+        previous_recall = -1.0
         for value in KNOB_VALUES[knob]:
             parameters = {knob: value, **({"k_factor": k_factor} if k_factor else {})}
             set_search_parameters(index, parameters)
@@ -144,8 +155,12 @@ def tune_for_recall(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, ta
             if best is None or recall > best.recall:
                 best = tuning
             if tuning.met:
-                return tuning
-            if knob == "nprobe" and value >= _parts(index)[1].nlist:   # every list visited: more does nothing
+                meeting.append(tuning)
                 break
-    set_search_parameters(index, best.parameters)
-    return best
+            saturated = recall < previous_recall + SATURATION
+            if saturated or (knob == "nprobe" and value >= base.nlist):   # more of this knob buys nothing
+                break
+            previous_recall = recall
+    chosen = max(meeting, key=lambda tuning: tuning.queries_per_second) if meeting else best
+    set_search_parameters(index, chosen.parameters)
+    return chosen

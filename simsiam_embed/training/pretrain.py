@@ -115,8 +115,9 @@ def progressive_side(start_side: int, full_side: int, progress: float) -> int:
 
 def relative_step_cost(config: PretrainConfig, progress: float) -> float:
     """A step's cost at ``progress``, relative to a step at the full crop: the model's FLOPs,
-    which scale with the crop's area. Per-step overheads that do not shrink with the crop make
-    small steps cost a little more than this; the time budget's pace corrections absorb it."""
+    which scale with the crop's area. Per-step costs that do not shrink with the crop (loader,
+    optimizer, heads) make small steps dearer than this, so a time budget's plan errs short: runs
+    ended 2-7% before their budget (bench/RESULTS.md), never after it."""
     if config.start_crop_size is None:
         return 1.0
     return (progressive_side(config.start_crop_size, config.crop_size, progress) / config.crop_size) ** 2
