@@ -24,7 +24,7 @@ from simsiam_embed.images import Preprocessing
 from simsiam_embed.image_files import UnreadableImage, discover_images, open_image
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import atomic_path, ensure_writable_folder
-from simsiam_embed.inference.onnx_encoder import onnx_session, write_encoder
+from simsiam_embed.inference.onnx_encoder import onnx_session, write_encoder, write_encoder_metadata
 from simsiam_embed.settings import MIN_COSINE_FP16, MIN_COSINE_FP32, MIN_NEIGHBOUR_OVERLAP_INT8
 
 #: The parity bar of every fp32 export: ONNX Runtime and PyTorch must agree this closely.
@@ -137,7 +137,6 @@ def quantize_encoder(fp32_path: Path, output: Path, calibration: list[np.ndarray
     """ONNX Runtime static quantisation of an fp32 encoder: QDQ format, int8 weights per output
     channel and uint8 activations (ranges calibrated on ``calibration``), as ONNX Runtime's CPU
     guide recommends for convolutional networks; the metadata carried over, precision int8."""
-    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -156,12 +155,7 @@ def quantize_encoder(fp32_path: Path, output: Path, calibration: list[np.ndarray
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         prepared.unlink(missing_ok=True)
-    proto = onnx.load(str(output))
-    del proto.metadata_props[:]
-    for key, value in metadata.to_props().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(output))
+    write_encoder_metadata(output, metadata)
 
 
 def _neighbour_overlap(fp32_path: Path, int8_path: Path, batches: list[np.ndarray]) -> float:

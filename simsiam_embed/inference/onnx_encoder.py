@@ -32,8 +32,6 @@ from simsiam_embed.errors import UserError
 
 def write_encoder(network: nn.Module, input_size: int, metadata: EncoderMetadata, path: Path) -> None:
     """Export ``network`` (images -> features) to ``path`` with ``metadata`` in its metadata_props."""
-    import onnx
-
     # torch 2.14's default exporter (torch.export, "dynamo=True") is used: the TorchScript-based
     # one is deprecated. It captures the batch axis as a symbolic dimension ("batch" in the
     # graph), so one file serves any batch size; it writes opset 20, which ONNX Runtime runs.
@@ -43,6 +41,13 @@ def write_encoder(network: nn.Module, input_size: int, metadata: EncoderMetadata
         network, (example,), str(path), input_names=["images"], output_names=["embeddings"],
         dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False, verbose=False,
     )
+    write_encoder_metadata(path, metadata)
+
+
+def write_encoder_metadata(path: Path, metadata: EncoderMetadata) -> None:
+    """Replace the ONNX file's metadata_props with ``metadata`` (an export's, or a quantised copy's)."""
+    import onnx
+
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     for key, value in metadata.to_props().items():
