@@ -496,7 +496,8 @@ def update_index(
         choice = planned if len(ids) == expected else choose_index_type(len(ids), identity.dim, requested)
         index = build_faiss_index(vectors, ids, choice.factory)
         tuning = tune_for_recall(index, vectors, ids, target)
-        report(f"search: {tuning.describe()}")
+        if tuning.parameters:   # an approximate index: what its tuning found (exact search needs none)
+            report(f"search: {tuning.describe()}")
         if not tuning.met:
             report(f"warning: {choice.factory} reaches recall@10 {tuning.recall:.3f}, short of {target:g}, at its "
                    "slowest setting: --index-type flat searches exactly, or pass a lower --recall")
