@@ -91,6 +91,13 @@ def test_int8_export_is_quantised_calibrated_and_finds_the_neighbours_fp32_finds
     assert vectors.shape == (3, 512) and np.isfinite(vectors).all()
 
 
+def test_export_refuses_int8_with_fp16_or_safetensors_in_one_line(sample_run, tmp_path):
+    for extra in (["--fp16"], ["--format", "safetensors"]):
+        result = invoke("export", str(sample_run), "--int8", *extra, "-o", str(tmp_path / "out"), cwd=tmp_path)
+        assert_one_line_error_in_process(result, "--int8")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_int8_encoder_that_changes_the_neighbours_is_refused(sample_run, tmp_path, monkeypatch):
     import simsiam_embed.inference.export as export_module
 
@@ -317,6 +324,9 @@ def test_index_and_search_option_values_get_one_line_errors(sample_encoder, tmp_
     bogus = invoke("index", str(folder), *model, "--index-type", "NoSuchIndex", cwd=tmp_path)
     assert_one_line_error_in_process(bogus, "NoSuchIndex", "--index-type flat")
     assert not any(leak in bogus.stderr for leak in ("std::", "faiss::", ".cpp"))   # FAISS's C++ frame
+    for recall in ("0", "1.5", "nan", "high"):
+        assert_one_line_error_in_process(invoke("index", str(folder), *model, "--recall", recall, cwd=tmp_path),
+                                         "--recall")
     assert invoke("index", str(folder), *model, cwd=tmp_path).exit_code == 0
     query = str(folder / "disc" / "disc-00.png")
     assert_one_line_error_in_process(invoke("search", query, "--html", "no/such/folder/page.html", cwd=tmp_path),

@@ -171,6 +171,8 @@ def test_an_unplanned_time_budget_runs_at_the_peak_lr_unless_a_warmup_was_asked_
     (["pretrain", "few", "--workspace", "a-file/ws", "--batch-size", "4"], ["cannot write"]),
     (["pretrain", "few", "--batch-size", "4", "--small-views", "2", "--small-crop-size", "40"],
      ["--small-crop-size must be between 8 and the crop size"]),
+    (["pretrain", "few", "--batch-size", "4", "--start-crop-size", "40"],
+     ["--start-crop-size must be between 8 and the crop size"]),
 ])
 def test_bad_input_gets_a_one_line_error(tmp_path, args, fragments):
     (tmp_path / "empty").mkdir()
@@ -182,7 +184,8 @@ def test_bad_input_gets_a_one_line_error(tmp_path, args, fragments):
 
 @pytest.mark.parametrize("args", [["--epochs", "-3"], ["--batch-size", "lots"], ["--backbone", "vgg"],
                                   ["--color-jitter", "-0.1"], ["--warmup-fraction", "1"], ["--stem-stride", "3"],
-                                  ["--small-views", "-1"], ["--small-views", "17"], ["--small-crop-size", "4"]])
+                                  ["--small-views", "-1"], ["--small-views", "17"], ["--small-crop-size", "4"],
+                                  ["--start-crop-size", "4"], ["--start-crop-size", "big"]])
 def test_nonsense_flag_values_are_refused(tmp_path, args):
     make_image_folder(tmp_path / "few", per_class=2)
     result = invoke("pretrain", "few", *args, cwd=tmp_path)

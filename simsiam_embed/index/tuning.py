@@ -5,10 +5,9 @@
 
 HNSW's ``efSearch`` and IVF's ``nprobe`` trade speed for recall, and how much recall a value
 buys depends on the data and its size. So, as autofaiss does, the knob is measured rather than
-assumed: held-back
-queries (vectors of the set itself, each leaving itself out of both answers) are searched exactly
-and approximately, and the smallest value that meets the target (the fastest) is kept, in the
-index's manifest, for every search after.
+assumed: held-back queries (vectors of the set itself, each leaving itself out of both answers)
+are searched exactly and approximately, and the fastest setting that meets the target is kept,
+in the index's manifest, for every search after.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ class Tuning:
     def describe(self) -> str:
         if not self.parameters:
             return f"exact search: recall@{RECALL_K} 1"
-        knobs = ", ".join(f"{name} {value}" for name, value in self.parameters.items()) or "exact"
+        knobs = ", ".join(f"{name} {value}" for name, value in self.parameters.items())
         verdict = "meets" if self.met else "misses"
         return (f"recall@{RECALL_K} {self.recall:.3f} at {knobs} ({verdict} the target {self.target:g}; "
                 f"{self.queries} held-back queries, {self.queries_per_second:,.0f} queries/s)")

@@ -95,7 +95,9 @@ def export_onnx(
     overlap = None
     with atomic_path(output) as tmp_path:
         if precision == "int8":
-            calibration = _image_batches(images, preprocessing, CALIBRATION_IMAGES)
+            # Decoded once: the calibration images are the first of those the neighbour check compares on.
+            pool = _images(images, preprocessing, max(CALIBRATION_IMAGES, OVERLAP_IMAGES), random_if_none=False)
+            calibration = _batches(pool[:CALIBRATION_IMAGES])
             if not calibration:
                 raise UserError("--int8 calibrates on the run's own images and none could be read in "
                                 f"{config.data_dir}: export fp32, or restore the run's folder")
@@ -103,7 +105,7 @@ def export_onnx(
             try:
                 write_encoder(encoder, preprocessing.input_size, dataclasses.replace(metadata, precision="fp32"), fp32_path)
                 quantize_encoder(fp32_path, tmp_path, calibration, metadata)
-                overlap = _neighbour_overlap(fp32_path, tmp_path, _image_batches(images, preprocessing, OVERLAP_IMAGES))
+                overlap = _neighbour_overlap(fp32_path, tmp_path, _batches(pool[:OVERLAP_IMAGES]))
             finally:
                 fp32_path.unlink(missing_ok=True)
         else:
@@ -177,10 +179,8 @@ def _neighbour_overlap(fp32_path: Path, int8_path: Path, batches: list[np.ndarra
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(*neighbours)]))
 
 
-def _image_batches(paths: Sequence[Path], preprocessing: Preprocessing, most: int, batch_size: int = 32) -> list[np.ndarray]:
-    """Up to ``most`` of the readable images, preprocessed, in batches (none when none is readable)."""
-    tensors = _images(paths, preprocessing, most, random_if_none=False)
-    return [tensors[i:i + batch_size].numpy() for i in range(0, len(tensors), batch_size)]
+def _batches(images: torch.Tensor, batch_size: int = 32) -> list[np.ndarray]:
+    return [images[i:i + batch_size].numpy() for i in range(0, len(images), batch_size)]
 
 
 def _run_images(data_dir: str) -> list[Path]:

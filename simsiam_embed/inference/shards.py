@@ -1,6 +1,6 @@
 """Embedding in shards that outlive the process: any number of files in bounded memory, resumable.
 
-    >>> shards = embed_in_shards(paths, encoder, work_dir, job={"encoder": digest})
+    >>> shards = embed_in_shards(paths, embed_slice, work_dir, dim=512, job={"encoder": digest})
     >>> for shard in shards:             # in order, one shard in memory at a time
     ...     shard.rows, shard.vectors, shard.failures
 
@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -80,7 +80,6 @@ class ShardedEmbedding:
     resumed: int = 0                 # shards found finished when the run started
     images_per_second: float = 0.0   # of this run's embedding
     decode_share: float = 0.0        # fraction of that time spent waiting for decoded images
-    failures: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -183,7 +182,7 @@ def embed_in_shards(
     if context.enabled:
         dist.barrier()   # every rank sees the manifest, and no stale shard, before it starts
     mine = range(context.rank, shards.shard_count, context.world_size)
-    finished = [number for number in mine if shards.read(number) is not None]
+    finished = {number for number in mine if shards.read(number) is not None}
     shards.resumed = len(finished)
     if finished and context.is_main:
         report(f"resuming: {len(finished)} of {len(mine)} shards already embedded in {folder}")
