@@ -277,19 +277,24 @@ def default_epochs(recipe: str, num_images: int) -> int:
 
 def default_amp(device: str) -> str:
     """bf16 where the hardware computes it natively, fp16 (with a loss scaler) on older GPUs, else off."""
-    import torch
-
     if device.startswith("cuda"):
         # is_bf16_supported() alone says True on V100 and T4 too, where bf16 is emulated (slow):
         # only native bf16 (compute capability 8.0+, Ampere on) gets it; the rest fp16 + scaler.
         return "bf16" if gpu_has_native_bf16(device) else "fp16"
-    # Private but long-standing helpers: bf16 autocast on a CPU without AMX or AVX512-BF16 is
-    # emulated and slower than fp32, so it is only the default where these units exist.
-    try:
-        native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    # bf16 autocast on a CPU without AMX or AVX512-BF16 is emulated and slower than fp32, so it
+    # is only the default where these units exist.
+    return "bf16" if cpu_has_native_bf16() else "off"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): only then is bf16
+    faster than fp32 on it; elsewhere it is emulated, and slower."""
+    import torch
+
+    try:   # private but long-standing helpers
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:
-        native_bf16 = False
-    return "bf16" if native_bf16 else "off"
+        return False
 
 
 def default_loader_workers() -> int:
