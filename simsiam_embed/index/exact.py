@@ -1,6 +1,8 @@
-"""Exact k-nearest neighbours by inner product, at bf16 speed where the CPU has bf16 units.
+"""Exact inner products from the float32 vectors: a full k-NN scan, at bf16 speed where the CPU
+has bf16 units, and the exact re-ranking of an approximate index's candidates.
 
     >>> scores, positions = exact_neighbours(queries, vectors, k=10)   # vectors: array or memmap
+    >>> scores, ids = RerankedIndex(ivf_pq, vectors, ids).search(queries, k=10)
 
 An exact scan is memory-bound: every query batch reads every vector once. On a CPU that
 multiplies bf16 in hardware (AMX, AVX512-BF16) the scan reads the vectors as bf16, half the
@@ -13,10 +15,16 @@ again in float32. Elsewhere the scan is float32 from the start.
 
 The vectors are read in blocks (an array, or a memory-mapped ``vectors.npy`` of any size): the
 memory beyond them is one block, never a second copy.
+
+An approximate index's compressed codes rank candidates coarsely; :class:`RerankedIndex` scores
+``k_factor`` times k of them again from the float32 vectors (memory-mapped: the pages of the
+candidates only), where FAISS's ``Refine`` stage would keep a second, quantised copy of every
+vector in memory.
 """
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import torch
 
@@ -24,6 +32,8 @@ from simsiam_embed.settings import cpu_has_native_bf16
 
 #: Rows scored per block: 64 MiB of bf16 at 512-d, big enough to run the matmul at speed.
 BLOCK_ROWS = 65_536
+#: Candidate vectors gathered at once to be scored again (groups of queries): 16 MiB.
+RESCORE_BYTES = 16 << 20
 #: bf16 keeps 8 significant bits: rounding moves a value by at most this fraction of it.
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 #: Candidates a query keeps from the bf16 scan: enough that near-ties at rank k rarely leave a
@@ -120,8 +130,43 @@ def _float32_bound(bf16_scores: np.ndarray, queries: np.ndarray, largest_norm: f
 
 
 def _rescore(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """float32 inner products of each query with its candidate rows (read once each, in order:
-    a memory-mapped file is read forwards)."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    candidates = np.asarray(vectors[unique], dtype=np.float32)[inverse.reshape(rows.shape)]
-    return np.einsum("qd,qcd->qc", queries, candidates, dtype=np.float32)
+    """float32 inner products of each query with its candidate rows; -inf where a row is -1 (no
+    candidate). Queries go in groups whose candidates fill RESCORE_BYTES, each group's rows read
+    once each and in file order."""
+    scores = np.empty(rows.shape, dtype=np.float32)
+    group = max(1, RESCORE_BYTES // max(1, rows.shape[1] * queries.shape[1] * 4))
+    for start in range(0, len(queries), group):
+        some = np.maximum(rows[start:start + group], 0)
+        unique, inverse = np.unique(some, return_inverse=True)
+        candidates = np.asarray(vectors[unique], dtype=np.float32)[inverse.reshape(some.shape)]
+        scores[start:start + group] = np.einsum("qd,qcd->qc", queries[start:start + group], candidates)
+    return np.where(rows >= 0, scores, np.float32(-np.inf))
+
+
+class RerankedIndex:
+    """An approximate FAISS index whose ``k_factor`` x k best candidates are scored again exactly
+    from ``vectors`` (row i holds the vector of ``ids[i]``); searched like a FAISS index."""
+
+    def __init__(self, base: faiss.Index, vectors: np.ndarray, ids: np.ndarray, k_factor: int = 4):
+        self.base, self.vectors, self.k_factor = base, vectors, k_factor
+        self._order = np.argsort(ids, kind="stable")   # id -> row, by binary search
+        self._sorted_ids = ids[self._order]
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.base.ntotal)
+
+    @property
+    def d(self) -> int:
+        return int(self.base.d)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, candidates = self.base.search(queries, k * self.k_factor)
+        slots = np.searchsorted(self._sorted_ids, candidates).clip(0, max(len(self._sorted_ids) - 1, 0))
+        known = (candidates >= 0) & (self._sorted_ids[slots] == candidates)
+        rows = np.where(known, self._order[slots], -1)
+        scores = _rescore(queries, self.vectors, rows)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(scores, best, axis=1)
+        return best_scores, np.where(np.isfinite(best_scores), np.take_along_axis(candidates, best, axis=1), -1)

@@ -28,7 +28,8 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
@@ -38,7 +39,9 @@ from simsiam_embed.artefacts import EMBEDDING_SHARDS_DIR, ENCODER_FILE, file_dig
 from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.inference.embed import Encoder, embed_paths
 from simsiam_embed.inference.shards import embed_in_shards
+from simsiam_embed.index.exact import RerankedIndex
 from simsiam_embed.index.tuning import DEFAULT_RECALL, Tuning, set_search_parameters, tune_for_recall, valid_parameters
+from simsiam_embed.index.vector_file import VectorFile, VectorWriter
 from simsiam_embed.errors import UserError
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 from simsiam_embed.files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
@@ -55,6 +58,17 @@ ENCODER_FILES = {"onnx": ENCODER_FILE, "torch": "encoder.pt"}
 #: Below this many vectors a planned index type is test-trained on random vectors before any
 #: embedding, so a type that cannot train on so few fails in seconds, not after hours.
 TRIAL_TRAINING_MAX = 20_000
+#: More coarse lists than this cost more to train and assign on 2 cores than they save in search
+#: (k-means over 4 sqrt(n) lists grows with n); lists just grow longer past ~1M vectors.
+IVF_MAX_LISTS = 4096
+#: An index trains on a sample of at most this many bytes of vectors (FAISS's k-means would
+#: subsample to 256 a list anyway): what the build holds beyond the index itself.
+TRAINING_BYTES = 1 << 30
+#: Vectors are read and added this many rows at a time.
+ADD_ROWS = 65_536
+#: A factory string ending in this re-ranks the FAISS index's candidates exactly from the
+#: generation's vectors.npy (index/exact.py's RerankedIndex): our suffix, not FAISS's.
+RERANK = ",Rerank"
 REBUILD = "rebuild it with `simsiam-embed index --rebuild`"
 
 Report = Callable[[str], None]
@@ -90,17 +104,30 @@ def choose_index_type(count: int, dim: int, requested: str | None) -> IndexChoic
 
 
 def _ivfpq_factory(count: int, dim: int) -> str:
-    # ~4 sqrt(n) lists (FAISS's guideline), each list trained on >= 39 points; 64-byte PQ codes
-    # find candidates, which are re-ranked with 8-bit scalar codes (1 byte a dimension): PQ
-    # alone ranked too coarsely (recall@10 0.25 on real embeddings, bench/RESULTS.md).
-    lists = max(1, min(int(4 * math.sqrt(max(count, 1))), count // 39 if count >= 39 else 1))
+    # ~4 sqrt(n) lists (FAISS's guideline) up to IVF_MAX_LISTS, each list trained on >= 39
+    # points; 64-byte PQ codes find candidates, which are re-ranked exactly from the float32
+    # vectors on disk: PQ alone ranked too coarsely (recall@10 0.25 on real embeddings,
+    # bench/RESULTS.md), and FAISS's own Refine stage would hold a second copy in memory.
+    lists = max(1, min(int(4 * math.sqrt(max(count, 1))), count // 39 if count >= 39 else 1, IVF_MAX_LISTS))
     subquantizers = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
-    return f"IVF{lists},PQ{subquantizers},Refine(SQ8)"
+    return f"IVF{lists},PQ{subquantizers}{RERANK}"
+
+
+def _faiss_factory(factory: str) -> tuple[str, bool]:
+    """(the FAISS factory string, whether the index re-ranks from the vectors)."""
+    return (factory[:-len(RERANK)], True) if factory.endswith(RERANK) else (factory, False)
 
 
 def _empty_index(factory: str, dim: int) -> faiss.Index:
+    """An empty FAISS index of ``factory`` that takes ids: an IVF index stores them in its lists;
+    the others are wrapped in an IDMap2 (whose id table costs ~60 bytes a vector, which at 10M
+    vectors an IVF index does not pay)."""
+    faiss_factory, _ = _faiss_factory(factory)
     try:
-        return faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, faiss_factory, faiss.METRIC_INNER_PRODUCT)
+        if faiss.try_extract_index_ivf(index) is not None:
+            return index
+        return faiss.index_factory(dim, f"IDMap2,{faiss_factory}", faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise UserError(f"FAISS cannot build index type {factory!r} ({_first_line(error)}): use --index-type flat, "
                         "hnsw, ivfpq, or a FAISS factory string such as IVF256,Flat") from None
@@ -129,21 +156,44 @@ def _training_problem(factory: str, count: int, dim: int) -> str | None:
     return None
 
 
-def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str) -> faiss.Index:
-    """A FAISS index over ``vectors`` (inner product) that answers with ``ids``."""
-    index = _empty_index(factory, vectors.shape[1])
+def build_faiss_index(vectors: np.ndarray | VectorFile, ids: np.ndarray, factory: str) -> faiss.Index | RerankedIndex:
+    """An index over ``vectors`` (inner product) that answers with ``ids``.
+
+    Trained on a sample of at most TRAINING_BYTES, then filled ADD_ROWS vectors at a time: beyond
+    the index itself the build holds one sample and one block, whatever the count (``vectors``
+    may be a :class:`VectorFile` of any size). A ``Rerank`` index keeps reading ``vectors``.
+    """
+    dim = vectors.shape[1]
+    index = _empty_index(factory, dim)
     if not index.is_trained:
         if len(vectors) == 0:
             raise UserError(f"index type {factory} needs vectors to train on, and there are none")
+        sample = np.ascontiguousarray(vectors[_training_rows(index, len(vectors), dim)], dtype=np.float32)
         try:
-            index.train(vectors)
+            index.train(sample)
         except RuntimeError as error:
-            raise UserError(f"index type {factory} cannot train on {len(vectors)} vectors ({_first_line(error)}): "
+            raise UserError(f"index type {factory} cannot train on {len(sample)} vectors ({_first_line(error)}): "
                             "use --index-type flat") from None
-    if len(vectors):
-        index.add_with_ids(vectors, ids)
+        del sample
+    for start in range(0, len(vectors), ADD_ROWS):
+        block = np.ascontiguousarray(vectors[start:start + ADD_ROWS], dtype=np.float32)
+        index.add_with_ids(block, np.ascontiguousarray(ids[start:start + len(block)], dtype=np.int64))
+    if _faiss_factory(factory)[1]:
+        index = RerankedIndex(index, vectors, ids)
     set_search_parameters(index, UNTUNED_SEARCH)
     return index
+
+
+def _training_rows(index: faiss.Index, count: int, dim: int) -> np.ndarray:
+    """Positions of the training sample: every vector while they fit in TRAINING_BYTES (and
+    FAISS's k-means would use them all), else a fixed random sample, in file order."""
+    most = TRAINING_BYTES // (4 * dim)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        most = min(most, 256 * ivf.nlist)
+    if count <= most:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(0).choice(count, size=most, replace=False))
 
 
 #: Search settings of an index not tuned for a recall target (one written before tuning
@@ -162,6 +212,10 @@ def to_gpu_if_available(index: faiss.Index, report: Report | None = None) -> fai
     stay on the CPU, and ``report`` is told so once.
     """
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index
+    if isinstance(index, RerankedIndex):   # re-ranking reads the vectors file: it stays with the CPU
+        if report is not None:
+            report("note: an index that re-ranks from its vectors is searched on the CPU")
         return index
     try:
         return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
@@ -286,9 +340,9 @@ class LoadedIndex:
     folder: Path
     generation: Path
     manifest: IndexManifest
-    index: faiss.Index             # the CPU index as read
+    index: faiss.Index | RerankedIndex   # the CPU index as read
     entries: dict[int, CatalogEntry]
-    vectors: np.ndarray
+    vectors: VectorFile                  # row i is the vector of ids[i]
     ids: np.ndarray
     searcher: faiss.Index | None = None   # a GPU copy, when one was made for searching
 
@@ -362,8 +416,9 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
         manifest = IndexManifest.from_dict(json.loads(manifest_path.read_text()), manifest_path)
         index = faiss.read_index(str(generation / "faiss.index"))
         entries = {entry.id: entry for entry in _read_catalog(generation / "catalog.sqlite")}
-        # Memory-mapped: searching needs only the FAISS index; updates read the rows they keep.
-        vectors = np.load(generation / "vectors.npy", mmap_mode="r")
+        # Read on demand: searching needs only the FAISS index (and a re-ranking index the rows
+        # of its candidates); updates read the rows they keep.
+        vectors = VectorFile(generation / "vectors.npy")
         ids = np.load(generation / "ids.npy")
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as error:
         raise _GenerationUnreadable(_first_line(error)[:160]) from None
@@ -377,6 +432,8 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
     # Every id once, each in the catalog: searches and analyses name files by these ids.
     if len(np.unique(ids)) != len(ids) or not np.isin(ids, np.fromiter(entries, dtype=np.int64)).all():
         raise UserError(f"the index in {index_dir} is inconsistent (its ids do not match its catalog): {REBUILD}")
+    if _faiss_factory(manifest.index_type)[1]:
+        index = RerankedIndex(index, vectors, ids)
     set_search_parameters(index, {**UNTUNED_SEARCH, **manifest.search_parameters})
     return LoadedIndex(index_dir, generation, manifest, index, entries, vectors, ids)
 
@@ -471,44 +528,54 @@ def update_index(
             to_embed, lambda slice_paths, bar: embed_paths(slice_paths, encoder, batch_size, workers, bar=bar),
             index_dir / EMBEDDING_SHARDS_DIR, identity.dim, {"encoder": identity.digest},
             show_progress=show_progress, report=report)
-        embedded_rows, shard_vectors = [], []
-        for shard in shards:
-            embedded_rows.append(shard.rows)
-            shard_vectors.append(shard.vectors)
-            failures += [(str(to_embed[row]), reason) for row, reason in shard.failures]
-        embedded = np.concatenate(embedded_rows) if embedded_rows else np.zeros(0, np.int64)
-
-        next_id = int(previous.ids.max()) + 1 if previous is not None and len(previous.ids) else 0
-        new_entries = []
-        for offset, position in enumerate(embedded):
-            path = to_embed[int(position)]
-            st = stats[str(path)]
-            new_entries.append(CatalogEntry(next_id + offset, str(path), st.st_size, st.st_mtime_ns,
-                                            label_of(path), file_digest(path)))
-        new_vectors = np.concatenate(shard_vectors) if shard_vectors else np.zeros((0, identity.dim), np.float32)
-        vectors, ids = _merged_vectors(previous, keep_ids, new_vectors, [e.id for e in new_entries], identity.dim)
-        if len(ids) == 0:
+        kept_previous = (np.isin(previous.ids, np.fromiter(keep_ids, dtype=np.int64, count=len(keep_ids)))
+                         if previous is not None else np.zeros(0, dtype=bool))
+        total = int(kept_previous.sum()) + shards.kept()
+        if total == 0:
+            failures += [(str(to_embed[row]), reason) for shard in shards for row, reason in shard.failures]
             first = f": the first, {failures[0][0]}: {failures[0][1]}" if failures else ""
             raise UserError(f"none of the {len(paths)} image files in {image_dir} could be read{first}; "
                             "the index was not changed")
-        entries = sorted(unchanged + new_entries, key=lambda entry: entry.id)
         # Unreadable files leave fewer vectors than planned for: then the choice is made again.
-        choice = planned if len(ids) == expected else choose_index_type(len(ids), identity.dim, requested)
-        index = build_faiss_index(vectors, ids, choice.factory)
-        tuning = tune_for_recall(index, vectors, ids, target)
-        if tuning.parameters:   # an approximate index: what its tuning found (exact search needs none)
-            report(f"search: {tuning.describe()}")
-        if not tuning.met:
-            report(f"warning: {choice.factory} reaches recall@10 {tuning.recall:.3f}, short of {target:g}, at its "
-                   "slowest setting: --index-type flat searches exactly, or pass a lower --recall")
-        manifest = IndexManifest(
-            image_dir=str(image_dir), encoder_kind=identity.kind, encoder_file=ENCODER_FILES[identity.kind],
-            encoder_digest=identity.digest, encoder_source=identity.path, dim=identity.dim,
-            index_type=choice.factory, requested_type=requested, count=len(ids), skipped=len(failures),
-            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), search_parameters=tuning.parameters,
-            recall_target=target, recall_at_10=round(tuning.recall, 4),
-        )
-        _write_generation(index_dir, index, entries, vectors, ids, manifest, Path(identity.path))
+        choice = planned if total == expected else choose_index_type(total, identity.dim, requested)
+        with _new_generation(index_dir) as staging:
+            # The vectors go straight from the previous generation and the shards into the new
+            # file, a block at a time, and the index is built from that file: no step holds them all.
+            embedded_rows = []
+            with VectorWriter(staging / "vectors.npy", total, identity.dim) as writer:
+                for start in range(0, len(kept_previous), ADD_ROWS):
+                    writer.write(previous.vectors[start:start + ADD_ROWS][kept_previous[start:start + ADD_ROWS]])
+                for shard in shards:
+                    writer.write(shard.vectors)
+                    embedded_rows.append(shard.rows)
+                    failures += [(str(to_embed[row]), reason) for row, reason in shard.failures]
+            embedded = np.concatenate(embedded_rows) if embedded_rows else np.zeros(0, np.int64)
+            next_id = int(previous.ids.max()) + 1 if previous is not None and len(previous.ids) else 0
+            new_entries = []
+            for offset, position in enumerate(embedded):
+                path = to_embed[int(position)]
+                st = stats[str(path)]
+                new_entries.append(CatalogEntry(next_id + offset, str(path), st.st_size, st.st_mtime_ns,
+                                                label_of(path), file_digest(path)))
+            kept_ids = previous.ids[kept_previous] if previous is not None else np.zeros(0, np.int64)
+            ids = np.concatenate([kept_ids, np.arange(next_id, next_id + len(new_entries), dtype=np.int64)])
+            vectors = VectorFile(staging / "vectors.npy")
+            index = build_faiss_index(vectors, ids, choice.factory)
+            tuning = tune_for_recall(index, vectors, ids, target)
+            if tuning.parameters:   # an approximate index: what its tuning found (exact search needs none)
+                report(f"search: {tuning.describe()}")
+            if not tuning.met:
+                report(f"warning: {choice.factory} reaches recall@10 {tuning.recall:.3f}, short of {target:g}, at "
+                       "its slowest setting: --index-type flat searches exactly, or pass a lower --recall")
+            manifest = IndexManifest(
+                image_dir=str(image_dir), encoder_kind=identity.kind, encoder_file=ENCODER_FILES[identity.kind],
+                encoder_digest=identity.digest, encoder_source=identity.path, dim=identity.dim,
+                index_type=choice.factory, requested_type=requested, count=len(ids), skipped=len(failures),
+                updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), search_parameters=tuning.parameters,
+                recall_target=target, recall_at_10=round(tuning.recall, 4),
+            )
+            entries = sorted(unchanged + new_entries, key=lambda entry: entry.id)
+            _write_generation_files(staging, index, entries, ids, manifest, Path(identity.path))
         shards.remove()   # their vectors are in the live generation now
     added = sum(1 for entry in new_entries if entry.path not in old_by_path)
     return IndexUpdate(index_dir, len(ids), added, len(new_entries) - added, removed, len(unchanged),
@@ -557,17 +624,6 @@ def _previous_state(index_dir: Path, identity: EncoderIdentity, image_dir: Path,
     return previous, None
 
 
-def _merged_vectors(previous: LoadedIndex | None, keep_ids: set[int], new_vectors: np.ndarray,
-                    new_ids: list[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    if previous is not None and len(previous.ids):
-        keep = np.isin(previous.ids, np.fromiter(keep_ids, dtype=np.int64, count=len(keep_ids)))
-        vectors = np.concatenate([previous.vectors[keep], new_vectors])
-        ids = np.concatenate([previous.ids[keep], np.asarray(new_ids, dtype=np.int64)])
-    else:
-        vectors, ids = new_vectors, np.asarray(new_ids, dtype=np.int64)
-    return np.ascontiguousarray(vectors.reshape(-1, dim), dtype=np.float32), ids
-
-
 def _generation_number(name: str) -> int | None:
     match = GENERATION_NAME.fullmatch(name.removeprefix(".").removesuffix(".partial"))
     return int(match.group(1)) if match else None
@@ -592,32 +648,42 @@ def _remove_abandoned_generations(index_dir: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def _write_generation(index_dir: Path, index: faiss.Index, entries: list[CatalogEntry], vectors: np.ndarray,
-                      ids: np.ndarray, manifest: IndexManifest, encoder_source: Path) -> None:
-    """Write a complete new generation beside the live one, then make it live in one rename."""
+@contextmanager
+def _new_generation(index_dir: Path) -> Iterator[Path]:
+    """A staging folder for the next generation, beside the live one; when the block ends, its
+    files are synced and it goes live in one rename (then CURRENT names it); on any error it
+    is removed and the live generation stands."""
     previous_live = _live_name(index_dir)
     numbers = [n for n in (_generation_number(child.name) for child in index_dir.iterdir()) if n is not None]
     name = f"gen-{max(numbers, default=0) + 1:06d}"
     staging = index_dir / f".{name}.partial"
     try:
         staging.mkdir()
-        _place_encoder(encoder_source, staging / manifest.encoder_file)
-        faiss.write_index(index, str(staging / "faiss.index"))
-        _write_catalog(staging / "catalog.sqlite", entries)
-        np.save(staging / "vectors.npy", vectors)
-        np.save(staging / "ids.npy", ids)
-        write_json_atomic(staging / "manifest.json", manifest.to_dict())
+        yield staging
         for part in staging.iterdir():
             with open(part, "rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(staging, index_dir / name)
-    except (OSError, RuntimeError, sqlite3.Error, UserError) as error:
+    except (OSError, RuntimeError, sqlite3.Error) as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(f"cannot write the new index in {index_dir} ({_first_line(error)[:120]}): free some space or "
                         "choose a writable --index-dir; the previous index is unchanged") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     with atomic_write(index_dir / "CURRENT") as handle:
         handle.write(name + "\n")
     _remove_stale_generations(index_dir, keep={name, previous_live})
+
+
+def _write_generation_files(staging: Path, index: faiss.Index | RerankedIndex, entries: list[CatalogEntry],
+                            ids: np.ndarray, manifest: IndexManifest, encoder_source: Path) -> None:
+    """Everything of a generation but its vectors.npy (written first, to build the index from)."""
+    _place_encoder(encoder_source, staging / manifest.encoder_file)
+    faiss.write_index(index.base if isinstance(index, RerankedIndex) else index, str(staging / "faiss.index"))
+    _write_catalog(staging / "catalog.sqlite", entries)
+    np.save(staging / "ids.npy", ids)
+    write_json_atomic(staging / "manifest.json", manifest.to_dict())
 
 
 def _place_encoder(source: Path, target: Path) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from simsiam_embed.index.exact import RerankedIndex, exact_neighbours
 from simsiam_embed.settings import DEFAULT_RECALL
 
 RECALL_K = 10
@@ -28,7 +29,7 @@ KNOB_VALUES = {
     "efSearch": (16, 32, 64, 128, 256, 512, 1024, 2048),
     "nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
 }
-#: Candidates a refining index (IVF-PQ with 8-bit re-ranking) re-ranks, per result.
+#: Candidates a re-ranking index (IVF-PQ re-ranked exactly, or FAISS's Refine) re-ranks, per result.
 REFINE_K_FACTORS = (4, 8, 16)
 #: A doubled knob that raises recall by less than this has reached what the index can find
 #: (its codes, not its search, limit it): the next re-ranking depth is tried instead.
@@ -56,8 +57,10 @@ class Tuning:
                 f"{self.queries} held-back queries, {self.queries_per_second:,.0f} queries/s)")
 
 
-def _parts(index: faiss.Index) -> tuple[faiss.Index | None, faiss.Index]:
-    """(the refining stage or None, the index whose knob sets recall) under an IDMap."""
+def _parts(index: faiss.Index | RerankedIndex) -> tuple[faiss.Index | RerankedIndex | None, faiss.Index]:
+    """(the re-ranking stage or None, the index whose knob sets recall) under an IDMap."""
+    if isinstance(index, RerankedIndex):
+        return index, _parts(index.base)[1]
     inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
     if isinstance(inner, faiss.IndexRefine):
         return inner, faiss.downcast_index(inner.base_index)
@@ -107,8 +110,9 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, pos
     own = ids[positions][:, None]
     k = min(RECALL_K + 1, len(ids))
     if exact is None:
-        _, nearest = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
-        exact = _without(ids[nearest], own, k - 1)
+        # Read block by block (``vectors`` may be a memory-mapped file larger than memory).
+        nearest = exact_neighbours(queries, vectors, k)[1]
+        exact = _without(np.where(nearest >= 0, ids[nearest], -1), own, k - 1)
     started = time.perf_counter()
     _, found = index.search(queries, k)
     seconds = max(time.perf_counter() - started, 1e-9)
