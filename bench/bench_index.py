@@ -2,6 +2,8 @@
 
     python bench/bench_index.py [--sizes 100000 1000000] [--dims 512 2048]
     python bench/bench_index.py --tuned [--recall 0.95] [--clustered 1000000]
+    python bench/bench_index.py --exact 1000000
+    python bench/bench_index.py --build 10000000 [--work-dir /tmp/bench-index]
 
 Speed on random unit vectors (their recall is a pessimistic floor: random high-dimensional
 points have no neighbourhood structure); recall also on real embeddings: Fashion-MNIST's first 20,000
@@ -11,11 +13,24 @@ training images as the bank and 1,000 test images as queries, embedded by a ResN
 (index/tuning.py, on held-back vectors of the bank), then measured on the separate queries against
 exact search: on the real embeddings and on clustered unit vectors ("real-like": neighbourhoods,
 unlike random ones) of ``--clustered`` rows.
+
+``--exact N``: 100 exact queries on N x 512 clustered vectors, FAISS's Flat index against
+index/exact.py (a bf16 scan proven exact, with its bf16 copy kept, and converting as it goes);
+the answers compared.
+
+``--build N``: N x 512 clustered vectors written to a vectors.npy in ``--work-dir`` (2 KB a
+vector on disk), then, in a child process whose peak resident memory is read when it ends, the
+index ``simsiam-embed index`` would choose for N, built from that file, tuned for ``--recall``
+and measured on separate queries as above.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +42,7 @@ from common import machine, write_fashion_mnist_folder
 from simsiam_embed.index.store import build_faiss_index, choose_index_type
 
 QUERIES = 1000
+EXACT_QUERIES = 100
 K = 10
 
 
@@ -65,17 +81,110 @@ def run_case(label: str, bank: np.ndarray, queries: np.ndarray, skip_approximate
     return rows
 
 
-def clustered_vectors(count: int, dim: int, seed: int, clusters: int = 4096) -> np.ndarray:
-    """Unit vectors in noisy clusters (centres from seed 0, members from ``seed``), in chunks so
-    a million rows never hold a float64 copy."""
+def clustered_blocks(count: int, dim: int, seed: int, clusters: int = 4096):
+    """Unit vectors in noisy clusters (centres from seed 0, members from ``seed``), 100,000 rows
+    at a time: ten million rows never sit in memory at once."""
     centres = np.random.default_rng(0).standard_normal((clusters, dim), dtype=np.float32)
     rng = np.random.default_rng(seed)
-    vectors = np.empty((count, dim), dtype=np.float32)
     for start in range(0, count, 100_000):
-        end = min(count, start + 100_000)
-        chunk = centres[rng.integers(0, clusters, end - start)] + 0.8 * rng.standard_normal((end - start, dim), dtype=np.float32)
-        vectors[start:end] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+        rows = min(count, start + 100_000) - start
+        block = centres[rng.integers(0, clusters, rows)] + 0.8 * rng.standard_normal((rows, dim), dtype=np.float32)
+        yield block / np.linalg.norm(block, axis=1, keepdims=True)
+
+
+def clustered_vectors(count: int, dim: int, seed: int) -> np.ndarray:
+    vectors = np.empty((count, dim), dtype=np.float32)
+    for start, block in zip(range(0, count, 100_000), clustered_blocks(count, dim, seed)):
+        vectors[start:start + len(block)] = block
     return vectors
+
+
+def exact_main(args: argparse.Namespace) -> None:
+    from simsiam_embed.index.exact import ExactSearch, exact_neighbours
+
+    bank = clustered_vectors(args.exact, 512, seed=1)
+    queries = clustered_vectors(EXACT_QUERIES, 512, seed=2)
+    print(f"machine: {machine()}; FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
+          f"{EXACT_QUERIES} queries, k={K}, on clustered {args.exact:,} x 512")
+    flat = faiss.IndexFlatIP(512)
+    flat.add(bank)
+    rows = []
+    started = time.monotonic()
+    truth_scores, truth = flat.search(queries, K)
+    rows.append(("FAISS Flat (float32)", time.monotonic() - started, 0.0, 1.0, 0.0))
+    started = time.monotonic()
+    search = ExactSearch(bank)
+    prepared = time.monotonic() - started
+    for label, run, setup in [(f"ExactSearch, {search.precision} copy kept", lambda: search.search(queries, K), prepared),
+                              ("exact_neighbours, converting as it reads", lambda: exact_neighbours(queries, bank, K), 0.0)]:
+        started = time.monotonic()
+        scores, found = run()
+        rows.append((label, time.monotonic() - started, setup, float((found == truth).mean()),
+                     float(np.abs(scores - truth_scores).max())))
+    print("\n| exact search | 100 queries (s) | one-off set-up (s) | same ids as Flat | largest score difference |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, seconds, setup, same, difference in rows:
+        print(f"| {label} | {seconds:.2f} | {setup:.2f} | {same:.3f} | {difference:.1e} |")
+
+
+def build_main(args: argparse.Namespace) -> None:
+    from simsiam_embed.index.vector_file import VectorFile, VectorWriter
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}; FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
+    started = time.monotonic()
+    try:   # the same seed writes the same vectors: a file of the right shape is reused
+        reuse = VectorFile(work / "vectors.npy").shape == (args.build, 512)
+    except (OSError, ValueError):
+        reuse = False
+    if not reuse:
+        with VectorWriter(work / "vectors.npy", args.build, 512) as writer:
+            for block in clustered_blocks(args.build, 512, seed=1):
+                writer.write(block)
+    print(f"{'reused' if reuse else 'wrote'} {args.build:,} x 512 clustered vectors "
+          f"({args.build * 2048 / 2 ** 30:.1f} GiB) in {time.monotonic() - started:.0f} s", flush=True)
+    child = subprocess.run([sys.executable, __file__, "--build-child", str(work), "--recall", str(args.recall)],
+                           capture_output=True, text=True)
+    sys.stderr.write(child.stderr[-4000:])
+    if child.returncode != 0:
+        raise SystemExit(f"the build failed (exit {child.returncode})")
+    figures = json.loads(child.stdout.strip().splitlines()[-1])
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print("\n| vectors | index | train + add (s) | tune (s) | tuned to | recall@10, queries | queries/s | peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| clustered {args.build:,} x 512, from a file | {figures['factory']} | {figures['build_s']:.0f} | "
+          f"{figures['tune_s']:.0f} | {figures['tuned']} | {figures['recall']:.3f} | {figures['qps']:.0f} | "
+          f"{peak / 2 ** 30:.2f} GiB |")
+
+
+def build_child(work: Path, target: float) -> None:
+    """The build as `simsiam-embed index` runs it, from the vectors file; one JSON line of figures."""
+    from simsiam_embed.index.exact import exact_neighbours
+    from simsiam_embed.index.tuning import tune_for_recall
+    from simsiam_embed.index.vector_file import VectorFile
+
+    vectors = VectorFile(work / "vectors.npy")
+    ids = np.arange(len(vectors), dtype=np.int64)
+    factory = choose_index_type(len(vectors), 512, None).factory
+    started = time.monotonic()
+    index = build_faiss_index(vectors, ids, factory)
+    build_s = time.monotonic() - started
+    print(f"built {factory} in {build_s:.0f} s", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    tuning = tune_for_recall(index, vectors, ids, target)
+    tune_s = time.monotonic() - started
+    print(f"tuned in {tune_s:.0f} s: {tuning.describe()}", file=sys.stderr, flush=True)
+    faiss.write_index(getattr(index, "base", index), str(work / "faiss.index"))
+    queries = clustered_vectors(QUERIES, 512, seed=2)
+    truth = exact_neighbours(queries, vectors, K)[1]
+    started = time.monotonic()
+    _, found = index.search(queries, K)
+    qps = len(queries) / (time.monotonic() - started)
+    recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
+    knobs = ", ".join(f"{name} {value}" for name, value in tuning.parameters.items())
+    print(json.dumps({"factory": factory, "build_s": build_s, "tune_s": tune_s, "tuned": knobs,
+                      "recall": recall, "qps": qps}))
 
 
 def run_tuned_case(label: str, bank: np.ndarray, queries: np.ndarray, factories: list[str], target: float) -> list[tuple]:
@@ -161,7 +270,20 @@ def main() -> None:
     parser.add_argument("--tuned", action="store_true", help="tune each approximate index for --recall first")
     parser.add_argument("--recall", type=float, default=0.95)
     parser.add_argument("--clustered", type=int, default=0, help="with --tuned: rows of clustered 512-d vectors")
+    parser.add_argument("--exact", type=int, default=0, help="rows: time 100 exact queries on them")
+    parser.add_argument("--build", type=int, default=0, help="rows: build the chosen index from a file of them")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "bench-index"))
+    parser.add_argument("--build-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_child:
+        build_child(Path(args.build_child), args.recall)
+        return
+    if args.exact:
+        exact_main(args)
+        return
+    if args.build:
+        build_main(args)
+        return
     if args.tuned:
         tuned_main(args)
         return

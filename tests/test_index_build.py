@@ -98,3 +98,25 @@ def test_an_ivf_pq_index_reranks_from_its_own_vectors_once_saved(tmp_path):
     queries = np.asarray(loaded.vectors[:20])
     scores, found = loaded.search(queries, 5)
     assert (found[:, 0] == loaded.ids[:20]).all() and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_lists_past_the_memory_budget_live_in_a_file_of_the_generation(tmp_path, monkeypatch, capfd):
+    folder = make_image_folder(tmp_path / "images", per_class=150)
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"weights")
+    quiet = dict(report=lambda _line: None, show_progress=False, workers=0)
+    update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "in-memory", "ivfpq", **quiet)
+    monkeypatch.setattr(store, "IN_MEMORY_LISTS_BYTES", 0)
+    update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "on-disk", "ivfpq", **quiet)
+    in_memory, on_disk = load_index(tmp_path / "in-memory"), load_index(tmp_path / "on-disk")
+    assert not (in_memory.generation / store.LISTS_FILE).exists()
+    assert (on_disk.generation / store.LISTS_FILE).stat().st_size > 0
+    queries = np.asarray(in_memory.vectors[:50])
+    assert np.array_equal(in_memory.search(queries, 5)[1], on_disk.search(queries, 5)[1])
+    # Handed on: the folder moved elsewhere reads its own lists file, not the path it was built at.
+    moved = tmp_path / "elsewhere" / "index"
+    moved.parent.mkdir()
+    (tmp_path / "on-disk").rename(moved)
+    assert np.array_equal(load_index(moved).search(queries, 5)[1], in_memory.search(queries, 5)[1])
+    printed = capfd.readouterr().out
+    assert "resizing" not in printed and "ondisk" not in printed

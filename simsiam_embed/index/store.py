@@ -28,6 +28,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+import contextlib
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -43,6 +44,7 @@ from simsiam_embed.index.exact import RerankedIndex
 from simsiam_embed.index.tuning import DEFAULT_RECALL, Tuning, set_search_parameters, tune_for_recall, valid_parameters
 from simsiam_embed.index.vector_file import VectorFile, VectorWriter
 from simsiam_embed.errors import UserError
+from simsiam_embed.native_output import stdout_redirected
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 from simsiam_embed.files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
 
@@ -62,10 +64,16 @@ TRIAL_TRAINING_MAX = 20_000
 #: (k-means over 4 sqrt(n) lists grows with n); lists just grow longer past ~1M vectors.
 IVF_MAX_LISTS = 4096
 #: An index trains on a sample of at most this many bytes of vectors (FAISS's k-means would
-#: subsample to 256 a list anyway): what the build holds beyond the index itself.
-TRAINING_BYTES = 1 << 30
+#: subsample to 256 a list anyway): what the build holds beyond the index itself, twice for
+#: IVF-PQ (which encodes the sample's residuals). 64 vectors a list at 4,096 lists of 512-d.
+TRAINING_BYTES = 512 << 20
 #: Vectors are read and added this many rows at a time.
 ADD_ROWS = 65_536
+#: An IVF index whose lists (codes and ids) would take more memory than this keeps them in a
+#: file of the generation (LISTS_FILE, memory-mapped by FAISS: OnDiskInvertedLists), so neither
+#: the build nor a search holds them; 64-byte codes pass it at ~30M vectors.
+IN_MEMORY_LISTS_BYTES = 2 << 30
+LISTS_FILE = "faiss.ivfdata"
 #: A factory string ending in this re-ranks the FAISS index's candidates exactly from the
 #: generation's vectors.npy (index/exact.py's RerankedIndex): our suffix, not FAISS's.
 RERANK = ",Rerank"
@@ -156,12 +164,14 @@ def _training_problem(factory: str, count: int, dim: int) -> str | None:
     return None
 
 
-def build_faiss_index(vectors: np.ndarray | VectorFile, ids: np.ndarray, factory: str) -> faiss.Index | RerankedIndex:
+def build_faiss_index(vectors: np.ndarray | VectorFile, ids: np.ndarray, factory: str,
+                      lists_file: Path | None = None) -> faiss.Index | RerankedIndex:
     """An index over ``vectors`` (inner product) that answers with ``ids``.
 
     Trained on a sample of at most TRAINING_BYTES, then filled ADD_ROWS vectors at a time: beyond
     the index itself the build holds one sample and one block, whatever the count (``vectors``
-    may be a :class:`VectorFile` of any size). A ``Rerank`` index keeps reading ``vectors``.
+    may be a :class:`VectorFile` of any size). A ``Rerank`` index keeps reading ``vectors``. An
+    IVF index's lists go to ``lists_file`` when they would pass IN_MEMORY_LISTS_BYTES.
     """
     dim = vectors.shape[1]
     index = _empty_index(factory, dim)
@@ -175,9 +185,18 @@ def build_faiss_index(vectors: np.ndarray | VectorFile, ids: np.ndarray, factory
             raise UserError(f"index type {factory} cannot train on {len(sample)} vectors ({_first_line(error)}): "
                             "use --index-type flat") from None
         del sample
-    for start in range(0, len(vectors), ADD_ROWS):
-        block = np.ascontiguousarray(vectors[start:start + ADD_ROWS], dtype=np.float32)
-        index.add_with_ids(block, np.ascontiguousarray(ids[start:start + len(block)], dtype=np.int64))
+    ivf = faiss.try_extract_index_ivf(index)
+    on_disk = (lists_file is not None and ivf is not None
+               and len(vectors) * (ivf.code_size + 8) > IN_MEMORY_LISTS_BYTES)
+    # FAISS's on-disk lists print a line each time they grow: nowhere near a command's output.
+    with stdout_redirected(discard=True) if on_disk else contextlib.nullcontext():
+        if on_disk:
+            lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_file))
+            ivf.replace_invlists(lists, True)
+            lists.this.disown()   # the index owns it now
+        for start in range(0, len(vectors), ADD_ROWS):
+            block = np.ascontiguousarray(vectors[start:start + ADD_ROWS], dtype=np.float32)
+            index.add_with_ids(block, np.ascontiguousarray(ids[start:start + len(block)], dtype=np.int64))
     if _faiss_factory(factory)[1]:
         index = RerankedIndex(index, vectors, ids)
     set_search_parameters(index, UNTUNED_SEARCH)
@@ -414,7 +433,11 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
     try:
         manifest_path = generation / "manifest.json"
         manifest = IndexManifest.from_dict(json.loads(manifest_path.read_text()), manifest_path)
-        index = faiss.read_index(str(generation / "faiss.index"))
+        # Its lists file, if any, is the one in this folder (FAISS would otherwise open the path
+        # written at build time: another folder's, or any file a received index names).
+        # ...and FAISS says so on stdout ("updating ondisk filename"), which is no place for it.
+        with stdout_redirected(discard=True) if (generation / LISTS_FILE).exists() else contextlib.nullcontext():
+            index = faiss.read_index(str(generation / "faiss.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
         entries = {entry.id: entry for entry in _read_catalog(generation / "catalog.sqlite")}
         # Read on demand: searching needs only the FAISS index (and a re-ranking index the rows
         # of its candidates); updates read the rows they keep.
@@ -560,7 +583,7 @@ def update_index(
             kept_ids = previous.ids[kept_previous] if previous is not None else np.zeros(0, np.int64)
             ids = np.concatenate([kept_ids, np.arange(next_id, next_id + len(new_entries), dtype=np.int64)])
             vectors = VectorFile(staging / "vectors.npy")
-            index = build_faiss_index(vectors, ids, choice.factory)
+            index = build_faiss_index(vectors, ids, choice.factory, lists_file=staging / LISTS_FILE)
             tuning = tune_for_recall(index, vectors, ids, target)
             if tuning.parameters:   # an approximate index: what its tuning found (exact search needs none)
                 report(f"search: {tuning.describe()}")

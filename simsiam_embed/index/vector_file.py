@@ -5,14 +5,15 @@
     >>> vectors = VectorFile(path)               # len(), .shape, [start:stop], [positions]
 
 The writer puts the .npy header first (the row count is known before any row is) and appends
-blocks; it refuses to finish short or long. The reader returns a range of rows by plain reads,
-and scattered rows through a memory map: a pass over a memory map would leave every page of
-the file mapped into the process, counted as its memory for as long as the page cache keeps
-them; plain reads leave them in the cache only, and a few scattered rows touch a few pages.
+blocks; it refuses to finish short or long. The reader returns rows by plain reads, never
+through a memory map: the pages a map touches (and the kernel's readahead around each) stay
+mapped into the process, counted as its memory for as long as the page cache keeps them; read
+pages stay in the cache only.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,19 @@ class VectorFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self._map = np.load(path, mmap_mode="r")   # numpy parses and checks the header
-        if self._map.dtype != np.float32 or self._map.ndim != 2:
-            raise ValueError(f"{path} holds {self._map.dtype} of {self._map.ndim} dimensions, not float32 rows")
-        self.shape, self.dtype, self.ndim = self._map.shape, self._map.dtype, 2
-        self._offset = self._map.offset
+        with open(path, "rb") as handle:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(handle))
+            if read_header is None:
+                raise ValueError(f"{path} is not an .npy file of version 1 or 2")
+            shape, fortran_order, dtype = read_header(handle)
+            self._offset = handle.tell()
+        if dtype != np.float32 or fortran_order or len(shape) != 2:
+            raise ValueError(f"{path} holds {dtype} of shape {shape}, not float32 rows")
+        if path.stat().st_size != self._offset + shape[0] * shape[1] * 4:
+            raise ValueError(f"{path} is not as long as its header says")
+        self.shape, self.dtype, self.ndim = shape, dtype, 2
+        self._row_bytes = shape[1] * 4
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -59,14 +68,19 @@ class VectorFile:
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, slice) and key.step in (None, 1):
             start, stop, _ = key.indices(len(self))
-            return self._read(start, max(start, stop))
-        return np.array(self._map[key])
+            return self._read_range(start, max(start, stop))
+        if isinstance(key, (int, np.integer)):
+            position = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= position < len(self):
+                raise IndexError(f"row {key} of {len(self)}")
+            return self._read_range(position, position + 1)[0]
+        return self._read_rows(np.asarray(key))
 
-    def _read(self, start: int, stop: int) -> np.ndarray:
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
         rows = np.empty((stop - start, self.shape[1]), dtype=np.float32)
         view, done = memoryview(rows).cast("B"), 0
         with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(self._offset + start * self.shape[1] * 4)
+            handle.seek(self._offset + start * self._row_bytes)
             while done < len(view):   # one read returns at most ~2 GiB
                 count = handle.readinto(view[done:])
                 if not count:
@@ -74,3 +88,21 @@ class VectorFile:
                 done += count
         return rows
 
+    def _read_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Scattered rows, one read each in file order (a memory map would map in its readahead
+        around each: a sample of 5% of the rows mapped 75% of a 20 GB file)."""
+        if positions.dtype == bool:
+            positions = np.flatnonzero(positions)
+        positions = np.where(positions < 0, positions + len(self), positions).astype(np.int64)
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"rows outside 0..{len(self) - 1}")
+        rows = np.empty((len(positions), self.shape[1]), dtype=np.float32)
+        order = np.argsort(positions, kind="stable")
+        with open(self.path, "rb", buffering=0) as handle:
+            descriptor = handle.fileno()
+            for slot in order:
+                data = os.pread(descriptor, self._row_bytes, self._offset + int(positions[slot]) * self._row_bytes)
+                if len(data) != self._row_bytes:
+                    raise ValueError(f"{self.path} is shorter than its header says")
+                rows[slot] = np.frombuffer(data, dtype=np.float32)
+        return rows.reshape(positions.shape + (self.shape[1],))

@@ -11,11 +11,8 @@ this module and embedding reads through it; neither imports the other.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,6 +20,7 @@ from torch import nn
 
 from simsiam_embed.artefacts import EncoderMetadata
 from simsiam_embed.errors import UserError
+from simsiam_embed.native_output import stdout_redirected
 
 
 
@@ -108,30 +106,6 @@ def tensorrt_installed() -> bool:
     return False
 
 
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send whatever is printed to stdout, by Python or by native code, to stderr for the block.
-
-    ONNX Runtime prints its provider fallback banner ("EP Error ... Falling back") with Python's
-    print, and native libraries write to file descriptor 1: either would break ``--json``.
-    """
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:   # no real stdout (an embedding host): Python's redirect still applies
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-        return
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def _provider_options(name: str, path: Path, max_batch: int, input_size: int | None) -> dict[str, str]:
     """Under torchrun each process uses its own GPU; TensorRT keeps its engines between commands.
 
@@ -182,7 +156,7 @@ def onnx_session(path: Path | str, provider: str | None = None, max_batch: int =
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with_options = [(name, _provider_options(name, Path(path), max_batch, input_size)) for name in providers]
     try:
-        with stdout_to_stderr():
+        with stdout_redirected():   # ONNX Runtime's fallback banner: never on stdout
             session = ort.InferenceSession(str(path), sess_options=options, providers=with_options)
     except Exception as error:  # ONNX Runtime raises its own Fail / InvalidGraph / NoSuchFile types
         raise UserError(f"ONNX Runtime cannot load {path} ({str(error).splitlines()[0]})") from None
