@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from simsiam_embed.settings import (
-    DEFAULT_RECALL, EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_WORKERS, HEADS, MIN_COSINE_FP16, MIN_COSINE_FP32,
-    MIN_NEIGHBOUR_OVERLAP_INT8,
+    DEFAULT_RECALL, EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_PRECISIONS, EMBED_WORKERS, HEADS, INT8_MIN_IMAGES,
+    MIN_COSINE_FP16, MIN_COSINE_FP32, MIN_NEIGHBOUR_OVERLAP_INT8,
 )
 from .options import FiniteFloatRange, printable, workspace_at, workspace_option
 from .lazy import library
@@ -19,6 +19,7 @@ inference_embed = library("inference.embed")
 inference_export = library("inference.export")
 inference_weights_export = library("inference.weights_export")
 flow = library("flow")
+image_files = library("image_files")
 index_search = library("index.search")
 
 _echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
@@ -31,6 +32,12 @@ backend_option = click.option(
     help="Embed with the exported ONNX encoder, or with the PyTorch checkpoint directly.")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=EMBED_BATCH_SIZE, help="Images per forward pass.")
 workers_option = click.option("--workers", type=click.IntRange(min=0), default=EMBED_WORKERS, help="Image-decoding processes.")
+precision_option = click.option(
+    "--precision", type=click.Choice(EMBED_PRECISIONS), default="auto",
+    help=f"The run's encoder in fp32, or int8 (quantised on the run's images; refused unless each image's 10 "
+         f"nearest neighbours stay {MIN_NEIGHBOUR_OVERLAP_INT8:.0%} fp32's).  [default: auto: int8 on a CPU with "
+         f"int8 dot products (AVX512-VNNI, AVX-VNNI, AMX) for {INT8_MIN_IMAGES:,} images or more, else fp32; "
+         f"an index keeps the encoder it was built with]")
 
 
 
@@ -93,16 +100,18 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, fi
               help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run's encoder]")
 @backend_option
 @provider_option
+@precision_option
 @batch_option
 @workers_option
 def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Path, model: Path | None, backend: str,
-                  provider: str | None, batch_size: int, workers: int) -> None:
+                  provider: str | None, precision: str, batch_size: int, workers: int) -> None:
     """Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded).
 
     Vectors are kept in shards under OUTPUT/.embedding as they are made: a killed run, started
     again with the same command, continues from the last finished shard.
     """
-    encoder, identity = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err)
+    encoder, identity = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err, precision,
+                                             lambda: len(image_files.discover_images(image_dir)))
     _echo_err(f"encoder: {encoder.description}")
     result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers, file_format=file_format,
                                           encoder_digest=identity.digest, report=_echo_err)
@@ -125,18 +134,19 @@ def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Pa
                    f"the fastest setting that meets it is kept.  [default: the last update's, else {DEFAULT_RECALL}]")
 @backend_option
 @provider_option
+@precision_option
 @batch_option
 @workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def index_command(image_dir: Path | None, workspace: Path, model: Path | None, index_dir: Path | None,
                   index_type: str | None, rebuild: bool, recall: float | None, backend: str, provider: str | None,
-                  batch_size: int, workers: int, as_json: bool) -> None:
+                  precision: str, batch_size: int, workers: int, as_json: bool) -> None:
     """Embed the images of IMAGE_DIR (default: the latest run's folder) into a FAISS index.
 
     Running it again embeds only new or changed files and drops deleted ones.
     """
     update = flow.index_folder(workspace_at(workspace), image_dir, model, index_dir, index_type, rebuild, backend,
-                          provider, batch_size, workers, report=_echo_err, recall=recall)
+                          provider, batch_size, workers, report=_echo_err, recall=recall, precision=precision)
     if as_json:
         click.echo(json.dumps({
             "index_dir": str(update.folder), "count": update.count, "added": update.added, "changed": update.changed,

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from simsiam_embed.artefacts import CHECKPOINT_SUFFIXES, RunFolder, encoder_path_for, file_digest, resolve_checkpoint_path, run_facts
+from simsiam_embed.artefacts import (
+    CHECKPOINT_SUFFIXES, RunFolder, exported_encoder_path, file_digest, resolve_checkpoint_path, run_facts,
+)
 from simsiam_embed.errors import UserError
-from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
-from simsiam_embed.index.store import EncoderIdentity, IndexUpdate, update_index
+from simsiam_embed.image_files import discover_images
+from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS, cpu_int8_instructions, embed_precision
+from simsiam_embed.index.store import EncoderIdentity, IndexUpdate, live_encoder_digest, update_index
 from simsiam_embed.inference.embed import Encoder, TorchEncoder
 from simsiam_embed.inference.export import export_onnx
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder, read_encoder_metadata
@@ -22,10 +25,10 @@ from simsiam_embed.workspace import Workspace
 Report = Callable[[str], None]
 
 
-def encoder_for_checkpoint(checkpoint: Path, report: Report) -> Path:
-    """The encoder exported from ``checkpoint`` (beside it), exported now if missing or made from
-    another version of that checkpoint."""
-    encoder = encoder_path_for(checkpoint)
+def encoder_for_checkpoint(checkpoint: Path, report: Report, precision: str = "fp32") -> Path:
+    """The encoder exported from ``checkpoint`` at ``precision`` (beside it), exported now if
+    missing or made from another version of that checkpoint."""
+    encoder = exported_encoder_path(checkpoint, precision=precision)
     digest = file_digest(checkpoint)
     if encoder.is_file():
         try:
@@ -36,9 +39,11 @@ def encoder_for_checkpoint(checkpoint: Path, report: Report) -> Path:
         report(f"{encoder} is older than {checkpoint}: exporting again")
     else:
         report(f"exporting {checkpoint} -> {encoder}")
-    result = export_onnx(checkpoint, encoder)
+    result = export_onnx(checkpoint, encoder, precision=precision)
+    overlap = (f"; top-10 neighbours shared with fp32: {result.neighbour_overlap:.3f}"
+               if result.neighbour_overlap is not None else "")
     report(f"  parity with PyTorch on {result.parity_images} images: smallest cosine {result.min_cosine:.6f}, "
-           f"largest difference {result.max_abs_diff:.2e}")
+           f"largest difference {result.max_abs_diff:.2e}{overlap}")
     return encoder
 
 
@@ -48,10 +53,17 @@ def resolve_encoder(
     backend: str,
     provider: str | None,
     report: Report,
+    precision: str = "auto",
+    count_images: Callable[[], int] | None = None,
+    kept_digest: str | None = None,
 ) -> tuple[Encoder, EncoderIdentity]:
     """What ``--model`` means for embed and index: an ``.onnx`` file as it is; a run folder or
-    checkpoint file (default: the latest run) as its exported encoder, exported now if needed,
-    or as the checkpoint itself with ``backend="torch"``."""
+    checkpoint file (default: the latest run) as its exported encoder, exported now if needed
+    (at ``precision``: see :func:`_encoder_at_precision`), or as the checkpoint itself with
+    ``backend="torch"``."""
+    if precision != "auto" and (backend == "torch" or (model is not None and model.suffix == ".onnx")):
+        raise UserError(f"--precision {precision} applies to a run's exported encoder; "
+                        f"{'the PyTorch checkpoint' if backend == 'torch' else model} is used as it is")
     if model is not None and model.suffix == ".onnx" and backend != "torch":
         encoder: Encoder = OnnxEncoder(model, provider)
         return encoder, EncoderIdentity("onnx", str(model.resolve()), file_digest(model), encoder.dim)
@@ -60,9 +72,51 @@ def resolve_encoder(
     if backend == "torch":
         encoder = TorchEncoder(checkpoint)
         return encoder, EncoderIdentity("torch", str(checkpoint.resolve()), file_digest(checkpoint), encoder.dim)
-    onnx_path = encoder_for_checkpoint(checkpoint, report)
+    onnx_path = _encoder_at_precision(checkpoint, precision, provider, count_images, kept_digest, report)
     encoder = OnnxEncoder(onnx_path, provider)
     return encoder, EncoderIdentity("onnx", str(onnx_path.resolve()), file_digest(onnx_path), encoder.dim)
+
+
+def _encoder_at_precision(checkpoint: Path, requested: str, provider: str | None,
+                          count_images: Callable[[], int] | None, kept_digest: str | None, report: Report) -> Path:
+    """The run's encoder at the precision ``requested`` or, for "auto", chosen by
+    settings.embed_precision (int8 on a CPU with int8 dot products, for enough images); an
+    index keeps the encoder it was built with (``kept_digest``), so that a folder growing past
+    the threshold is not embedded all over again. An int8 encoder that fails its neighbour
+    check is reported and fp32 used, unless int8 was asked for."""
+    fp32 = encoder_for_checkpoint(checkpoint, report)
+    if requested == "auto" and kept_digest is not None:
+        int8 = exported_encoder_path(checkpoint, precision="int8")
+        if file_digest(fp32) == kept_digest:
+            report(f"precision: fp32 (the index was built with {fp32.name})")
+            return fp32
+        if (int8.is_file() and file_digest(int8) == kept_digest
+                and read_encoder_metadata(int8).source_checkpoint_sha256 == file_digest(checkpoint)):
+            report(f"precision: int8 (the index was built with {int8.name})")
+            return int8
+    on_gpu = provider in ("cuda", "tensorrt") or (provider is None and torch_sees_a_gpu())
+    int8_units = cpu_int8_instructions()
+    # Counting a folder of millions takes a while: only when the count decides.
+    images = count_images() if requested == "auto" and not on_gpu and int8_units and count_images else None
+    chosen, reason = embed_precision(requested, on_gpu, images, int8_units)
+    if chosen == "fp32":
+        report(f"precision: fp32 ({reason})")
+        return fp32
+    try:
+        int8 = encoder_for_checkpoint(checkpoint, report, "int8")
+    except UserError as error:
+        if requested == "int8":
+            raise
+        report(f"precision: fp32 (int8 was refused: {error})")
+        return fp32
+    report(f"precision: int8 ({reason})")
+    return int8
+
+
+def torch_sees_a_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _checkpoint_named(workspace: Workspace, model: Path | None) -> Path:
@@ -91,8 +145,11 @@ def resolve_index_sources(
     backend: str,
     provider: str | None,
     report: Report,
+    precision: str = "auto",
+    kept_digest: str | None = None,
 ) -> IndexSources:
-    """The folder to index and the encoder to embed it with, from what the user gave (or not)."""
+    """The folder to index and the encoder to embed it with, from what the user gave (or not);
+    ``kept_digest``: the encoder of the index being updated (see resolve_encoder)."""
     if image_dir is None:
         checkpoint = _checkpoint_named(workspace, None if model is None or model.suffix == ".onnx" else model)
         data_dir = run_facts(checkpoint, kind="pretrain").data_dir
@@ -103,7 +160,8 @@ def resolve_index_sources(
             raise UserError(f"the run's image folder {image_dir} is gone: name the folder to index")
     if not image_dir.is_dir():
         raise UserError(f"{image_dir} is not a folder: give the folder of images to index")
-    encoder, identity = resolve_encoder(workspace, model, backend, provider, report)
+    encoder, identity = resolve_encoder(workspace, model, backend, provider, report, precision,
+                                        lambda: len(discover_images(image_dir)), kept_digest)
     report(f"images: {image_dir}\nencoder: {encoder.description}")
     return IndexSources(image_dir, encoder, identity)
 
@@ -130,11 +188,14 @@ def index_folder(
     report: Report = print,
     show_progress: bool = True,
     recall: float | None = None,
+    precision: str = "auto",
 ) -> IndexUpdate:
     """``simsiam-embed index``: resolve the folder and encoder, then bring the index up to date."""
-    sources = resolve_index_sources(workspace, image_dir, model, backend, provider, report)
+    index_dir = index_dir or workspace.default_index_dir
+    kept_digest = None if rebuild else live_encoder_digest(index_dir)
+    sources = resolve_index_sources(workspace, image_dir, model, backend, provider, report, precision, kept_digest)
     update = update_index(
-        sources.image_dir, sources.encoder, sources.identity, index_dir or workspace.default_index_dir,
+        sources.image_dir, sources.encoder, sources.identity, index_dir,
         index_type, rebuild, batch_size, workers, report, show_progress, recall,
     )
     return update

@@ -70,6 +70,12 @@ MIN_COSINE_FP16 = 0.999
 #: An int8 export's bar: each image's 10 nearest neighbours (among real images) as fp32 finds
 #: them, this share on average. Cosine alone says little of what int8 changes for retrieval.
 MIN_NEIGHBOUR_OVERLAP_INT8 = 0.95
+#: Encoder precisions `embed` and `index` take (`--precision`); auto: embed_precision below.
+EMBED_PRECISIONS = ("auto", "fp32", "int8")
+#: Images from which `embed` and `index` quantise the encoder to int8 on a CPU with int8 dot
+#: products: quantising and its neighbour check cost about a minute for a ResNet-50 at 224 px on 2
+#: cores, which int8's 2.85x images/s (bench/RESULTS.md) wins back after ~1,600 images.
+INT8_MIN_IMAGES = 5_000
 #: kNN evaluation: (k, temperature) pairs reported by default: the InstDisc setting and solo-learn's.
 KNN_SETTINGS = ((200, 0.1), (20, 0.07))
 #: dedup: the calibrated default rule (explore/analyses.py explains the calibration).
@@ -301,6 +307,34 @@ def default_loader_workers() -> int:
     """Every process on this machine runs its own loader: the cores are shared out among them."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, (os.cpu_count() or 1) // max(local_processes, 1))
+
+
+def cpu_int8_instructions() -> str | None:
+    """The name of this CPU's int8 dot-product instructions (what ONNX Runtime's int8 kernels
+    run fast on), or None: read from /proc/cpuinfo, so elsewhere than Linux, None."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((name for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"),
+                                         ("avx_vnni", "AVX-VNNI")) if flag in flags), None)
+
+
+def embed_precision(requested: str, on_gpu: bool, images: int | None, int8_units: str | None) -> tuple[str, str]:
+    """The encoder precision for embedding and the reason: ``requested`` unless it is "auto";
+    then int8 on a CPU with int8 dot products and at least INT8_MIN_IMAGES ``images``, else fp32."""
+    if requested != "auto":
+        return requested, f"--precision {requested}"
+    if on_gpu:
+        return "fp32", "a GPU runs the encoder (int8 is for CPUs)"
+    if int8_units is None:
+        return "fp32", "this CPU has no int8 dot products (AVX512-VNNI, AVX-VNNI, AMX)"
+    if images is None or images < INT8_MIN_IMAGES:
+        return "fp32", (f"{images or 0:,} images: quantising would cost more than it saves "
+                        f"(int8 from {INT8_MIN_IMAGES:,} images on this CPU, which has {int8_units})")
+    return "int8", (f"{images:,} images on a CPU with {int8_units}: about 2.9x fp32's images/s "
+                    "(bench/RESULTS.md), if its neighbours match fp32's")
 
 
 def gpu_has_native_bf16(device: str) -> bool:

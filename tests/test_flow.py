@@ -109,6 +109,62 @@ def test_an_int8_encoder_that_changes_the_neighbours_is_refused(sample_run, tmp_
         export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder-int8.onnx", precision="int8", parity_images=[])
 
 
+def test_embed_precision_is_int8_only_on_a_cpu_with_int8_units_and_enough_images():
+    from simsiam_embed.settings import INT8_MIN_IMAGES, embed_precision
+
+    assert embed_precision("auto", False, INT8_MIN_IMAGES, "AVX512-VNNI")[0] == "int8"
+    assert embed_precision("auto", False, INT8_MIN_IMAGES - 1, "AVX512-VNNI")[0] == "fp32"
+    assert "no int8 dot products" in embed_precision("auto", False, 10 ** 6, None)[1]
+    assert "GPU" in embed_precision("auto", True, 10 ** 6, "AMX-INT8")[1]
+    assert embed_precision("int8", True, 1, None) == ("int8", "--precision int8")
+
+
+def test_index_quantises_a_large_folder_on_an_int8_cpu_and_keeps_its_encoder(sample_run, sample_encoder, tmp_path,
+                                                                             monkeypatch):
+    import simsiam_embed.flow as flow
+    import simsiam_embed.inference.export as export_module
+    import simsiam_embed.settings as settings
+
+    monkeypatch.setattr(flow, "cpu_int8_instructions", lambda: "AVX512-VNNI")
+    monkeypatch.setattr(flow, "torch_sees_a_gpu", lambda: False)
+    monkeypatch.setattr(settings, "INT8_MIN_IMAGES", 30)   # the run's 40 images count as many
+    workspace = Workspace(sample_run.parent.parent)
+    said: list[str] = []
+    quiet = dict(report=said.append, show_progress=False, workers=0)
+    first = flow.index_folder(workspace, index_dir=tmp_path / "index", **quiet)
+    assert any(line.startswith("precision: int8 (40 images on a CPU with AVX512-VNNI") for line in said)
+    assert read_encoder_metadata(load_index(tmp_path / "index").encoder_path).precision == "int8"
+    # The folder now counts as small, but the index keeps its encoder: nothing is embedded again.
+    monkeypatch.setattr(settings, "INT8_MIN_IMAGES", 10 ** 6)
+    said.clear()
+    again = flow.index_folder(workspace, index_dir=tmp_path / "index", **quiet)
+    assert "precision: int8 (the index was built with encoder-int8.onnx)" in said
+    assert again.added == 0 and "up to date" in again.reason and first.count == again.count
+    said.clear()
+    flow.index_folder(workspace, index_dir=tmp_path / "small", **quiet)
+    assert any(line.startswith("precision: fp32 (40 images: quantising would cost more") for line in said)
+    # An int8 encoder that fails its neighbour check: fp32, said; an error only when int8 was asked for.
+    monkeypatch.setattr(settings, "INT8_MIN_IMAGES", 30)
+    monkeypatch.setattr(export_module, "MIN_NEIGHBOUR_OVERLAP_INT8", 1.01)
+    (sample_run / "encoder-int8.onnx").unlink()
+    said.clear()
+    flow.index_folder(workspace, index_dir=tmp_path / "refused", **quiet)
+    assert any(line.startswith("precision: fp32 (int8 was refused: the int8 encoder finds other neighbours")
+               for line in said)
+    with pytest.raises(UserError, match="other neighbours than fp32"):
+        flow.index_folder(workspace, index_dir=tmp_path / "asked", precision="int8", **quiet)
+    monkeypatch.setattr(flow, "cpu_int8_instructions", lambda: None)
+    said.clear()
+    flow.index_folder(workspace, index_dir=tmp_path / "no-vnni", **quiet)
+    assert any("this CPU has no int8 dot products" in line for line in said)
+
+
+def test_precision_for_an_onnx_file_is_refused_in_one_line(sample_encoder, tmp_path):
+    result = invoke("embed", str(SAMPLE / "test"), "-o", str(tmp_path / "out"), "--model", str(sample_encoder),
+                    "--precision", "int8", cwd=tmp_path)
+    assert_one_line_error_in_process(result, "--precision int8 applies to a run's exported encoder")
+
+
 def test_projector_head_exports_z(sample_run, tmp_path):
     result = export_onnx(sample_run / "checkpoint.pt", tmp_path / "z.onnx", head="projector")
     assert result.embedding_dim == 64 and result.min_cosine >= 0.9999

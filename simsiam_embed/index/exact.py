@@ -34,6 +34,8 @@ from simsiam_embed.settings import cpu_has_native_bf16
 BLOCK_ROWS = 65_536
 #: Candidate vectors gathered at once to be scored again (groups of queries): 16 MiB.
 RESCORE_BYTES = 16 << 20
+#: Candidates a re-ranking search scores at once (groups of queries): ~1 MB of ids a group.
+RERANK_CANDIDATES = 131_072
 #: bf16 keeps 8 significant bits: rounding moves a value by at most this fraction of it.
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 #: Candidates a query keeps from the bf16 scan: enough that near-ties at rank k rarely leave a
@@ -161,7 +163,16 @@ class RerankedIndex:
         return int(self.base.d)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the ``k`` best of each query, by exact score; in groups of queries
+        with RERANK_CANDIDATES candidates in all, so a large batch never holds all of theirs."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        group = max(1, RERANK_CANDIDATES // max(1, k * self.k_factor))
+        answers = [self._search_group(queries[start:start + group], k) for start in range(0, len(queries), group)]
+        if not answers:
+            return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+        return np.concatenate([scores for scores, _ in answers]), np.concatenate([found for _, found in answers])
+
+    def _search_group(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         _, candidates = self.base.search(queries, k * self.k_factor)
         slots = np.searchsorted(self._sorted_ids, candidates).clip(0, max(len(self._sorted_ids) - 1, 0))
         known = (candidates >= 0) & (self._sorted_ids[slots] == candidates)

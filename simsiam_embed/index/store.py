@@ -399,6 +399,18 @@ def current_generation(index_dir: Path) -> Path | None:
     return generation
 
 
+def live_encoder_digest(index_dir: Path) -> str | None:
+    """The digest of the encoder the live generation was embedded with; None without a readable index."""
+    try:
+        generation = current_generation(index_dir)
+        if generation is None:
+            return None
+        path = generation / "manifest.json"
+        return IndexManifest.from_dict(json.loads(path.read_text()), path).encoder_digest
+    except (UserError, OSError, ValueError):
+        return None
+
+
 class _GenerationUnreadable(Exception):
     pass
 
