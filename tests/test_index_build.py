@@ -13,7 +13,7 @@ import simsiam_embed.index.exact as exact
 import simsiam_embed.index.store as store
 import simsiam_embed.index.tuning as tuning
 from simsiam_embed.index.exact import RerankedIndex
-from simsiam_embed.index.store import build_faiss_index, choose_index_type, load_index, update_index
+from simsiam_embed.index.store import build_faiss_index, load_index, update_index
 from simsiam_embed.index.vector_file import VectorFile, VectorWriter
 
 from conftest import PixelEncoder, make_image_folder, pixel_identity
@@ -30,6 +30,11 @@ def test_vectors_written_in_blocks_read_back_as_numpy_reads_them(tmp_path):
     assert len(read) == 1000 and read.shape == (1000, 24)
     assert np.array_equal(read[250:700], vectors[250:700]) and np.array_equal(read[990:2000], vectors[990:])
     assert np.array_equal(read[np.array([3, 999, 4])], vectors[[3, 999, 4]]) and np.array_equal(read[7], vectors[7])
+    assert np.array_equal(read[[[1, -1], [2, 0]]], vectors[[[1, -1], [2, 0]]]) and np.array_equal(read[-2], vectors[-2])
+    mask = np.arange(1000) % 7 == 0
+    assert np.array_equal(read[mask], vectors[mask])
+    with pytest.raises(IndexError):
+        read[np.array([1000])]
     with pytest.raises(ValueError, match="10 rows written of the 20"):
         with VectorWriter(tmp_path / "short.npy", 20, 24) as writer:
             writer.write(vectors[:10])
@@ -39,7 +44,7 @@ def test_vectors_written_in_blocks_read_back_as_numpy_reads_them(tmp_path):
 
 
 def test_a_build_from_a_file_holds_one_block_and_one_sample_not_the_vectors(tmp_path, monkeypatch):
-    count, dim = 120_000, 64                       # 30 MB of vectors on disk
+    count, dim = 100_000, 64                       # 25 MB of vectors on disk
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((200, dim)).astype(np.float32)
     with VectorWriter(tmp_path / "vectors.npy", count, dim) as writer:
@@ -50,16 +55,17 @@ def test_a_build_from_a_file_holds_one_block_and_one_sample_not_the_vectors(tmp_
     monkeypatch.setattr(store, "TRAINING_BYTES", 1 << 20)    # a 4,096-vector sample
     monkeypatch.setattr(exact, "BLOCK_ROWS", 4096)
     monkeypatch.setattr(exact, "RESCORE_BYTES", 1 << 20)
+    monkeypatch.setattr(tuning, "REFINE_K_FACTORS", (4, 16))   # the tuning's reads, in fewer rounds
     vectors, ids = VectorFile(tmp_path / "vectors.npy"), np.arange(count, dtype=np.int64) * 3
     tracemalloc.start()
     try:
-        index = build_faiss_index(vectors, ids, "IVF64,PQ16,Rerank")
-        tuned = tuning.tune_for_recall(index, vectors, ids, 0.5)   # PQ16 on noisy clusters: ~0.53
+        index = build_faiss_index(vectors, ids, "IVF64,SQ8,Rerank")   # 8-bit codes: training in no time
+        tuned = tuning.tune_for_recall(index, vectors, ids, 0.9)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     # A block (1 MB), the sample (1 MB), the id table (2 x 1 MB), the answers of 1,000 held-back
-    # queries with 16 x 11 candidates each (~8 MB): never the 30 MB of vectors, which a build from
+    # queries' candidates, a group at a time: never the 25 MB of vectors, which a build from
     # an array in memory (or FAISS's knn for the tuning's truth) would hold.
     assert peak < 16 << 20, f"{peak / 2 ** 20:.1f} MiB"
     assert index.ntotal == count and tuned.met
@@ -84,34 +90,32 @@ def test_reranking_answers_with_exact_scores_and_finds_more_than_the_codes_alone
     assert recall(found) > recall(coarse.search(queries, 10)[1]) + 0.2
 
 
-def test_an_ivf_pq_index_reranks_from_its_own_vectors_once_saved(tmp_path):
-    folder = make_image_folder(tmp_path / "images", per_class=150)   # 450 images: 11 lists of >= 39
-    model_file = tmp_path / "model.bin"
-    model_file.write_bytes(b"weights")
-    update = update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "index", "ivfpq",
-                          report=lambda _line: None, show_progress=False, workers=0)
-    assert update.factory == choose_index_type(450, 12, "ivfpq").factory == "IVF11,PQ4,Rerank"
-    loaded = load_index(tmp_path / "index")
-    assert isinstance(loaded.index, RerankedIndex) and loaded.index.k_factor == update.tuning.parameters["k_factor"]
-    # An IVF index keeps the ids in its lists (no IDMap2 and its per-vector id table).
-    assert faiss.try_extract_index_ivf(loaded.index.base) is not None and not isinstance(loaded.index.base, faiss.IndexIDMap2)
-    queries = np.asarray(loaded.vectors[:20])
-    scores, found = loaded.search(queries, 5)
-    assert (found[:, 0] == loaded.ids[:20]).all() and np.allclose(scores[:, 0], 1.0, atol=1e-5)
-
-
-def test_lists_past_the_memory_budget_live_in_a_file_of_the_generation(tmp_path, monkeypatch, capfd):
-    folder = make_image_folder(tmp_path / "images", per_class=150)
+def test_a_saved_ivf_index_reranks_from_its_vectors_and_lists_past_the_budget_live_in_a_file(tmp_path, monkeypatch,
+                                                                                            capfd):
+    assert store._ivfpq_factory(300, 12) == "IVF7,PQ4,Rerank"   # what `index` names ivfpq at 300 images
+    # The same mechanisms with 8-bit codes, which train in no time (PQ's k-means takes seconds).
+    folder = make_image_folder(tmp_path / "images", per_class=60)   # 180 images: 4 lists of >= 39
     model_file = tmp_path / "model.bin"
     model_file.write_bytes(b"weights")
     quiet = dict(report=lambda _line: None, show_progress=False, workers=0)
-    update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "in-memory", "ivfpq", **quiet)
+    monkeypatch.setattr(tuning, "REFINE_K_FACTORS", (4, 16))   # two depths are enough to see one applied
+    update = update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "in-memory", "IVF4,SQ8,Rerank",
+                          **quiet)
+    assert update.factory == "IVF4,SQ8,Rerank"
+    in_memory = load_index(tmp_path / "in-memory")
+    assert isinstance(in_memory.index, RerankedIndex) and in_memory.index.k_factor == update.tuning.parameters["k_factor"]
+    # An IVF index keeps the ids in its lists (no IDMap2 and its per-vector id table).
+    assert faiss.try_extract_index_ivf(in_memory.index.base) is not None
+    assert not isinstance(in_memory.index.base, faiss.IndexIDMap2)
+    queries = np.asarray(in_memory.vectors[:50])
+    scores, found = in_memory.search(queries, 5)
+    assert (found[:, 0] == in_memory.ids[:50]).all() and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+
     monkeypatch.setattr(store, "IN_MEMORY_LISTS_BYTES", 0)
-    update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "on-disk", "ivfpq", **quiet)
-    in_memory, on_disk = load_index(tmp_path / "in-memory"), load_index(tmp_path / "on-disk")
+    update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "on-disk", "IVF4,SQ8,Rerank", **quiet)
+    on_disk = load_index(tmp_path / "on-disk")
     assert not (in_memory.generation / store.LISTS_FILE).exists()
     assert (on_disk.generation / store.LISTS_FILE).stat().st_size > 0
-    queries = np.asarray(in_memory.vectors[:50])
     assert np.array_equal(in_memory.search(queries, 5)[1], on_disk.search(queries, 5)[1])
     # Handed on: the folder moved elsewhere reads its own lists file, not the path it was built at.
     moved = tmp_path / "elsewhere" / "index"

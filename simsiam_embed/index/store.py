@@ -19,6 +19,7 @@ Similarity is cosine: vectors are l2-normalised and FAISS ranks by inner product
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,8 +29,6 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import contextlib
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import faiss
@@ -446,8 +445,8 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
         manifest_path = generation / "manifest.json"
         manifest = IndexManifest.from_dict(json.loads(manifest_path.read_text()), manifest_path)
         # Its lists file, if any, is the one in this folder (FAISS would otherwise open the path
-        # written at build time: another folder's, or any file a received index names).
-        # ...and FAISS says so on stdout ("updating ondisk filename"), which is no place for it.
+        # written at build time: another folder's, or any file a received index names); FAISS
+        # announces the change on stdout, which is no place for it.
         with stdout_redirected(discard=True) if (generation / LISTS_FILE).exists() else contextlib.nullcontext():
             index = faiss.read_index(str(generation / "faiss.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
         entries = {entry.id: entry for entry in _read_catalog(generation / "catalog.sqlite")}
@@ -683,7 +682,7 @@ def _remove_abandoned_generations(index_dir: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _new_generation(index_dir: Path) -> Iterator[Path]:
     """A staging folder for the next generation, beside the live one; when the block ends, its
     files are synced and it goes live in one rename (then CURRENT names it); on any error it

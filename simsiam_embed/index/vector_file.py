@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 
+#: Scattered rows read through one short-lived memory map: at most 128 MB of it in the process.
+SCATTERED_ROWS_PER_MAP = 2048
+
+
 class VectorWriter:
     def __init__(self, path: Path, rows: int, dim: int):
         self.path, self.rows, self.dim, self.written = path, rows, dim, 0
@@ -74,7 +78,8 @@ class VectorFile:
             if not 0 <= position < len(self):
                 raise IndexError(f"row {key} of {len(self)}")
             return self._read_range(position, position + 1)[0]
-        return self._read_rows(np.asarray(key))
+        positions = np.asarray(key)
+        return self._read_rows(np.flatnonzero(positions) if positions.dtype == bool else positions)
 
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         rows = np.empty((stop - start, self.shape[1]), dtype=np.float32)
@@ -89,15 +94,22 @@ class VectorFile:
         return rows
 
     def _read_rows(self, positions: np.ndarray) -> np.ndarray:
-        """Scattered rows, through a memory map made for this one read and closed after it: its
-        pages leave the process with it (a standing map would keep every page it ever touched),
-        and with readahead off (MADV_RANDOM) a row maps its own page or two, not the 128 KB
-        around it (a 5% sample of a 20 GB file otherwise mapped 14 GB)."""
-        with open(self.path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            if hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_RANDOM)
-            rows = np.ndarray(self.shape, np.float32, buffer=mapped, offset=self._offset)
-            try:
-                return rows[positions]   # fancy indexing copies: nothing refers to the map after
-            finally:
-                del rows
+        """Scattered rows, SCATTERED_ROWS_PER_MAP at a time through a memory map made for them and
+        closed after: its pages leave the process with it (a standing map keeps every page it
+        ever touched, and the kernel maps in up to 64 KB around each), readahead off
+        (MADV_RANDOM). 3-4x faster than a read() a row; one map for a 5% sample of a 20 GB file
+        put 5.9 GB into the process."""
+        rows = np.empty(positions.shape + (self.shape[1],), dtype=np.float32)
+        flat_positions, flat_rows = positions.reshape(-1), rows.reshape(-1, self.shape[1])
+        with open(self.path, "rb") as handle:
+            for start in range(0, len(flat_positions), SCATTERED_ROWS_PER_MAP):
+                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    if hasattr(mapped, "madvise"):
+                        mapped.madvise(mmap.MADV_RANDOM)
+                    source = np.ndarray(self.shape, np.float32, buffer=mapped, offset=self._offset)
+                    try:
+                        flat_rows[start:start + SCATTERED_ROWS_PER_MAP] = source[
+                            flat_positions[start:start + SCATTERED_ROWS_PER_MAP]]
+                    finally:
+                        del source   # nothing may refer to the map when it closes
+        return rows
