@@ -331,8 +331,8 @@ def embed_precision(requested: str, on_gpu: bool, images: int | None, int8_units
     if int8_units is None:
         return "fp32", "this CPU has no int8 dot products (AVX512-VNNI, AVX-VNNI, AMX)"
     if images is None or images < INT8_MIN_IMAGES:
-        return "fp32", (f"{images or 0:,} images: quantising would cost more than it saves "
-                        f"(int8 from {INT8_MIN_IMAGES:,} images on this CPU, which has {int8_units})")
+        return "fp32", (f"{images or 0:,} images, fewer than the {INT8_MIN_IMAGES:,} from which quantising "
+                        f"pays for itself on this CPU with {int8_units}")
     return "int8", (f"{images:,} images on a CPU with {int8_units}: about 2.9x fp32's images/s "
                     "(bench/RESULTS.md), if its neighbours match fp32's")
 
