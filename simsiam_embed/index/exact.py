@@ -1,7 +1,7 @@
 """Exact inner products from the float32 vectors: a full k-NN scan, at bf16 speed where the CPU
 has bf16 units, and the exact re-ranking of an approximate index's candidates.
 
-    >>> scores, positions = exact_neighbours(queries, vectors, k=10)   # vectors: array or memmap
+    >>> scores, positions = exact_neighbours(queries, vectors, k=10)   # vectors: array or VectorFile
     >>> scores, ids = RerankedIndex(ivf_pq, vectors, ids).search(queries, k=10)
 
 An exact scan is memory-bound: every query batch reads every vector once. On a CPU that
@@ -13,13 +13,13 @@ lowest candidate's bf16 score plus that margin; a query whose k-th float32 score
 bound has its exact answer, and the rare query that does not (near-ties at rank k) is scanned
 again in float32. Elsewhere the scan is float32 from the start.
 
-The vectors are read in blocks (an array, or a memory-mapped ``vectors.npy`` of any size): the
-memory beyond them is one block, never a second copy.
+The vectors are read in blocks (an array, or a generation's ``vectors.npy`` of any size through
+index/vector_file.py): the memory beyond them is one block, never a second copy.
 
 An approximate index's compressed codes rank candidates coarsely; :class:`RerankedIndex` scores
-``k_factor`` times k of them again from the float32 vectors (memory-mapped: the pages of the
-candidates only), where FAISS's ``Refine`` stage would keep a second, quantised copy of every
-vector in memory.
+``k_factor`` times k of them again from the float32 vectors (read from the file: the candidates'
+rows only), where FAISS's ``Refine`` stage would keep a second, quantised copy of every vector
+in memory.
 """
 
 from __future__ import annotations

@@ -136,8 +136,8 @@ def tune_for_recall(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, ta
     """The fastest setting that meets ``target``, set on ``index``; when none does, the one with
     the best recall (then :attr:`Tuning.met` is False and the caller says what to do).
 
-    For each re-ranking depth (a refining index has three), the smallest knob value that meets
-    the target is found, climbing until the recall stops rising; of those, the one that answered
+    For each re-ranking depth (REFINE_K_FACTORS, when the index re-ranks), the smallest knob
+    value that meets the target is found, climbing until the recall stops rising; of those, the one that answered
     the held-back queries fastest wins: a deeper re-rank at nprobe 1 can beat a shallow one at
     nprobe 64.
     """
