@@ -16,7 +16,8 @@ What it checks, each a row of the table (a failed or short check makes the exit 
    the GPU's (training steps on batches already on the device): is the loader the bottleneck?
 2. two processes under torchrun on two GPUs (skipped, and said, with one);
 3. export to ONNX, then `embed` and `search --json` through ONNX Runtime's CUDA provider (and
-   TensorRT when its runtime is installed), the JSON parsed;
+   TensorRT when its runtime is installed), the JSON parsed; with TensorRT, one engine in all
+   (embed's encoder and the index generations' copies share it: named by content);
 4. FAISS on the GPU when a GPU build is installed (k <= 2048 on the GPU, larger k on the CPU);
 5. detection fine-tuning steps with AMP (fp16 + loss scaler);
 6. the batched colour augmentation runs without a device sync.
@@ -271,6 +272,13 @@ def check_inference(table: Table, run_dir: Path, images: Path, workspace: Path, 
         ok = embedded.returncode == indexed.returncode == searched.returncode == 0 and "NOT" not in parsed
         table.add(f"embed + index + search --json, provider {provider}", ok,
                   f"{embedded.stdout.strip()[:100]}; {parsed}; {time.monotonic() - began:.0f} s")
+        if provider == "tensorrt":
+            # embed (the export), index (the generation's copy) and search (that copy again) run
+            # one encoder: one engine folder, named by its content, in the workspace's cache.
+            folders = [folder for folder in (workspace / ".tensorrt-cache").glob("*") if folder.is_dir()]
+            engines = [engine for folder in folders for engine in folder.glob("*.engine")]
+            table.add("TensorRT: one engine for the encoder and its index copies", len(folders) == 1 and bool(engines),
+                      f"{len(folders)} engine folder(s), {len(engines)} engine file(s) in {workspace / '.tensorrt-cache'}")
 
 
 def check_faiss_gpu(table: Table) -> None:

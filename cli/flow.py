@@ -179,8 +179,9 @@ def index_command(image_dir: Path | None, workspace: Path, model: Path | None, i
 def search_command(queries: tuple[Path, ...], workspace: Path, k: int | None, index_dir: Path | None, model: Path | None,
                    exclude_self: bool, provider: str | None, as_json: bool, html_path: Path | None) -> None:
     """The K most similar indexed images for each QUERY (an image, or a folder of them)."""
-    results = index_search.search_images(index_dir or workspace_at(workspace).default_index_dir, list(queries), k,
-                            exclude_self, model, provider, report=_echo_err)
+    place = workspace_at(workspace)
+    results = index_search.search_images(index_dir or place.default_index_dir, list(queries), k, exclude_self, model,
+                                         provider, report=_echo_err, engine_cache=place.engine_cache_dir)
     if html_path is not None:
         index_search.write_results_html(results, html_path)
         _echo_err(f"wrote {html_path}")

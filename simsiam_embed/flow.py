@@ -19,7 +19,7 @@ from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS, cpu_int8_ins
 from simsiam_embed.index.store import EncoderIdentity, IndexUpdate, live_encoder_digest, update_index
 from simsiam_embed.inference.embed import Encoder, TorchEncoder
 from simsiam_embed.inference.export import export_onnx
-from simsiam_embed.inference.onnx_encoder import OnnxEncoder, read_encoder_metadata
+from simsiam_embed.inference.onnx_encoder import OnnxEncoder, read_encoder_metadata, torch_sees_a_gpu
 from simsiam_embed.workspace import Workspace
 
 Report = Callable[[str], None]
@@ -65,7 +65,7 @@ def resolve_encoder(
         raise UserError(f"--precision {precision} applies to a run's exported encoder; "
                         f"{'the PyTorch checkpoint' if backend == 'torch' else model} is used as it is")
     if model is not None and model.suffix == ".onnx" and backend != "torch":
-        encoder: Encoder = OnnxEncoder(model, provider)
+        encoder: Encoder = OnnxEncoder(model, provider, workspace.engine_cache_dir)
         return encoder, EncoderIdentity("onnx", str(model.resolve()), file_digest(model), encoder.dim)
     checkpoint = _checkpoint_named(workspace, model)
     _warn_if_unfinished(checkpoint, report)
@@ -73,7 +73,7 @@ def resolve_encoder(
         encoder = TorchEncoder(checkpoint)
         return encoder, EncoderIdentity("torch", str(checkpoint.resolve()), file_digest(checkpoint), encoder.dim)
     onnx_path = _encoder_at_precision(checkpoint, precision, provider, count_images, kept_digest, report)
-    encoder = OnnxEncoder(onnx_path, provider)
+    encoder = OnnxEncoder(onnx_path, provider, workspace.engine_cache_dir)
     return encoder, EncoderIdentity("onnx", str(onnx_path.resolve()), file_digest(onnx_path), encoder.dim)
 
 
@@ -111,12 +111,6 @@ def _encoder_at_precision(checkpoint: Path, requested: str, provider: str | None
         return fp32
     report(f"precision: int8 ({reason})")
     return int8
-
-
-def torch_sees_a_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _checkpoint_named(workspace: Workspace, model: Path | None) -> Path:

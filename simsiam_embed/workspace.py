@@ -29,6 +29,12 @@ class Workspace:
     def default_index_dir(self) -> Path:
         return self.root / "index"
 
+    @property
+    def engine_cache_dir(self) -> Path:
+        """TensorRT's engines, one folder per encoder (named by its content): shared by a run's
+        encoder and every index generation's copy of it, and written by this tool only."""
+        return self.root / ".tensorrt-cache"
+
     def run_dir(self, name: str) -> Path:
         """``runs/<name>``; a name that is not one plain folder name (``../x``, ``a/b``) is refused."""
         if not RUN_NAME.fullmatch(name) or name in (".", ".."):

@@ -430,6 +430,140 @@ def test_search_output_escapes_control_characters_in_file_names(sample_encoder, 
     assert any("evil\\n  1  1.0000  forged\\x1b[2J.png" in line for line in lines)
 
 
+class _SessionsOnAGpuMachine:
+    """ONNX Runtime as on a GPU machine with TensorRT: each session records the providers and
+    options it was asked for, then runs on the CPU (reporting the provider it was asked for)."""
+
+    def __init__(self, monkeypatch):
+        import onnxruntime as ort
+
+        import simsiam_embed.inference.onnx_encoder as onnx_encoder_module
+
+        self.asked: list[dict[str, dict]] = []
+        real = ort.InferenceSession
+
+        class Session:
+            def __init__(session, path, sess_options=None, providers=()):
+                asked = {name: dict(options) for name, options in providers}
+                self.asked.append(asked)
+                session._real = real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+                session._names = list(asked)
+
+            def get_providers(session):
+                return session._names
+
+            def __getattr__(session, name):
+                return getattr(session._real, name)
+
+        monkeypatch.setattr(ort, "InferenceSession", Session)
+        monkeypatch.setattr(onnx_encoder_module, "torch_sees_a_gpu", lambda: True)
+        monkeypatch.setattr(onnx_encoder_module, "tensorrt_installed", lambda: True)
+
+    def engine_folders(self) -> list[Path]:
+        return [Path(asked["TensorrtExecutionProvider"]["trt_engine_cache_path"]) for asked in self.asked
+                if "TensorrtExecutionProvider" in asked]
+
+
+def test_tensorrt_engines_are_kept_per_encoder_content_in_the_workspace(tmp_path, monkeypatch):
+    """ONNX Runtime names a cached engine by the graph, not the weights: an encoder exported again
+    at the same path (more training, same architecture) must not meet the old engine; the copy in
+    each index generation must reuse the engine of the encoder it copies, not build one per
+    generation; and engines live in the workspace, never in an index folder that may be handed on."""
+    from conftest import write_pixel_onnx
+
+    machine = _SessionsOnAGpuMachine(monkeypatch)
+    workspace, folder = tmp_path / "work", make_image_folder(tmp_path / "images", per_class=2, size=8)
+    (tmp_path / "run").mkdir()
+    encoder = write_pixel_onnx(tmp_path / "run" / "encoder.onnx")
+    index = ["--model", str(encoder), "--workspace", str(workspace), "--provider", "tensorrt"]
+    assert invoke("index", str(folder), *index).exit_code == 0
+    draw_shape_image(np.random.default_rng(9), 8, "disc").save(folder / "disc" / "new.png")
+    assert invoke("index", str(folder), *index).exit_code == 0   # a second generation, with its own copy
+    searched = invoke("search", str(folder / "disc" / "new.png"), "--workspace", str(workspace), "--provider", "tensorrt")
+    assert searched.exit_code == 0, searched.output
+    generations = sorted((workspace / "index").glob("gen-*"))
+    assert len(generations) == 2 and all((generation / "encoder.onnx").is_file() for generation in generations)
+    folders = machine.engine_folders()
+    assert len(folders) == 3 and len(set(folders)) == 1
+    assert folders[0].parent == workspace / ".tensorrt-cache" and not (workspace / "index" / ".tensorrt-cache").exists()
+    assert machine.asked[0]["TensorrtExecutionProvider"]["trt_timing_cache_path"] == str(workspace / ".tensorrt-cache")
+
+    # Re-exported after more training: same graph, other weights, same path.
+    import onnx
+
+    model = onnx.load(str(encoder))
+    offset = next(tensor for tensor in model.graph.initializer if tensor.name == "offset")
+    offset.float_data[:] = [4.0]
+    onnx.save(model, str(encoder))
+    assert invoke("index", str(folder), *index, "--rebuild").exit_code == 0
+    assert machine.engine_folders()[-1] != folders[0]
+
+
+def test_processes_opening_one_encoder_on_tensorrt_build_its_engine_one_at_a_time(tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank opens the encoder at once: without a lock each builds the same
+    engine (minutes) and writes the same cache files together."""
+    import threading
+
+    from conftest import write_pixel_onnx
+    from simsiam_embed.files import folder_lock
+
+    machine = _SessionsOnAGpuMachine(monkeypatch)
+    encoder, cache = write_pixel_onnx(tmp_path / "encoder.onnx"), tmp_path / "engines"
+    cache.mkdir()
+    building, built = threading.Event(), threading.Event()
+
+    def another_rank() -> None:
+        with folder_lock(cache, "rank 1 building", lambda _message: None):
+            building.set()
+            built.wait(20)
+
+    rank = threading.Thread(target=another_rank)
+    rank.start()
+    assert building.wait(20)
+    opening = threading.Thread(target=lambda: OnnxEncoder(encoder, "tensorrt", cache))
+    opening.start()
+    opening.join(1.0)
+    assert opening.is_alive() and machine.asked == []   # waits for the build under way
+    built.set()
+    opening.join(20)
+    rank.join(20)
+    assert not opening.is_alive() and len(machine.asked) == 1
+    assert "waiting: rank 1 building" in capsys.readouterr().err
+
+
+def test_an_engine_cache_that_cannot_be_made_costs_speed_not_the_command(tmp_path, monkeypatch, capsys):
+    from conftest import write_pixel_onnx
+
+    machine = _SessionsOnAGpuMachine(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    OnnxEncoder(write_pixel_onnx(tmp_path / "encoder.onnx"), "tensorrt", tmp_path / "a-file" / "engines")
+    assert machine.asked[0]["TensorrtExecutionProvider"]["trt_engine_cache_enable"] == "False"
+    assert "built again in every command" in capsys.readouterr().err
+
+
+def test_search_sets_cudnn_up_for_a_few_queries_and_embedding_for_many(tmp_path, monkeypatch):
+    """cuDNN's exhaustive search times every algorithm per new input shape: paid once by embed's
+    thousands of same-sized batches, paid per query count by search."""
+    from conftest import write_pixel_onnx
+
+    machine = _SessionsOnAGpuMachine(monkeypatch)
+    folder = make_image_folder(tmp_path / "images", per_class=1, size=8)
+    encoder = write_pixel_onnx(tmp_path / "encoder.onnx")
+    common = ["--workspace", str(tmp_path), "--provider", "cuda"]
+    assert invoke("index", str(folder), "--model", str(encoder), *common).exit_code == 0
+    assert invoke("search", str(folder / "disc" / "disc-00.png"), *common).exit_code == 0
+    indexing, searching = (asked["CUDAExecutionProvider"]["cudnn_conv_algo_search"] for asked in machine.asked)
+    assert (indexing, searching) == ("EXHAUSTIVE", "HEURISTIC")
+
+
+def test_the_export_check_builds_no_tensorrt_engine(sample_run, tmp_path, monkeypatch):
+    """The parity check runs one batch: a TensorRT engine for it would take minutes and be kept nowhere."""
+    machine = _SessionsOnAGpuMachine(monkeypatch)
+    export_onnx(sample_run / "checkpoint.pt", tmp_path / "encoder.onnx")
+    assert machine.asked and not machine.engine_folders()
+    assert all("CUDAExecutionProvider" in asked for asked in machine.asked)
+
+
 def test_json_stays_clean_when_onnx_runtime_falls_back_from_a_provider(sample_encoder, tmp_path, monkeypatch):
     """onnxruntime-gpu prints an "EP Error ... Falling back" banner on stdout when a provider it
     lists cannot start (TensorRT not installed, or no GPU): forced here on the CPU."""

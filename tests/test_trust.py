@@ -338,9 +338,9 @@ def test_each_torchrun_process_asks_onnx_runtime_for_its_own_gpu(monkeypatch, tm
     from simsiam_embed.inference.onnx_encoder import _provider_options
 
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert _provider_options("CUDAExecutionProvider", tmp_path / "m.onnx", 64, 224)["device_id"] == "3"
-    tensorrt = _provider_options("TensorrtExecutionProvider", tmp_path / "m.onnx", 64, 224)
+    assert _provider_options("CUDAExecutionProvider", 64, 224, None, False)["device_id"] == "3"
+    tensorrt = _provider_options("TensorrtExecutionProvider", 64, 224, tmp_path / "engines", False)
     assert tensorrt["device_id"] == "3" and tensorrt["trt_engine_cache_enable"] == "True"
-    assert tensorrt["trt_engine_cache_path"] == str(tmp_path / ".tensorrt-cache")
+    assert tensorrt["trt_engine_cache_path"] == str(tmp_path / "engines")
     assert (tensorrt["trt_profile_min_shapes"], tensorrt["trt_profile_max_shapes"]) == (
         "images:1x3x224x224", "images:64x3x224x224")

@@ -69,9 +69,10 @@ class LiveIndex:
     the update after next, and what was read stays valid while they run).
     """
 
-    def __init__(self, index_dir: Path, provider: str | None = None):
+    def __init__(self, index_dir: Path, provider: str | None = None, engine_cache: Path | None = None):
         self.index_dir = index_dir
         self.provider = provider
+        self.engine_cache = engine_cache
         self._lock = threading.Lock()
         # Analyses take seconds on a large index: under their own lock, so searches go on meanwhile.
         self._analysis_lock = threading.Lock()
@@ -94,7 +95,7 @@ class LiveIndex:
     def encoder(self, loaded: LoadedIndex) -> Encoder:
         with self._lock:
             if self._encoder is None or self._encoder[0] != loaded.manifest.encoder_digest:
-                self._encoder = (loaded.manifest.encoder_digest, encoder_of_index(loaded, self.provider))
+                self._encoder = (loaded.manifest.encoder_digest, encoder_of_index(loaded, self.provider, self.engine_cache))
             return self._encoder[1]
 
     def position_of(self, loaded: LoadedIndex, image_id: int) -> int | None:
@@ -118,7 +119,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
                provider: str | None = None):
     """The FastAPI application. ``allowed_hosts``: Host header values answered (None: any)."""
 
-    live = LiveIndex(index_dir, provider)
+    live = LiveIndex(index_dir, provider, workspace.engine_cache_dir if workspace is not None else None)
     app = FastAPI(title="simsiam-embed", summary="Search, duplicates, clusters and outliers of an image index.",
                   version="1", docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

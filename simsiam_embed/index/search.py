@@ -42,9 +42,14 @@ class QueryResult:
         return {"query": self.query, "hits": [asdict(hit) for hit in self.hits]}
 
 
-def encoder_of_index(loaded: LoadedIndex, provider: str | None = None) -> Encoder:
+def encoder_of_index(loaded: LoadedIndex, provider: str | None = None, engine_cache: Path | None = None) -> Encoder:
     """The very encoder that made the index's vectors: the copy inside the index folder (the
-    manifest can name no other), refused if its bytes are not the ones the index recorded."""
+    manifest can name no other), refused if its bytes are not the ones the index recorded.
+
+    Queries come a few at a time, so the session is set up for latency; TensorRT engines are
+    kept in ``engine_cache`` (the workspace's), never in the index folder, which may have come
+    from someone else: an engine is compiled GPU code, and files received are data.
+    """
     path = loaded.encoder_path
     if not path.is_file():
         raise UserError(f"the index's encoder {path} is gone: rebuild with `simsiam-embed index --rebuild`")
@@ -52,7 +57,7 @@ def encoder_of_index(loaded: LoadedIndex, provider: str | None = None) -> Encode
         raise UserError(f"{path} changed since the index was built: rebuild with `simsiam-embed index --rebuild`")
     if loaded.manifest.encoder_kind == "torch":
         return TorchEncoder(path)
-    return OnnxEncoder(path, provider)
+    return OnnxEncoder(path, provider, engine_cache, latency_first=True)
 
 
 def check_model_matches(loaded: LoadedIndex, model: Path) -> None:
@@ -103,8 +108,10 @@ def search_images(
     model: Path | None = None,
     provider: str | None = None,
     report: Callable[[str], None] | None = None,
+    engine_cache: Path | None = None,
 ) -> list[QueryResult]:
-    """The ``k`` nearest indexed images of each query (default: 10, or all if the index is smaller)."""
+    """The ``k`` nearest indexed images of each query (default: 10, or all if the index is smaller);
+    ``engine_cache``: where TensorRT keeps its engines (the workspace's; None: none kept)."""
     loaded = load_index(index_dir, report=report)
     if model is not None:
         check_model_matches(loaded, model)
@@ -113,7 +120,7 @@ def search_images(
         k = min(DEFAULT_K, loaded.count)
     elif k > loaded.count:
         raise UserError(f"-k {k} is more than the {loaded.count} images in the index: use -k {loaded.count} or less")
-    vectors = embed_queries(paths, encoder_of_index(loaded, provider))
+    vectors = embed_queries(paths, encoder_of_index(loaded, provider, engine_cache))
     leave_out = [_is_query(path) for path in paths] if exclude_self else None
     return [QueryResult(str(path), hits) for path, hits in zip(paths, nearest_hits(loaded, vectors, k, leave_out))]
 

@@ -11,15 +11,19 @@ this module and embedding reads through it; neither imports the other.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from simsiam_embed.artefacts import EncoderMetadata
+from simsiam_embed.artefacts import EncoderMetadata, file_digest
 from simsiam_embed.errors import UserError
+from simsiam_embed.files import folder_lock
 from simsiam_embed.native_output import stdout_redirected
 
 
@@ -94,32 +98,68 @@ TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll", "
 TENSORRT_MAX_BATCH = 512
 
 
-def tensorrt_installed() -> bool:
+def torch_sees_a_gpu() -> bool:
+    """Whether there is a CUDA GPU to run on: onnxruntime-gpu lists its CUDA provider either way."""
+    return torch.cuda.is_available()
+
+
+def tensorrt_library() -> str | None:
+    """The name of the TensorRT runtime library that loads here, or None."""
     import ctypes
 
     for name in TENSORRT_LIBRARIES:
         try:
             ctypes.CDLL(name)
-            return True
+            return name
         except OSError:
             continue
-    return False
+    return None
 
 
-def _provider_options(name: str, path: Path, max_batch: int, input_size: int | None) -> dict[str, str]:
+def tensorrt_installed() -> bool:
+    return tensorrt_library() is not None
+
+
+def tensorrt_engine_folder(encoder: Path, cache_root: Path) -> Path:
+    """Where TensorRT keeps ``encoder``'s engine: a folder of ``cache_root`` named by the file's
+    content, ONNX Runtime's version and TensorRT's library.
+
+    ONNX Runtime names a cached engine by the graph's structure, not its weights
+    (microsoft/onnxruntime#6455): two encoders of one architecture (a run's encoder.onnx exported
+    again after more training) would share one engine, and the second would silently compute the
+    first's features. Named by content, the copies of one encoder (the run's, every index
+    generation's) share one engine, built once, and a new encoder never meets an old engine. An
+    engine built by another ONNX Runtime or TensorRT does not load, hence the versions.
+    """
+    import onnxruntime as ort
+
+    runtime = (tensorrt_library() or "no-tensorrt").replace(".", "_")
+    return cache_root / f"{file_digest(encoder)[:16]}-ort{ort.__version__}-{runtime}"
+
+
+def _provider_options(name: str, max_batch: int, input_size: int | None, engine_folder: Path | None,
+                      latency_first: bool) -> dict[str, str]:
     """Under torchrun each process uses its own GPU; TensorRT keeps its engines between commands.
 
     Without an engine cache TensorRT rebuilds its engine (minutes for a ResNet-50) in every
     command and for every new batch size; one optimisation profile from batch 1 to ``max_batch``
-    serves the last partial batch, the parity check and a single search query alike.
+    serves the last partial batch, the parity check and a single search query alike. The timing
+    cache (per layer and GPU, whatever the weights) lives beside the engine folders, so the engine
+    of a re-exported encoder builds from measured timings.
+
+    cuDNN's exhaustive algorithm search times every convolution algorithm for each new input
+    shape: worth it for embedding, where one batch shape serves thousands of batches, and
+    seconds lost per query for ``search`` and ``serve`` (``latency_first``), whose batches are a
+    few queries of changing count: there its heuristic choice is used.
     """
     device = os.environ.get("LOCAL_RANK", "0")
     if name == "CUDAExecutionProvider":
-        return {"device_id": device}
+        return {"device_id": device, "cudnn_conv_algo_search": "HEURISTIC" if latency_first else "EXHAUSTIVE"}
     if name == "TensorrtExecutionProvider":
-        cache = Path(path).resolve().parent / ".tensorrt-cache"
-        options = {"device_id": device, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
-                   "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache), "trt_fp16_enable": "False"}
+        options = {"device_id": device, "trt_fp16_enable": "False", "trt_engine_cache_enable": "False"}
+        if engine_folder is not None:
+            options.update(trt_engine_cache_enable="True", trt_engine_cache_path=str(engine_folder),
+                           trt_timing_cache_enable="True", trt_timing_cache_path=str(engine_folder.parent))
         if input_size:
             shape = lambda batch: f"images:{batch}x3x{input_size}x{input_size}"  # noqa: E731
             # Tuned for embed's default batch of 64; valid for every batch from 1 to max_batch.
@@ -129,14 +169,48 @@ def _provider_options(name: str, path: Path, max_batch: int, input_size: int | N
     return {}
 
 
+def _usable_engine_folder(path: Path, engine_cache: Path | None) -> Path | None:
+    """The engine folder of ``path`` under ``engine_cache``, made; None (and said) where it cannot be."""
+    if engine_cache is None:
+        return None
+    folder = tensorrt_engine_folder(path, engine_cache)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+        reason = "not writable"
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+    print(f"TensorRT: cannot keep engines in {folder} ({reason}): the engine is built again in every command",
+          file=sys.stderr)
+    return None
+
+
+@contextlib.contextmanager
+def _engine_builder(engine_folder: Path | None) -> Iterator[None]:
+    """Held while a session starts with a TensorRT engine cache: under torchrun every rank opens
+    the same encoder at once, and each would build the engine (minutes) and write the same files
+    together; with the cache's lock one builds, the others wait and load its engine. The lock is
+    the cache root's, so the shared timing cache has one writer too."""
+    if engine_folder is None:
+        yield
+        return
+    say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    with folder_lock(engine_folder.parent, "a TensorRT engine build", say):
+        yield
+
+
 def onnx_session(path: Path | str, provider: str | None = None, max_batch: int = TENSORRT_MAX_BATCH,
-                 input_size: int | None = None):
+                 input_size: int | None = None, *, engine_cache: Path | None = None, tensorrt: bool = True,
+                 latency_first: bool = False):
     """An ONNX Runtime session on the best available provider (or ``provider``) and its name.
 
     onnxruntime-gpu lists the CUDA and TensorRT providers even on machines without a GPU, so
     CUDA is only asked for when PyTorch sees a GPU, and TensorRT only when its runtime library
-    loads too. ONNX Runtime itself falls back to the next provider when one fails to start
-    (printing a banner, kept off stdout), and the one it actually used is returned.
+    loads too (and ``tensorrt``: a one-off check need not build an engine). ONNX Runtime itself
+    falls back to the next provider when one fails to start (printing a banner, kept off
+    stdout), and the one it actually used is returned. TensorRT engines are kept under
+    ``engine_cache`` (see :func:`tensorrt_engine_folder`); without one, none is kept.
     """
     import onnxruntime as ort
 
@@ -147,17 +221,21 @@ def onnx_session(path: Path | str, provider: str | None = None, max_batch: int =
             raise UserError(f"ONNX Runtime provider {provider!r} is not available here (have: {', '.join(available)})")
         providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
     else:
-        gpu = torch.cuda.is_available()
+        gpu = torch_sees_a_gpu()
         usable = {"CPUExecutionProvider": True, "CUDAExecutionProvider": gpu,
-                  "TensorrtExecutionProvider": gpu and tensorrt_installed()}
+                  "TensorrtExecutionProvider": gpu and tensorrt and tensorrt_installed()}
         providers = [p for p in PROVIDER_PREFERENCE if p in available and usable[p]]
+    engine_folder = _usable_engine_folder(Path(path), engine_cache) if "TensorrtExecutionProvider" in providers else None
     options = ort.SessionOptions()
     options.log_severity_level = 3   # provider fallbacks are reported by us, once, not as stack traces
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with_options = [(name, _provider_options(name, Path(path), max_batch, input_size)) for name in providers]
+    with_options = [(name, _provider_options(name, max_batch, input_size, engine_folder, latency_first))
+                    for name in providers]
     try:
-        with stdout_redirected():   # ONNX Runtime's fallback banner: never on stdout
+        with _engine_builder(engine_folder), stdout_redirected():   # ONNX Runtime's fallback banner: never on stdout
             session = ort.InferenceSession(str(path), sess_options=options, providers=with_options)
+    except UserError:
+        raise
     except Exception as error:  # ONNX Runtime raises its own Fail / InvalidGraph / NoSuchFile types
         raise UserError(f"ONNX Runtime cannot load {path} ({str(error).splitlines()[0]})") from None
     used = session.get_providers()[0]
@@ -169,12 +247,14 @@ def onnx_session(path: Path | str, provider: str | None = None, max_batch: int =
 class OnnxEncoder:
     """An exported encoder run by ONNX Runtime; its preprocessing comes from the file itself."""
 
-    def __init__(self, path: Path, provider: str | None = None):
+    def __init__(self, path: Path, provider: str | None = None, engine_cache: Path | None = None,
+                 latency_first: bool = False):
         self.path = path
         self.metadata = read_encoder_metadata(path)
         self.preprocessing = self.metadata.preprocessing
         self.dim = self.metadata.embedding_dim
-        self.session, self.provider = onnx_session(path, provider, input_size=self.preprocessing.input_size)
+        self.session, self.provider = onnx_session(path, provider, input_size=self.preprocessing.input_size,
+                                                   engine_cache=engine_cache, latency_first=latency_first)
         self.description = f"ONNX Runtime ({self.provider}) {path}"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
