@@ -59,9 +59,9 @@ def device_ms_per_pair(recipe: AugmentationRecipe, paths: list[Path], draft: int
     augment = BatchAugment(recipe, "cpu")
     if crops_too:
         dataset = TwoViewDataset(paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=recipe))
-        images, boxes, flips, parameters = stack_uncropped([dataset[(i, i % len(paths))][0] for i in range(batch)])
+        groups, boxes, flips, parameters = stack_uncropped([dataset[(i, i % len(paths))][0] for i in range(batch)])
         parameters = torch.cat([parameters[:, 0], parameters[:, 1]])
-        work = lambda: augment(crop_on_device(images, boxes, flips, recipe.crop_size, "cpu"), parameters)  # noqa: E731
+        work = lambda: augment(crop_on_device(groups, boxes, flips, recipe.crop_size, "cpu"), parameters)  # noqa: E731
     else:
         dataset = TwoViewDataset(paths, draft_side=draft, pair=CroppedViews(recipe))
         samples = [dataset[(i, i % len(paths))][0] for i in range(batch)]

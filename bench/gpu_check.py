@@ -20,7 +20,8 @@ What it checks, each a row of the table (a failed or short check makes the exit 
    (embed's encoder and the index generations' copies share it: named by content);
 4. FAISS on the GPU when a GPU build is installed (k <= 2048 on the GPU, larger k on the CPU);
 5. detection fine-tuning steps with AMP (fp16 + loss scaler);
-6. the batched colour augmentation runs without a device sync.
+6. the batched colour augmentation runs without a device sync;
+7. the batched crops (crop_on_device) equal torchvision's crop on the GPU, and their time.
 Images are drawn by the script itself: the device machine needs nothing but this repository.
 """
 
@@ -43,7 +44,9 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from simsiam_embed.training.augment import AugmentationRecipe, BatchAugment, draw_view  # noqa: E402
+from simsiam_embed.training.augment import (  # noqa: E402
+    AugmentationRecipe, BatchAugment, crop_on_device, draw_uncropped_views, draw_view, stack_uncropped,
+)
 from simsiam_embed.trained_model import build_model  # noqa: E402
 from simsiam_embed.settings import PAIR_BYTES_224_AMP  # noqa: E402
 from simsiam_embed.models import simsiam_loss  # noqa: E402
@@ -230,6 +233,34 @@ def check_augmentation_syncs(table: Table, device: str, small: bool) -> None:
     table.add(check, True, "512 views at 224 px under torch.cuda.set_sync_debug_mode('error')")
 
 
+def check_batched_crops(table: Table, device: str, small: bool) -> None:
+    """crop_on_device resizes all views of a group of images in two batched products: on the GPU
+    it must equal torchvision's crop (within 0.5 of 255: TF32 matmuls) and cost milliseconds."""
+    from torchvision.transforms import functional as TF
+
+    count, size = (16, 32) if small else (256, 224)
+    rng = np.random.default_rng(0)
+    recipe = AugmentationRecipe(size)
+    photos = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(count)]
+    samples = [draw_uncropped_views(photo, recipe) for photo in photos]
+    groups, boxes, flips, _ = stack_uncropped(samples)
+    crop_on_device(groups, boxes, flips, size, device)   # the first call sets CUDA up
+    _synchronize(device)
+    began = time.monotonic()
+    views = crop_on_device(groups, boxes, flips, size, device)
+    _synchronize(device)
+    seconds = time.monotonic() - began
+    worst = 0.0
+    for sample in range(min(count, 8)):
+        top, left, height, width = boxes[sample, 0].tolist()
+        expected = TF.resized_crop(samples[sample][0].float(), top, left, height, width, [size, size], antialias=True)
+        expected = expected.flip(-1) if flips[sample, 0] else expected
+        worst = max(worst, (views[sample].cpu() - expected).abs().max().item())
+    table.add("batched crops on the device", worst <= 0.5,
+              f"{count} photos 500x375 -> 2x{count} views at {size} px in {len(groups)} group(s): "
+              f"{seconds * 1000:.1f} ms; largest difference from torchvision {worst:.3f} of 255")
+
+
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -350,6 +381,7 @@ def main() -> None:
             run_dir = table.run("pretrain, default batch and AMP", check_pretraining, images, workspace, args.device,
                                 small, 30 if on_gpu else 3)
             table.run("colour augmentation, no device sync", check_augmentation_syncs, args.device, small)
+            table.run("batched crops on the device", check_batched_crops, args.device, small)
             table.run("torchrun, 2 processes on 2 GPUs", check_two_processes, images, workspace, small)
             if run_dir is not None:
                 table.run("export and inference", check_inference, run_dir, images, workspace, on_gpu)

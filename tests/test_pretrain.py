@@ -201,6 +201,18 @@ def test_the_crop_on_device_path_trains(image_folder, tmp_path):
     assert result.finished and result.config.crop_on_device and -1 <= result.loss <= 1
 
 
+def test_a_crop_on_device_batch_counts_its_samples_not_its_groups_of_images():
+    """Images are padded together in groups of similar size: a batch of 3 samples is one group,
+    and counted as one pair it would be skipped as too small for BatchNorm."""
+    from simsiam_embed.training.augment import stack_uncropped
+    from simsiam_embed.training.pretrain import _pairs_in
+
+    sample = (torch.zeros(3, 8, 8, dtype=torch.uint8), torch.tensor([[0, 0, 8, 8]] * 2), torch.tensor([False, True]),
+              torch.zeros(2, 12))
+    batch = stack_uncropped([sample] * 3)
+    assert len(batch[0]) == 1 and _pairs_in(batch) == 3
+
+
 def test_multi_crop_trains_and_resumes_exactly(image_folder, tmp_path):
     """--small-views through the real loop: the small views change what is learned, and an
     interrupted run ends with the same weights as an uninterrupted one (the small views come from

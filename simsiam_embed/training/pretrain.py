@@ -286,8 +286,10 @@ def _write_report(run_dir: Path, report: Report) -> None:
 
 
 def _pairs_in(batch: tuple) -> int:
-    """Pairs in a batch of any of the three loader layouts (see SimSiamTask._dataset)."""
+    """Pairs in a batch of any of the loader layouts (see SimSiamTask._dataset)."""
     first = batch[0]
+    if isinstance(first, list):   # crop on device: groups of padded images, then every sample's boxes
+        return len(batch[1])
     return len(first[0] if isinstance(first, tuple) else first)
 
 
