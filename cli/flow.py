@@ -31,7 +31,9 @@ backend_option = click.option(
     "--backend", type=click.Choice(["onnx", "torch"]), default="onnx",
     help="Embed with the exported ONNX encoder, or with the PyTorch checkpoint directly.")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=EMBED_BATCH_SIZE, help="Images per forward pass.")
-workers_option = click.option("--workers", type=click.IntRange(min=0), default=EMBED_WORKERS, help="Image-decoding processes.")
+workers_option = click.option("--workers", type=click.IntRange(min=0),
+                              help=f"Image-decoding processes.  [default: with the encoder on a GPU, every core "
+                                   f"(shared among torchrun's processes); on the CPU {EMBED_WORKERS}]")
 precision_option = click.option(
     "--precision", type=click.Choice(EMBED_PRECISIONS), default="auto",
     help=f"The run's encoder in fp32, or int8 (quantised on the run's images; refused unless each image's 10 "
@@ -104,7 +106,7 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, fi
 @batch_option
 @workers_option
 def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Path, model: Path | None, backend: str,
-                  provider: str | None, precision: str, batch_size: int, workers: int) -> None:
+                  provider: str | None, precision: str, batch_size: int, workers: int | None) -> None:
     """Embed every image under IMAGE_DIR into unit-length vectors (runs under torchrun, sharded).
 
     Vectors are kept in shards under OUTPUT/.embedding as they are made: a killed run, started
@@ -113,6 +115,7 @@ def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Pa
     encoder, identity = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err, precision,
                                              lambda: len(image_files.discover_images(image_dir)))
     _echo_err(f"encoder: {encoder.description}")
+    workers = flow.decode_workers(workers, encoder, _echo_err)
     result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers, file_format=file_format,
                                           encoder_digest=identity.digest, report=_echo_err)
     skipped = f", {len(result.failures)} unreadable skipped (skipped.jsonl)" if result.failures else ""
@@ -140,7 +143,7 @@ def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Pa
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def index_command(image_dir: Path | None, workspace: Path, model: Path | None, index_dir: Path | None,
                   index_type: str | None, rebuild: bool, recall: float | None, backend: str, provider: str | None,
-                  precision: str, batch_size: int, workers: int, as_json: bool) -> None:
+                  precision: str, batch_size: int, workers: int | None, as_json: bool) -> None:
     """Embed the images of IMAGE_DIR (default: the latest run's folder) into a FAISS index.
 
     Running it again embeds only new or changed files and drops deleted ones.

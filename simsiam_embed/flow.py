@@ -15,7 +15,7 @@ from simsiam_embed.artefacts import (
 )
 from simsiam_embed.errors import UserError
 from simsiam_embed.image_files import discover_images
-from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS, cpu_int8_instructions, embed_precision
+from simsiam_embed.settings import EMBED_BATCH_SIZE, cpu_int8_instructions, embed_precision, embed_workers
 from simsiam_embed.index.store import EncoderIdentity, IndexUpdate, live_encoder_digest, update_index
 from simsiam_embed.inference.embed import Encoder, TorchEncoder
 from simsiam_embed.inference.export import export_onnx
@@ -160,6 +160,13 @@ def resolve_index_sources(
     return IndexSources(image_dir, encoder, identity)
 
 
+def decode_workers(requested: int | None, encoder: Encoder, report: Report) -> int:
+    """How many processes decode images for ``encoder`` (settings.embed_workers), said with why."""
+    workers, reason = embed_workers(requested, encoder.on_gpu)
+    report(f"decode workers: {workers} ({reason})")
+    return workers
+
+
 def _warn_if_unfinished(checkpoint: Path, report: Report) -> None:
     facts = run_facts(checkpoint, kind="pretrain")
     if not facts.finished:
@@ -178,7 +185,7 @@ def index_folder(
     backend: str = "onnx",
     provider: str | None = None,
     batch_size: int = EMBED_BATCH_SIZE,
-    workers: int = EMBED_WORKERS,
+    workers: int | None = None,
     report: Report = print,
     show_progress: bool = True,
     recall: float | None = None,
@@ -188,6 +195,7 @@ def index_folder(
     index_dir = index_dir or workspace.default_index_dir
     kept_digest = None if rebuild else live_encoder_digest(index_dir)
     sources = resolve_index_sources(workspace, image_dir, model, backend, provider, report, precision, kept_digest)
+    workers = decode_workers(workers, sources.encoder, report)
     update = update_index(
         sources.image_dir, sources.encoder, sources.identity, index_dir,
         index_type, rebuild, batch_size, workers, report, show_progress, recall,

@@ -56,7 +56,7 @@ BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 
 #: Embedding (embed, index, kNN, search): images per forward pass, and decoding processes.
 EMBED_BATCH_SIZE = 64
-EMBED_WORKERS = 2
+EMBED_WORKERS = 2   # where the encoder runs on the CPU: see embed_workers
 #: The recall@10 an approximate index is tuned to unless the user asks for another (index/tuning.py).
 DEFAULT_RECALL = 0.95
 #: What `embed` writes: embeddings.npy + paths.jsonl, or embeddings.parquet.
@@ -307,6 +307,23 @@ def default_loader_workers() -> int:
     """Every process on this machine runs its own loader: the cores are shared out among them."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, (os.cpu_count() or 1) // max(local_processes, 1))
+
+
+def embed_workers(requested: int | None, on_gpu: bool) -> tuple[int, str]:
+    """Image-decoding processes for embed and index, and the reason: ``requested`` if given.
+
+    On a GPU the encoder outruns a couple of decoders many times over (a ResNet-50 at 224 px
+    embeds thousands of images a second there, a core decodes a few hundred photos), so every
+    core of this process's share decodes. On a CPU the encoder's own threads need the cores:
+    EMBED_WORKERS, at most one a core.
+    """
+    if requested is not None:
+        return requested, f"--workers {requested}"
+    if on_gpu:
+        workers = default_loader_workers()
+        return workers, f"the encoder runs on a GPU: {workers} of this machine's cores decode"
+    workers = min(EMBED_WORKERS, os.cpu_count() or 1)
+    return workers, "the encoder runs on the CPU and its own threads need the cores"
 
 
 def cpu_int8_instructions() -> str | None:

@@ -127,6 +127,7 @@ class PixelEncoder:
         self.preprocessing = Preprocessing(input_size=8, resize_size=8)
         self.dim = 12
         self.description = "pixel means (test stand-in)"
+        self.on_gpu = False
         self.delay_s = delay_s
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -146,3 +146,20 @@ def test_progressive_resizing_starts_no_larger_than_the_crop_and_is_off_by_defau
     values = PretrainConfig("/data", "run").to_dict()
     with pytest.raises(UserError, match="'start_crop_size' is 0"):
         PretrainConfig.from_dict(dict(values, start_crop_size=0))
+
+
+def test_embedding_decodes_with_every_core_for_a_gpu_and_few_for_a_cpu_encoder(monkeypatch):
+    """Two decoders starve a GPU that embeds thousands of images a second; on a CPU the encoder's
+    own threads need the cores."""
+    import os
+
+    from simsiam_embed.settings import EMBED_WORKERS, embed_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert embed_workers(None, on_gpu=True)[0] == 8          # the cores shared among torchrun's processes
+    assert embed_workers(None, on_gpu=False)[0] == EMBED_WORKERS
+    assert embed_workers(5, on_gpu=True) == (5, "--workers 5")
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert embed_workers(None, on_gpu=False)[0] == 1

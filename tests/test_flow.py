@@ -550,7 +550,9 @@ def test_search_sets_cudnn_up_for_a_few_queries_and_embedding_for_many(tmp_path,
     folder = make_image_folder(tmp_path / "images", per_class=1, size=8)
     encoder = write_pixel_onnx(tmp_path / "encoder.onnx")
     common = ["--workspace", str(tmp_path), "--provider", "cuda"]
-    assert invoke("index", str(folder), "--model", str(encoder), *common).exit_code == 0
+    indexed = invoke("index", str(folder), "--model", str(encoder), *common)
+    assert indexed.exit_code == 0, indexed.output
+    assert "decode workers: " in indexed.stderr and "the encoder runs on a GPU" in indexed.stderr
     assert invoke("search", str(folder / "disc" / "disc-00.png"), *common).exit_code == 0
     indexing, searching = (asked["CUDAExecutionProvider"]["cudnn_conv_algo_search"] for asked in machine.asked)
     assert (indexing, searching) == ("EXHAUSTIVE", "HEURISTIC")

@@ -114,6 +114,7 @@ def test_dedup_groups_a_mirrored_copy_and_says_how_it_was_confirmed(tmp_path):
 
             self.inner = OnnxEncoder(onnx)
             self.preprocessing, self.dim, self.description = self.inner.preprocessing, self.inner.dim, "flip-blind"
+            self.on_gpu = False
 
         def __call__(self, batch: np.ndarray) -> np.ndarray:
             return self.inner(batch) + self.inner(np.ascontiguousarray(batch[..., ::-1]))

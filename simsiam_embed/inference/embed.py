@@ -37,6 +37,7 @@ class Encoder(Protocol):
     preprocessing: Preprocessing
     dim: int
     description: str
+    on_gpu: bool   # sets how many processes decode for it (settings.embed_workers)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """A batch of preprocessed images (n, 3, s, s) float32 -> features (n, dim) float32."""
@@ -53,6 +54,7 @@ class TorchEncoder:
         self.device = device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
         self.backbone = backbone.to(self.device).eval()
         self.dim = backbone.feature_dim
+        self.on_gpu = self.device.startswith("cuda")
         self.description = f"PyTorch ({self.device}) {checkpoint}{' at random init' if random_init else ''}"
 
     @torch.no_grad()

@@ -158,6 +158,7 @@ class _LiveBackbone:
     def __init__(self, backbone, preprocessing, device: str):
         self.backbone, self.preprocessing, self.device = backbone, preprocessing, device
         self.dim = backbone.feature_dim
+        self.on_gpu = str(device).startswith("cuda")
         self.description = "the training backbone"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

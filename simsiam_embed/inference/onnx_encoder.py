@@ -256,6 +256,7 @@ class OnnxEncoder:
         self.session, self.provider = onnx_session(path, provider, input_size=self.preprocessing.input_size,
                                                    engine_cache=engine_cache, latency_first=latency_first)
         self.description = f"ONNX Runtime ({self.provider}) {path}"
+        self.on_gpu = self.provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})[0]
