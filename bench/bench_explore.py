@@ -41,7 +41,7 @@ from common import machine  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from simsiam_embed.explore import analyses as explore
-from simsiam_embed.index.store import CatalogEntry
+from simsiam_embed.index.catalog import Catalog, CatalogEntry, write_catalog
 
 DIM = 512
 CENTRES = 2_000
@@ -54,7 +54,7 @@ class MappedVectors:
 
     vectors: np.ndarray
     ids: np.ndarray
-    entries: dict[int, CatalogEntry]
+    entries: Catalog
 
     @property
     def count(self) -> int:
@@ -126,7 +126,10 @@ def measure(path: Path, op: str, exact: bool, rule: str = "unchecked") -> dict:
     if rule != "unchecked":
         for position, (file, size, digest) in json.loads(path.with_name("files.json").read_text()).items():
             entries[int(position)] = CatalogEntry(int(position), file, size, 0, "", digest)
-    loaded = MappedVectors(vectors, ids, entries)
+    catalog = path.with_name(f"catalog-{rule}.sqlite")
+    catalog.unlink(missing_ok=True)
+    write_catalog(catalog, entries.values())
+    loaded = MappedVectors(vectors, ids, Catalog(catalog))
     if exact:
         explore.EXACT_NEIGHBOURS_MAX = count
     before = peak_rss_mb()

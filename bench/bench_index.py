@@ -4,6 +4,7 @@
     python bench/bench_index.py --tuned [--recall 0.95] [--clustered 1000000]
     python bench/bench_index.py --exact 1000000
     python bench/bench_index.py --build 10000000 [--work-dir /tmp/bench-index]
+    python bench/bench_index.py --catalog 1000000 [--work-dir /tmp/bench-index]
 
 Speed on random unit vectors (their recall is a pessimistic floor: random high-dimensional
 points have no neighbourhood structure); recall also on real embeddings: Fashion-MNIST's first 20,000
@@ -22,6 +23,11 @@ the answers compared.
 vector on disk), then, in a child process whose peak resident memory is read when it ends, the
 index ``simsiam-embed index`` would choose for N, built from that file, tuned for ``--recall``
 and measured on separate queries as above.
+
+``--catalog N``: a catalog.sqlite of N rows (paths as long as a photo library's), then, each in a
+child process whose peak resident memory is read when it ends, what opening an index for a
+search costs in catalog reads: every row read into a dict (what opening an index did before the
+catalog was read on demand) and then one query's 10 hits, against the 10 hits alone.
 """
 
 from __future__ import annotations
@@ -258,6 +264,49 @@ def real_embeddings() -> tuple[np.ndarray, np.ndarray]:
     return bank, queries
 
 
+CATALOG_HITS = 10
+
+
+def catalog_main(args: argparse.Namespace) -> None:
+    from simsiam_embed.index.catalog import Catalog, CatalogEntry, write_catalog
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "catalog.sqlite"
+    if not path.exists() or len(Catalog(path)) != args.catalog:
+        path.unlink(missing_ok=True)
+        started = time.monotonic()
+        write_catalog(path, (CatalogEntry(i, f"/data/photos/{i % 997:03d}/holiday-{i:09d}.jpg", 2_000_000 + i,
+                                          1_700_000_000_000_000_000 + i, f"album-{i % 997:03d}", f"{i:064x}")
+                             for i in range(args.catalog)))
+        print(f"wrote {args.catalog:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.monotonic() - started:.0f} s")
+    print(f"machine: {machine()}; opening a catalog of {args.catalog:,} rows and reading one query's {CATALOG_HITS} hits")
+    print("| catalog read | seconds | peak RSS of the process |\n| --- | --- | --- |")
+    for mode in ("whole", "on-demand"):
+        child = subprocess.run([sys.executable, __file__, "--catalog-child", mode, "--work-dir", str(work)],
+                               capture_output=True, text=True, check=True)
+        figures = json.loads(child.stdout.strip().splitlines()[-1])
+        label = "every row into a dict, then the hits (before)" if mode == "whole" else "the hits' rows only (now)"
+        print(f"| {label} | {figures['seconds']:.3f} | {figures['peak_rss_mib']:.0f} MiB |")
+
+
+def catalog_child(mode: str, work: Path) -> None:
+    from simsiam_embed.index.catalog import Catalog
+
+    started = time.monotonic()
+    catalog = Catalog(work / "catalog.sqlite")
+    low, high = catalog.id_range()   # the ids are 0..N-1
+    hits = np.random.default_rng(0).choice(high - low + 1, CATALOG_HITS, replace=False).tolist()
+    if mode == "whole":
+        entries = {entry.id: entry for entry in catalog.values()}
+        found = [entries[image_id] for image_id in hits]
+    else:
+        found = catalog.many(hits)
+    assert [entry.id for entry in found] == hits
+    seconds = time.monotonic() - started
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -273,10 +322,18 @@ def main() -> None:
     parser.add_argument("--exact", type=int, default=0, help="rows: time 100 exact queries on them")
     parser.add_argument("--build", type=int, default=0, help="rows: build the chosen index from a file of them")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "bench-index"))
+    parser.add_argument("--catalog", type=int, default=0, help="rows: open a catalog of them for one search")
     parser.add_argument("--build-child", help=argparse.SUPPRESS)
+    parser.add_argument("--catalog-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_child:
         build_child(Path(args.build_child), args.recall)
+        return
+    if args.catalog_child:
+        catalog_child(args.catalog_child, Path(args.work_dir))
+        return
+    if args.catalog:
+        catalog_main(args)
         return
     if args.exact:
         exact_main(args)

@@ -95,7 +95,7 @@ def test_a_full_disk_while_writing_the_catalog_is_one_line_and_keeps_the_index(t
     def disk_full(*_args):
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(index_module, "_write_catalog", disk_full)
+    monkeypatch.setattr(index_module, "write_catalog", disk_full)
     with pytest.raises(UserError, match="disk is full.*previous index is unchanged"):
         update_index(folder, PixelEncoder(), pixel_identity(model_file), tmp_path / "index", **QUIET)
     assert load_index(tmp_path / "index").count == 6

@@ -250,7 +250,7 @@ def test_a_crash_while_writing_leaves_the_old_index_readable(sample_encoder, tmp
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(index_module, "_write_catalog", interrupted)
+    monkeypatch.setattr(index_module, "write_catalog", interrupted)
     with pytest.raises(KeyboardInterrupt):
         update_index(folder, encoder, identity, index_dir, **quiet)
     assert load_index(index_dir).count == 9

@@ -362,12 +362,15 @@ def test_embedding_defaults_are_written_once(tmp_path):
     from simsiam_embed.inference.embed import embed_folder, embed_paths
     from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 
-    for function in (index_folder, embed_folder, embed_paths):
+    for function in (embed_folder, embed_paths):
         parameters = inspect.signature(function).parameters
         assert (parameters["batch_size"].default, parameters["workers"].default) == (EMBED_BATCH_SIZE, EMBED_WORKERS)
+    # The commands leave the workers to settings.embed_workers, which knows where the encoder runs.
+    parameters = inspect.signature(index_folder).parameters
+    assert (parameters["batch_size"].default, parameters["workers"].default) == (EMBED_BATCH_SIZE, None)
     for command in (embed_command, index_command):
         defaults = command.make_context(command.name, [str(tmp_path), "-o", "out"] if command is embed_command else []).params
-        assert (defaults["batch_size"], defaults["workers"]) == (EMBED_BATCH_SIZE, EMBED_WORKERS)
+        assert (defaults["batch_size"], defaults["workers"]) == (EMBED_BATCH_SIZE, None)
 
 
 # --------------------------------------------------------------------------------------------

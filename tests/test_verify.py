@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 pytest.importorskip("cv2", reason="OpenCV (the [dedup] extra, in [dev]) is not installed")
 
 from simsiam_embed.explore.verify import MIN_INLIERS, extract_features, match  # noqa: E402
-from simsiam_embed.index.store import CatalogEntry  # noqa: E402
+from simsiam_embed.index.catalog import CatalogEntry  # noqa: E402
 
 
 def scene(seed: int, size: tuple[int, int] = (360, 270)) -> Image.Image:

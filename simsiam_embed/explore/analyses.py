@@ -32,7 +32,8 @@ from PIL import Image
 
 from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.errors import UserError
-from simsiam_embed.index.store import CatalogEntry, LoadedIndex
+from simsiam_embed.index.catalog import CatalogEntry
+from simsiam_embed.index.store import LoadedIndex
 from simsiam_embed.index.thumbnails import indexed_bytes
 from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, GEOMETRY_THRESHOLD, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
 
@@ -540,7 +541,7 @@ def mutual_near_pairs(graph: NeighbourGraph, threshold: float,
 
 
 def _entries_by_position(loaded: LoadedIndex) -> list[CatalogEntry]:
-    return [loaded.entries[int(identifier)] for identifier in loaded.ids]
+    return loaded.entries.in_order(loaded.ids)
 
 
 def _group(vectors: CentredVectors, entries: list[CatalogEntry], positions: list[int], min_score: float,

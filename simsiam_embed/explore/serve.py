@@ -283,7 +283,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         cluster = next((c for c in result.clusters if c.number == number), None)
         if cluster is None:
             raise HTTPException(404, f"there is no cluster {number}: the index has {len(result.clusters)}")
-        page = [loaded.entries[member_id] for member_id in cluster.member_ids[offset:offset + limit]]
+        page = loaded.entries.many(cluster.member_ids[offset:offset + limit])
         return {"number": number, "size": cluster.size, "offset": offset,
                 "members": [{"id": entry.id, "path": entry.path, "label": entry.label} for entry in page]}
 

@@ -30,7 +30,7 @@ import numpy as np
 from simsiam_embed.index.thumbnails import indexed_bytes
 
 if TYPE_CHECKING:   # the store imports FAISS and torch; picture-reading workers need neither
-    from simsiam_embed.index.store import CatalogEntry
+    from simsiam_embed.index.catalog import CatalogEntry
 
 #: Pictures are reduced to this longer side first: enough keypoints for a copy, bounded cost.
 VERIFY_SIDE = 480

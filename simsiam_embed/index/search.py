@@ -17,7 +17,8 @@ from simsiam_embed.image_files import discover_images, open_image
 from simsiam_embed.inference.embed import Encoder, TorchEncoder, embed_paths, l2_normalize
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
 from simsiam_embed.errors import UserError
-from simsiam_embed.index.store import CatalogEntry, LoadedIndex, load_index
+from simsiam_embed.index.catalog import CatalogEntry
+from simsiam_embed.index.store import LoadedIndex, load_index
 from simsiam_embed.index.thumbnails import thumbnail_of_file
 
 
@@ -147,10 +148,9 @@ def _ranked_hits(loaded: LoadedIndex, scores: np.ndarray, ids: np.ndarray, k: in
     """One query's FAISS answer as hits, best first: padding (-1) and entries ``leave_out``
     names are skipped, and at most ``k`` kept."""
     hits: list[SearchHit] = []
-    for score, identifier in zip(scores, ids):
-        if identifier < 0:
-            continue
-        entry = loaded.entries[int(identifier)]
+    found = [(score, identifier) for score, identifier in zip(scores, ids) if identifier >= 0]
+    entries = loaded.entries.many([identifier for _, identifier in found])   # one catalog query, not one a hit
+    for (score, identifier), entry in zip(found, entries):
         if leave_out is not None and leave_out(entry):
             continue
         hits.append(SearchHit(len(hits) + 1, float(score), entry.path, entry.label, int(identifier)))

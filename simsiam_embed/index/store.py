@@ -39,6 +39,7 @@ from simsiam_embed.artefacts import EMBEDDING_SHARDS_DIR, ENCODER_FILE, file_dig
 from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.inference.embed import Encoder, embed_paths
 from simsiam_embed.inference.shards import embed_in_shards
+from simsiam_embed.index.catalog import Catalog, CatalogEntry, write_catalog
 from simsiam_embed.index.exact import RerankedIndex
 from simsiam_embed.index.tuning import DEFAULT_RECALL, Tuning, set_search_parameters, tune_for_recall, valid_parameters
 from simsiam_embed.index.vector_file import VectorFile, VectorWriter
@@ -244,48 +245,7 @@ def to_gpu_if_available(index: faiss.Index, report: Report | None = None) -> fai
 
 
 # --------------------------------------------------------------------------------------------
-# The catalog and the manifest
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    id: int
-    path: str
-    size: int
-    mtime_ns: int
-    label: str
-    digest: str
-
-
-_CATALOG_TYPES = (int, str, int, int, str, str)
-
-
-def _write_catalog(path: Path, entries: list[CatalogEntry]) -> None:
-    connection = sqlite3.connect(path)
-    try:
-        connection.execute(
-            "CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER NOT NULL, "
-            "mtime_ns INTEGER NOT NULL, label TEXT NOT NULL, digest TEXT NOT NULL)"
-        )
-        connection.executemany(
-            "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
-            [(e.id, e.path, e.size, e.mtime_ns, e.label, e.digest) for e in entries],
-        )
-        connection.commit()
-    finally:
-        connection.close()
-
-
-def _read_catalog(path: Path) -> list[CatalogEntry]:
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = connection.execute("SELECT id, path, size, mtime_ns, label, digest FROM images ORDER BY id").fetchall()
-    finally:
-        connection.close()
-    for row in rows:
-        if not all(isinstance(value, kind) for value, kind in zip(row, _CATALOG_TYPES)):
-            raise ValueError(f"catalog row {row[:2]!r} has values of the wrong type")
-    return [CatalogEntry(*row) for row in rows]
+# The manifest
 
 
 @dataclass(frozen=True)
@@ -359,7 +319,7 @@ class LoadedIndex:
     generation: Path
     manifest: IndexManifest
     index: faiss.Index | RerankedIndex   # the CPU index as read
-    entries: dict[int, CatalogEntry]
+    entries: Catalog                     # id -> CatalogEntry, read on demand
     vectors: VectorFile                  # row i is the vector of ids[i]
     ids: np.ndarray
     searcher: faiss.Index | None = None   # a GPU copy, when one was made for searching
@@ -449,22 +409,24 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
         # announces the change on stdout, which is no place for it.
         with stdout_redirected(discard=True) if (generation / LISTS_FILE).exists() else contextlib.nullcontext():
             index = faiss.read_index(str(generation / "faiss.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
-        entries = {entry.id: entry for entry in _read_catalog(generation / "catalog.sqlite")}
+        entries = Catalog(generation / "catalog.sqlite")
         # Read on demand: searching needs only the FAISS index (and a re-ranking index the rows
         # of its candidates); updates read the rows they keep.
         vectors = VectorFile(generation / "vectors.npy")
         ids = np.load(generation / "ids.npy")
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as error:
         raise _GenerationUnreadable(_first_line(error)[:160]) from None
-    if not (index.ntotal == len(entries) == len(ids) == len(vectors) == manifest.count):
-        raise UserError(f"the index in {index_dir} is inconsistent (index {index.ntotal}, catalog {len(entries)}, "
-                        f"manifest {manifest.count}): {REBUILD}")
+    if not (index.ntotal == len(ids) == len(vectors) == manifest.count):
+        raise UserError(f"the index in {index_dir} is inconsistent (index {index.ntotal}, ids {len(ids)}, "
+                        f"vectors {len(vectors)}, manifest {manifest.count}): {REBUILD}")
     if index.d != manifest.dim or vectors.ndim != 2 or vectors.shape[1] != manifest.dim or ids.dtype != np.int64:
         raise UserError(f"the index in {index_dir} is inconsistent (its vectors are not {manifest.dim}-d): {REBUILD}")
     if manifest.count == 0:
         raise UserError(f"the index in {index_dir} is empty: {REBUILD}")
-    # Every id once, each in the catalog: searches and analyses name files by these ids.
-    if len(np.unique(ids)) != len(ids) or not np.isin(ids, np.fromiter(entries, dtype=np.int64)).all():
+    # Every id once, and the catalog's range: searches and analyses name files by these ids. (An
+    # id missing from the middle of the catalog is refused when it is looked up, as damage too:
+    # checking every id here would read the whole catalog for each search.)
+    if len(np.unique(ids)) != len(ids) or (int(ids.min()), int(ids.max())) != entries.id_range():
         raise UserError(f"the index in {index_dir} is inconsistent (its ids do not match its catalog): {REBUILD}")
     if _faiss_factory(manifest.index_type)[1]:
         index = RerankedIndex(index, vectors, ids)
@@ -715,7 +677,7 @@ def _write_generation_files(staging: Path, index: faiss.Index | RerankedIndex, e
     """Everything of a generation but its vectors.npy (written first, to build the index from)."""
     _place_encoder(encoder_source, staging / manifest.encoder_file)
     faiss.write_index(index.base if isinstance(index, RerankedIndex) else index, str(staging / "faiss.index"))
-    _write_catalog(staging / "catalog.sqlite", entries)
+    write_catalog(staging / "catalog.sqlite", entries)
     np.save(staging / "ids.npy", ids)
     write_json_atomic(staging / "manifest.json", manifest.to_dict())
 

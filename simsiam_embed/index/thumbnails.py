@@ -27,7 +27,7 @@ from simsiam_embed.errors import UserError
 from simsiam_embed.files import atomic_write
 
 if TYPE_CHECKING:   # the store imports FAISS and torch; picture-reading workers need neither
-    from simsiam_embed.index.store import CatalogEntry
+    from simsiam_embed.index.catalog import CatalogEntry
 
 THUMBNAIL_SIDE = 160
 THUMBNAIL_FOLDER = "thumbnails"

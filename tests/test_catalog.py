@@ -1,0 +1,106 @@
+"""The catalog read on demand: lookups, pages, damage found where it is read, threads, a removed file."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simsiam_embed.errors import UserError
+from simsiam_embed.index.catalog import Catalog, CatalogEntry, write_catalog
+from simsiam_embed.index.search import search_images
+from simsiam_embed.index.store import load_index
+
+from conftest import assert_one_line_error_in_process, build_pixel_index, invoke, make_image_folder
+
+
+def _entry(image_id: int) -> CatalogEntry:
+    return CatalogEntry(image_id, f"/photos/{image_id:07d}.jpg", 1000 + image_id, image_id, f"class-{image_id % 3}",
+                        f"{image_id:064x}")
+
+
+@pytest.fixture(scope="module")
+def big_catalog(tmp_path_factory) -> Path:
+    """25,000 rows, ids with gaps (every third id): more than two pages, more than a query's ids."""
+    path = tmp_path_factory.mktemp("catalog") / "catalog.sqlite"
+    write_catalog(path, (_entry(image_id) for image_id in range(0, 75_000, 3)))
+    return path
+
+
+def test_lookups_answer_like_a_dict_of_entries(big_catalog):
+    catalog = Catalog(big_catalog)
+    assert len(catalog) == 25_000 and catalog.id_range() == (0, 74_997)
+    assert catalog[300] == _entry(300) and catalog.get(301) is None and catalog.get(301, "none") == "none"
+    assert 300 in catalog and np.int64(300) in catalog and 301 not in catalog and "300" not in catalog
+    with pytest.raises(UserError, match="has no image 301, though its index names it"):
+        catalog[301]
+
+
+def test_every_entry_comes_back_once_in_id_order_across_pages(big_catalog):
+    catalog = Catalog(big_catalog)
+    assert [entry.id for entry in catalog.values()] == list(range(0, 75_000, 3))
+    assert list(catalog)[:3] == [0, 3, 6]
+
+
+def test_many_keeps_the_order_asked_for_across_queries_and_repeats(big_catalog):
+    catalog = Catalog(big_catalog)
+    wanted = [int(i) for i in np.random.default_rng(0).choice(np.arange(0, 75_000, 3), 2_000)] + [9, 9, 0]
+    assert [entry.id for entry in catalog.many(wanted)] == wanted
+    assert catalog.many([]) == []
+    with pytest.raises(UserError, match="no image 4,"):
+        catalog.many([3, 4])
+    order = np.array([74_997, 0, 3], dtype=np.int64)
+    assert [entry.id for entry in catalog.in_order(order)] == order.tolist()
+
+
+def test_threads_share_one_catalog(big_catalog):
+    """A server answers requests and runs analyses in threads, all on one loaded index."""
+    catalog = Catalog(big_catalog)
+    errors: list[BaseException] = []
+
+    def look_up(seed: int) -> None:
+        try:
+            for image_id in np.random.default_rng(seed).choice(np.arange(0, 75_000, 3), 300):
+                assert catalog[int(image_id)].id == image_id
+            assert sum(1 for _ in catalog.values()) == 25_000
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=look_up, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_a_catalog_removed_while_open_still_answers(tmp_path):
+    """A generation's folder goes two updates later, perhaps while a server still answers from it."""
+    path = tmp_path / "catalog.sqlite"
+    write_catalog(path, [_entry(1), _entry(2)])
+    catalog = Catalog(path)
+    path.unlink()
+    assert catalog[2] == _entry(2) and [entry.id for entry in catalog.values()] == [1, 2]
+
+
+def test_a_search_reads_the_rows_of_its_hits_and_damage_is_refused_where_it_is_read(tmp_path):
+    """Opening an index read its whole catalog (6 s and ~1 GB a million images) before any search:
+    now a search reads its hits' rows. A damaged row elsewhere does not stop it; reading that row
+    (an analysis reads them all) refuses the index in one line."""
+    folder = make_image_folder(tmp_path / "images", per_class=2)
+    build_pixel_index(folder, tmp_path / "index")
+    live = tmp_path / "index" / (tmp_path / "index" / "CURRENT").read_text().strip()
+    query = folder / "disc" / "disc-00.png"
+    connection = sqlite3.connect(live / "catalog.sqlite")
+    connection.execute("UPDATE images SET size = 'not a size' WHERE path != ?", (str(query),))
+    connection.commit()
+    connection.close()
+    hits = search_images(tmp_path / "index", [query], k=1, report=lambda _message: None)[0].hits
+    assert hits[0].path == str(query) and hits[0].score > 0.999
+    with pytest.raises(UserError, match="values of the wrong type"):
+        load_index(tmp_path / "index").entries.in_order(load_index(tmp_path / "index").ids)
+    assert_one_line_error_in_process(invoke("outliers", "--index-dir", str(tmp_path / "index")),
+                                     "wrong type", "--rebuild")
