@@ -5,6 +5,7 @@
     python bench/bench_index.py --exact 1000000
     python bench/bench_index.py --build 10000000 [--work-dir /tmp/bench-index]
     python bench/bench_index.py --catalog 1000000 [--work-dir /tmp/bench-index]
+    python bench/bench_index.py --update 1000000 [--work-dir /tmp/bench-index]
 
 Speed on random unit vectors (their recall is a pessimistic floor: random high-dimensional
 points have no neighbourhood structure); recall also on real embeddings: Fashion-MNIST's first 20,000
@@ -28,6 +29,12 @@ and measured on separate queries as above.
 child process whose peak resident memory is read when it ends, what opening an index for a
 search costs in catalog reads: every row read into a dict (what opening an index did before the
 catalog was read on demand) and then one query's 10 hits, against the 10 hits alone.
+
+``--update N``: N empty image files in ``--work-dir`` and a previous catalog of them (1% changed
+since), then, each in a child process as above, what an index update does before embedding:
+the folder compared with the previous catalog as store.py did before index/changes.py (a stat
+dict, a dict of the previous entries by path, the unchanged entries listed) against
+index/changes.py (a scan table and a join in SQLite), and the new catalog written from it.
 """
 
 from __future__ import annotations
@@ -307,6 +314,62 @@ def catalog_child(mode: str, work: Path) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def update_main(args: argparse.Namespace) -> None:
+    from simsiam_embed.index.catalog import Catalog, CatalogEntry, write_catalog
+
+    work = Path(args.work_dir)
+    folder, previous = work / "images", work / "previous.sqlite"
+    if not previous.exists() or len(Catalog(previous)) != args.update:
+        started = time.monotonic()
+        paths = [folder / f"{i % 1000:03d}" / f"photo-{i:09d}.png" for i in range(args.update)]
+        for number in range(1000):
+            (folder / f"{number:03d}").mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            path.touch()
+        previous.unlink(missing_ok=True)
+        # 1% recorded with another size: changed since the previous update.
+        write_catalog(previous, (CatalogEntry(i, str(path), 0 if i % 100 else 1, path.stat().st_mtime_ns, path.parent.name,
+                                              f"{i:064x}") for i, path in enumerate(paths)))
+        print(f"made {args.update:,} files and their catalog in {time.monotonic() - started:.0f} s")
+    print(f"machine: {machine()}; an update's comparison of {args.update:,} files with the previous catalog, "
+          "and the new catalog written")
+    print("| comparison | seconds | peak RSS of the process |\n| --- | --- | --- |")
+    for mode in ("dicts", "sqlite"):
+        child = subprocess.run([sys.executable, __file__, "--update-child", mode, "--work-dir", str(work)],
+                               capture_output=True, text=True, check=True)
+        figures = json.loads(child.stdout.strip().splitlines()[-1])
+        label = ("dicts of stats and previous entries (before)" if mode == "dicts"
+                 else "a scan table and a join in SQLite (now)")
+        print(f"| {label} | {figures['seconds']:.1f} | {figures['peak_rss_mib']:.0f} MiB |")
+
+
+def update_child(mode: str, work: Path) -> None:
+    from simsiam_embed.image_files import discover_images
+    from simsiam_embed.index.catalog import Catalog, write_catalog
+    from simsiam_embed.index.changes import folder_changes
+
+    started = time.monotonic()
+    paths = discover_images(work / "images")
+    previous, new = work / "previous.sqlite", work / f"new-{mode}.sqlite"
+    new.unlink(missing_ok=True)
+    if mode == "dicts":   # store.update_index before index/changes.py, and its catalog write
+        old_by_path = {entry.path: entry for entry in Catalog(previous).values()}
+        stats = {str(path): path.stat() for path in paths}
+        unchanged = [old_by_path[p] for p, st in stats.items()
+                     if p in old_by_path and (old_by_path[p].size, old_by_path[p].mtime_ns) == (st.st_size, st.st_mtime_ns)]
+        keep_ids = {entry.id for entry in unchanged}
+        to_embed = [Path(p) for p in stats if p not in old_by_path or old_by_path[p].id not in keep_ids]
+        write_catalog(new, sorted(unchanged, key=lambda entry: entry.id))
+        kept, embed = len(unchanged), len(to_embed)
+    else:
+        with folder_changes(paths, previous, work / ".changes.sqlite") as changes:
+            write_catalog(new, [], kept=changes)
+            kept, embed = changes.unchanged, len(changes.to_embed)
+    assert kept == len(Catalog(new)) and kept + embed == len(paths)
+    print(json.dumps({"seconds": time.monotonic() - started,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -325,7 +388,15 @@ def main() -> None:
     parser.add_argument("--catalog", type=int, default=0, help="rows: open a catalog of them for one search")
     parser.add_argument("--build-child", help=argparse.SUPPRESS)
     parser.add_argument("--catalog-child", help=argparse.SUPPRESS)
+    parser.add_argument("--update", type=int, default=0, help="files: compare them with a previous catalog")
+    parser.add_argument("--update-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.update_child:
+        update_child(args.update_child, Path(args.work_dir))
+        return
+    if args.update:
+        update_main(args)
+        return
     if args.build_child:
         build_child(Path(args.build_child), args.recall)
         return

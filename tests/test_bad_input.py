@@ -92,7 +92,7 @@ def test_a_full_disk_while_writing_the_catalog_is_one_line_and_keeps_the_index(t
     make_image_folder(folder / "more", per_class=1, seed=4)
     import simsiam_embed.index.store as index_module
 
-    def disk_full(*_args):
+    def disk_full(*_args, **_kwargs):
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(index_module, "write_catalog", disk_full)

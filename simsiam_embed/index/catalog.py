@@ -16,11 +16,15 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from simsiam_embed.errors import UserError
+from simsiam_embed.index.changes import sqlite_uri
+
+if TYPE_CHECKING:
+    from simsiam_embed.index.changes import FolderChanges
 
 
 @dataclass(frozen=True)
@@ -39,13 +43,17 @@ _TYPES = (int, str, int, int, str, str)
 _ROWS_PER_QUERY = 900
 
 
-def write_catalog(path: Path, entries: Iterable[CatalogEntry]) -> None:
-    connection = sqlite3.connect(path)
+def write_catalog(path: Path, entries: Iterable[CatalogEntry], kept: FolderChanges | None = None) -> None:
+    """A new catalog of ``entries`` and, with ``kept``, the previous catalog's unchanged rows
+    (copied inside SQLite: see index/changes.py)."""
+    connection = sqlite3.connect(sqlite_uri(path), uri=True)
     try:
         connection.execute(
             "CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER NOT NULL, "
             "mtime_ns INTEGER NOT NULL, label TEXT NOT NULL, digest TEXT NOT NULL)"
         )
+        if kept is not None:
+            kept.copy_unchanged_into(connection)
         connection.executemany(
             "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
             ((e.id, e.path, e.size, e.mtime_ns, e.label, e.digest) for e in entries),
@@ -66,7 +74,7 @@ class Catalog:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
-        self._connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self._connection = sqlite3.connect(sqlite_uri(path, read_only=True), uri=True, check_same_thread=False)
         self._count: int | None = None
         try:
             self.id_range()   # a file that is no catalog fails here, not at the first lookup
@@ -88,6 +96,12 @@ class Catalog:
             low = self._connection.execute("SELECT MIN(id) FROM images").fetchone()[0]
             high = self._connection.execute("SELECT MAX(id) FROM images").fetchone()[0]
         return None if low is None else (low, high)
+
+    def ids(self) -> np.ndarray:
+        """Every id, ascending: an update checks them against its vectors' before keeping any."""
+        with self._lock:
+            return np.fromiter((row[0] for row in self._connection.execute("SELECT id FROM images ORDER BY id")),
+                               dtype=np.int64)
 
     def get(self, image_id: int, default: CatalogEntry | None = None) -> CatalogEntry | None:
         with self._lock:

@@ -29,7 +29,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -40,6 +40,7 @@ from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.inference.embed import Encoder, embed_paths
 from simsiam_embed.inference.shards import embed_in_shards
 from simsiam_embed.index.catalog import Catalog, CatalogEntry, write_catalog
+from simsiam_embed.index.changes import FolderChanges, folder_changes
 from simsiam_embed.index.exact import RerankedIndex
 from simsiam_embed.index.tuning import DEFAULT_RECALL, Tuning, set_search_parameters, tune_for_recall, valid_parameters
 from simsiam_embed.index.vector_file import VectorFile, VectorWriter
@@ -74,6 +75,8 @@ ADD_ROWS = 65_536
 #: the build nor a search holds them; 64-byte codes pass it at ~30M vectors.
 IN_MEMORY_LISTS_BYTES = 2 << 30
 LISTS_FILE = "faiss.ivfdata"
+#: Where an update compares the folder with the previous catalog (index/changes.py); removed after.
+CHANGES_FILE = ".changes.sqlite"
 #: A factory string ending in this re-ranks the FAISS index's candidates exactly from the
 #: generation's vectors.npy (index/exact.py's RerankedIndex): our suffix, not FAISS's.
 RERANK = ",Rerank"
@@ -495,99 +498,90 @@ def update_index(
     with folder_lock(index_dir, "an `index` run", report):
         _remove_abandoned_generations(index_dir)
         previous, rebuilt_because = _previous_state(index_dir, identity, image_dir, rebuild)
-        old_by_path = {entry.path: entry for entry in previous.entries.values()} if previous else {}
-        stats, failures = _stat_files(paths)
-        unchanged = [old_by_path[p] for p, st in stats.items()
-                     if p in old_by_path and (old_by_path[p].size, old_by_path[p].mtime_ns) == (st.st_size, st.st_mtime_ns)]
-        keep_ids = {entry.id for entry in unchanged}
-        to_embed = [Path(p) for p in stats if p not in old_by_path or old_by_path[p].id not in keep_ids]
-        changed = sum(1 for path in to_embed if str(path) in old_by_path)
-        removed = len(old_by_path) - len(unchanged) - changed
+        with folder_changes(paths, previous.entries.path if previous else None, index_dir / CHANGES_FILE) as changes:
+            return _update(image_dir, paths, encoder, identity, index_dir, index_type, batch_size, workers, report,
+                           show_progress, recall, started, previous, rebuilt_because, changes)
 
-        report(f"{len(paths)} images in {image_dir}: {len(unchanged)} unchanged, {len(to_embed) - changed} new, "
-               f"{changed} changed, {removed} deleted")
-        requested = index_type or (previous.manifest.requested_type if previous else None)
-        target = recall or (previous.manifest.recall_target if previous else None) or DEFAULT_RECALL
-        if (previous is not None and not to_embed and not removed and requested == previous.manifest.requested_type
-                and recall in (None, previous.manifest.recall_target)):
-            # Nothing to add, change or drop: the live generation already is this index.
-            return IndexUpdate(index_dir, previous.count, 0, 0, 0, len(unchanged), previous.manifest.index_type,
-                               "up to date: nothing changed since the last update", None, failures,
-                               0.0, time.monotonic() - started)
-        # Everything that can be refused is refused before the embedding, which may take hours.
-        expected = len(unchanged) + len(to_embed)
-        planned = choose_index_type(expected, identity.dim, requested)
-        _check_free_space(index_dir, expected, identity)
-        # Embedded into shards that outlive this process: an update killed after hours resumes
-        # from its last finished shard when run again on the same files (inference/shards.py).
-        shards = embed_in_shards(
-            to_embed, lambda slice_paths, bar: embed_paths(slice_paths, encoder, batch_size, workers, bar=bar),
-            index_dir / EMBEDDING_SHARDS_DIR, identity.dim, {"encoder": identity.digest},
-            show_progress=show_progress, report=report)
-        kept_previous = (np.isin(previous.ids, np.fromiter(keep_ids, dtype=np.int64, count=len(keep_ids)))
-                         if previous is not None else np.zeros(0, dtype=bool))
-        total = int(kept_previous.sum()) + shards.kept()
-        if total == 0:
-            failures += [(str(to_embed[row]), reason) for shard in shards for row, reason in shard.failures]
-            first = f": the first, {failures[0][0]}: {failures[0][1]}" if failures else ""
-            raise UserError(f"none of the {len(paths)} image files in {image_dir} could be read{first}; "
-                            "the index was not changed")
-        # Unreadable files leave fewer vectors than planned for: then the choice is made again.
-        choice = planned if total == expected else choose_index_type(total, identity.dim, requested)
-        with _new_generation(index_dir) as staging:
-            # The vectors go straight from the previous generation and the shards into the new
-            # file, a block at a time, and the index is built from that file: no step holds them all.
-            embedded_rows = []
-            with VectorWriter(staging / "vectors.npy", total, identity.dim) as writer:
-                for start in range(0, len(kept_previous), ADD_ROWS):
-                    writer.write(previous.vectors[start:start + ADD_ROWS][kept_previous[start:start + ADD_ROWS]])
-                for shard in shards:
-                    writer.write(shard.vectors)
-                    embedded_rows.append(shard.rows)
-                    failures += [(str(to_embed[row]), reason) for row, reason in shard.failures]
-            embedded = np.concatenate(embedded_rows) if embedded_rows else np.zeros(0, np.int64)
-            next_id = int(previous.ids.max()) + 1 if previous is not None and len(previous.ids) else 0
-            new_entries = []
-            for offset, position in enumerate(embedded):
-                path = to_embed[int(position)]
-                st = stats[str(path)]
-                new_entries.append(CatalogEntry(next_id + offset, str(path), st.st_size, st.st_mtime_ns,
-                                                label_of(path), file_digest(path)))
-            kept_ids = previous.ids[kept_previous] if previous is not None else np.zeros(0, np.int64)
-            ids = np.concatenate([kept_ids, np.arange(next_id, next_id + len(new_entries), dtype=np.int64)])
-            vectors = VectorFile(staging / "vectors.npy")
-            index = build_faiss_index(vectors, ids, choice.factory, lists_file=staging / LISTS_FILE)
-            tuning = tune_for_recall(index, vectors, ids, target)
-            if tuning.parameters:   # an approximate index: what its tuning found (exact search needs none)
-                report(f"search: {tuning.describe()}")
-            if not tuning.met:
-                report(f"warning: {choice.factory} reaches recall@10 {tuning.recall:.3f}, short of {target:g}, at "
-                       "its slowest setting: --index-type flat searches exactly, or pass a lower --recall")
-            manifest = IndexManifest(
-                image_dir=str(image_dir), encoder_kind=identity.kind, encoder_file=ENCODER_FILES[identity.kind],
-                encoder_digest=identity.digest, encoder_source=identity.path, dim=identity.dim,
-                index_type=choice.factory, requested_type=requested, count=len(ids), skipped=len(failures),
-                updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), search_parameters=tuning.parameters,
-                recall_target=target, recall_at_10=round(tuning.recall, 4),
-            )
-            entries = sorted(unchanged + new_entries, key=lambda entry: entry.id)
-            _write_generation_files(staging, index, entries, ids, manifest, Path(identity.path))
-        shards.remove()   # their vectors are in the live generation now
-    added = sum(1 for entry in new_entries if entry.path not in old_by_path)
-    return IndexUpdate(index_dir, len(ids), added, len(new_entries) - added, removed, len(unchanged),
+
+def _update(image_dir: Path, paths: list[Path], encoder: Encoder, identity: EncoderIdentity, index_dir: Path,
+            index_type: str | None, batch_size: int, workers: int, report: Report, show_progress: bool,
+            recall: float | None, started: float, previous: LoadedIndex | None, rebuilt_because: str | None,
+            changes: FolderChanges) -> IndexUpdate:
+    """update_index's work once the folder is compared with the previous index (``changes``)."""
+    to_embed, changed, removed, failures = changes.to_embed, changes.changed, changes.removed, changes.failures
+    report(f"{len(paths)} images in {image_dir}: {changes.unchanged} unchanged, {len(to_embed) - changed} new, "
+           f"{changed} changed, {removed} deleted")
+    requested = index_type or (previous.manifest.requested_type if previous else None)
+    target = recall or (previous.manifest.recall_target if previous else None) or DEFAULT_RECALL
+    if (previous is not None and not to_embed and not removed and requested == previous.manifest.requested_type
+            and recall in (None, previous.manifest.recall_target)):
+        # Nothing to add, change or drop: the live generation already is this index.
+        return IndexUpdate(index_dir, previous.count, 0, 0, 0, changes.unchanged, previous.manifest.index_type,
+                           "up to date: nothing changed since the last update", None, failures,
+                           0.0, time.monotonic() - started)
+    # Everything that can be refused is refused before the embedding, which may take hours.
+    expected = changes.unchanged + len(to_embed)
+    planned = choose_index_type(expected, identity.dim, requested)
+    _check_free_space(index_dir, expected, identity)
+    # Embedded into shards that outlive this process: an update killed after hours resumes
+    # from its last finished shard when run again on the same files (inference/shards.py).
+    shards = embed_in_shards(
+        to_embed, lambda slice_paths, bar: embed_paths(slice_paths, encoder, batch_size, workers, bar=bar),
+        index_dir / EMBEDDING_SHARDS_DIR, identity.dim, {"encoder": identity.digest},
+        show_progress=show_progress, report=report)
+    kept_previous = (np.isin(previous.ids, changes.unchanged_ids, assume_unique=True)
+                     if previous is not None else np.zeros(0, dtype=bool))
+    total = int(kept_previous.sum()) + shards.kept()
+    if total == 0:
+        failures += [(str(to_embed[row]), reason) for shard in shards for row, reason in shard.failures]
+        first = f": the first, {failures[0][0]}: {failures[0][1]}" if failures else ""
+        raise UserError(f"none of the {len(paths)} image files in {image_dir} could be read{first}; "
+                        "the index was not changed")
+    # Unreadable files leave fewer vectors than planned for: then the choice is made again.
+    choice = planned if total == expected else choose_index_type(total, identity.dim, requested)
+    with _new_generation(index_dir) as staging:
+        # The vectors go straight from the previous generation and the shards into the new
+        # file, a block at a time, and the index is built from that file: no step holds them all.
+        embedded_rows = []
+        with VectorWriter(staging / "vectors.npy", total, identity.dim) as writer:
+            for start in range(0, len(kept_previous), ADD_ROWS):
+                writer.write(previous.vectors[start:start + ADD_ROWS][kept_previous[start:start + ADD_ROWS]])
+            for shard in shards:
+                writer.write(shard.vectors)
+                embedded_rows.append(shard.rows)
+                failures += [(str(to_embed[row]), reason) for row, reason in shard.failures]
+        embedded = np.concatenate(embedded_rows) if embedded_rows else np.zeros(0, np.int64)
+        next_id = int(previous.ids.max()) + 1 if previous is not None and len(previous.ids) else 0
+        new_ids = np.arange(next_id, next_id + len(embedded), dtype=np.int64)
+        kept_ids = previous.ids[kept_previous] if previous is not None else np.zeros(0, np.int64)
+        ids = np.concatenate([kept_ids, new_ids])
+        vectors = VectorFile(staging / "vectors.npy")
+        index = build_faiss_index(vectors, ids, choice.factory, lists_file=staging / LISTS_FILE)
+        tuning = tune_for_recall(index, vectors, ids, target)
+        if tuning.parameters:   # an approximate index: what its tuning found (exact search needs none)
+            report(f"search: {tuning.describe()}")
+        if not tuning.met:
+            report(f"warning: {choice.factory} reaches recall@10 {tuning.recall:.3f}, short of {target:g}, at "
+                   "its slowest setting: --index-type flat searches exactly, or pass a lower --recall")
+        manifest = IndexManifest(
+            image_dir=str(image_dir), encoder_kind=identity.kind, encoder_file=ENCODER_FILES[identity.kind],
+            encoder_digest=identity.digest, encoder_source=identity.path, dim=identity.dim,
+            index_type=choice.factory, requested_type=requested, count=len(ids), skipped=len(failures),
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), search_parameters=tuning.parameters,
+            recall_target=target, recall_at_10=round(tuning.recall, 4),
+        )
+        # The new files' entries are made as the catalog is written (each reads its file for
+        # the digest), after the previous catalog's unchanged rows, copied inside SQLite.
+        new_entries = (CatalogEntry(int(image_id), str(to_embed[position]), int(changes.sizes[position]),
+                                    int(changes.mtimes_ns[position]), label_of(to_embed[position]),
+                                    file_digest(to_embed[position]))
+                       for image_id, position in zip(new_ids, embedded.tolist()))
+        _write_generation_files(staging, index, new_entries, changes, ids, manifest, Path(identity.path))
+    shards.remove()   # their vectors are in the live generation now
+    added = int((~changes.was_indexed[embedded]).sum())
+    return IndexUpdate(index_dir, len(ids), added, len(embedded) - added, removed, changes.unchanged,
                        choice.factory, choice.reason, rebuilt_because, failures,
                        shards.images_per_second, time.monotonic() - started, tuning)
-
-
-def _stat_files(paths: list[Path]) -> tuple[dict[str, os.stat_result], list[tuple[str, str]]]:
-    """Size and mtime of each file; dangling and looping links are listed as failures, not fatal."""
-    stats, failures = {}, []
-    for path in paths:
-        try:
-            stats[str(path)] = path.stat()
-        except OSError as error:
-            failures.append((str(path), f"cannot open ({error.strerror or error})"))
-    return stats, failures
 
 
 def _check_free_space(index_dir: Path, count: int, identity: EncoderIdentity) -> None:
@@ -613,6 +607,14 @@ def _previous_state(index_dir: Path, identity: EncoderIdentity, image_dir: Path,
         previous = load_index(index_dir, for_search=False)
     except UserError as error:   # a writer starts afresh where a reader would have to give up
         return None, f"the previous index cannot be used ({str(error).split(': rebuild')[0]})"
+    try:
+        # Opening checked only the ids' range (index/catalog.py); an update keeps rows and
+        # vectors by id, so here every id is checked (a second or two at 10M).
+        in_step = np.array_equal(previous.entries.ids(), np.sort(previous.ids))
+    except (ValueError, sqlite3.Error):
+        in_step = False
+    if not in_step:
+        return None, "the previous index cannot be used (its ids do not match its catalog)"
     if previous.manifest.encoder_digest != identity.digest:
         return None, "the encoder changed, so every vector must be recomputed"
     if previous.manifest.image_dir != str(image_dir):
@@ -672,12 +674,13 @@ def _new_generation(index_dir: Path) -> Iterator[Path]:
     _remove_stale_generations(index_dir, keep={name, previous_live})
 
 
-def _write_generation_files(staging: Path, index: faiss.Index | RerankedIndex, entries: list[CatalogEntry],
-                            ids: np.ndarray, manifest: IndexManifest, encoder_source: Path) -> None:
+def _write_generation_files(staging: Path, index: faiss.Index | RerankedIndex, new_entries: Iterable[CatalogEntry],
+                            changes: FolderChanges, ids: np.ndarray, manifest: IndexManifest,
+                            encoder_source: Path) -> None:
     """Everything of a generation but its vectors.npy (written first, to build the index from)."""
     _place_encoder(encoder_source, staging / manifest.encoder_file)
     faiss.write_index(index.base if isinstance(index, RerankedIndex) else index, str(staging / "faiss.index"))
-    write_catalog(staging / "catalog.sqlite", entries)
+    write_catalog(staging / "catalog.sqlite", new_entries, kept=changes)
     np.save(staging / "ids.npy", ids)
     write_json_atomic(staging / "manifest.json", manifest.to_dict())
 
