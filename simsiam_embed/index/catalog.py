@@ -5,8 +5,8 @@
     >>> catalog[17].path, catalog.get(18), len(catalog)
 
 A catalog is read on demand, a row at a time or a few hundred at once: a search needs the rows
-of its hits, not the other ten million (reading them all into Python took 6 s and 1 GB a million
-images, bench/RESULTS.md). Every row is checked against its column types when read: the file
+of its hits, not the other ten million (reading them all into Python took 55 s and 5.5 GB at
+10M images, bench/RESULTS.md). Every row is checked against its column types when read: the file
 may have come from someone else.
 """
 
