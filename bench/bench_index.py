@@ -274,6 +274,13 @@ def real_embeddings() -> tuple[np.ndarray, np.ndarray]:
 CATALOG_HITS = 10
 
 
+def _in_child(flag: str, mode: str, work: Path) -> dict:
+    """The figures a fresh process of this script prints for ``flag mode`` (its peak RSS its own)."""
+    child = subprocess.run([sys.executable, __file__, flag, mode, "--work-dir", str(work)],
+                           capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def catalog_main(args: argparse.Namespace) -> None:
     from simsiam_embed.index.catalog import Catalog, CatalogEntry, write_catalog
 
@@ -290,9 +297,7 @@ def catalog_main(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}; opening a catalog of {args.catalog:,} rows and reading one query's {CATALOG_HITS} hits")
     print("| catalog read | seconds | peak RSS of the process |\n| --- | --- | --- |")
     for mode in ("whole", "on-demand"):
-        child = subprocess.run([sys.executable, __file__, "--catalog-child", mode, "--work-dir", str(work)],
-                               capture_output=True, text=True, check=True)
-        figures = json.loads(child.stdout.strip().splitlines()[-1])
+        figures = _in_child("--catalog-child", mode, work)
         label = "every row into a dict, then the hits (before)" if mode == "whole" else "the hits' rows only (now)"
         print(f"| {label} | {figures['seconds']:.3f} | {figures['peak_rss_mib']:.0f} MiB |")
 
@@ -335,9 +340,7 @@ def update_main(args: argparse.Namespace) -> None:
           "and the new catalog written")
     print("| comparison | seconds | peak RSS of the process |\n| --- | --- | --- |")
     for mode in ("dicts", "sqlite"):
-        child = subprocess.run([sys.executable, __file__, "--update-child", mode, "--work-dir", str(work)],
-                               capture_output=True, text=True, check=True)
-        figures = json.loads(child.stdout.strip().splitlines()[-1])
+        figures = _in_child("--update-child", mode, work)
         label = ("dicts of stats and previous entries (before)" if mode == "dicts"
                  else "a scan table and a join in SQLite (now)")
         print(f"| {label} | {figures['seconds']:.1f} | {figures['peak_rss_mib']:.0f} MiB |")
@@ -391,29 +394,16 @@ def main() -> None:
     parser.add_argument("--update", type=int, default=0, help="files: compare them with a previous catalog")
     parser.add_argument("--update-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.update_child:
-        update_child(args.update_child, Path(args.work_dir))
-        return
-    if args.update:
-        update_main(args)
-        return
-    if args.build_child:
-        build_child(Path(args.build_child), args.recall)
-        return
-    if args.catalog_child:
-        catalog_child(args.catalog_child, Path(args.work_dir))
-        return
-    if args.catalog:
-        catalog_main(args)
-        return
-    if args.exact:
-        exact_main(args)
-        return
-    if args.build:
-        build_main(args)
-        return
-    if args.tuned:
-        tuned_main(args)
+    work = Path(args.work_dir)
+    modes = ((args.build_child, lambda: build_child(Path(args.build_child), args.recall)),
+             (args.catalog_child, lambda: catalog_child(args.catalog_child, work)),
+             (args.update_child, lambda: update_child(args.update_child, work)),
+             (args.catalog, lambda: catalog_main(args)), (args.update, lambda: update_main(args)),
+             (args.exact, lambda: exact_main(args)), (args.build, lambda: build_main(args)),
+             (args.tuned, lambda: tuned_main(args)))
+    chosen = next((run_mode for wanted, run_mode in modes if wanted), None)
+    if chosen is not None:
+        chosen()
         return
     print(f"machine: {machine()}; FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
           f"{QUERIES} queries, k={K}")
