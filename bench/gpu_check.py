@@ -21,7 +21,9 @@ What it checks, each a row of the table (a failed or short check makes the exit 
 4. FAISS on the GPU when a GPU build is installed (k <= 2048 on the GPU, larger k on the CPU);
 5. detection fine-tuning steps with AMP (fp16 + loss scaler);
 6. the batched colour augmentation runs without a device sync;
-7. the batched crops (crop_on_device) equal torchvision's crop on the GPU, and their time.
+7. the batched crops (crop_on_device) equal torchvision's crop on the GPU, and their time;
+8. `embed --precision fp16` against fp32 on CUDA (and TensorRT): images/s and top-10 neighbours
+   shared, the figures the GPU default of `--precision auto` waits for.
 Images are drawn by the script itself: the device machine needs nothing but this repository.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -312,6 +315,37 @@ def check_inference(table: Table, run_dir: Path, images: Path, workspace: Path, 
                       f"{len(folders)} engine folder(s), {len(engines)} engine file(s) in {workspace / '.tensorrt-cache'}")
 
 
+def check_fp16_embedding(table: Table, run_dir: Path, images: Path, workspace: Path, on_gpu: bool) -> None:
+    """`--precision fp16` against fp32 on each GPU provider: images/s and the share of each image's
+    10 nearest neighbours fp16 finds as fp32 does (what `auto` on GPUs is to be decided by)."""
+    if not on_gpu:
+        table.add("embed fp16 against fp32", None, "fp16 is for GPUs")
+        return
+    from simsiam_embed.inference.onnx_encoder import tensorrt_installed
+
+    for provider in ["cuda"] + (["tensorrt"] if tensorrt_installed() else []):
+        rates, vectors = {}, {}
+        for precision in ("fp32", "fp16"):
+            out = workspace / f"vectors-{provider}-{precision}"
+            embedded = run([*CLI, "embed", str(images), "-o", str(out), "--model", str(run_dir), "--provider", provider,
+                            "--precision", precision], cwd=workspace)
+            if embedded.returncode != 0:
+                table.add(f"embed fp16 against fp32, provider {provider}", False, embedded.stderr.strip()[-160:])
+                break
+            rates[precision] = float(re.search(r"\(([\d.]+) images/s", embedded.stdout).group(1))
+            vectors[precision] = np.load(out / "embeddings.npy")[:1000]
+        else:
+            neighbours = []
+            for features in vectors.values():
+                similarity = features @ features.T
+                np.fill_diagonal(similarity, -np.inf)
+                neighbours.append(np.argsort(-similarity, axis=1)[:, :10])
+            overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(*neighbours)]))
+            table.add(f"embed fp16 against fp32, provider {provider}", overlap >= 0.95,
+                      f"fp32 {rates['fp32']:.0f} images/s, fp16 {rates['fp16']:.0f} images/s "
+                      f"({rates['fp16'] / rates['fp32']:.2f}x); top-10 neighbours shared {overlap:.3f}")
+
+
 def check_faiss_gpu(table: Table) -> None:
     import faiss
 
@@ -385,6 +419,7 @@ def main() -> None:
             table.run("torchrun, 2 processes on 2 GPUs", check_two_processes, images, workspace, small)
             if run_dir is not None:
                 table.run("export and inference", check_inference, run_dir, images, workspace, on_gpu)
+                table.run("embed fp16 against fp32", check_fp16_embedding, run_dir, images, workspace, on_gpu)
             table.run("FAISS on the GPU", check_faiss_gpu)
             table.run("detection fine-tuning", check_detection, images, side, 512 if on_gpu else 64, workspace,
                       args.device, 20 if on_gpu else 3)

@@ -36,7 +36,8 @@ workers_option = click.option("--workers", type=click.IntRange(min=0),
                                    f"(shared among torchrun's processes); on the CPU {EMBED_WORKERS}]")
 precision_option = click.option(
     "--precision", type=click.Choice(EMBED_PRECISIONS), default="auto",
-    help=f"The run's encoder in fp32, or int8 (quantised on the run's images; refused unless each image's 10 "
+    help=f"The run's encoder in fp32, fp16 (GPUs only: half-precision weights, and TensorRT's fp16 mode), or "
+         f"int8 (quantised on the run's images; refused unless each image's 10 "
          f"nearest neighbours stay {MIN_NEIGHBOUR_OVERLAP_INT8:.0%} fp32's).  [default: auto: int8 on a CPU with "
          f"int8 dot products (AVX512-VNNI, AVX-VNNI, AMX) for {INT8_MIN_IMAGES:,} images or more, else fp32; "
          f"an index keeps the encoder it was built with]")

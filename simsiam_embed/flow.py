@@ -83,18 +83,21 @@ def _encoder_at_precision(checkpoint: Path, requested: str, provider: str | None
     settings.embed_precision (int8 on a CPU with int8 dot products, for enough images); an
     index keeps the encoder it was built with (``kept_digest``), so that a folder growing past
     the threshold is not embedded all over again. An int8 encoder that fails its neighbour
-    check is reported and fp32 used, unless int8 was asked for."""
+    check is reported and fp32 used, unless int8 was asked for. fp16 is only ever asked for, and
+    only on a GPU (ONNX Runtime's CPU provider has no fast fp16 kernels)."""
+    on_gpu = provider in ("cuda", "tensorrt") or (provider is None and torch_sees_a_gpu())
+    if requested == "fp16" and not on_gpu:
+        raise UserError("--precision fp16 runs the encoder in half precision on a GPU, and ONNX Runtime runs "
+                        "on the CPU here: use --precision auto, fp32 or int8")
     fp32 = encoder_for_checkpoint(checkpoint, report)
     if requested == "auto" and kept_digest is not None:
-        int8 = exported_encoder_path(checkpoint, precision="int8")
-        if file_digest(fp32) == kept_digest:
-            report(f"precision: fp32 (the index was built with {fp32.name})")
-            return fp32
-        if (int8.is_file() and file_digest(int8) == kept_digest
-                and read_encoder_metadata(int8).source_checkpoint_sha256 == file_digest(checkpoint)):
-            report(f"precision: int8 (the index was built with {int8.name})")
-            return int8
-    on_gpu = provider in ("cuda", "tensorrt") or (provider is None and torch_sees_a_gpu())
+        checkpoint_digest = file_digest(checkpoint)
+        for precision in ("fp32", "fp16", "int8"):
+            kept = exported_encoder_path(checkpoint, precision=precision)
+            if (kept.is_file() and file_digest(kept) == kept_digest
+                    and read_encoder_metadata(kept).source_checkpoint_sha256 == checkpoint_digest):
+                report(f"precision: {precision} (the index was built with {kept.name})")
+                return kept
     int8_units = cpu_int8_instructions()
     # Counting a folder of millions takes a while: only when the count decides.
     images = count_images() if requested == "auto" and not on_gpu and int8_units and count_images else None
@@ -103,14 +106,14 @@ def _encoder_at_precision(checkpoint: Path, requested: str, provider: str | None
         report(f"precision: fp32 ({reason})")
         return fp32
     try:
-        int8 = encoder_for_checkpoint(checkpoint, report, "int8")
+        reduced = encoder_for_checkpoint(checkpoint, report, chosen)
     except UserError as error:
-        if requested == "int8":
+        if requested == chosen:
             raise
-        report(f"precision: fp32 (int8 was refused: {error})")
+        report(f"precision: fp32 ({chosen} was refused: {error})")
         return fp32
-    report(f"precision: int8 ({reason})")
-    return int8
+    report(f"precision: {chosen} ({reason})")
+    return reduced
 
 
 def _checkpoint_named(workspace: Workspace, model: Path | None) -> Path:

@@ -71,7 +71,7 @@ MIN_COSINE_FP16 = 0.999
 #: them, this share on average. Cosine alone says little of what int8 changes for retrieval.
 MIN_NEIGHBOUR_OVERLAP_INT8 = 0.95
 #: Encoder precisions `embed` and `index` take (`--precision`); auto: embed_precision below.
-EMBED_PRECISIONS = ("auto", "fp32", "int8")
+EMBED_PRECISIONS = ("auto", "fp32", "fp16", "int8")
 #: Images from which `embed` and `index` quantise the encoder to int8 on a CPU with int8 dot
 #: products: quantising and its neighbour check cost about a minute for a ResNet-50 at 224 px on 2
 #: cores, which int8's 2.85x images/s (bench/RESULTS.md) wins back after ~1,600 images.
@@ -344,7 +344,9 @@ def embed_precision(requested: str, on_gpu: bool, images: int | None, int8_units
     if requested != "auto":
         return requested, f"--precision {requested}"
     if on_gpu:
-        return "fp32", "a GPU runs the encoder (int8 is for CPUs)"
+        # fp16 on tensor cores is the likely win here, but unmeasured on a GPU so far: it is
+        # offered (--precision fp16) and bench/gpu_check.py measures it against fp32 first.
+        return "fp32", "a GPU runs the encoder (int8 is for CPUs; --precision fp16 for half precision)"
     if int8_units is None:
         return "fp32", "this CPU has no int8 dot products (AVX512-VNNI, AVX-VNNI, AMX)"
     if images is None or images < INT8_MIN_IMAGES:

@@ -558,6 +558,36 @@ def test_search_sets_cudnn_up_for_a_few_queries_and_embedding_for_many(tmp_path,
     assert (indexing, searching) == ("EXHAUSTIVE", "HEURISTIC")
 
 
+def test_fp16_runs_on_a_gpu_with_tensorrts_fp16_mode_and_is_refused_on_a_cpu(sample_run, tmp_path, monkeypatch):
+    """TensorRT computes in fp32 unless its fp16 flag is set, whatever the file's types: an fp16
+    encoder gets the flag, an fp32 one never does; an index keeps its fp16 encoder on update."""
+    import shutil as shell
+
+    workspace = tmp_path / "work"
+    shell.copytree(sample_run.parent.parent, workspace)   # the run's workspace, so exports land in the copy
+    folder = make_image_folder(tmp_path / "images", per_class=1, size=28)
+    common = ["--workspace", str(workspace)]
+    refused = invoke("index", str(folder), *common, "--precision", "fp16")
+    assert_one_line_error_in_process(refused, "--precision fp16", "GPU")
+
+    machine = _SessionsOnAGpuMachine(monkeypatch)
+    indexed = invoke("index", str(folder), *common, "--provider", "tensorrt", "--precision", "fp16")
+    assert indexed.exit_code == 0, indexed.output
+    assert "precision: fp16 (--precision fp16)" in indexed.stderr
+    trt = [asked["TensorrtExecutionProvider"] for asked in machine.asked if "TensorrtExecutionProvider" in asked]
+    assert [options["trt_fp16_enable"] for options in trt] == ["True"]
+    (folder / "disc" / "disc-00.png").unlink()
+    updated = invoke("index", str(folder), *common, "--provider", "tensorrt")
+    assert updated.exit_code == 0, updated.output
+    assert "precision: fp16 (the index was built with encoder-fp16.onnx)" in updated.stderr
+    searched = invoke("search", str(folder / "square" / "square-00.png"), *common, "--provider", "tensorrt")
+    assert searched.exit_code == 0, searched.output
+    rebuilt = invoke("index", str(folder), *common, "--provider", "tensorrt", "--precision", "fp32", "--rebuild")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    trt = [asked["TensorrtExecutionProvider"] for asked in machine.asked if "TensorrtExecutionProvider" in asked]
+    assert [options["trt_fp16_enable"] for options in trt] == ["True", "True", "True", "False"]
+
+
 def test_the_export_check_builds_no_tensorrt_engine(sample_run, tmp_path, monkeypatch):
     """The parity check runs one batch: a TensorRT engine for it would take minutes and be kept nowhere."""
     machine = _SessionsOnAGpuMachine(monkeypatch)

@@ -138,7 +138,7 @@ def tensorrt_engine_folder(encoder: Path, cache_root: Path) -> Path:
 
 
 def _provider_options(name: str, max_batch: int, input_size: int | None, engine_folder: Path | None,
-                      latency_first: bool) -> dict[str, str]:
+                      latency_first: bool, half: bool = False) -> dict[str, str]:
     """Under torchrun each process uses its own GPU; TensorRT keeps its engines between commands.
 
     Without an engine cache TensorRT rebuilds its engine (minutes for a ResNet-50) in every
@@ -151,12 +151,16 @@ def _provider_options(name: str, max_batch: int, input_size: int | None, engine_
     shape: worth it for embedding, where one batch shape serves thousands of batches, and
     seconds lost per query for ``search`` and ``serve`` (``latency_first``), whose batches are a
     few queries of changing count: there its heuristic choice is used.
+
+    TensorRT computes in fp16 only with its fp16 flag, whatever the ONNX file's types: it is set
+    for an encoder exported in fp16 (``half``), whose parity with PyTorch export checked, and
+    never for an fp32 one, whose features the user asked to keep at full precision.
     """
     device = os.environ.get("LOCAL_RANK", "0")
     if name == "CUDAExecutionProvider":
         return {"device_id": device, "cudnn_conv_algo_search": "HEURISTIC" if latency_first else "EXHAUSTIVE"}
     if name == "TensorrtExecutionProvider":
-        options = {"device_id": device, "trt_fp16_enable": "False", "trt_engine_cache_enable": "False"}
+        options = {"device_id": device, "trt_fp16_enable": str(half), "trt_engine_cache_enable": "False"}
         if engine_folder is not None:
             options.update(trt_engine_cache_enable="True", trt_engine_cache_path=str(engine_folder),
                            trt_timing_cache_enable="True", trt_timing_cache_path=str(engine_folder.parent))
@@ -202,7 +206,7 @@ def _engine_builder(engine_folder: Path | None) -> Iterator[None]:
 
 def onnx_session(path: Path | str, provider: str | None = None, max_batch: int = TENSORRT_MAX_BATCH,
                  input_size: int | None = None, *, engine_cache: Path | None = None, tensorrt: bool = True,
-                 latency_first: bool = False):
+                 latency_first: bool = False, half: bool = False):
     """An ONNX Runtime session on the best available provider (or ``provider``) and its name.
 
     onnxruntime-gpu lists the CUDA and TensorRT providers even on machines without a GPU, so
@@ -229,7 +233,7 @@ def onnx_session(path: Path | str, provider: str | None = None, max_batch: int =
     options = ort.SessionOptions()
     options.log_severity_level = 3   # provider fallbacks are reported by us, once, not as stack traces
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with_options = [(name, _provider_options(name, max_batch, input_size, engine_folder, latency_first))
+    with_options = [(name, _provider_options(name, max_batch, input_size, engine_folder, latency_first, half))
                     for name in providers]
     try:
         with _engine_builder(engine_folder), stdout_redirected():   # ONNX Runtime's fallback banner: never on stdout
@@ -254,7 +258,8 @@ class OnnxEncoder:
         self.preprocessing = self.metadata.preprocessing
         self.dim = self.metadata.embedding_dim
         self.session, self.provider = onnx_session(path, provider, input_size=self.preprocessing.input_size,
-                                                   engine_cache=engine_cache, latency_first=latency_first)
+                                                   engine_cache=engine_cache, latency_first=latency_first,
+                                                   half=self.metadata.precision == "fp16")
         self.description = f"ONNX Runtime ({self.provider}) {path}"
         self.on_gpu = self.provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
