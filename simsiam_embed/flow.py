@@ -14,6 +14,7 @@ from simsiam_embed.artefacts import (
     CHECKPOINT_SUFFIXES, RunFolder, exported_encoder_path, file_digest, resolve_checkpoint_path, run_facts,
 )
 from simsiam_embed.errors import UserError
+from simsiam_embed.files import folder_lock
 from simsiam_embed.image_files import discover_images
 from simsiam_embed.settings import EMBED_BATCH_SIZE, cpu_int8_instructions, embed_precision, embed_workers
 from simsiam_embed.index.store import EncoderIdentity, IndexUpdate, live_encoder_digest, update_index
@@ -27,24 +28,34 @@ Report = Callable[[str], None]
 
 def encoder_for_checkpoint(checkpoint: Path, report: Report, precision: str = "fp32") -> Path:
     """The encoder exported from ``checkpoint`` at ``precision`` (beside it), exported now if
-    missing or made from another version of that checkpoint."""
+    missing or made from another version of that checkpoint.
+
+    An export happens under the run folder's lock: under torchrun every rank asks at once, and
+    each would export (and quantise, for int8: a minute or more) the same file; the first
+    exports, the others wait and find it done. A current encoder is returned without the lock,
+    so a read-only run folder still serves its exports."""
     encoder = exported_encoder_path(checkpoint, precision=precision)
     digest = file_digest(checkpoint)
-    if encoder.is_file():
-        try:
-            if read_encoder_metadata(encoder).source_checkpoint_sha256 == digest:
-                return encoder
-        except UserError:
-            pass   # unreadable or foreign: export a fresh one over it
-        report(f"{encoder} is older than {checkpoint}: exporting again")
-    else:
-        report(f"exporting {checkpoint} -> {encoder}")
-    result = export_onnx(checkpoint, encoder, precision=precision)
+    if _is_export_of(encoder, digest):
+        return encoder
+    with folder_lock(encoder.parent, "an encoder export", report):
+        if _is_export_of(encoder, digest):   # another process exported it while this one waited
+            return encoder
+        report(f"{encoder} is older than {checkpoint}: exporting again" if encoder.is_file()
+               else f"exporting {checkpoint} -> {encoder}")
+        result = export_onnx(checkpoint, encoder, precision=precision)
     overlap = (f"; top-10 neighbours shared with fp32: {result.neighbour_overlap:.3f}"
                if result.neighbour_overlap is not None else "")
     report(f"  parity with PyTorch on {result.parity_images} images: smallest cosine {result.min_cosine:.6f}, "
            f"largest difference {result.max_abs_diff:.2e}{overlap}")
     return encoder
+
+
+def _is_export_of(encoder: Path, checkpoint_digest: str) -> bool:
+    try:
+        return encoder.is_file() and read_encoder_metadata(encoder).source_checkpoint_sha256 == checkpoint_digest
+    except UserError:
+        return False   # unreadable or foreign: exported afresh over it
 
 
 def resolve_encoder(

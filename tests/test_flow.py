@@ -613,3 +613,34 @@ def test_json_stays_clean_when_onnx_runtime_falls_back_from_a_provider(sample_en
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["hits"][0]["score"] > 0.999
     assert "Falling back" in result.stderr   # the banner still reaches the user, on stderr
+
+
+def test_processes_asking_for_one_export_at_once_export_it_once(sample_run, tmp_path, monkeypatch):
+    """Under torchrun every rank resolves the run's encoder at once; each exported (and, for
+    int8, quantised) the same file. Now the first exports under the run folder's lock."""
+    import threading
+    import time
+
+    import simsiam_embed.flow as flow
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(sample_run / "checkpoint.pt", run / "checkpoint.pt")
+    exports = []
+    real_export = flow.export_onnx
+
+    def slow_export(*args, **kwargs):
+        exports.append(args[1])
+        time.sleep(0.5)   # long enough for the other process to ask meanwhile
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(flow, "export_onnx", slow_export)
+    found: list[Path] = []
+    ranks = [threading.Thread(target=lambda: found.append(flow.encoder_for_checkpoint(run / "checkpoint.pt",
+                                                                                      lambda _message: None)))
+             for _ in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(120)
+    assert found == [run / "encoder.onnx"] * 2 and exports == [run / "encoder.onnx"]
