@@ -26,16 +26,18 @@ from simsiam_embed.workspace import Workspace
 Report = Callable[[str], None]
 
 
-def encoder_for_checkpoint(checkpoint: Path, report: Report, precision: str = "fp32") -> Path:
+def encoder_for_checkpoint(checkpoint: Path, report: Report, precision: str = "fp32",
+                           checkpoint_digest: str | None = None) -> Path:
     """The encoder exported from ``checkpoint`` at ``precision`` (beside it), exported now if
     missing or made from another version of that checkpoint.
 
     An export happens under the run folder's lock: under torchrun every rank asks at once, and
     each would export (and quantise, for int8: a minute or more) the same file; the first
     exports, the others wait and find it done. A current encoder is returned without the lock,
-    so a read-only run folder still serves its exports."""
+    so a read-only run folder still serves its exports. ``checkpoint_digest``: the checkpoint's,
+    where the caller has it (hashing a ResNet-50 checkpoint takes a good fraction of a second)."""
     encoder = exported_encoder_path(checkpoint, precision=precision)
-    digest = file_digest(checkpoint)
+    digest = checkpoint_digest or file_digest(checkpoint)
     if _is_export_of(encoder, digest):
         return encoder
     with folder_lock(encoder.parent, "an encoder export", report):
@@ -100,13 +102,12 @@ def _encoder_at_precision(checkpoint: Path, requested: str, provider: str | None
     if requested == "fp16" and not on_gpu:
         raise UserError("--precision fp16 runs the encoder in half precision on a GPU, and ONNX Runtime runs "
                         "on the CPU here: use --precision auto, fp32 or int8")
-    fp32 = encoder_for_checkpoint(checkpoint, report)
+    checkpoint_digest = file_digest(checkpoint)
+    fp32 = encoder_for_checkpoint(checkpoint, report, checkpoint_digest=checkpoint_digest)
     if requested == "auto" and kept_digest is not None:
-        checkpoint_digest = file_digest(checkpoint)
         for precision in ("fp32", "fp16", "int8"):
             kept = exported_encoder_path(checkpoint, precision=precision)
-            if (kept.is_file() and file_digest(kept) == kept_digest
-                    and read_encoder_metadata(kept).source_checkpoint_sha256 == checkpoint_digest):
+            if kept.is_file() and file_digest(kept) == kept_digest and _is_export_of(kept, checkpoint_digest):
                 report(f"precision: {precision} (the index was built with {kept.name})")
                 return kept
     int8_units = cpu_int8_instructions()
@@ -117,7 +118,7 @@ def _encoder_at_precision(checkpoint: Path, requested: str, provider: str | None
         report(f"precision: fp32 ({reason})")
         return fp32
     try:
-        reduced = encoder_for_checkpoint(checkpoint, report, chosen)
+        reduced = encoder_for_checkpoint(checkpoint, report, chosen, checkpoint_digest)
     except UserError as error:
         if requested == chosen:
             raise
