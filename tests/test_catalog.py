@@ -182,13 +182,6 @@ def test_an_update_over_a_catalog_missing_an_id_starts_afresh_and_says_why(tmp_p
     connection.execute("DELETE FROM images WHERE id = 3")   # inside the ids' range: opening does not notice
     connection.commit()
     connection.close()
-    heard: list[str] = []
-    from simsiam_embed.index.store import update_index
-
-    from conftest import pixel_identity
-    from simsiam_embed.inference.onnx_encoder import OnnxEncoder
-
-    update = update_index(folder, OnnxEncoder(encoder), pixel_identity(encoder), tmp_path / "index", workers=0,
-                          report=heard.append, show_progress=False)
+    update = build_pixel_index(folder, tmp_path / "index", encoder)
     assert update.rebuilt_because == "the previous index cannot be used (its ids do not match its catalog)"
     assert update.count == len(list(folder.rglob("*.png")))
