@@ -1,13 +1,15 @@
 """Embedding throughput: ONNX Runtime (CPU provider) fp32 and int8 against PyTorch eager, same
 model, same images, one run.
 
-    python bench/bench_embed.py [--checkpoint RUN/checkpoint.pt]
+    python bench/bench_embed.py [--checkpoint RUN/checkpoint.pt] [--cases resnet50] [--bf16]
 
 Cases on real images: Fashion-MNIST at 28 px (the small-image ResNet-18) and the ants/bees JPEGs
 at 224 px (ResNet-18 and ResNet-50, the ImageNet recipe). Weights are random: speed does not
 depend on them, but which neighbours int8 keeps does, so the int8 export's neighbour overlap is
 printed for the random weights and, with ``--checkpoint``, for a trained encoder on its own
-images. Also reports the share of wall time spent waiting for decoded images.
+images. Also reports the share of wall time spent waiting for decoded images. ``--bf16`` adds
+PyTorch in bf16 (autocast, channels_last): ONNX Runtime's CPU provider has no bf16 arithmetic,
+so PyTorch is the way to bf16 on a CPU; ``--cases`` keeps the cases whose label has the text.
 """
 
 from __future__ import annotations
@@ -39,11 +41,27 @@ def make_checkpoint(folder: Path, recipe: str, backbone: str, crop: int, data_di
     return path
 
 
+class TorchBf16Encoder(TorchEncoder):
+    """The checkpoint's backbone in PyTorch, bf16 autocast and channels_last, on the CPU."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(checkpoint, "cpu")
+        self.backbone = self.backbone.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def __call__(self, images):
+        batch = torch.from_numpy(images).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.backbone(batch).float().numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--checkpoint", type=Path, help="also export this trained run int8 and print its neighbour overlap")
+    parser.add_argument("--cases", default="", help="only the cases whose label contains this text")
+    parser.add_argument("--bf16", action="store_true", help="also PyTorch bf16 (autocast, channels_last)")
     args = parser.parse_args()
     data = require_shared_data()
     print(f"machine: {machine()}; batch {args.batch_size}, {args.workers} decoding workers; torch threads {torch.get_num_threads()}")
@@ -55,11 +73,13 @@ def main() -> None:
         cases = [("resnet18 small-image, 28 px, Fashion-MNIST PNGs", fmnist, "cifar", "resnet18", 28),
                  ("resnet18, 224 px, ants/bees JPEGs", photos, "imagenet", "resnet18", 224),
                  ("resnet50, 224 px, ants/bees JPEGs", photos, "imagenet", "resnet50", 224)]
-        for label, folder, recipe, backbone, crop in cases:
+        for label, folder, recipe, backbone, crop in [case for case in cases if args.cases in case[0]]:
             checkpoint = make_checkpoint(tmp, recipe, backbone, crop, folder)
             onnx_path = export_onnx(checkpoint, tmp / f"{backbone}-{crop}.onnx").path
             paths = discover_images(folder)
             encoders = [("PyTorch eager", TorchEncoder(checkpoint, "cpu")), ("ONNX Runtime CPU", OnnxEncoder(onnx_path, "cpu"))]
+            if args.bf16:
+                encoders.append(("PyTorch bf16", TorchBf16Encoder(checkpoint)))
             overlap = "-"
             try:
                 int8 = export_onnx(checkpoint, tmp / f"{backbone}-{crop}-int8.onnx", precision="int8")
@@ -80,16 +100,18 @@ def main() -> None:
             trained = export_onnx(args.checkpoint, tmp / "trained-int8.onnx", precision="int8")
             print(f"trained {args.checkpoint}: int8 top-10 neighbour overlap with fp32 on its own images "
                   f"{trained.neighbour_overlap:.3f}, smallest cosine to PyTorch {trained.min_cosine:.4f}")
-    print("\n| case | images | PyTorch eager (images/s) | ORT fp32 (images/s) | ORT int8 (images/s) | int8 / fp32 | "
-          "int8 overlap (random weights) | decode wait, ORT int8 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    bf16_header = " PyTorch bf16 (images/s) |" if args.bf16 else ""
+    print(f"\n| case | images | PyTorch eager (images/s) |{bf16_header} ORT fp32 (images/s) | ORT int8 (images/s) | "
+          "int8 / fp32 | int8 overlap (random weights) | decode wait, ORT int8 |")
+    print("| --- " * (9 if args.bf16 else 8) + "|")
     for label, count, measured, overlap in rows:
         torch_rate = measured["PyTorch eager"].images_per_second
         fp32 = measured["ONNX Runtime CPU"]
         int8 = measured.get("ONNX Runtime CPU int8")
         int8_cells = (f"{int8.images_per_second:.0f} | {int8.images_per_second / fp32.images_per_second:.2f}x"
                       if int8 else "- | -")
-        print(f"| {label} | {count} | {torch_rate:.0f} | {fp32.images_per_second:.0f} | {int8_cells} | {overlap} | "
+        bf16_cell = f" {measured['PyTorch bf16'].images_per_second:.0f} |" if args.bf16 else ""
+        print(f"| {label} | {count} | {torch_rate:.0f} |{bf16_cell} {fp32.images_per_second:.0f} | {int8_cells} | {overlap} | "
               f"{100 * (int8 or fp32).decode_share:.0f}% |")
 
 

@@ -5,6 +5,7 @@ decoding only in the loader, with crops and augmentation on the device (the GPU 
     python bench/bench_loader.py [--steps 6] [--pairs 128]
     python bench/bench_loader.py --store [--pairs 128]
     python bench/bench_loader.py --against REV [--pairs 512]   # the CPU default's loader, REV vs this tree
+    python bench/bench_loader.py --crops [--pairs 64]          # crop_on_device batched vs a resize per view
 
 For each recipe (the paper's CIFAR recipe on 32 px Fashion-MNIST, its ImageNet recipe on the
 ants/bees JPEGs at 224 px):
@@ -158,6 +159,56 @@ print(best)
 """
 
 
+def per_view_crops(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """crop_on_device before 7ec2097, the baseline: a resize and a flip per view."""
+    views = [[], []]
+    for image, sample_boxes, sample_flips in zip(images, boxes.tolist(), flips.tolist()):
+        for number, ((top, left, height, width), flip) in enumerate(zip(sample_boxes, sample_flips)):
+            crop = image[:, top:top + height, left:left + width].unsqueeze(0).float()
+            view = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                                   antialias=True)
+            views[number].append(view.flip(-1) if flip else view)
+    return torch.cat(views[0] + views[1])
+
+
+def crops_trial(pairs: int) -> None:
+    """The crop-on-device path's crops on this CPU, same samples: a resize and a flip per view
+    (before) against two batched products per group of images (crop_on_device), best of three,
+    with the ATen operations each dispatches and the largest difference between them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        operations = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.operations += 1
+            return func(*args, **(kwargs or {}))
+
+    paths = discover_images(require_shared_data() / "hymenoptera")
+    recipe = AugmentationRecipe(224)
+    dataset = TwoViewDataset(paths, draft_side=training_draft_side(224),
+                             pair=partial(draw_uncropped_views, recipe=recipe))
+    samples = [dataset[(i, i % len(paths))][0] for i in range(pairs)]
+    images = [sample[0] for sample in samples]
+    groups, boxes, flips, _ = stack_uncropped(samples)
+    ways = {"a resize and a flip per view (before)": lambda: per_view_crops(images, boxes, flips, 224),
+            "two batched products a group (crop_on_device)": lambda: crop_on_device(groups, boxes, flips, 224, "cpu")}
+    print(f"machine: {machine()}; {pairs} ants/bees photos (drafted decode), 2 views each at 224 px, on the CPU")
+    print("| crops | ms a batch (best of 3) | ATen operations |\n| --- | --- | --- |")
+    views = {}
+    for label, crop in ways.items():
+        seconds = []
+        for _ in range(3):
+            began = time.perf_counter()
+            views[label] = crop()
+            seconds.append(time.perf_counter() - began)
+        with Count() as count:
+            crop()
+        print(f"| {label} | {1000 * min(seconds):.0f} | {count.operations} |", flush=True)
+    before, after = views.values()
+    print(f"largest difference between them: {(before - after).abs().max().item():.4f} of 255")
+
+
 def against_revision(revision: str, pairs: int) -> None:
     """The CPU default's loader CPU per pair at ``revision`` and in this working tree, one after
     the other in one run (best of three passes each), on 32-px PNGs and the ants/bees JPEGs."""
@@ -196,7 +247,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--store", action="store_true", help="only: what the decoded-image store saves the loader")
     parser.add_argument("--against", metavar="REV", help="only: the CPU default's loader at REV and in this tree")
+    parser.add_argument("--crops", action="store_true", help="only: crop_on_device against a resize per view")
     args = parser.parse_args()
+    if args.crops:
+        crops_trial(args.pairs)
+        return
     if args.against:
         against_revision(args.against, args.pairs)
         return

@@ -166,8 +166,8 @@ def crop_on_device(groups: list[PaddedImages], boxes: torch.Tensor, flips: torch
     products: a few dozen kernel launches a group where a resize and a flip per view made about
     1,024 a step at batch 512, each a Python round trip. The products do dense work a per-view
     resize skips (about 200 GFLOP a step at batch 256 on 500 x 375 photos: milliseconds on a
-    GPU, and 7x the per-view loop's time on a 2-core CPU), so settings choose this path on GPUs
-    only. The tests compare the views with torchvision's crop (within 1e-3 of 255 on small
+    GPU, and 13x the per-view loop's time on a 2-core CPU, bench/RESULTS.md), so settings choose
+    this path on GPUs only. The tests compare the views with torchvision's crop (within 1e-3 of 255 on small
     images, 0.005 at 500 x 375 -> 224, float32's summation order); on a GPU whose float32 matmuls
     use TF32 they may differ by about 0.1 of a grey level, inside the uint8 rounding a decoded
     crop carries anyway.
