@@ -104,6 +104,17 @@ def start_workers(loader: Iterable) -> Iterator:
         gc.unfreeze()
 
 
+def stop_workers(batches: Iterator) -> None:
+    """End the worker processes of an iterator from :func:`start_workers` now, whatever happened.
+
+    Persistent workers otherwise live as long as the iterator, and an exception's traceback keeps
+    it alive: until the process exits, they hold their memory and shared-memory batches.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)   # PyTorch's own orderly shutdown
+    if shutdown is not None:
+        shutdown()
+
+
 def collate_skipping_unreadable(batch: Iterable[tuple], stack: Callable[[list], Any] = default_collate):
     """Stack the good samples of a batch; return the failures beside them.
 

@@ -49,7 +49,7 @@ from simsiam_embed.distributed import (
 )
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import atomic_write, write_json_atomic, write_jsonl_atomic
-from simsiam_embed.images import collate_skipping_unreadable, start_workers
+from simsiam_embed.images import collate_skipping_unreadable, start_workers, stop_workers
 
 Report = Callable[[str], None]
 
@@ -207,9 +207,26 @@ def ignore_stop_signals_in_worker(_worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: Ctrl-C and SIGTERM reach the whole process group (a terminal,
     systemd, Slurm and Kubernetes all signal the group); the main process decides when loaders
     stop. A worker that died of SIGTERM would make the main process raise instead of saving.
-    Workers still exit when the main process does (PyTorch's worker watchdog)."""
+
+    A SIGTERM from the main process itself is different: it is multiprocessing's ``terminate()``
+    as the main process exits (after an error, say), which then waits for the worker. Ignored,
+    the main process waited for ever (issue 27). So SIGTERM is blocked and taken by a thread that
+    asks who sent it: the parent ends the worker, anyone else is ignored.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):   # macOS: ignored; the loop still stops its workers itself
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # before the thread: it inherits the mask
+    threading.Thread(target=_exit_on_sigterm_from, args=(parent,), name="sigterm-from-parent", daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        received = signal.sigwaitinfo({signal.SIGTERM})
+        if received.si_pid == parent:
+            os._exit(0)   # 0: the main process's loader reads any other status as a crashed worker
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,15 +810,21 @@ class TrainingLoop:
 
     def run(self, stop: StopRequest, started: float, show_progress: bool) -> LoopOutcome:
         """Train to the last step (finished), or until ``stop`` asks; checkpoints every epoch."""
-        task, plan = self.task, self.plan
-        task.network.train()
+        self.task.network.train()
         self.check_space()
+        loader = self._loader()
+        try:
+            return self._run_steps(loader, stop, started, show_progress)
+        finally:
+            stop_workers(loader)   # on every way out: an error must not leave the process waiting for them
+
+    def _run_steps(self, loader: Iterator, stop: StopRequest, started: float, show_progress: bool) -> LoopOutcome:
+        task, plan = self.task, self.plan
         timed_from: tuple[int, float] | None = None
         window, epoch_means = RunningMeans(), RunningMeans()
         means: dict[str, float] = {}
         samples_per_s: float | None = None
         lr = 0.0
-        loader = self._loader()   # before the bar: it prints the loader's memory plan
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)
         metrics = MetricsLog(self.folder.metrics, self.resumed_from, self.context.is_main, self.folder.tensorboard)
