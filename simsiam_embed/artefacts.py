@@ -316,16 +316,21 @@ class Checkpoint:
 
 
 def check_space_for(path: Path, size: int) -> None:
-    """Refuse before training when the folder cannot take a checkpoint of ``size`` bytes.
+    """Refuse before training when the folder cannot take the run's checkpoints of ``size`` bytes.
 
-    An atomic write keeps the previous checkpoint until the new one is complete: the free space
-    must hold a whole new one (with a margin for the metrics and the lists beside it).
+    An atomic replace keeps the previous checkpoint until the new one is complete, so from the
+    second save on the folder holds two: the free space must take a new one beside the one that
+    will be there (none yet, or the checkpoint already on disk, whose bytes are not free), with a
+    margin for the metrics and the lists beside it. Checking for one copy let a run with room for
+    one train to its end and fail there (issue 27).
     """
     free = shutil.disk_usage(path.parent).free
-    needed = int(size * 1.1) + (1 << 20)
+    existing = path.stat().st_size if path.is_file() else 0
+    needed = int(2 * size * 1.1) - existing + (1 << 20)
     if free < needed:
-        raise write_failure(path, OSError(28, f"{free / 2**20:.1f} MiB free, a checkpoint needs about "
-                                              f"{needed / 2**20:.1f} MiB"))
+        raise write_failure(path, OSError(28, f"{free / 2**20:.1f} MiB free, checkpoints need about "
+                                              f"{needed / 2**20:.1f} MiB (the previous one is kept until "
+                                              "the next is written)"))
 
 
 # --------------------------------------------------------------------------------------------

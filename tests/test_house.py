@@ -260,6 +260,28 @@ def test_a_run_that_cannot_fit_its_checkpoint_stops_before_the_first_step(tmp_pa
     assert task.steps == 0 and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_a_run_whose_folder_holds_one_checkpoint_but_not_two_stops_before_the_first_step(tmp_path, monkeypatch):
+    """The second save writes beside the first: room for one copy is a run that fails at its end."""
+    import shutil
+
+    import simsiam_embed.artefacts as artefacts
+
+    real = shutil.disk_usage
+    free = {"bytes": 3_000_000}   # a checkpoint (weights and momentum) of about 1.6 MB fits once, not twice
+    monkeypatch.setattr(artefacts.shutil, "disk_usage", lambda path: real(path)._replace(free=free["bytes"]))
+    task = _TinyTask()
+    task.model = task.network = nn.Linear(1000, 200)
+    task.optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1)
+    with pytest.raises(UserError, match="checkpoints need about"):
+        _loop(tmp_path, task).run(StopRequest(), started=0.0, show_progress=False)
+    assert task.steps == 0
+
+    # Resuming: the checkpoint on disk already holds its bytes; the same free space takes the next one.
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(bytes(1_600_000))
+    _loop(tmp_path, task).check_space()
+
+
 def test_a_network_too_large_for_memory_is_one_line(tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=3)
     result = invoke("pretrain", str(folder), *FAST_TRAINING, "--projector-hidden-dim", "1000000000", cwd=tmp_path)
