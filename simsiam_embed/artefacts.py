@@ -19,6 +19,7 @@ import json
 import math
 import pickle
 import shutil
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,12 +251,12 @@ class Checkpoint:
         try:
             with torch.serialization.safe_globals(_FORMAT_1_GLOBALS):
                 try:
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
+                    state = load_torch_data(path, mmap=lazy)
                 except RuntimeError as error:
                     if not (lazy and "mmap" in str(error)):
                         raise
                     # Only zip-format files map; anything else is read whole (and judged) instead.
-                    state = torch.load(path, map_location="cpu", weights_only=True)
+                    state = load_torch_data(path)
         except pickle.UnpicklingError as error:
             refused = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
             raise UserError(f"{path} holds more than tensors and plain values ({refused or 'code objects'}), so it "
@@ -313,6 +314,16 @@ class Checkpoint:
                    optimizer=field_of("optimizer", (dict,)), scaler=field_of("scaler", (dict,)),
                    rng=field_of("rng", (dict,)), skipped=dict(skipped), extra=extra,
                    package_version=str(state.get("package_version", "")))
+
+
+def load_torch_data(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` of tensors and plain values only: a file that holds code is refused by
+    PyTorch's restricted unpickler (``pickle.UnpicklingError``), never run. On the CPU."""
+    with warnings.catch_warnings():
+        # Which pickle protocol wrote a file tells the user nothing; one the restricted unpickler
+        # cannot read is refused with its own message.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def check_space_for(path: Path, size: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from simsiam_embed.artefacts import CHECKPOINT_FILE, file_digest
+from simsiam_embed.artefacts import CHECKPOINT_FILE, file_digest, load_torch_data
 from simsiam_embed.errors import UserError
 
 #: Blocks per stage -> torchvision name, for the two block types.
@@ -57,21 +57,31 @@ def read_resnet_weights(path: Path | str) -> ResNetWeights:
             from simsiam_embed.trained_model import load_pretrained_resnet
 
             run = load_pretrained_resnet(path)
+            _refuse_non_finite(run.weights, path)   # a run never saves them, but a file can be edited
             return ResNetWeights(run.weights, run.backbone, "a simsiam-embed run", file_digest(path), run.small_image_stem)
     weights = torchvision_names(tensors)
     if "layer1.0.conv1.weight" not in weights:
         sample = ", ".join(list(tensors)[:3])
         raise UserError(f"{path} holds no ResNet weights that this can read (its names begin {sample[:120]}): give "
                         "a torchvision or timm ResNet state dict, or a Hugging Face ResNet in safetensors")
+    _refuse_non_finite(weights, path)
     backbone = resnet_name(weights, path)
     stem = weights.get("conv1.weight")
     small = stem is not None and stem.shape[-1] == 3
     return ResNetWeights(weights, backbone, source, file_digest(path), small)
 
 
+def _refuse_non_finite(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """NaN or infinite weights would train to NaN at once, and the run would blame its learning rate."""
+    bad = [key for key, value in weights.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise UserError(f"{path} holds NaN or infinite weights ({len(bad)} tensors, first {bad[0]}), so it was not "
+                        "loaded: the file is damaged, or was saved from a run that diverged; use another")
+
+
 def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_data(path)
     except pickle.UnpicklingError:
         raise UserError(f"{path} holds more than tensors and plain values, so it was not loaded: save the state "
                         "dict alone (torch.save(model.state_dict(), ...)) or use safetensors") from None

@@ -141,3 +141,25 @@ def test_detection_fine_tunes_from_a_torchvision_file(tmp_path):
     assert loaded == sum(not key.startswith("fc.") for key in state)
     for key, value in body.items():
         assert torch.equal(value, state[key]), key
+
+
+def test_weights_with_nan_are_refused_when_read_not_blamed_on_the_learning_rate(tmp_path):
+    state = torchvision_state("resnet18")
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "damaged.pth")
+    with pytest.raises(UserError, match=r"NaN or infinite weights \(1 tensors, first layer2.0.conv1.weight\)"):
+        read_resnet_weights(tmp_path / "damaged.pth")
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", "damaged.pth", *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error_in_process(result, "NaN or infinite weights")
+    assert not (tmp_path / "runs" / "images" / "checkpoint.pt").exists()
+
+
+def test_a_raw_pickle_is_refused_without_pytorchs_protocol_warning(tmp_path, recwarn):
+    import pickle
+
+    with open(tmp_path / "raw.pkl", "wb") as handle:
+        pickle.dump(torchvision_state("resnet18"), handle, protocol=4)
+    with pytest.raises(UserError, match="more than tensors"):
+        read_resnet_weights(tmp_path / "raw.pkl")
+    assert not [warning for warning in recwarn if "pickle protocol" in str(warning.message)]
