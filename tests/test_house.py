@@ -288,6 +288,19 @@ def test_a_network_too_large_for_memory_is_one_line(tmp_path):
     assert_one_line_error_in_process(result, "projector")
 
 
+def test_wide_heads_that_cannot_train_in_memory_are_refused_before_the_first_step(tmp_path, monkeypatch):
+    """--dim 300000 built (PyTorch allocates lazily), trained two steps at 16 GB and was killed."""
+    import simsiam_embed.training.pretrain as pretrain_module
+
+    monkeypatch.setattr(pretrain_module, "physical_memory_bytes", lambda: 24 << 30)   # the 24 GiB machine
+    folder = make_image_folder(tmp_path / "images", per_class=3)
+    result = invoke("pretrain", str(folder), *FAST_TRAINING, "--dim", "300000", "--projector-hidden-dim", "2048",
+                    "--predictor-hidden-dim", "512",
+                    cwd=tmp_path)
+    assert_one_line_error_in_process(result, "--dim (now 300000)", "GiB")
+    assert not (tmp_path / "runs" / "images" / "checkpoint.pt").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Defaults in one place
 

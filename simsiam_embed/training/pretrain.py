@@ -30,7 +30,7 @@ from simsiam_embed.image_files import discover_images, scan_images
 from simsiam_embed.inference.evaluate import KnnMonitor
 from simsiam_embed.models import SimSiam, simsiam_loss
 from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, read_resnet_weights
-from simsiam_embed.settings import PretrainConfig, physical_memory_bytes, resolve_pretrain_config
+from simsiam_embed.settings import PretrainConfig, gpu_memory_bytes, physical_memory_bytes, resolve_pretrain_config
 from simsiam_embed.trained_model import build_model, preprocessing_for
 from simsiam_embed.training.augment import (
     AugmentationRecipe, BatchAugment, CroppedViews, MultiCropViews, crop_on_device, draw_uncropped_views,
@@ -333,6 +333,38 @@ def _check_share_per_process(batch_size: int, processes: int) -> None:
                         f"a process, and batch norm needs 2: use --batch-size {2 * processes} or more")
 
 
+#: Bytes each trained parameter holds during a run: its fp32 weight, gradient and SGD momentum, and
+#: the weights and momentum again in the checkpoint's buffer while it is written.
+TRAINING_BYTES_PER_PARAMETER = 4 * 5
+#: The share of the device's memory the network's parameters may take; activations, the loader's
+#: batches and the decoded images need the rest.
+NETWORK_MEMORY_SHARE = 0.5
+
+
+def check_network_fits(config: PretrainConfig, device: str, memory_bytes: int | None = None) -> None:
+    """Refuse, before anything is allocated, a network whose training state cannot fit.
+
+    Every head counts: ``--dim 300000`` builds (PyTorch allocates lazily), trains two steps at
+    16 GB and is killed by the kernel with no checkpoint, where a failed allocation at build time
+    (``--projector-hidden-dim 1e9``) is already one line. Counted on the meta device: exact,
+    whatever the method's heads are, and nothing allocated.
+    """
+    if memory_bytes is None:
+        memory_bytes = gpu_memory_bytes(device) if device.startswith("cuda") else physical_memory_bytes()
+    if memory_bytes is None:
+        return
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build_model(config).parameters())
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    if needed > NETWORK_MEMORY_SHARE * memory_bytes:
+        where = "GPU" if device.startswith("cuda") else "machine"
+        raise UserError(f"the network has {parameters / 1e6:,.0f}M parameters; training holds about "
+                        f"{needed / 2**30:.1f} GiB for them (weights, gradients, momentum, a checkpoint being "
+                        f"written), more than half of this {where}'s {memory_bytes / 2**30:.0f} GiB: lower --dim "
+                        f"(now {config.dim}), --projector-hidden-dim (now {config.projector_hidden_dim}) or "
+                        f"--predictor-hidden-dim (now {config.predictor_hidden_dim})")
+
+
 def image_draft_side(config: PretrainConfig) -> int | None:
     """The side a training image is decoded at (JPEG draft decoding), or None for full size."""
     return training_draft_side(config.crop_size, config.min_crop_scale) if config.decode_draft else None
@@ -379,6 +411,7 @@ class SimSiamTask(TaskDefaults):
         self.store = store
         self.settings = config
         self.context, self.device, self.report = context, device, report
+        check_network_fits(config, device)
         torch.manual_seed(config.seed)
         model = build_model(config)
         if start is not None:
