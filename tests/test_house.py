@@ -84,6 +84,32 @@ def test_ids_that_do_not_match_the_catalog_are_refused(tmp_path):
                                      "ids do not match")
 
 
+@pytest.mark.parametrize("index_type", [None, "IVF4,Flat"])
+def test_ids_in_another_order_than_the_faiss_index_holds_are_refused(tmp_path, index_type):
+    """A reversal keeps every id in the catalog's range: only FAISS's own ids tell it is wrong."""
+    from conftest import PixelEncoder, pixel_identity
+    from simsiam_embed.index.store import update_index
+
+    folder = make_image_folder(tmp_path / "images", per_class=12)
+    index_dir = tmp_path / "index"
+    (tmp_path / "model.onnx").write_bytes(b"stand-in")
+    update_index(folder, PixelEncoder(), pixel_identity(tmp_path / "model.onnx"), index_dir, index_type,
+                 workers=0, report=lambda _m: None, show_progress=False)
+    live = index_dir / (index_dir / "CURRENT").read_text().strip()
+    load_index(index_dir)   # as built, it opens
+    ids = np.load(live / "ids.npy")
+    np.save(live / "ids.npy", ids[::-1].copy())
+    with pytest.raises(UserError, match="ids.npy does not match the FAISS index's ids"):
+        load_index(index_dir)
+
+
+def test_ids_that_are_not_integers_are_named_as_the_ids(tmp_path):
+    _, index_dir, live = _received_index(tmp_path, per_class=2)
+    np.save(live / "ids.npy", np.load(live / "ids.npy").astype(np.float64))
+    with pytest.raises(UserError, match="ids.npy holds float64 values"):
+        load_index(index_dir)
+
+
 def test_an_index_run_that_finds_no_change_writes_no_new_generation(tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=1)
     encoder = tmp_path / "pixel.onnx"

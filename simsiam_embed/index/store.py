@@ -422,7 +422,10 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
     if not (index.ntotal == len(ids) == len(vectors) == manifest.count):
         raise UserError(f"the index in {index_dir} is inconsistent (index {index.ntotal}, ids {len(ids)}, "
                         f"vectors {len(vectors)}, manifest {manifest.count}): {REBUILD}")
-    if index.d != manifest.dim or vectors.ndim != 2 or vectors.shape[1] != manifest.dim or ids.dtype != np.int64:
+    if ids.dtype != np.int64 or ids.ndim != 1:
+        raise UserError(f"the index in {index_dir} is inconsistent (ids.npy holds {ids.dtype} values, not int64 "
+                        f"ids): {REBUILD}")
+    if index.d != manifest.dim or vectors.ndim != 2 or vectors.shape[1] != manifest.dim:
         raise UserError(f"the index in {index_dir} is inconsistent (its vectors are not {manifest.dim}-d): {REBUILD}")
     if manifest.count == 0:
         raise UserError(f"the index in {index_dir} is empty: {REBUILD}")
@@ -431,10 +434,43 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
     # checking every id here would read the whole catalog for each search.)
     if len(np.unique(ids)) != len(ids) or (int(ids.min()), int(ids.max())) != entries.id_range():
         raise UserError(f"the index in {index_dir} is inconsistent (its ids do not match its catalog): {REBUILD}")
+    if not _ids_agree_with_faiss(index, ids, vectors):
+        raise UserError(f"the index in {index_dir} is inconsistent (ids.npy does not match the FAISS index's ids): "
+                        f"{REBUILD}")
     if _faiss_factory(manifest.index_type)[1]:
         index = RerankedIndex(index, vectors, ids)
     set_search_parameters(index, {**UNTUNED_SEARCH, **manifest.search_parameters})
     return LoadedIndex(index_dir, generation, manifest, index, entries, vectors, ids)
+
+
+#: Rows of an IVF index checked against its lists when it is opened.
+IVF_ID_SAMPLES = 64
+
+
+def _ids_agree_with_faiss(index: faiss.Index, ids: np.ndarray, vectors: VectorFile) -> bool:
+    """Whether row i of vectors.npy has the id FAISS holds for it: ids.npy names the results of
+    re-ranking and of every analysis, so ids in another order (each still in the catalog) would
+    pair files with other files' vectors. An IDMap keeps its ids in the order they were added:
+    compared whole. An IVF index keeps each id in the list of its vector's nearest centroid:
+    sampled rows must be found there (a wrong id turns up in that list by chance only).
+    """
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return np.array_equal(faiss.vector_to_array(index.id_map), ids)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return True   # no id of its own to compare (not a layout this package writes)
+    rows = np.unique(np.linspace(0, len(ids) - 1, min(IVF_ID_SAMPLES, len(ids))).astype(np.int64))
+    # The two nearest lists: a vector almost equidistant from two centroids may have gone to
+    # either when it was added (a wrong id still has to be in one of two lists by chance, for
+    # every sampled row).
+    _, nearest = ivf.quantizer.search(np.ascontiguousarray(vectors[rows]), min(2, ivf.nlist))
+    inverted = ivf.invlists
+
+    def held_in(list_number: int) -> np.ndarray:
+        size = inverted.list_size(list_number) if list_number >= 0 else 0
+        return faiss.rev_swig_ptr(inverted.get_ids(list_number), size) if size else np.empty(0, np.int64)
+
+    return all(any(ids[row] in held_in(int(number)) for number in lists) for row, lists in zip(rows, nearest))
 
 
 # --------------------------------------------------------------------------------------------
