@@ -55,7 +55,7 @@ def test_a_sample_from_the_store_is_the_sample_from_the_file_bit_for_bit(tmp_pat
     for epoch in range(2):   # the first fills the store, the second reads it back
         for key in keys:
             assert _same(plain[key][0], stored[key][0]), (epoch, key)
-    assert len(list((tmp_path / "decoded").rglob("*.npy"))) == len(paths)
+    assert len(list((tmp_path / "decoded").rglob("*.pixels"))) == len(paths)
     # Read back, not decoded again: the entries are what a second epoch used.
     assert store.written_bytes == sum(np.asarray(open_image(p, draft)).nbytes for p in paths)
 
@@ -73,16 +73,80 @@ def test_a_changed_file_is_decoded_again_even_with_its_old_size_and_time(tmp_pat
     assert np.asarray(store.load(path))[0, 0].tolist() == [10, 200, 10]   # now from the store
 
 
+def _plant(entry: Path, array: np.ndarray, digest_of=None, allow_pickle: bool = False) -> None:
+    """An entry as the store writes it (its digest first), or with ``digest_of`` another array's."""
+    import hashlib
+    import io
+
+    def npy(values):
+        buffer = io.BytesIO()
+        np.save(buffer, values, allow_pickle=allow_pickle)
+        return buffer.getvalue()
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_bytes(hashlib.sha256(npy(array if digest_of is None else digest_of)).digest() + npy(array))
+
+
 def test_an_entry_that_is_not_decoded_pixels_is_never_used(tmp_path):
     path = tmp_path / "image.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
     store = DecodedImageStore(tmp_path / "decoded", None, capacity_bytes=1 << 20)
     entry = store.entry_path(store.key(path))
+    _plant(entry, np.zeros((8, 8), dtype=np.float64))           # a damaged or planted entry
+    assert np.asarray(store.load(path))[0, 0].tolist() == [1, 2, 3]
+    _plant(entry, np.array([{"a": 1}], dtype=object), allow_pickle=True)   # a pickle: never loaded
+    assert np.asarray(store.load(path))[0, 0].tolist() == [1, 2, 3]
+
+
+def test_an_entry_overwritten_with_other_pixels_is_decoded_again(tmp_path):
+    path = tmp_path / "image.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
+    store = DecodedImageStore(tmp_path / "decoded", None, capacity_bytes=1 << 20)
+    store.load(path)
+    entry = store.entry_path(store.key(path))
+    content = bytearray(entry.read_bytes())
+    content[-1] ^= 0xFF   # one pixel changed, digest left as written
+    entry.write_bytes(bytes(content))
+    assert np.asarray(store.load(path))[7, 7].tolist() == [1, 2, 3]
+
+
+def test_links_in_the_store_are_never_followed(tmp_path):
+    path = tmp_path / "image.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = DecodedImageStore(tmp_path / "decoded", None, capacity_bytes=1 << 20)
+    entry = store.entry_path(store.key(path))
+    # An entry that is a link to a valid entry of other pixels: not read.
+    _plant(elsewhere / "planted.pixels", np.full((8, 8, 3), 9, dtype=np.uint8))
     entry.parent.mkdir(parents=True)
-    np.save(entry, np.zeros((8, 8), dtype=np.float64))           # a damaged or planted entry
+    entry.symlink_to(elsewhere / "planted.pixels")
     assert np.asarray(store.load(path))[0, 0].tolist() == [1, 2, 3]
-    np.save(entry, np.array([{"a": 1}], dtype=object), allow_pickle=True)   # a pickle: never loaded
+    # A sub-folder that is a link: nothing read from it or written into it.
+    entry.unlink()
+    entry.parent.rmdir()
+    entry.parent.symlink_to(elsewhere, target_is_directory=True)
     assert np.asarray(store.load(path))[0, 0].tolist() == [1, 2, 3]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["planted.pixels"]
+    # The whole store a link: the plan turns it off, and says why.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "decoded").symlink_to(elsewhere, target_is_directory=True)
+    plan = plan_store(100, 300, None, tmp_path / "run" / "decoded", 1 << 34, free_disk_bytes=1 << 40)
+    assert plan.capacity_bytes == 0 and "symbolic link" in plan.summary
+
+
+def test_entries_of_changed_or_removed_images_are_removed_at_a_runs_start(tmp_path):
+    paths = []
+    for number in range(3):
+        paths.append(tmp_path / f"image-{number}.png")
+        Image.new("RGB", (8, 8), (number, 2, 3)).save(paths[-1])
+    store = DecodedImageStore(tmp_path / "decoded", None, capacity_bytes=1 << 20)
+    for path in paths:
+        store.load(path)
+    Image.new("RGB", (8, 8), (200, 2, 3)).save(paths[0])   # changed: a new key
+    paths[1].unlink()                                       # gone
+    assert store.remove_stale(paths) == 2
+    assert [p.name for p in (tmp_path / "decoded").rglob("*.pixels")] == [store.entry_path(store.key(paths[2])).name]
 
 
 def test_the_store_stops_at_its_capacity_and_images_are_still_decoded(tmp_path):
@@ -90,7 +154,7 @@ def test_the_store_stops_at_its_capacity_and_images_are_still_decoded(tmp_path):
     store = DecodedImageStore(tmp_path / "decoded", None, capacity_bytes=1)
     for path in paths:
         assert np.array_equal(np.asarray(store.load(path)), np.asarray(open_image(path)))
-    assert len(list((tmp_path / "decoded").rglob("*.npy"))) == 1   # the first entry, then full
+    assert len(list((tmp_path / "decoded").rglob("*.pixels"))) == 1   # the first entry, then full
 
 
 def test_the_plan_says_when_the_store_does_not_fit_or_would_not_pay(tmp_path):

@@ -5,24 +5,30 @@ run) read the pixels back through a memory map instead of decoding the file agai
 is exactly what decoding gives (the same draft-reduced JPEG, the same upright RGB), so a step
 sees the same pixels, bit for bit, whether they came from the store or from the file.
 
-    runs/<name>/decoded/<key[:2]>/<key>.npy      H x W x 3 uint8, one file an image
+    runs/<name>/decoded/<key[:2]>/<key>.pixels   SHA-256 of the rest, then H x W x 3 uint8 as .npy
 
 The key is a digest of the file's path and identity (size, modification and change times,
 inode) and the decode's draft side: a file changed since, even to the same size with its old
-modification time restored, has another key and is decoded again; the old entry is never read.
+modification time restored, has another key and is decoded again; the old entry is never read,
+and a run's start removes the entries of images that changed or went.
 Each entry is written to a temporary name and renamed, so loader workers (and ranks sharing the
 run folder) that decode the same image at once leave one whole file, never a half-written one.
 
 The store holds at most ``capacity_bytes`` (chosen by :func:`plan_store` from the free disk and
 memory); past that, images are decoded as before. Files in a run folder are data: an entry is
-read with ``allow_pickle=False`` and used only if it is a uint8 H x W x 3 array.
+used only if its bytes match the digest written with them (an entry overwritten with other
+pixels is decoded again), it is read with ``allow_pickle=False`` and is a uint8 H x W x 3 array.
+Symbolic links are never followed, neither an entry nor a folder of the store: the store lies
+inside its run folder, and a link would read pixels from, or write them to, anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +42,11 @@ from simsiam_embed.settings import SMALL_IMAGE_MAX_SIDE
 DISK_RESERVE_BYTES = 2 << 30
 #: The store takes at most this share of the free disk.
 DISK_SHARE = 0.5
+#: An entry's file: its SHA-256, then the pixels as .npy.
+ENTRY_SUFFIX = ".pixels"
+DIGEST_BYTES = 32
+#: A crashed writer's temporary file older than this is removed when a run starts.
+STALE_TEMPORARY_S = 3600
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,9 @@ def plan_store(count: int, median_short_side: int, draft_side: int | None, folde
     are read from disk, still without decoding)."""
     short = min(median_short_side, 2 * draft_side) if draft_side else median_short_side
     estimated = int(count * short * short * 4 / 3 * 3)   # about 4:3, three channels
+    if folder.is_symlink():
+        return StorePlan(0, estimated, False, f"decoded-image store off: {folder} is a symbolic link, and the store "
+                                              "lies inside its run folder; every epoch decodes the files")
     if median_short_side <= SMALL_IMAGE_MAX_SIDE:
         # Measured (bench_loader.py --store): a 32-px PNG costs 1.06 ms a pair decoded and 1.44 ms
         # read back from the store, 0.74x in two runs (opening a file costs more than decoding one this small).
@@ -95,7 +109,7 @@ class DecodedImageStore:
         return hashlib.sha256(f"{identity}\0{self.draft_side}".encode()).hexdigest()
 
     def entry_path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.npy"
+        return self.folder / key[:2] / f"{key}{ENTRY_SUFFIX}"
 
     def load(self, path: Path) -> Image.Image:
         """The image as :func:`open_image` decodes it (``UnreadableImage`` as it raises it)."""
@@ -113,21 +127,67 @@ class DecodedImageStore:
 
     def _write(self, entry: Path, pixels: np.ndarray) -> None:
         temporary = entry.with_name(f".{entry.stem}.{os.getpid()}.tmp")
+        buffer = io.BytesIO()
+        np.save(buffer, pixels, allow_pickle=False)
+        data = buffer.getvalue()
         try:
+            if self.folder.is_symlink() or entry.parent.is_symlink():
+                return
             entry.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as handle:
-                np.save(handle, pixels, allow_pickle=False)
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NO_FOLLOW, 0o644)
+            with open(descriptor, "wb") as handle:
+                handle.write(hashlib.sha256(data).digest() + data)
             os.replace(temporary, entry)
             self.written_bytes += pixels.nbytes
         except OSError:   # a full disk or a read-only folder: this image is decoded each epoch
             temporary.unlink(missing_ok=True)
 
+    def remove_stale(self, paths: list[Path]) -> int:
+        """Remove the entries of images that changed or went (their keys are no longer any
+        file's), and what crashed writers left; returns how many entries went. Main process,
+        before training: the store would otherwise only grow."""
+        if not self.folder.is_dir() or self.folder.is_symlink():
+            return 0
+        current = set()
+        for path in paths:
+            try:
+                current.add(self.key(path))
+            except OSError:
+                pass
+        removed = 0
+        for sub in os.scandir(self.folder):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            for item in os.scandir(sub.path):
+                stale_entry = item.name.endswith(ENTRY_SUFFIX) and item.name[:-len(ENTRY_SUFFIX)] not in current
+                old_temporary = (item.name.endswith(".tmp")
+                                 and time.time() - item.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_S)
+                if stale_entry or old_temporary:
+                    try:
+                        os.unlink(item.path)
+                    except OSError:
+                        continue
+                    removed += stale_entry
+        return removed
+
+
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
 
 def _read_entry(entry: Path) -> np.ndarray | None:
+    """The entry's pixels, or None: none yet, a link, a digest that does not match its bytes, or
+    not an array this store wrote."""
     try:
-        pixels = np.load(entry, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):   # none yet, or not an array this store wrote
+        if entry.parent.is_symlink():
+            return None
+        with open(os.open(entry, os.O_RDONLY | _NO_FOLLOW), "rb") as handle:
+            content = handle.read()
+        digest, data = content[:DIGEST_BYTES], content[DIGEST_BYTES:]
+        if len(digest) != DIGEST_BYTES or hashlib.sha256(data).digest() != digest:
+            return None
+        pixels = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError):
         return None
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         return None
-    return np.ascontiguousarray(pixels)
+    return pixels

@@ -245,6 +245,10 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         rank_report(f"  chosen: {plan.summary}")
         if plan.capacity_bytes:
             store = DecodedImageStore(run.decoded_images, draft, plan.capacity_bytes)
+            if context.is_main:
+                removed = store.remove_stale(scan.paths)
+                if removed:
+                    report(f"  decoded-image store: removed {removed:,} entries of images that changed or went")
     task = SimSiamTask(config, scan.paths, context, rank_device, rank_report, start, store)
     default_name = run_name_for(Path(config.data_dir))
     plan = LoopPlan(
