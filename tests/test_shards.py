@@ -103,6 +103,37 @@ def test_a_damaged_or_doctored_shard_is_embedded_again_never_trusted(tmp_path):
     assert _contents(ShardedEmbedding(folder, PATHS, 5, DIM))[0] == [i for i in range(23) if i % 7 != 3]
 
 
+def test_a_shard_whose_vectors_were_replaced_is_embedded_again(tmp_path):
+    """Every field well-formed, the files unchanged: only the digest of its arrays tells."""
+    folder = tmp_path / "s"
+    _shards(folder, SliceEmbedder())
+    doctored = dict(np.load(folder / "shard-000001.npz"))
+    doctored["vectors"] = doctored["vectors"][::-1].copy()
+    _write_npz(folder / "shard-000001.npz", **doctored)
+    again = SliceEmbedder()
+    _shards(folder, again)
+    assert again.slices == [[str(path) for path in PATHS[5:10]]]
+
+
+def test_links_among_the_shards_are_never_read_or_written_through(tmp_path):
+    folder = tmp_path / "s"
+    _shards(folder, SliceEmbedder())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(folder / "shard-000002.npz", elsewhere / "planted.npz")
+    (folder / "shard-000002.npz").unlink()
+    (folder / "shard-000002.npz").symlink_to(elsewhere / "planted.npz")   # a sound shard, behind a link
+    again = SliceEmbedder()
+    _shards(folder, again)
+    assert again.slices == [[str(path) for path in PATHS[10:15]]]
+    assert not (folder / "shard-000002.npz").is_symlink()
+    # The whole folder a link: removed and started afresh, nothing written into its target.
+    shutil.rmtree(folder)
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    _shards(folder, SliceEmbedder())
+    assert not folder.is_symlink() and sorted(p.name for p in elsewhere.iterdir()) == ["planted.npz"]
+
+
 def test_a_killed_writers_temporary_files_are_cleared_on_resume(tmp_path):
     folder = tmp_path / "s"
     _shards(folder, SliceEmbedder())

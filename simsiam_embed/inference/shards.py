@@ -8,8 +8,10 @@ The files are cut into fixed slices of ``rows_per_shard`` (in the order given; a
 :data:`SHARD_BYTES` of vectors each). Each slice is embedded on its own and written atomically,
 once complete, as ``shard-NNNNNN.npz``: its vectors, the positions (in ``paths``) of the files
 they belong to, its unreadable files with their reasons, and the digest of its files' names,
-sizes and modification times; plain arrays, read back without unpickling and checked field by
-field. ``job.json`` says what the shards are of: the file list's digest, the slice size, the
+sizes and modification times, and the SHA-256 of its arrays' bytes (vectors replaced after the
+fact are embedded again, not used); plain arrays, read back without unpickling and checked field
+by field, never through a symbolic link (the folder is the run's own: a link in it is removed).
+``job.json`` says what the shards are of: the file list's digest, the slice size, the
 vectors' width and the caller's ``job`` (which encoder). A killed run resumes at the first slice
 without a sound shard; a slice whose files changed since is embedded again; a run of another
 file list or encoder finds another job and starts over.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -109,22 +112,24 @@ class ShardedEmbedding:
     def write(self, shard: Shard, files_digest: str) -> None:
         """``files_digest``: :meth:`files_digest` read before the slice was embedded."""
         positions, reasons = zip(*shard.failures) if shard.failures else ((), ())
+        arrays = dict(rows=shard.rows.astype(np.int64), vectors=shard.vectors.astype(np.float32),
+                      failed_rows=np.asarray(positions, dtype=np.int64), failure_reasons=np.asarray(reasons, dtype=str))
         # np.savez to an open file: it would add ".npz" to a temporary name of its own.
         with atomic_write(self.path(shard.number), "wb") as handle:
-            np.savez(handle, rows=shard.rows.astype(np.int64), vectors=shard.vectors.astype(np.float32),
-                     failed_rows=np.asarray(positions, dtype=np.int64), failure_reasons=np.asarray(reasons, dtype=str),
-                     files_sha256=np.asarray(files_digest))
+            np.savez(handle, **arrays, files_sha256=np.asarray(files_digest),
+                     content_sha256=np.asarray(_content_digest(**arrays)))
 
     def read(self, number: int) -> Shard | None:
         """The shard, if its file exists, holds exactly its slice and its files are as they were
         when it was embedded; None otherwise (a shard a crash or a disk error left damaged, or
         one of files changed since, is embedded again, never trusted)."""
         try:
-            with np.load(self.path(number), allow_pickle=False) as arrays:
+            with open(os.open(self.path(number), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as handle, \
+                    np.load(handle, allow_pickle=False) as arrays:
                 rows, vectors = arrays["rows"], arrays["vectors"]
                 failed, reasons = arrays["failed_rows"], arrays["failure_reasons"]
-                files = arrays["files_sha256"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):   # missing, truncated, not an npz, pickled
+                files, content = arrays["files_sha256"], arrays["content_sha256"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):   # missing, a link, truncated, not an npz, pickled
             return None
         expected = self.rows_of(number)
         sound = (rows.dtype == np.int64 and failed.dtype == np.int64 and vectors.dtype == np.float32
@@ -132,7 +137,9 @@ class ShardedEmbedding:
                  and vectors.shape == (len(rows), self.dim) and len(failed) == len(reasons)
                  and np.array_equal(np.sort(np.concatenate([rows, failed])), np.arange(expected.start, expected.stop))
                  and bool(np.all(rows[1:] > rows[:-1])) and bool(np.isfinite(vectors).all())
-                 and files.dtype.kind == "U" and files.ndim == 0 and str(files) == self.files_digest(number))
+                 and files.dtype.kind == "U" and files.ndim == 0 and str(files) == self.files_digest(number)
+                 and content.dtype.kind == "U" and content.ndim == 0
+                 and str(content) == _content_digest(rows, vectors, failed, reasons))
         if not sound:
             return None
         return Shard(number, rows, vectors, [(int(row), str(reason)) for row, reason in zip(failed, reasons)])
@@ -155,6 +162,14 @@ class ShardedEmbedding:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _content_digest(rows: np.ndarray, vectors: np.ndarray, failed_rows: np.ndarray,
+                    failure_reasons: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in (rows, vectors, failed_rows, failure_reasons):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def embed_in_shards(
@@ -212,13 +227,17 @@ def embed_in_shards(
 def _start_or_resume(folder: Path, manifest: dict[str, Any]) -> None:
     """Keep the folder's shards if they are of this job; otherwise clear it for this one."""
     try:
-        previous = json.loads((folder / JOB_FILE).read_text())
+        previous = None if (folder / JOB_FILE).is_symlink() else json.loads((folder / JOB_FILE).read_text())
     except (OSError, ValueError):
         previous = None
     same_job = previous == manifest
+    if folder.is_symlink():   # the shards lie in the run's own folder: never written through a link
+        folder.unlink()
+        same_job = False
     if folder.exists():   # a killed writer's temporary files always go; another job's shards too
         for child in folder.iterdir():
-            if child.name.endswith(".tmp") or (not same_job and (SHARD_NAME.fullmatch(child.name) or child.name == JOB_FILE)):
+            ours = SHARD_NAME.fullmatch(child.name) or child.name == JOB_FILE
+            if child.name.endswith(".tmp") or (ours and (not same_job or child.is_symlink())):
                 child.unlink(missing_ok=True)
     if same_job:
         return
