@@ -74,6 +74,26 @@ def test_a_generation_that_is_a_symlink_outside_the_index_is_refused(tmp_path):
         load_index(index_dir)
 
 
+@pytest.mark.parametrize("name", ["faiss.index", "vectors.npy", "catalog.sqlite", "ids.npy"])
+def test_a_file_of_a_generation_that_is_a_link_is_refused(tmp_path, name):
+    _, index_dir, live = _received_index(tmp_path)
+    outside = tmp_path / f"outside-{name}"
+    (live / name).rename(outside)
+    (live / name).symlink_to(outside)
+    with pytest.raises(UserError, match=f"{name} is a symbolic link"):
+        load_index(index_dir)
+
+
+def test_a_damaged_faiss_index_is_named_not_quoted_and_prints_nothing(tmp_path, capfd):
+    _, index_dir, live = _received_index(tmp_path)
+    (live / "faiss.index").write_bytes(b"PIN-8642" + bytes(64))
+    with pytest.raises(UserError) as refused:
+        load_index(index_dir)
+    assert "faiss.index is not an index FAISS can read" in str(refused.value)
+    assert "8642" not in str(refused.value)
+    assert capfd.readouterr().out == ""
+
+
 def test_ids_that_do_not_match_the_catalog_are_refused(tmp_path):
     folder, index_dir, live = _received_index(tmp_path, per_class=2)
     ids = np.load(live / "ids.npy")

@@ -404,14 +404,11 @@ def load_index(index_dir: Path, for_search: bool = True, report: Report | None =
 
 
 def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
+    _refuse_links_in(generation)
     try:
         manifest_path = generation / "manifest.json"
         manifest = IndexManifest.from_dict(json.loads(manifest_path.read_text()), manifest_path)
-        # Its lists file, if any, is the one in this folder (FAISS would otherwise open the path
-        # written at build time: another folder's, or any file a received index names); FAISS
-        # announces the change on stdout, which is no place for it.
-        with stdout_redirected(discard=True) if (generation / LISTS_FILE).exists() else contextlib.nullcontext():
-            index = faiss.read_index(str(generation / "faiss.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        index = _read_faiss_index(generation)
         entries = Catalog(generation / "catalog.sqlite")
         # Read on demand: searching needs only the FAISS index (and a re-ranking index the rows
         # of its candidates); updates read the rows they keep.
@@ -441,6 +438,30 @@ def _open_generation(index_dir: Path, generation: Path) -> LoadedIndex:
         index = RerankedIndex(index, vectors, ids)
     set_search_parameters(index, {**UNTUNED_SEARCH, **manifest.search_parameters})
     return LoadedIndex(index_dir, generation, manifest, index, entries, vectors, ids)
+
+
+def _refuse_links_in(generation: Path) -> None:
+    """Every file of a generation lies inside it: a link (to a FAISS file, vectors or a catalog
+    elsewhere) is never followed, as CURRENT and the generation folder are not."""
+    try:
+        links = sorted(entry.name for entry in os.scandir(generation) if entry.is_symlink())
+    except OSError:
+        return   # gone or unreadable: opening its files says which
+    if links:
+        raise UserError(f"{generation / links[0]} is a symbolic link: every file of an index generation lies "
+                        f"inside it; {REBUILD}")
+
+
+def _read_faiss_index(generation: Path) -> faiss.Index:
+    """The generation's FAISS index, with its lists file (if any) the one in this folder (FAISS
+    would otherwise open the path written at build time: another folder's, or any file a
+    received index names). FAISS announces that change, and some failures, on stdout, which is
+    no place for them; its error messages quote the file's bytes, which are not repeated."""
+    try:
+        with stdout_redirected(discard=True):
+            return faiss.read_index(str(generation / "faiss.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except RuntimeError:
+        raise _GenerationUnreadable("faiss.index is not an index FAISS can read") from None
 
 
 #: Rows of an IVF index checked against its lists when it is opened.
