@@ -53,6 +53,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     try:
         yield Path(tmp_name)
         with open(tmp_name, "rb") as written:
+            # Again: a library may have replaced the file with one of its own (safetensors writes
+            # a 0600 file of its own and renames it over the path it was given).
+            os.fchmod(written.fileno(), 0o666 & ~_current_umask())
             os.fsync(written.fileno())
         os.replace(tmp_name, path)
     except BaseException as error:

@@ -143,6 +143,22 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_file_a_library_writes_itself_is_as_readable_as_any_other(tmp_path):
+    """safetensors replaces the path it is given with a 0600 file of its own."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import torch
+
+    from simsiam_embed.files import atomic_path
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "backbone.safetensors") as temporary:
+            safetensors_torch.save_file({"weight": torch.zeros(2)}, str(temporary))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "backbone.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_a_checkpoint_write_on_a_full_disk_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     Checkpoint(kind="pretrain", settings={}, model={}, step=1, finished=False).save(path)
