@@ -387,3 +387,53 @@ def test_a_stored_result_that_does_not_fit_the_index_is_computed_again(tmp_path,
     paths[0].write_bytes(paths[0].read_bytes() + b"\0")
     analysis(loaded, "duplicates")
     assert computed == [1]
+
+
+def test_requests_from_other_sites_start_no_work_and_write_nothing(served):
+    client, folder, _ = served
+    analyses = lambda: sorted(p.name for p in (folder / "index").rglob("analyses/*.json"))  # noqa: E731
+    before = analyses()
+    for headers in ({"origin": "https://evil.example"}, {"origin": "http://localhost:3000"},
+                    {"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}):
+        refused = client.get("/api/duplicates?threshold=0.5", headers=headers)
+        assert refused.status_code == 403, headers
+        assert client.post("/api/plan", json={"plan": "keep-largest"}, headers=headers).status_code == 403
+    assert analyses() == before
+    # The app's own page (same origin, as a browser sends it) and clients that are not browsers.
+    assert client.get("/api/status", headers={"origin": "http://127.0.0.1", "sec-fetch-site": "same-origin"}).status_code == 200
+    assert client.get("/api/status").status_code == 200
+
+
+def test_a_get_with_settings_of_its_own_is_answered_but_stores_nothing(served):
+    client, folder, _ = served
+    analyses = lambda: sorted(p.name for p in (folder / "index").rglob("analyses/*.json"))  # noqa: E731
+    client.get("/api/duplicates")   # the default rule: stored, as `dedup` stores it
+    stored = analyses()
+    assert len(stored) == 1
+    for threshold in (0.5, 0.6, 0.7):
+        assert client.get(f"/api/duplicates?threshold={threshold}").status_code == 200
+    assert client.get("/api/clusters?k=2").status_code == 200
+    assert analyses() == stored
+
+
+def test_a_body_that_is_not_json_is_refused(served):
+    client, _, _ = served
+    answer = client.post("/api/plan", content='{"plan": "keep-largest"}', headers={"content-type": "text/plain"})
+    assert answer.status_code == 415
+    assert client.post("/api/plan", json={"plan": "keep-largest"}).status_code == 200
+
+
+@pytest.mark.parametrize("threshold", ["NaN", "1e999", "-Infinity"])
+def test_a_threshold_that_is_not_a_finite_number_is_422_not_500(served, threshold):
+    client, _, _ = served
+    answer = client.post("/api/plan", content=f'{{"plan": "keep-largest", "threshold": {threshold}}}',
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 422, answer.text
+    assert client.get(f"/api/duplicates?threshold={threshold.lower()}").status_code == 422
+
+
+@pytest.mark.parametrize("url", ["/api/search/{}", "/api/images/{}", "/api/thumbnails/{}", "/api/images/{}/facts"])
+def test_an_id_beyond_any_integer_the_catalog_holds_is_404_not_500(served, url):
+    client, _, _ = served
+    for image_id in ("99999999999999999999999", str(2**63), "9223372036854775807"):
+        assert client.get(url.format(image_id)).status_code == 404

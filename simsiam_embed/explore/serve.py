@@ -12,14 +12,19 @@ What it promises:
 - ``index`` may update the folder while it serves: each request reads ``CURRENT`` and the new
   generation is picked up; a request in flight keeps the generation it started with.
 - Previews are made once and cached in the index folder (:mod:`.thumbnails`).
+- Only its own pages and non-browser clients are answered: a page on another site cannot make
+  the user's browser start work here (:class:`_SameOriginOnly`), and no request can make it
+  write a file for each value it sends (analyses of other settings stay in memory).
 """
 
 from __future__ import annotations
 
 import io
 import ipaddress
+import json
 import socket
 import threading
+from collections import OrderedDict
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import uvicorn
 from fastapi import Body, FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -39,7 +45,7 @@ from simsiam_embed.inference.embed import Encoder
 from simsiam_embed.errors import UserError
 from simsiam_embed.explore.analyses import AnalysisResult, choose_keepers, confirm_plan
 from simsiam_embed.explore.pages import plan_csv, plan_json
-from simsiam_embed.explore.stored import analysis
+from simsiam_embed.explore.stored import analysis, asks_for_defaults
 from simsiam_embed.index.store import LoadedIndex, current_generation, load_index
 from simsiam_embed.explore.report import (
     CHART_NAMES, available_charts, build_chart, read_run_metrics, read_run_config, run_dimension, run_summary,
@@ -56,6 +62,11 @@ MAX_K = 200
 BROWSER_FORMATS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
                    ".webp": "image/webp", ".bmp": "image/bmp"}
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+#: Results of settings other than the defaults, kept in memory (the latest this many) and never stored.
+MEMORY_ANALYSES = 16
+#: Request bodies the API reads; any other (text/plain, a form) is what a page elsewhere can send
+#: without the browser asking first.
+BODY_TYPES = ("application/json", "multipart/form-data")
 #: The page, its script and style, and Swagger UI for /docs: all served from the package, so the
 #: app works with no network and no request leaves the machine (FastAPI's /docs uses a CDN).
 STATIC = Path(__file__).parent / "static"
@@ -79,7 +90,7 @@ class LiveIndex:
         self._loaded: LoadedIndex | None = None
         self._encoder: tuple[str, Encoder] | None = None
         self._positions: tuple[Path, dict[int, int]] | None = None
-        self._analyses: dict[tuple, Any] = {}
+        self._analyses: OrderedDict[tuple, Any] = OrderedDict()
 
     def current(self) -> LoadedIndex:
         generation = current_generation(self.index_dir)
@@ -89,7 +100,7 @@ class LiveIndex:
         with self._lock:
             if self._loaded is None or self._loaded.generation != current_generation(self.index_dir):
                 self._loaded = load_index(self.index_dir)
-                self._analyses = {}   # results of the old generation are dropped with it
+                self._analyses = OrderedDict()   # results of the old generation are dropped with it
             return self._loaded
 
     def encoder(self, loaded: LoadedIndex) -> Encoder:
@@ -104,14 +115,26 @@ class LiveIndex:
                 self._positions = (loaded.generation, {int(i): p for p, i in enumerate(loaded.ids)})
             return self._positions[1].get(image_id)
 
-    def analysis(self, loaded: LoadedIndex, kind: str, **settings: Any) -> AnalysisResult:
+    def analysis(self, loaded: LoadedIndex, kind: str, **asked: Any) -> AnalysisResult:
         """The explore commands' result for this generation (:mod:`.stored`: computed by whoever
-        asked first), kept in memory too: every visit of a page asks again."""
+        asked first), kept in memory too: every visit of a page asks again. ``asked``: None is the
+        analysis's default.
+
+        Only the defaults' result is stored in the index folder, as the explore commands store it:
+        a request must not make the server write a file for each value it sends (a GET that
+        writes, minutes of CPU each on a large index); other settings stay in memory, a few.
+        """
+        settings = {name: value for name, value in asked.items() if value is not None}
         with self._analysis_lock:
             cache_key = (loaded.generation, kind, *sorted(settings.items()))
-            if cache_key not in self._analyses:
-                self._analyses[cache_key] = analysis(loaded, kind, **settings)
-            return self._analyses[cache_key]
+            if cache_key in self._analyses:
+                self._analyses.move_to_end(cache_key)
+                return self._analyses[cache_key]
+            result = analysis(loaded, kind, store=asks_for_defaults(kind, settings), **settings)
+            self._analyses[cache_key] = result
+            while len(self._analyses) > MEMORY_ANALYSES:
+                self._analyses.popitem(last=False)
+            return result
 
 
 def create_app(index_dir: Path, workspace: Workspace | None = None,
@@ -126,6 +149,13 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(_BodySizeLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(_SameOriginOnly)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer quotes each input, which may not be JSON (NaN, an infinity): a 500.
+        return JSONResponse({"detail": [{"loc": list(problem["loc"]), "msg": problem["msg"], "type": problem["type"]}
+                                        for problem in error.errors()]}, status_code=422)
 
     @app.exception_handler(UserError)
     async def user_error(_request, error: UserError) -> JSONResponse:
@@ -141,7 +171,8 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     def entry_or_404(loaded: LoadedIndex, image_id: str):
         # Taken as text and matched against the catalogue: anything else, a path included, is 404
         # (not FastAPI's 422), so no request learns more than "not in the index".
-        entry = loaded.entries.get(int(image_id)) if image_id.isdigit() and image_id.isascii() else None
+        number = int(image_id) if image_id.isdigit() and image_id.isascii() and len(image_id) <= 19 else -1
+        entry = loaded.entries.get(number) if 0 <= number < 2**63 else None   # SQLite's integers are int64
         if entry is None:
             raise HTTPException(404, "no such image in the index")
         return entry
@@ -243,7 +274,8 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         return Response(preview, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/api/duplicates", summary="Near-duplicate and exact duplicate groups")
-    def duplicates(threshold: float | None = Query(None, ge=-1.0, le=1.0, description="default: the calibrated rule"),
+    def duplicates(threshold: float | None = Query(None, ge=-1.0, le=1.0, allow_inf_nan=False,
+                                                   description="default: the calibrated rule"),
                    limit: int = Query(200, ge=1, le=10_000),
                    plan: str | None = Query(None, description=f"order each group's members: {', '.join(PLANS)}")) -> dict:
         loaded = index_now()
@@ -254,7 +286,7 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
     @app.post("/api/plan", summary="The dedup plan as `dedup --plan` writes it, with the user's keepers")
     def dedup_plan(plan: str = Body("keep-largest", description=", ".join(PLANS)),
                    keepers: dict[str, int] = Body({}, description="group number -> the id of the member to keep"),
-                   threshold: float | None = Body(None, ge=-1.0, le=1.0)) -> dict:
+                   threshold: float | None = Body(None, ge=-1.0, le=1.0, allow_inf_nan=False)) -> dict:
         """plan.json's content and plan.csv's text, checked against the disk now (a member gone or
         changed leaves its group, a group with one left is dropped: see ``notes``). Deletes nothing."""
         known_plan(plan)
@@ -380,15 +412,46 @@ class _BodySizeLimit:
                 await _send_413(send, self.limit)
 
 
+class _SameOriginOnly:
+    """Answers only the app's own pages and clients that are not browsers (curl, scripts).
+
+    A page on another site can make the user's browser send requests here: a GET by an image
+    tag, a POST of a form or of text/plain, neither asking first. Such a request carries an
+    ``Origin`` of the other site, or ``Sec-Fetch-Site: cross-site`` / ``same-site`` (another port
+    of localhost is same-site): refused with 403, before any work starts. A body of any type but
+    JSON or an upload is refused with 415.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers") or []}
+        origin, host = headers.get("origin"), headers.get("host", "")
+        foreign_origin = origin is not None and origin.split("://", 1)[-1] != host
+        if foreign_origin or headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+            return await _send_json_error(send, 403, "requests from other sites are refused: open the app's own page")
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if scope.get("method") in ("POST", "PUT", "PATCH") and content_type not in BODY_TYPES:
+            return await _send_json_error(send, 415, "send JSON (application/json) or an upload (multipart/form-data)")
+        return await self.app(scope, receive, send)
+
+
+async def _send_json_error(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class _TooLarge(Exception):
     pass
 
 
 async def _send_413(send, limit: int) -> None:
-    body = f'{{"detail": "the request is larger than {limit} bytes"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await _send_json_error(send, 413, f"the request is larger than {limit} bytes")
 
 
 def is_loopback(host: str) -> bool:

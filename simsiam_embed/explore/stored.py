@@ -41,9 +41,10 @@ ANALYSES: dict[str, tuple[Callable[..., AnalysisResult], type]] = {
 }
 
 
-def analysis(loaded: LoadedIndex, kind: str, report: Report | None = None, **settings: Any) -> AnalysisResult:
+def analysis(loaded: LoadedIndex, kind: str, report: Report | None = None, store: bool = True,
+             **settings: Any) -> AnalysisResult:
     """``kind``'s result for ``loaded``'s generation with these ``settings``: the stored one if any,
-    else computed now (``report`` hears its progress) and stored."""
+    else computed now (``report`` hears its progress) and, if ``store``, stored."""
     compute, result_type = ANALYSES[kind]
     settings = _complete(compute, settings)
     path = stored_path(loaded, kind, settings)
@@ -53,7 +54,7 @@ def analysis(loaded: LoadedIndex, kind: str, report: Report | None = None, **set
             report(f"{kind}: as computed before for this index generation ({path})")
         return stored
     result = compute(loaded, **settings, report=report)
-    if not path.parent.is_symlink():   # a received folder's link must not carry the write elsewhere
+    if store and not path.parent.is_symlink():   # a received folder's link must not carry the write elsewhere
         try:
             path.parent.mkdir(exist_ok=True)
             write_json_atomic(path, {"format": STORE_FORMAT, "version": __version__, "settings": settings,
@@ -61,6 +62,12 @@ def analysis(loaded: LoadedIndex, kind: str, report: Report | None = None, **set
         except (OSError, UserError):
             pass   # a read-only index (a received one, a shared mount) or a full disk: computed, not stored
     return result
+
+
+def asks_for_defaults(kind: str, settings: dict[str, Any]) -> bool:
+    """Whether ``settings`` are ``kind``'s own defaults (the result its explore command stores)."""
+    compute, _ = ANALYSES[kind]
+    return _complete(compute, settings) == _complete(compute, {})
 
 
 def _complete(compute: Callable[..., AnalysisResult], settings: dict[str, Any]) -> dict[str, Any]:
