@@ -12,7 +12,7 @@ import click
 from simsiam_embed.detection.settings import DetectionConfig
 from simsiam_embed.settings import BACKBONE_NAMES, INITS, NORMS, SCHEDULES, field_default
 from .lazy import library
-from .options import FiniteFloatRange, workspace_at, workspace_option
+from .options import FiniteFloatRange, is_main_process, workspace_at, workspace_option
 
 detection_finetune = library("detection.finetune")
 detection_detectron2 = library("detection.detectron2")
@@ -79,6 +79,8 @@ def finetune_detection_command(data: Path, val_data: Path | None, checkpoint: Pa
                                                    explicit=explicit)
     if not result.finished:
         sys.exit(result.stop.exit_status)   # stopped by Ctrl-C (130) or SIGTERM (143), checkpoint saved: as pretrain
+    if not is_main_process():
+        return
     if as_json:
         click.echo(json.dumps({"run": str(result.run_dir), "steps": result.step, "finished": result.finished,
                                "already_finished": result.already_finished, "init": result.config.init,

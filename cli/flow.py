@@ -11,7 +11,7 @@ from simsiam_embed.settings import (
     DEFAULT_RECALL, EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_PRECISIONS, EMBED_WORKERS, HEADS, INT8_MIN_IMAGES,
     MIN_COSINE_FP16, MIN_COSINE_FP32, MIN_NEIGHBOUR_OVERLAP_INT8,
 )
-from .options import FiniteFloatRange, printable, workspace_at, workspace_option
+from .options import FiniteFloatRange, is_main_process, printable, workspace_at, workspace_option
 from .lazy import library
 
 artefacts = library("artefacts")
@@ -119,6 +119,8 @@ def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Pa
     workers = flow.decode_workers(workers, encoder, _echo_err)
     result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers, file_format=file_format,
                                           encoder_digest=identity.digest, report=_echo_err)
+    if not is_main_process():
+        return
     skipped = f", {len(result.failures)} unreadable skipped (skipped.jsonl)" if result.failures else ""
     written = artefacts.EMBEDDINGS_PARQUET_FILE if file_format == "parquet" else artefacts.EMBEDDINGS_FILE
     click.echo(f"embedded {result.count} images into {result.output / written} "

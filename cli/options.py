@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import click
@@ -42,3 +43,10 @@ def printable(text: str) -> str:
     """``text`` safe for a terminal: control characters (newlines, escape sequences) shown as
     escapes, so a file name cannot forge output lines or recolour the screen."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK, as torchrun sets it), or a single process: the one that says
+    what a command did. Each of 8 ranks printing its own `done:` line said it 8 times, with 8
+    different rates. (Read from the environment: --help must not import torch.distributed.)"""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from simsiam_embed.settings import BACKBONE_NAMES, RECIPES, default_help, parse_duration
-from .options import FiniteFloatRange, workspace_at, workspace_option
+from .options import FiniteFloatRange, is_main_process, workspace_at, workspace_option
 from .lazy import library
 
 training_pretrain = library("training.pretrain")
@@ -93,6 +93,8 @@ def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: 
         return
     if not result.finished:
         sys.exit(result.stop.exit_status)   # stopped by Ctrl-C (130) or SIGTERM (143), checkpoint saved: not a success
+    if not is_main_process():
+        return
     skipped = f"; {len(result.skipped)} unreadable files skipped (see {result.run_dir / 'skipped.jsonl'})" if result.skipped else ""
     click.echo(
         f"done: {result.step} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s / 60:.1f} min, "

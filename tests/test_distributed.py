@@ -198,3 +198,16 @@ def test_a_share_below_two_pairs_a_process_is_refused_on_every_rank(tmp_path):
     assert len(errors) == 2 and all("--batch-size 4 or more" in line for line in errors), result.stderr[-2000:]
     # torchrun reports its children's failure with its own traceback; none comes from ours.
     assert not [line for line in result.stderr.splitlines() if line.strip().startswith("File ") and "simsiam_embed" in line]
+
+
+def test_under_torchrun_one_process_says_what_the_command_did(tmp_path):
+    """Each rank printed its own `done:` line (eight ranks: eight lines, eight different rates)."""
+    images = make_image_folder(tmp_path / "images")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "simsiam_embed.cli.main", "pretrain", str(images), "--epochs", "1", "--crop-size", "16", "--batch-size", "8",
+         "--workers", "0", "--dim", "32", "--projector-hidden-dim", "32", "--predictor-hidden-dim", "8"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done:") == 1, result.stdout
