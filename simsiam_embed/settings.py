@@ -464,6 +464,15 @@ def resolve_pretrain_config(
             choices.append(f"batch {batch}: the folder has only {num_images} usable images")
         elif not on_gpu:
             choices.append("batch 256: no GPU (the paper's 512 halves the steps per hour)")
+        if batch % processes and batch > processes:
+            # Each process takes batch // processes pairs: the rest would never train, while the
+            # lr and the pairs/s counted them.
+            batch -= batch % processes
+            choices.append(f"batch {batch}: a multiple of the {processes} processes ({batch // processes} pairs each)")
+    elif processes > 1 and batch % processes:
+        raise UserError(f"--batch-size {batch} does not divide over {processes} processes (each takes an equal share): "
+                        f"use --batch-size {max(processes, batch - batch % processes)} or "
+                        f"{batch - batch % processes + processes}")
     recipe_defaults["batch_size"] = batch
 
     if "epochs" not in given and "time_budget_s" not in given:

@@ -110,6 +110,22 @@ def test_an_explicit_gpu_batch_is_kept(fake_gpu):
     assert resolve(num_images=100_000, side=375, device="cuda", batch_size=512).batch_size == 512
 
 
+@pytest.mark.parametrize("processes, expected", [(3, 510), (5, 510), (6, 510), (7, 511), (8, 512)])
+def test_the_default_gpu_batch_divides_over_the_processes(fake_gpu, processes, expected):
+    """Each process takes batch // processes pairs: 512 over 3 trained 510 while the lr counted 512."""
+    fake_gpu(80)
+    config = resolve(num_images=100_000, side=375, device="cuda", processes=processes)
+    assert config.batch_size == expected and config.lr == pytest.approx(0.05 * expected / 256)
+    assert any(choice.startswith(f"batch {expected}: a multiple of the {processes} processes")
+               for choice in config.choices) == (expected != 512)
+
+
+def test_an_explicit_batch_that_does_not_divide_over_the_processes_is_refused(fake_gpu):
+    fake_gpu(80)
+    with pytest.raises(UserError, match=r"--batch-size 512 does not divide over 3 processes .*: use --batch-size 510 or 513"):
+        resolve(num_images=100_000, side=375, device="cuda", processes=3, batch_size=512)
+
+
 def test_gpu_runs_crop_on_the_device_and_cpu_runs_in_the_workers(fake_gpu):
     gpu = resolve(num_images=10_000, side=375, device="cuda")
     assert gpu.crop_on_device and gpu.augment_on_device

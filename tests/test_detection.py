@@ -399,6 +399,7 @@ def test_cli_json_without_val_data_still_reports_the_run(tmp_path: Path):
 
 @pytest.mark.parametrize("memory_gib, processes, max_size, expected", [
     (80, 1, 853, 16), (24, 1, 853, 16), (16, 1, 853, 8), (8, 1, 853, 4), (8, 2, 853, 8), (16, 1, 1333, 4),
+    (80, 3, 853, 15), (80, 5, 853, 15), (80, 6, 853, 12), (80, 7, 853, 14),   # an equal share for every GPU
 ])
 def test_the_gpu_detection_batch_follows_the_memory(monkeypatch, memory_gib, processes, max_size, expected):
     import simsiam_embed.settings as config_module

@@ -98,7 +98,9 @@ def default_detection_batch(device: str, max_size: int, processes: int) -> tuple
     memory = gpu_memory_bytes(device)
     per_image = DETECTION_IMAGE_BYTES_853_AMP * (max_size / 853) ** 2
     fits = int(GPU_MEMORY_SHARE * max(memory - GPU_RESERVE_BYTES, 0) / per_image)
-    batch = min(DETECTION_BATCH_GPU_MAX, largest_power_of_two_at_most(max(fits, 1)) * processes)
+    # An equal share for every process: 16 over 3 GPUs is 5 each (15), not 16 that does not divide.
+    per_process = min(largest_power_of_two_at_most(max(fits, 1)), max(1, DETECTION_BATCH_GPU_MAX // processes))
+    batch = per_process * processes
     return batch, (f"batch {batch}: {processes} GPU(s) of {memory / 2**30:.0f} GiB fit about {fits} images each "
                    f"(estimate {per_image / 2**30:.1f} GiB an image), at most detectron2's {DETECTION_BATCH_GPU_MAX}; "
                    "the lr follows the batch (base_lr x batch / 16)")
