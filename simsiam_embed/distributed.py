@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
@@ -15,6 +16,13 @@ import torch.distributed as dist
 from torch import nn
 
 from simsiam_embed.errors import UserError
+
+
+#: How long a collective may wait for the slowest rank. Rank 0 scans the whole folder while the
+#: others wait in a broadcast: NCCL's default of 10 minutes failed a run on a few million files
+#: (gloo's is 30). A rank that fails exits with its error and torchrun ends the others, so a
+#: long wait costs only a rank that hangs.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -54,9 +62,9 @@ def init_distributed(device: str) -> DistributedContext:
         if device.startswith("cuda"):
             own_gpu = torch.device(device_for_rank(device, context))
             torch.cuda.set_device(own_gpu)
-            dist.init_process_group(backend="nccl", device_id=own_gpu)
+            dist.init_process_group(backend="nccl", device_id=own_gpu, timeout=COLLECTIVE_TIMEOUT)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     return context
 
 

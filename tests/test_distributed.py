@@ -211,3 +211,21 @@ def test_under_torchrun_one_process_says_what_the_command_did(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done:") == 1, result.stdout
+
+
+def test_the_process_group_waits_long_enough_for_rank_0_to_scan_a_large_folder(monkeypatch):
+    """Rank 0 scans every file while the others wait in a broadcast: NCCL's default 10 minutes
+    ended runs on a few million files."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from simsiam_embed import distributed
+
+    asked = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: asked.update(kwargs))
+    distributed.init_distributed("cpu")
+    assert asked["backend"] == "gloo" and asked["timeout"] >= timedelta(hours=1)

@@ -210,3 +210,14 @@ def test_an_index_update_killed_while_embedding_resumes_with_the_files_it_had_no
     third = load_index(tmp_path / "third")
     position = [entry.path for entry in third.entries.values()].index(str(changed))
     assert np.allclose(third.vectors[position], third.vectors[-1])   # the new content's vector
+
+
+def test_a_folder_is_cut_so_that_eight_ranks_each_embed_some():
+    """Under 262k images at 2048-d, 8 ranks shared one shard: seven waited at the barrier."""
+    from simsiam_embed.inference.shards import rows_per_shard
+
+    for count in (10_000, 100_000, 262_000):
+        rows = rows_per_shard(2048, count)
+        assert -(-count // rows) >= 8, count
+    assert rows_per_shard(2048, 10_000_000) == 32_768   # large folders: the memory bound
+    assert rows_per_shard(2048, 500) >= 500             # small ones: one slice, one loader

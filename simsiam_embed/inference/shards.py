@@ -51,9 +51,19 @@ JOB_FILE = "job.json"
 SHARD_NAME = re.compile(r"shard-(\d{6})\.npz")
 
 
-def rows_per_shard(dim: int) -> int:
-    """Files a shard: SHARD_BYTES of ``dim``-wide float32 vectors (32,768 at 2048-d)."""
-    return max(1, SHARD_BYTES // (4 * dim))
+#: A folder is cut into at least this many shards where it is large enough, so that up to this
+#: many torchrun ranks each embed some (8 GPUs got one shard between them below ~262k images);
+#: never whatever the world size is, so a job resumes under another number of processes.
+MIN_SHARDS = 64
+#: ... but no shard smaller than this: each slice starts its own loader.
+MIN_SHARD_ROWS = 1024
+
+
+def rows_per_shard(dim: int, count: int) -> int:
+    """Files a shard: SHARD_BYTES of ``dim``-wide float32 vectors (32,768 at 2048-d), fewer so
+    that ``count`` files make MIN_SHARDS shards, but not under MIN_SHARD_ROWS."""
+    most = max(1, SHARD_BYTES // (4 * dim))
+    return max(1, min(most, max(MIN_SHARD_ROWS, -(-count // MIN_SHARDS))))
 
 
 def paths_digest(paths: Iterable[Path | str]) -> str:
@@ -189,7 +199,7 @@ def embed_in_shards(
     ``embed_slice(slice_paths, bar)`` embeds one slice (an :class:`~.embed.EmbedResult`: vectors,
     the indices within the slice they belong to, failures), updating ``bar`` as it goes.
     """
-    shards = ShardedEmbedding(folder, paths, shard_rows or rows_per_shard(dim), dim)
+    shards = ShardedEmbedding(folder, paths, shard_rows or rows_per_shard(dim, len(paths)), dim)
     manifest = {"format": SHARDS_FORMAT, "count": len(paths), "rows_per_shard": shards.rows_per_shard, "dim": dim,
                 "paths_sha256": paths_digest(paths), "job": job}
     if context.is_main:
