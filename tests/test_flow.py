@@ -644,3 +644,57 @@ def test_processes_asking_for_one_export_at_once_export_it_once(sample_run, tmp_
     for rank in ranks:
         rank.join(120)
     assert found == [run / "encoder.onnx"] * 2 and exports == [run / "encoder.onnx"]
+
+
+class _FailingProvidersOnAGpuMachine(_SessionsOnAGpuMachine):
+    """As above, with the named providers failing to start, and ONNX Runtime's own fallback: a
+    failed provider's session comes up on the next providers *without* the options asked for
+    (CUDA on device 0), or on the CPU with only a warning."""
+
+    def __init__(self, monkeypatch, failing: set[str]):
+        super().__init__(monkeypatch)
+        import onnxruntime as ort
+
+        recording = ort.InferenceSession
+
+        class Session:
+            def __init__(session, path, sess_options=None, providers=()):
+                names = [name for name, _options in providers]
+                started = [name for name in names if name not in failing]
+                if names[0] in failing and "CUDAExecutionProvider" not in failing:
+                    started = ["CUDAExecutionProvider", "CPUExecutionProvider"]   # ONNX Runtime's fallback
+                    providers = [(name, {}) for name in started]                 # its options dropped
+                session._inner = recording(path, sess_options, providers)
+                session._names = started
+
+            def get_providers(session):
+                return session._names
+
+            def __getattr__(session, name):
+                return getattr(session._inner, name)
+
+        monkeypatch.setattr(ort, "InferenceSession", Session)
+
+
+def test_a_failed_tensorrt_session_is_retried_on_this_ranks_gpu_with_its_options(tmp_path, monkeypatch):
+    from conftest import write_pixel_onnx
+    from simsiam_embed.inference.onnx_encoder import onnx_session
+
+    machine = _FailingProvidersOnAGpuMachine(monkeypatch, {"TensorrtExecutionProvider"})
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    _session, used = onnx_session(write_pixel_onnx(tmp_path / "encoder.onnx"))
+    assert used == "CUDAExecutionProvider"
+    assert machine.asked[-1]["CUDAExecutionProvider"]["device_id"] == "1"   # not GPU 0, not without options
+
+
+def test_a_gpu_machine_whose_cuda_provider_fails_is_an_error_not_a_quiet_cpu_run(tmp_path, monkeypatch):
+    from conftest import write_pixel_onnx
+
+    _FailingProvidersOnAGpuMachine(monkeypatch, {"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+    folder = make_image_folder(tmp_path / "images", per_class=1, size=8)
+    encoder = write_pixel_onnx(tmp_path / "encoder.onnx")
+    result = invoke("embed", str(folder), "-o", str(tmp_path / "out"), "--model", str(encoder), cwd=tmp_path)
+    assert_one_line_error_in_process(result, "could not start", "--provider cpu")
+    asked_cpu = invoke("embed", str(folder), "-o", str(tmp_path / "out"), "--model", str(encoder), "--provider", "cpu",
+                       cwd=tmp_path)
+    assert asked_cpu.exit_code == 0, asked_cpu.output

@@ -165,7 +165,7 @@ def _neighbour_overlap(fp32_path: Path, int8_path: Path, batches: list[np.ndarra
     int8 encoder finds as fp32 does, averaged: what retrieval with it would change."""
     vectors = []
     for path in (fp32_path, int8_path):
-        session, _ = onnx_session(path, tensorrt=False)   # as _parity: no engine build for a check
+        session, _ = onnx_session(path, tensorrt=False, cpu_fallback_ok=True)   # as _parity: no engine build for a check
         features = np.concatenate([session.run(None, {"images": batch})[0] for batch in batches])
         vectors.append(features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12))
     k = min(10, len(vectors[0]) - 1)
@@ -214,7 +214,7 @@ def _images(paths: Sequence[Path], preprocessing: Preprocessing, most: int, rand
 def _parity(path: Path, batch: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     # The graph is checked, not TensorRT: building an engine for one batch of 32 takes minutes
     # and, kept nowhere, would be built again by the first command that uses the encoder.
-    session, _ = onnx_session(path, tensorrt=False)
+    session, _ = onnx_session(path, tensorrt=False, cpu_fallback_ok=True)
     produced = session.run(None, {"images": batch})[0]
     return max_abs_and_min_cosine(produced, reference)
 

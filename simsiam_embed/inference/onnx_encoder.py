@@ -206,8 +206,11 @@ def _engine_builder(engine_folder: Path | None) -> Iterator[None]:
 
 def onnx_session(path: Path | str, provider: str | None = None, max_batch: int = TENSORRT_MAX_BATCH,
                  input_size: int | None = None, *, engine_cache: Path | None = None, tensorrt: bool = True,
-                 latency_first: bool = False, half: bool = False):
+                 latency_first: bool = False, half: bool = False, cpu_fallback_ok: bool = False):
     """An ONNX Runtime session on the best available provider (or ``provider``) and its name.
+
+    A GPU machine whose GPU providers all fail to start is an error unless ``cpu_fallback_ok``
+    (a one-off check, which runs as well on the CPU).
 
     onnxruntime-gpu lists the CUDA and TensorRT providers even on machines without a GPU, so
     CUDA is only asked for when PyTorch sees a GPU, and TensorRT only when its runtime library
@@ -235,17 +238,33 @@ def onnx_session(path: Path | str, provider: str | None = None, max_batch: int =
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with_options = [(name, _provider_options(name, max_batch, input_size, engine_folder, latency_first, half))
                     for name in providers]
+    session = _start_session(ort, path, options, with_options, engine_folder)
+    used = session.get_providers()[0]
+    # A provider that fails to start is replaced by ONNX Runtime itself: with CUDA and the CPU,
+    # but *without* the options asked for (under torchrun every rank then runs on GPU 0), or
+    # with the CPU and only a warning. Each next provider is started here, with its options.
+    while used != with_options[0][0] and len(with_options) > 1:
+        print(f"ONNX Runtime could not start {with_options[0][0]}; trying {with_options[1][0]}", file=sys.stderr)
+        with_options = with_options[1:]
+        session = _start_session(ort, path, options, with_options, None)
+        used = session.get_providers()[0]
+    if provider is not None and used != providers[0]:
+        raise UserError(f"ONNX Runtime could not start provider {providers[0]} (fell back to {used})")
+    if used == "CPUExecutionProvider" and providers[0] != used and not cpu_fallback_ok:
+        raise UserError(f"ONNX Runtime could not start {providers[0]} on this GPU machine (its CUDA or cuDNN libraries "
+                        "did not load: see the warning above), and the CPU would be far slower: fix the install "
+                        "(onnxruntime-gpu's CUDA and cuDNN versions), or pass --provider cpu to run on the CPU")
+    return session, used
+
+
+def _start_session(ort, path: Path | str, options, with_options: list, engine_folder: Path | None):
     try:
         with _engine_builder(engine_folder), stdout_redirected():   # ONNX Runtime's fallback banner: never on stdout
-            session = ort.InferenceSession(str(path), sess_options=options, providers=with_options)
+            return ort.InferenceSession(str(path), sess_options=options, providers=with_options)
     except UserError:
         raise
     except Exception as error:  # ONNX Runtime raises its own Fail / InvalidGraph / NoSuchFile types
         raise UserError(f"ONNX Runtime cannot load {path} ({str(error).splitlines()[0]})") from None
-    used = session.get_providers()[0]
-    if provider is not None and used != providers[0]:
-        raise UserError(f"ONNX Runtime could not start provider {providers[0]} (fell back to {used})")
-    return session, used
 
 
 class OnnxEncoder:
