@@ -252,3 +252,19 @@ def test_a_second_ctrl_c_stops_now_and_keeps_the_last_complete_checkpoint(tmp_pa
     assert not any("long step ends" in line for line in lines), "".join(lines)   # stopped inside the call
     saved = Checkpoint.load(tmp_path / "run" / "checkpoint.pt")
     assert saved.step == 2 and not saved.finished
+
+
+def test_the_loader_plans_decoded_photos_by_their_real_size():
+    """At batch 512 on a GPU the plan counted 3.83 MiB a pair (twice the draft side) for photos
+    of 0.19-0.54 MiB, and left 2 workers at prefetch 1."""
+    from simsiam_embed.training.data import training_draft_side
+    from simsiam_embed.training.loop import plan_loader_memory
+    from simsiam_embed.training.pretrain import decoded_image_bytes
+
+    draft = training_draft_side(224, 0.2)
+    photo = decoded_image_bytes(draft, 224, median_short_side=375)
+    assert photo == 3 * 375 * 375 * 4 // 3 and photo < 0.6 * 2**20
+    assert decoded_image_bytes(draft, 224, median_short_side=3000) == decoded_image_bytes(draft, 224, None)
+    plan = plan_loader_memory(512, photo, workers=16, what="decoded images", shared_memory_bytes=64 << 30)
+    largest = plan_loader_memory(512, decoded_image_bytes(draft, 224, None), 16, "decoded images", 64 << 30)
+    assert largest.workers == 2 and plan.workers >= 12   # the 4 GiB loader budget still bounds it

@@ -249,7 +249,7 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
                 removed = store.remove_stale(scan.paths)
                 if removed:
                     report(f"  decoded-image store: removed {removed:,} entries of images that changed or went")
-    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report, start, store)
+    task = SimSiamTask(config, scan.paths, context, rank_device, rank_report, start, store, scan.median_short_side)
     default_name = run_name_for(Path(config.data_dir))
     plan = LoopPlan(
         steps_per_epoch=task.steps_per_epoch,
@@ -402,6 +402,20 @@ def _report_settings(config: PretrainConfig, run: RunFolder, report: Report) -> 
         report(f"  chosen: {choice}")
 
 
+def decoded_image_bytes(draft: int | None, crop_size: int, median_short_side: int | None) -> int:
+    """Bytes of one decoded image in flight (a pair's whole sample when crops are made on the device).
+
+    A drafted JPEG decode keeps the shorter side at least ``draft`` and under twice that; an
+    image smaller than the draft stays as it is. From the folder's median side where it is known:
+    the largest possible decode (2 x draft, 3.83 MiB at 224 px) planned every batch as if each
+    image were that large, where photos of 500 x 375 take 0.19-0.54 MiB, and left a GPU with 2
+    loader workers at batch 512.
+    """
+    largest = 2 * (draft or 2 * crop_size)
+    side = largest if median_short_side is None else min(median_short_side, largest)
+    return 3 * side * side * 4 // 3   # at 4:3 or so
+
+
 class SimSiamTask(TaskDefaults):
     """SimSiam pretraining as a task of the one training loop: the network, SGD, one step, and the
     monitors (collapse, kNN) at each epoch's end."""
@@ -409,9 +423,12 @@ class SimSiamTask(TaskDefaults):
     kind = "pretrain"
 
     def __init__(self, config: PretrainConfig, paths: list[Path], context: DistributedContext, device: str,
-                 report: Report, start: ResNetWeights | None = None, store: DecodedImageStore | None = None):
+                 report: Report, start: ResNetWeights | None = None, store: DecodedImageStore | None = None,
+                 median_short_side: int | None = None):
         """``start``: the weights of a warm start (``--init``), for a run's first step; a resumed
-        run has its own in the checkpoint. ``store``: where decoded images are kept between epochs."""
+        run has its own in the checkpoint. ``store``: where decoded images are kept between epochs.
+        ``median_short_side``: of the folder's images, for the loader's memory plan."""
+        self.median_short_side = median_short_side
         self.store = store
         self.settings = config
         self.context, self.device, self.report = context, device, report
@@ -453,9 +470,8 @@ class SimSiamTask(TaskDefaults):
         if config.crop_on_device:   # workers decode; crops, colour and blur on the device
             dataset = TwoViewDataset(paths, draft_side=draft, pair=partial(draw_uncropped_views, recipe=self.recipe),
                                      store=store)
-            # A drafted decode keeps the shorter side >= draft (up to twice that), at 4:3 or so.
-            side = 2 * (draft or 2 * config.crop_size)
-            return dataset, stack_uncropped, 3 * side * side * 4 // 3, "decoded images"
+            return dataset, stack_uncropped, decoded_image_bytes(draft, config.crop_size, self.median_short_side), \
+                "decoded images"
         if config.small_views:   # workers crop full and small views (multi-crop); colour and blur on the device
             small = small_view_recipe(self.recipe, config.small_crop_size)
             dataset = TwoViewDataset(paths, draft_side=draft, store=store,
