@@ -212,6 +212,35 @@ def test_a_batch_is_cropped_in_the_same_few_operations_whatever_its_size():
     assert operations(64) == operations(4) < 150
 
 
+def test_batched_crops_copy_to_the_device_once_a_step_and_once_a_group_of_pixels(monkeypatch):
+    """Each group's boxes, flips and indices went to the GPU in blocking copies of their own: 3
+    host-device round trips a group. Counted as the Tensor.to calls a step makes."""
+    from torch.overrides import TorchFunctionMode
+
+    import simsiam_embed.training.augment as augment
+    from simsiam_embed.training.augment import crop_on_device, stack_uncropped
+
+    class CountCopies(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            to_a_device = any(isinstance(arg, (str, torch.device)) for arg in args[1:]) or "device" in kwargs
+            self.copies += func is torch.Tensor.to and to_a_device   # not the dtype conversions
+            return func(*args, **kwargs)
+
+    monkeypatch.setattr(augment, "CROP_GROUP_BYTES", 3 * 40 * 30 * 4 * 4)   # groups of 4 images
+    samples = [(torch.zeros(3, 40, 30, dtype=torch.uint8), torch.tensor([[0, 0, 40, 30], [5, 5, 20, 20]]),
+                torch.tensor([True, False]), torch.zeros(2, 12)) for _ in range(16)]
+    groups, boxes, flips, _ = stack_uncropped(samples)
+    assert len(groups) == 4
+    with CountCopies() as count:
+        crop_on_device(groups, boxes, flips, 16, "cpu")
+    assert count.copies == 3 + len(groups)   # boxes, flips, all the groups' indices: once each; then each group's pixels
+
+
 def test_small_views_leave_the_full_views_as_they_were_and_crop_smaller_shares():
     """A sample's two full views are the same with or without multi-crop (the small ones are
     drawn after them), and the small views are smaller crops of a smaller share of the image."""

@@ -173,14 +173,26 @@ def crop_on_device(groups: list[PaddedImages], boxes: torch.Tensor, flips: torch
     crop carries anyway.
     """
     views = torch.empty(2, len(boxes), 3, size, size, device=device)
-    for numbers, padded in groups:
+    # Every copy to the device is asynchronous, and the small ones are made once a step, not once
+    # a group: the loader hands the batch over in pinned memory, so the host queues the copies
+    # and the products and never waits for the GPU (a blocking copy of each group's boxes,
+    # flips and indices made 3 host-device round trips a group; bench/gpu_check.py runs this
+    # under CUDA's sync debug mode).
+    boxes_on_device = boxes.to(device, non_blocking=True)              # (N, 2, 4): top, left, height, width
+    flips_on_device = flips.to(device, non_blocking=True)
+    numbers = torch.cat([numbers for numbers, _ in groups])
+    if torch.device(device).type == "cuda":
+        numbers = numbers.pin_memory()   # made here, not by the loader; PyTorch caches pinned blocks
+    numbers_on_device = numbers.to(device, non_blocking=True)
+    numbers_on_device = numbers_on_device.split([len(numbers) for numbers, _ in groups])
+    for (_numbers, padded), numbers in zip(groups, numbers_on_device):
         padded = padded.to(device, non_blocking=True).float()
-        group_boxes = boxes[numbers].to(device)                        # (n, 2, 4): top, left, height, width
+        group_boxes = boxes_on_device[numbers]
         rows = resize_weights(group_boxes[..., 0], group_boxes[..., 2], size, padded.shape[2])     # (n, 2, size, H)
         columns = resize_weights(group_boxes[..., 1], group_boxes[..., 3], size, padded.shape[3])  # (n, 2, size, W)
-        columns = torch.where(flips[numbers].to(device)[..., None, None], columns.flip(-2), columns)
+        columns = torch.where(flips_on_device[numbers][..., None, None], columns.flip(-2), columns)
         half = rows.unsqueeze(2) @ padded.unsqueeze(1)                 # (n, 2, 3, size, W)
-        views[:, numbers.to(device)] = (half @ columns.unsqueeze(2).transpose(-1, -2)).transpose(0, 1)
+        views[:, numbers] = (half @ columns.unsqueeze(2).transpose(-1, -2)).transpose(0, 1)
     return views.flatten(0, 1)
 
 
