@@ -73,9 +73,22 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except UserError as error:
             raise click.ClickException(str(error)) from None
+        except Exception as error:
+            if not _out_of_memory(error):
+                raise   # a bug: its traceback is what a report needs
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise click.ClickException(f"out of memory ({first[:200]}): lower --batch-size (or --crop-size, "
+                                       "--workers); a checkpoint already written is kept") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, torch.OutOfMemoryError (a RuntimeError: its type is named, so that
+    --help need not import torch) or the CPU allocator's RuntimeError."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or (isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)))
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -12,6 +12,8 @@ from simsiam_embed.cli.main import main
 from simsiam_embed.training.pretrain import SimSiamTask
 
 failing = {int(rank) for rank in sys.argv[1].split(",")}
+#: FAILURE=oom raises what PyTorch raises when the GPU's memory runs out.
+FAILURE = os.environ.get("FAILURE", "runtime")
 train_step = SimSiamTask.train_step
 steps = 0
 
@@ -20,6 +22,10 @@ def train_step_that_fails(self, batch):
     global steps
     steps += 1
     if steps == 2 and int(os.environ.get("RANK", "0")) in failing:
+        if FAILURE == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         raise RuntimeError("injected failure in the second step")
     return train_step(self, batch)
 

@@ -6,6 +6,7 @@ message and then waited for ever on its loader's workers (issue 27) fails here a
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,10 @@ def test_every_rank_failing_under_torchrun_ends_every_process(image_folder, tmp_
     result = _torchrun_with_failing_ranks("0,1", image_folder, tmp_path)
     assert result.returncode != 0, result.stderr[-3000:]
     assert result.stderr.count("injected failure in the second step") >= 2, result.stderr[-3000:]
+
+
+def test_running_out_of_memory_in_a_step_is_one_line_with_what_to_lower(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, str(WORKER), "0", str(image_folder), *WITH_WORKERS],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=EXIT_WITHIN_S,
+                            env={**os.environ, "FAILURE": "oom"})
+    assert_one_line_error(result, "out of memory", "--batch-size")
