@@ -56,10 +56,12 @@ _positive = FiniteFloatRange(min=0, min_open=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help=default_help("device"))
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help=default_help("amp", "Mixed precision."))
 @click.option("--log-every", type=click.IntRange(min=1), help=default_help("log_every", "Steps between lines of metrics.jsonl."))
-@click.option("--init", type=click.Path(exists=True, path_type=Path),
+@click.option("--init", metavar="FILE|NAME",
               help="Start the backbone from these weights: a torchvision or timm ResNet state dict (.pth), a "
-                   "safetensors file (timm or Hugging Face names) or another run; the backbone is the file's.  "
-                   "[default: random init, as the paper]")
+                   "safetensors file (timm or Hugging Face names), another run, or torchvision's pretrained "
+                   "weights by name: imagenet (the backbone's default ImageNet weights) or e.g. "
+                   "resnet50.IMAGENET1K_V2, downloaded once into torch.hub's cache and hash-checked; the "
+                   "backbone is the weights'.  [default: random init, as the paper]")
 @click.option("--val-dir", type=click.Path(exists=True, file_okay=False),
               help="Labelled folder (VAL/<class>/images): kNN accuracy every --val-every epochs, against random init.")
 @click.option("--val-every", type=click.IntRange(min=1), help=default_help("val_every", "Epochs between kNN evaluations."))

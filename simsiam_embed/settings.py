@@ -406,6 +406,16 @@ def largest_power_of_two_at_most(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+def default_recipe(median_short_side: int) -> str:
+    """The paper's small-image recipe for folders of small pictures, else its ImageNet recipe."""
+    return "cifar" if median_short_side <= SMALL_IMAGE_MAX_SIDE else "imagenet"
+
+
+def default_backbone(recipe: str, on_gpu: bool) -> str:
+    """The recipe's ResNet, or ResNet-18 on a CPU (the paper's ResNet-50 is about 3x slower)."""
+    return RECIPE_SETTINGS[recipe]["backbone"] if on_gpu else "resnet18"
+
+
 def resolve_pretrain_config(
     data_dir: str,
     run_name: str,
@@ -429,7 +439,7 @@ def resolve_pretrain_config(
 
     recipe = given.get("recipe")
     if recipe is None:
-        recipe = "cifar" if median_short_side <= SMALL_IMAGE_MAX_SIDE else "imagenet"
+        recipe = default_recipe(median_short_side)
         choices.append(
             f"recipe {recipe}: median image side {median_short_side} px "
             f"({'<=' if recipe == 'cifar' else '>'} {SMALL_IMAGE_MAX_SIDE} px)"
@@ -447,8 +457,8 @@ def resolve_pretrain_config(
             recipe_defaults["crop_size"] = max(SMALL_IMAGE_MAX_SIDE, median_short_side // 8 * 8)
             if "crop_size" not in given:
                 choices.append(f"crop {recipe_defaults['crop_size']} px: the images are smaller than 224 px")
+        recipe_defaults["backbone"] = default_backbone(recipe, on_gpu)
         if not on_gpu:
-            recipe_defaults["backbone"] = "resnet18"
             if "backbone" not in given:
                 choices.append("backbone resnet18: no GPU (the paper's resnet50 is about 3x slower)")
 

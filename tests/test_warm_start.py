@@ -163,3 +163,83 @@ def test_a_raw_pickle_is_refused_without_pytorchs_protocol_warning(tmp_path, rec
     with pytest.raises(UserError, match="more than tensors"):
         read_resnet_weights(tmp_path / "raw.pkl")
     assert not [warning for warning in recwarn if "pickle protocol" in str(warning.message)]
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained weights by name (torchvision's weight API and torch.hub's cache; never the network)
+
+
+def _cache_with(tmp_path, monkeypatch, state, name="resnet18.IMAGENET1K_V1"):
+    """torch.hub's cache in tmp_path holding ``state`` as the file torchvision publishes for
+    ``name``: its URL is made to carry this file's own hash prefix, as torchvision's real ones do."""
+    import hashlib
+
+    import simsiam_embed.pretrained_weights as pretrained
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    checkpoints = tmp_path / "torch-home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    staged = tmp_path / "staged.pth"
+    torch.save(state, staged)
+    prefix = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+    file = checkpoints / f"resnet18-{prefix}.pth"
+    staged.rename(file)
+    real = pretrained.published_weights
+
+    def published(asked, backbone):
+        label, _url = real(asked, backbone)
+        return label, f"https://download.pytorch.org/models/{file.name}"
+
+    monkeypatch.setattr(pretrained, "published_weights", published)
+    return file
+
+
+def test_pretrain_starts_from_imagenet_weights_by_name_from_the_cache(tmp_path, monkeypatch):
+    import torch.hub
+
+    state = torchvision_state("resnet18")
+    file = _cache_with(tmp_path, monkeypatch, state)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("nothing is downloaded"))
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", "imagenet", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "torchvision's resnet18.IMAGENET1K_V1" in result.stderr and str(file) in result.stderr
+    config = json.loads((tmp_path / "runs" / "images" / "config.json").read_text())
+    assert config["init"] == "resnet18.IMAGENET1K_V1" and config["backbone"] == "resnet18"
+    resumed = invoke("pretrain", "images", "--init", "imagenet", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path)
+    assert resumed.exit_code == 0, resumed.output   # a finished run: nothing to do, the name is no path
+
+
+def test_a_cached_file_that_is_not_the_published_one_is_refused_with_how_to_remove_it(tmp_path, monkeypatch):
+    file = _cache_with(tmp_path, monkeypatch, torchvision_state("resnet18"))
+    file.write_bytes(file.read_bytes()[:-10] + bytes(10))   # damaged in the cache
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", "resnet18.IMAGENET1K_V1", *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error_in_process(result, "is not the file torchvision publishes", f"rm {file}")
+
+
+def test_a_download_that_fails_names_the_file_and_where_it_goes_and_leaves_nothing(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", "imagenet", *FAST_TRAINING, cwd=tmp_path)
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints"
+    assert_one_line_error_in_process(result, "cannot download resnet18.IMAGENET1K_V1", "resnet18-f37072fd.pth",
+                                     str(cache / "resnet18-f37072fd.pth"))
+    assert list(cache.iterdir()) == [] and not (tmp_path / "runs" / "images" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("given", ["resnet50.IMAGENET9K_V7", "missing-file.pth"])
+def test_an_unknown_name_or_a_missing_file_lists_the_names_there_are(tmp_path, given):
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", given, *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error_in_process(result, f"--init {given} is neither a file nor a weights name",
+                                     "imagenet", "resnet50.IMAGENET1K_V2")

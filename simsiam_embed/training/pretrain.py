@@ -9,6 +9,7 @@ signals, checkpoints, resume rules, the metrics log, the time budget) is :mod:`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -29,8 +30,11 @@ from simsiam_embed.files import ensure_writable_folder, write_json_atomic
 from simsiam_embed.image_files import discover_images, scan_images
 from simsiam_embed.inference.evaluate import KnnMonitor
 from simsiam_embed.models import SimSiam, simsiam_loss
+from simsiam_embed.pretrained_weights import is_weights_name, pretrained_weights_file, published_weights
 from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, read_resnet_weights
-from simsiam_embed.settings import PretrainConfig, gpu_memory_bytes, physical_memory_bytes, resolve_pretrain_config
+from simsiam_embed.settings import (
+    PretrainConfig, default_backbone, default_recipe, gpu_memory_bytes, physical_memory_bytes, resolve_pretrain_config,
+)
 from simsiam_embed.trained_model import build_model, preprocessing_for
 from simsiam_embed.training.augment import (
     AugmentationRecipe, BatchAugment, CroppedViews, MultiCropViews, crop_on_device, draw_uncropped_views,
@@ -218,13 +222,13 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
     scan = from_main(_scan_folder(data_dir, rank_report) if context.is_main else None, context)
     start = None
     if previous is not None:
-        if overrides.get("init") is not None:   # the run saved the file's full path
+        if overrides.get("init") is not None and Path(overrides["init"]).exists():   # the run saved the file's full path
             overrides["init"] = str(Path(overrides["init"]).resolve())
         config = _config_for_resume(previous, overrides, run)
         config.device = device
     else:
         backbone_given = overrides.get("backbone") is not None
-        start = _warm_start(overrides)
+        start = _warm_start(overrides, scan.median_short_side, device, rank_report)
         config = resolve_pretrain_config(
             str(data_dir.resolve()), run_name, len(scan.paths), scan.median_short_side, device, overrides,
             processes=context.world_size,
@@ -313,18 +317,29 @@ def _scan_folder(data_dir: Path, report: Report):
     return scan
 
 
-def _warm_start(overrides: dict[str, Any]) -> ResNetWeights | None:
-    """Read ``--init``'s weights; the run's backbone is theirs, and the settings record the
-    file's path and digest (``overrides`` is completed in place)."""
-    if overrides.get("init") is None:
+def _warm_start(overrides: dict[str, Any], median_short_side: int, device: str, report: Report) -> ResNetWeights | None:
+    """Read ``--init``'s weights: a file, or a name of torchvision's pretrained weights
+    ("imagenet": those of the backbone this run would have); the run's backbone is theirs, and
+    the settings record the file's path (or the weights' name) and digest (``overrides`` is
+    completed in place)."""
+    init = overrides.get("init")
+    if init is None:
         return None
-    path = Path(overrides["init"])
+    path, recorded = Path(init), None
+    if not path.exists() and is_weights_name(str(init)):
+        recipe = overrides.get("recipe") or default_recipe(median_short_side)
+        backbone = overrides.get("backbone") or default_backbone(recipe, device.startswith("cuda"))
+        path, recorded = pretrained_weights_file(str(init), backbone, report)
+    elif not path.exists():
+        published_weights(str(init), "resnet18")   # a name not known: one line listing those that are
     start = read_resnet_weights(path)
+    if recorded is not None:
+        start = dataclasses.replace(start, source=f"torchvision's {recorded}, {path}")
     given = overrides.get("backbone")
     if given is not None and given != start.backbone:
-        raise UserError(f"--init {path} holds a {start.backbone}'s weights and --backbone is {given}: "
+        raise UserError(f"--init {init} holds a {start.backbone}'s weights and --backbone is {given}: "
                         f"drop --backbone, or pass --backbone {start.backbone}")
-    overrides.update(backbone=start.backbone, init=str(path.resolve()), init_digest=start.digest)
+    overrides.update(backbone=start.backbone, init=recorded or str(path.resolve()), init_digest=start.digest)
     return start
 
 
