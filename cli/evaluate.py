@@ -14,6 +14,8 @@ from .lazy import library
 artefacts = library("artefacts")
 inference_onnx_encoder = library("inference.onnx_encoder")
 inference_embed = library("inference.embed")
+flow = library("flow")
+_echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
 inference_evaluate = library("inference.evaluate")
 
 
@@ -26,8 +28,9 @@ def _labelled_folders_and_model(command):
         click.option("--test", "test_dir", type=click.Path(path_type=Path), required=True,
                      help="Labelled test images: TEST/<class>/images."),
         workspace_option,
-        click.option("--model", type=click.Path(exists=True, path_type=Path),
-                     help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run]"),
+        click.option("--model", type=click.Path(path_type=Path),
+                     help="encoder.onnx, a run folder or a checkpoint, or pretrained weights by name (imagenet, "
+                          "resnet50.IMAGENET1K_V2).  [default: the latest run]"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -51,7 +54,8 @@ def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | 
         settings = ((k or KNN_SETTINGS[0][0], temperature or KNN_SETTINGS[0][1]),)
     else:
         settings = ((k, temperature),) if k is not None else KNN_SETTINGS
-    source = model if model is not None else workspace_at(workspace).latest_run_dir()
+    place = workspace_at(workspace)
+    source = flow.named_model(place, model, _echo_err) if model is not None else place.latest_run_dir()
     encoders = [("trained", _encoder_from(source))]
     if compare_random_init:
         if source.suffix == ".onnx":
@@ -91,7 +95,8 @@ def _encoder_from(source: Path):
 def linear_probe_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | None, epochs: int,
                          batch_size: int, workers: int, as_json: bool) -> None:
     """Train a linear classifier on the frozen encoder's features of TRAIN; report TEST accuracy."""
-    source = model if model is not None else workspace_at(workspace).latest_run_dir()
+    place = workspace_at(workspace)
+    source = flow.named_model(place, model, _echo_err) if model is not None else place.latest_run_dir()
     report = inference_evaluate.evaluate_linear_probe(_encoder_from(source), train_dir, test_dir, epochs, batch_size, workers, not as_json)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -99,8 +99,9 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, fi
               help="npy: embeddings.npy and paths.jsonl; parquet: embeddings.parquet with path, label and embedding "
                    "columns (pyarrow, the [interop] extra), as clip-retrieval and FiftyOne read them.")
 @workspace_option
-@click.option("--model", type=click.Path(exists=True, path_type=Path),
-              help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run's encoder]")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="encoder.onnx, a run folder or a checkpoint, or pretrained weights by name (imagenet, "
+                   "resnet50.IMAGENET1K_V2: no training needed).  [default: the latest run's encoder]")
 @backend_option
 @provider_option
 @precision_option
@@ -130,8 +131,9 @@ def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Pa
 @click.command("index")
 @click.argument("image_dir", required=False, type=click.Path(path_type=Path))
 @workspace_option
-@click.option("--model", type=click.Path(exists=True, path_type=Path),
-              help="encoder.onnx, a run folder or a checkpoint.  [default: the latest run's, exported if needed]")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="encoder.onnx, a run folder or a checkpoint, or pretrained weights by name (imagenet, "
+                   "resnet50.IMAGENET1K_V2: no training needed).  [default: the latest run's, exported if needed]")
 @click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), help="[default: WORKSPACE/index]")
 @click.option("--index-type", help="flat, hnsw, ivfpq, or any FAISS factory string.  [default: by size]")
 @click.option("--rebuild", is_flag=True, help="Embed everything again instead of only new and changed files.")

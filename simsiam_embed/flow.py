@@ -21,6 +21,8 @@ from simsiam_embed.index.store import EncoderIdentity, IndexUpdate, live_encoder
 from simsiam_embed.inference.embed import Encoder, TorchEncoder
 from simsiam_embed.inference.export import export_onnx
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder, read_encoder_metadata, torch_sees_a_gpu
+from simsiam_embed.pretrained_weights import is_weights_name, known_names
+from simsiam_embed.trained_model import pretrained_run
 from simsiam_embed.workspace import Workspace
 
 Report = Callable[[str], None]
@@ -60,6 +62,18 @@ def _is_export_of(encoder: Path, checkpoint_digest: str) -> bool:
         return False   # unreadable or foreign: exported afresh over it
 
 
+def named_model(workspace: Workspace, model: Path | None, report: Report) -> Path | None:
+    """What ``--model`` names: a file or folder as it is; torchvision's pretrained weights by
+    name ("imagenet", "resnet50.IMAGENET1K_V2") as a run of them, made once in the workspace
+    (:func:`~simsiam_embed.trained_model.pretrained_run`): no training needed to index."""
+    if model is None or model.exists():
+        return model
+    if not is_weights_name(str(model)):
+        raise UserError(f"--model {model}: no such file or folder; give an encoder .onnx, a run folder or checkpoint, "
+                        f"or pretrained weights by name ({', '.join(known_names())})")
+    return pretrained_run(str(model), workspace.runs_dir, report, "cuda" if torch_sees_a_gpu() else "cpu")
+
+
 def resolve_encoder(
     workspace: Workspace,
     model: Path | None,
@@ -74,6 +88,7 @@ def resolve_encoder(
     checkpoint file (default: the latest run) as its exported encoder, exported now if needed
     (at ``precision``: see :func:`_encoder_at_precision`), or as the checkpoint itself with
     ``backend="torch"``."""
+    model = named_model(workspace, model, report)
     if precision != "auto" and (backend == "torch" or (model is not None and model.suffix == ".onnx")):
         raise UserError(f"--precision {precision} applies to a run's exported encoder; "
                         f"{'the PyTorch checkpoint' if backend == 'torch' else model} is used as it is")
@@ -159,10 +174,11 @@ def resolve_index_sources(
 ) -> IndexSources:
     """The folder to index and the encoder to embed it with, from what the user gave (or not);
     ``kept_digest``: the encoder of the index being updated (see resolve_encoder)."""
+    model = named_model(workspace, model, report)
     if image_dir is None:
         checkpoint = _checkpoint_named(workspace, None if model is None or model.suffix == ".onnx" else model)
         data_dir = run_facts(checkpoint, kind="pretrain").data_dir
-        if data_dir is None:
+        if not data_dir:   # a run of pretrained weights was trained on no folder of the user's
             raise UserError(f"{checkpoint} names no image folder: name the folder to index")
         image_dir = Path(data_dir)
         if not image_dir.is_dir():

@@ -54,7 +54,7 @@ def published_weights(name: str, backbone: str) -> tuple[str, str]:
     except KeyError:
         weights = None
     if weights is None:
-        raise UserError(f"--init {name} is neither a file nor a weights name known here: give a .pth or "
+        raise UserError(f"{name} is neither a file nor a weights name known here: give a .pth or "
                         f".safetensors file, or one of {', '.join(known_names())}")
     return f"{architecture}.{weights.name}", weights.url
 

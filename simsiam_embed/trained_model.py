@@ -2,6 +2,7 @@
 
     >>> model, config = load_trained_model(Path("runs/images/checkpoint.pt"))
     >>> backbone, preprocessing, config = load_trained_backbone(Path("runs/images"))
+    >>> run_dir = pretrained_run("imagenet", workspace.runs_dir, report)   # runs/resnet18.IMAGENET1K_V1
 
 Shared by the stages that use a trained encoder (export, embed, kNN evaluation, detection
 transfer) and the training that makes it, so none of them depends on another's internals.
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from simsiam_embed.artefacts import Checkpoint, resolve_checkpoint_path
+from simsiam_embed.artefacts import Checkpoint, RunFolder, resolve_checkpoint_path
 from simsiam_embed.errors import UserError
 from simsiam_embed.images import Preprocessing
 from simsiam_embed.models import SimSiam, build_backbone
@@ -92,3 +94,37 @@ def load_pretrained_resnet(path: Path | str) -> PretrainedResNet:
     if not weights:
         raise UserError(f"{path} holds no SimSiam backbone weights")
     return PretrainedResNet(weights, config.backbone, config.small_image_stem)
+
+
+def pretrained_run(name: str, runs_dir: Path, report: Callable[[str], None], device: str = "cpu") -> Path:
+    """A run folder holding torchvision's pretrained weights ``name`` ("imagenet": the machine's
+    default backbone's) with no training at all, so that every stage that takes a run (export,
+    embed, index, search, knn) takes them too: index first, adapt later (``pretrain --init``).
+
+    Made once, under ``runs_dir/<exact name>/``, as a finished run of step 0 whose backbone is
+    the file's and whose heads are at random init (only the backbone is exported); made again
+    when the cached weights file is another. Nothing is marked as the latest run.
+    """
+    from simsiam_embed.files import folder_lock
+    from simsiam_embed.pretrained_weights import pretrained_weights_file
+    from simsiam_embed.resnet_weights import load_resnet_weights, read_resnet_weights
+    from simsiam_embed.settings import default_backbone
+
+    path, label = pretrained_weights_file(name, default_backbone("imagenet", device.startswith("cuda")), report)
+    start = read_resnet_weights(path)
+    run = RunFolder(runs_dir / label)
+    run.path.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run.path, "a pretrained run", report):
+        if run.checkpoint.is_file():
+            settings = Checkpoint.load(run.checkpoint, kind="pretrain").settings
+            if settings.get("init_digest") == start.digest:
+                return run.path
+        config = PretrainConfig(data_dir="", run_name=label, recipe="imagenet", device=device, backbone=start.backbone,
+                                small_image_stem=False, crop_size=224, init=label, init_digest=start.digest)
+        torch.manual_seed(config.seed)
+        model = build_model(config)
+        load_resnet_weights(model.backbone.resnet, start.weights, label)
+        Checkpoint(kind="pretrain", settings=config.to_dict(), model=model.state_dict(), step=0, total_steps=0,
+                   finished=True).save(run.checkpoint)
+        report(f"{run.path}: torchvision's {label} as a run (no training), for export, embed, index and knn")
+    return run.path

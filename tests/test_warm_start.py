@@ -241,5 +241,32 @@ def test_a_download_that_fails_names_the_file_and_where_it_goes_and_leaves_nothi
 def test_an_unknown_name_or_a_missing_file_lists_the_names_there_are(tmp_path, given):
     make_image_folder(tmp_path / "images", per_class=4, size=16)
     result = invoke("pretrain", "images", "--init", given, *FAST_TRAINING, cwd=tmp_path)
-    assert_one_line_error_in_process(result, f"--init {given} is neither a file nor a weights name",
+    assert_one_line_error_in_process(result, f"{given} is neither a file nor a weights name",
                                      "imagenet", "resnet50.IMAGENET1K_V2")
+
+
+def test_index_search_and_knn_use_pretrained_weights_by_name_with_no_training(tmp_path, monkeypatch):
+    state = torchvision_state("resnet18")
+    _cache_with(tmp_path, monkeypatch, state)
+    images = make_image_folder(tmp_path / "images", per_class=3, size=24)
+    indexed = invoke("index", "images", "--model", "imagenet", "--workers", "0", cwd=tmp_path)
+    assert indexed.exit_code == 0, indexed.output
+    run = tmp_path / "runs" / "resnet18.IMAGENET1K_V1"
+    assert (run / "checkpoint.pt").is_file() and not (tmp_path / "runs" / "LATEST").exists()
+    # The exported encoder is the file's backbone: its weights, ImageNet's 224-px preprocessing.
+    from simsiam_embed.trained_model import load_trained_backbone
+
+    backbone, preprocessing, _config = load_trained_backbone(run)
+    assert preprocessing.input_size == 224
+    assert torch.equal(backbone.resnet.state_dict()["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+    found = invoke("search", str(images / "disc" / "disc-00.png"), "--json", cwd=tmp_path)
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.stdout)[0]["hits"][0]["path"].endswith("disc-00.png")
+    scored = invoke("knn", "--train", "images", "--test", "images", "--model", "imagenet", "--json", cwd=tmp_path)
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["trained"]["test"] == 9
+
+    nothing_to_index = invoke("index", "--model", "imagenet", "--index-dir", "other", cwd=tmp_path)
+    assert_one_line_error_in_process(nothing_to_index, "name the folder to index")
+    unknown = invoke("embed", "images", "-o", "out", "--model", "resnet50.IMAGENET9K_V7", cwd=tmp_path)
+    assert_one_line_error_in_process(unknown, "resnet50.IMAGENET9K_V7", "imagenet")
