@@ -98,10 +98,15 @@ def pretrain_command(data_dir: Path, workspace: Path, name: str | None, resume: 
     if not is_main_process():
         return
     skipped = f"; {len(result.skipped)} unreadable files skipped (see {result.run_dir / 'skipped.jsonl'})" if result.skipped else ""
+    # A pace needs two steps (the first pays for start-up): never "0 image pairs/s".
+    pace = (f"{result.pairs_per_second:.0f} image pairs/s" if result.pairs_per_second
+            else "pace not measured (one step)")
+    replanned = (f", the time budget's plan corrected {result.replans} time(s) to the pace (metrics.jsonl)"
+                 if result.replans else "")
     click.echo(
-        f"done: {result.step} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s / 60:.1f} min, "
+        f"done: {result.step} steps ({result.epochs_done:.1f} epochs{replanned}) in {result.elapsed_s / 60:.1f} min, "
         f"loss {result.loss:.3f}, z-std {result.z_std:.4f} (healthy ~{result.config.dim ** -0.5:.4f}), "
-        f"{result.pairs_per_second or 0:.0f} image pairs/s{skipped}\n"
+        f"{pace}{skipped}\n"
         f"encoder: {result.checkpoint}\nnext: simsiam-embed index"
     )
     if result.knn_verdict:

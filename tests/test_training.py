@@ -137,7 +137,8 @@ class FakeClock:
         return self.now
 
 
-def _budget_loop(tmp_path, budget_s: float, step_seconds: float, reports: list):
+def _budget_loop(tmp_path, budget_s: float, step_seconds, reports: list, log_every: int = 2):
+    """``step_seconds``: a number, or a function of the step (1, 2, ...) for a pace that changes."""
     from test_house import _Dataset, _TinyTask
 
     from simsiam_embed.artefacts import RunFolder
@@ -148,13 +149,13 @@ def _budget_loop(tmp_path, budget_s: float, step_seconds: float, reports: list):
 
     class SlowTask(_TinyTask):
         def train_step(self, batch):
-            clock.now += step_seconds
+            clock.now += step_seconds(self.steps + 1) if callable(step_seconds) else step_seconds
             return super().train_step(batch)
 
     task = SlowTask()
     task.dataset = _Dataset(range(8))
     (tmp_path / "run").mkdir(exist_ok=True)
-    plan = LoopPlan(steps_per_epoch=4, total_steps=None, log_every=2, batch_size=2, seed=0, workers=0,
+    plan = LoopPlan(steps_per_epoch=4, total_steps=None, log_every=log_every, batch_size=2, seed=0, workers=0,
                     budget_s=budget_s, slow_step_hint="a smaller --batch-size")
     loop = TrainingLoop(task, RunFolder(tmp_path / "run"), plan, DistributedContext(), "cpu",
                         lambda message: reports.append((task.steps, message)), clock=clock)
@@ -175,6 +176,21 @@ def test_a_time_budget_ends_on_time_however_slow_a_step_is(tmp_path, budget_s, s
         assert clock.now >= budget_s - 2 * loop.plan.log_every * step_seconds, (clock.now, task.steps)
     planned = [steps for steps, message in reports if message.startswith("time budget")]
     assert planned == [1]   # planned from the first timed step
+
+
+def test_a_run_that_ends_early_on_its_budget_logs_its_last_step(tmp_path):
+    """A 4-step run's report had one point: the steps after the last logged one were never written."""
+    import json
+
+    from simsiam_embed.training.loop import StopRequest
+
+    reports = []
+    loop, task, _clock = _budget_loop(tmp_path, 120, lambda step: 10 if step <= 5 else 100, reports, log_every=4)
+    outcome = loop.run(StopRequest(), started=0.0, show_progress=False)
+    assert any("ending at step" in message for _steps, message in reports)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in logged if "loss" in record]
+    assert steps[-1] == outcome.step == task.steps
 
 
 @pytest.mark.parametrize("step_seconds, warned", [(50, True), (30, False)])
@@ -268,3 +284,13 @@ def test_the_loader_plans_decoded_photos_by_their_real_size():
     plan = plan_loader_memory(512, photo, workers=16, what="decoded images", shared_memory_bytes=64 << 30)
     largest = plan_loader_memory(512, decoded_image_bytes(draft, 224, None), 16, "decoded images", 64 << 30)
     assert largest.workers == 2 and plan.workers >= 12   # the 4 GiB loader budget still bounds it
+
+
+def test_a_one_step_run_says_its_pace_was_not_measured_not_zero(tmp_path):
+    from conftest import FAST_TRAINING, invoke, make_image_folder
+
+    make_image_folder(tmp_path / "images", per_class=3)   # 9 images at batch 8: one step
+    result = invoke("pretrain", "images", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "done: 1 steps" in result.stdout and "pace not measured (one step)" in result.stdout
+    assert "0 image pairs/s" not in result.stdout

@@ -676,6 +676,7 @@ class LoopOutcome:
     means: dict[str, float]          # the last logged means (loss, ...)
     samples_per_s: float | None
     skipped: list[tuple[str, str]]
+    replans: int = 0                 # corrections of a time budget's plan to the pace (metrics.jsonl has each)
 
 
 class TrainingLoop:
@@ -836,12 +837,32 @@ class TrainingLoop:
         task.on_start(self.step, metrics)
         step_seconds: float | None = None   # the latest step's wall time (the first one's includes start-up)
         step_began = self.clock()
+        logged_step: int | None = None
+
+        def log(now: float) -> None:
+            nonlocal means, window, logged_step
+            if window.count:
+                # A mean over every rank: each rank sees the same value, so a non-finite
+                # loss stops every rank at this step, where one rank alone raising would
+                # leave the others waiting in DDP's backward.
+                means = {key: float(mean_over_ranks(v, self.context)) for key, v in window.means().items()}
+                self._stop_if_diverged(math.isfinite(means.get("loss", 0.0)), "the loss")
+                task.on_log(self.step, means)
+            window = RunningMeans()
+            metrics.write({"step": self.step, "epoch": self.step / plan.steps_per_epoch, "lr": lr, **means,
+                           **plan.log_constants, plan.rate_key: samples_per_s,
+                           "time_s": round(self.elapsed_before + now - started, 2)})
+            bar.set_postfix_str(self._postfix(means, lr, samples_per_s), refresh=False)
+            logged_step = self.step
+
         try:
             while self.total_steps is None or self.step < self.total_steps:
                 # Every step in one process; under torchrun at the logged steps, where every rank asks.
                 if (self.budget is not None and step_seconds is not None
                         and (not self.context.enabled or self.step % plan.log_every == 0)
                         and self._another_step_overruns(elapsed(), step_seconds)):
+                    if logged_step != self.step:   # the last step's metrics: a short run's curve ends where it did
+                        log(self.clock())
                     break
                 stop.step_began(step_began, step_seconds, self.saved_step)
                 batch, failures = next(loader)
@@ -874,18 +895,7 @@ class TrainingLoop:
                 # The first step of every process too: a run stopped before its first log_every
                 # still has curves to draw from its first step (the report quotes what it drew).
                 if self.step % plan.log_every == 0 or finished or self.step == timed_from[0]:
-                    if window.count:
-                        # A mean over every rank: each rank sees the same value, so a non-finite
-                        # loss stops every rank at this step, where one rank alone raising would
-                        # leave the others waiting in DDP's backward.
-                        means = {key: float(mean_over_ranks(v, self.context)) for key, v in window.means().items()}
-                        self._stop_if_diverged(math.isfinite(means.get("loss", 0.0)), "the loss")
-                        task.on_log(self.step, means)
-                    window = RunningMeans()
-                    metrics.write({"step": self.step, "epoch": self.step / plan.steps_per_epoch, "lr": lr, **means,
-                                   **plan.log_constants, plan.rate_key: samples_per_s,
-                                   "time_s": round(self.elapsed_before + now - started, 2)})
-                    bar.set_postfix_str(self._postfix(means, lr, samples_per_s), refresh=False)
+                    log(now)
 
                 end_of_epoch = self.step % plan.steps_per_epoch == 0
                 if end_of_epoch or finished:
@@ -929,7 +939,7 @@ class TrainingLoop:
     def _outcome(self, finished: bool, means: dict[str, float], samples_per_s: float | None,
                  elapsed_s: float) -> LoopOutcome:
         return LoopOutcome(finished, self.step, self.total_steps or self.step, elapsed_s, means, samples_per_s,
-                           sorted(self.skipped.items()))
+                           sorted(self.skipped.items()), len(self.replans))
 
     def _postfix(self, means: dict[str, float], lr: float, samples_per_s: float | None) -> str:
         parts = self.task.postfix(means, lr) + [f"{samples_per_s:.0f} img/s" if samples_per_s else ""]

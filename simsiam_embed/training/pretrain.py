@@ -156,6 +156,7 @@ class PretrainResult:
     model: SimSiam | None = None   # the trained network, in this process's memory
     knn_verdict: str | None = None  # with --val-dir: has training beaten random init?
     stop: StopRequest | None = None  # what stopped an unfinished run (its exit status)
+    replans: int = 0                 # corrections of a time budget's plan (metrics.jsonl)
 
     @property
     def checkpoint(self) -> Path:
@@ -279,7 +280,7 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         run_dir=run_dir, config=config, step=outcome.step, total_steps=outcome.total_steps,
         steps_per_epoch=task.steps_per_epoch, finished=outcome.finished, loss=outcome.means.get("loss"),
         z_std=outcome.means.get("z_std"), pairs_per_second=outcome.samples_per_s, elapsed_s=outcome.elapsed_s,
-        skipped=outcome.skipped, model=task.model, knn_verdict=task.verdict(), stop=stop,
+        skipped=outcome.skipped, model=task.model, knn_verdict=task.verdict(), stop=stop, replans=outcome.replans,
     )
 
 
