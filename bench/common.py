@@ -11,10 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simsiam_embed.image_files import open_image
-from simsiam_embed.inference.evaluate import KNN_SETTINGS, knn_classify, labelled_folder
+from simsiam_embed.inference.evaluate import KNN_SETTINGS
 
-RAW_PIXEL_SIDE = 32   # photos are resized to this square for the raw-pixel baseline
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -74,23 +72,10 @@ def labelled_folders(dataset: str, tmp: Path) -> tuple[Path, Path]:
 
 
 def raw_pixel_knn(train_dir: Path, test_dir: Path) -> list[float]:
-    """kNN on l2-normalised, mean-centred pixels (images at most RAW_PIXEL_SIDE px): the floor."""
-    train = labelled_folder(train_dir)
-    test = labelled_folder(test_dir, train.class_names)
+    """kNN on the images' own pixels (the library's RawPixelEncoder, as `knn --compare-raw-pixels`
+    scores them): the floor."""
+    from simsiam_embed.inference.embed import RawPixelEncoder
+    from simsiam_embed.inference.evaluate import evaluate_knn
 
-    def pixels(paths) -> np.ndarray:
-        rows = []
-        for path in paths:
-            image = open_image(path)
-            if max(image.size) > RAW_PIXEL_SIDE:
-                image = image.resize((RAW_PIXEL_SIDE, RAW_PIXEL_SIDE))
-            rows.append(np.asarray(image, dtype=np.float32).ravel())
-        return np.stack(rows)
-
-    bank, queries = pixels(train.paths), pixels(test.paths)
-    mean = bank.mean(0)
-    bank, queries = bank - mean, queries - mean
-    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    return [knn_classify(bank, train.labels, queries, test.labels, test.class_names, k, t).top1
-            for k, t in KNN_SETTINGS]
+    evaluation = evaluate_knn(RawPixelEncoder(), train_dir, test_dir, KNN_SETTINGS, show_progress=False)
+    return [report.top1 for report in evaluation.reports]

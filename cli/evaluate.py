@@ -43,12 +43,14 @@ def _labelled_folders_and_model(command):
 @click.option("-t", "--temperature", type=FiniteFloatRange(min=0, min_open=True),
               help=f"Vote weight exp(sim / T).  [default: {KNN_SETTINGS[0][1]}, and {KNN_SETTINGS[1][1]}]")
 @click.option("--compare-random-init", is_flag=True, help="Also score the same network at its random initialisation.")
+@click.option("--compare-raw-pixels", is_flag=True,
+              help="Also score the images' own pixels (at most 32 px, each image's mean removed): the floor.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
 @click.option("--workers", type=click.IntRange(min=0), default=EMBED_WORKERS, help="Image-decoding processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | None, k: int | None,
-                temperature: float | None, compare_random_init: bool, batch_size: int, workers: int,
-                as_json: bool) -> None:
+                temperature: float | None, compare_random_init: bool, compare_raw_pixels: bool, batch_size: int,
+                workers: int, as_json: bool) -> None:
     """Weighted kNN classification of TEST by TRAIN in the encoder's space: top-1, top-5, per class."""
     if (k is None) != (temperature is None):
         settings = ((k or KNN_SETTINGS[0][0], temperature or KNN_SETTINGS[0][1]),)
@@ -61,6 +63,9 @@ def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | 
         if source.suffix == ".onnx":
             raise click.UsageError("--compare-random-init needs a run folder or checkpoint as --model, not an ONNX file")
         encoders.append(("random init", inference_embed.TorchEncoder(artefacts.resolve_checkpoint_path(source), random_init=True)))
+    if compare_raw_pixels:
+        side = min(inference_embed.RAW_PIXEL_SIDE, encoders[0][1].preprocessing.input_size)
+        encoders.append(("raw pixels", inference_embed.RawPixelEncoder(side)))
     results = {name: inference_evaluate.evaluate_knn(encoder, train_dir, test_dir, settings, batch_size, workers, not as_json)
                for name, encoder in encoders}
     if as_json:

@@ -18,7 +18,7 @@ fi
 echo "--- search: the 5 nearest training images of a test sneaker"
 "$cli" search "$sample/test/sneaker/sneaker-000.png" -k 5
 echo "--- kNN accuracy on the 200 test images, bank = the 1,000 training images"
-"$cli" knn --train "$sample/train" --test "$sample/test" -k 20 -t 0.07 --compare-random-init
+"$cli" knn --train "$sample/train" --test "$sample/test" -k 20 -t 0.07 --compare-random-init --compare-raw-pixels
 echo "--- duplicates among the 1,000 indexed images (groups, plan and pages in demo-workspace/explore/)"
 "$cli" dedup
 echo "--- next: browse the index in your browser (search by dropping an image, duplicates, clusters, map):"

@@ -62,10 +62,11 @@ def test_knn_command_compares_trained_and_random_init(tmp_path):
     images = make_image_folder(tmp_path / "train", per_class=6)
     make_image_folder(tmp_path / "test", per_class=3, seed=1)
     assert invoke("pretrain", "train", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path).exit_code == 0
-    result = invoke("knn", "--train", "train", "--test", "test", "--compare-random-init", "--json", cwd=tmp_path)
+    result = invoke("knn", "--train", "train", "--test", "test", "--compare-random-init", "--compare-raw-pixels",
+                    "--json", cwd=tmp_path)
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
-    assert set(scores) == {"trained", "random init"}
+    assert set(scores) == {"trained", "random init", "raw pixels"}
     for name in scores:
         assert [r["k"] for r in scores[name]["knn"]] == [18, 18]   # k capped at the bank size
         assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in scores[name]["knn"])
@@ -127,3 +128,15 @@ def test_val_dir_must_have_two_classes(tmp_path):
     result = invoke("pretrain", "train", "--epochs", "1", "--val-dir", "val", *FAST_TRAINING, cwd=tmp_path)
     assert_one_line_error_in_process(result, "--val-dir", "single class")
     assert_one_line_error_in_process(invoke("pretrain", "train", "--val-dir", "nowhere", cwd=tmp_path), "nowhere")
+
+
+def test_raw_pixels_score_an_images_pattern_whatever_its_brightness():
+    """The floor is the pixels' correlation: the same picture brighter is the same picture."""
+    from simsiam_embed.inference.embed import RawPixelEncoder, l2_normalize
+
+    rng = np.random.default_rng(0)
+    picture = rng.random((1, 3, 16, 16)).astype(np.float32)
+    other = rng.random((1, 3, 16, 16)).astype(np.float32)
+    encoder = RawPixelEncoder(16)
+    a, brighter, b = (l2_normalize(encoder(x)) for x in (picture, picture + 0.3, other))
+    assert (a @ brighter.T).item() > 0.9999 and (a @ b.T).item() < 0.5

@@ -62,6 +62,29 @@ class TorchEncoder:
         return self.backbone(torch.from_numpy(images).to(self.device)).float().cpu().numpy()
 
 
+#: The raw-pixel floor's side: small, as the kNN literature's pixel baselines are.
+RAW_PIXEL_SIDE = 32
+
+
+class RawPixelEncoder:
+    """The floor every learned encoder is measured against: an image's own pixels, small.
+
+    Each image at ``side`` px (the shorter side resized, then centre-cropped), normalised, minus
+    its own mean per channel: cosine on these is the pixels' correlation, which a change of
+    brightness does not move. On centred, aligned images (Fashion-MNIST) it is a hard floor.
+    """
+
+    def __init__(self, side: int = RAW_PIXEL_SIDE):
+        self.preprocessing = Preprocessing(input_size=side, resize_size=side)
+        self.dim = 3 * side * side
+        self.on_gpu = False
+        self.description = f"raw pixels at {side} px"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        centred = images - images.mean(axis=(2, 3), keepdims=True)
+        return centred.reshape(len(images), -1).astype(np.float32)
+
+
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
