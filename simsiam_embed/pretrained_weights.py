@@ -1,6 +1,6 @@
 """Pretrained starting points by name, through torchvision's own weight API, download and cache.
 
-    >>> path, label = pretrained_weights_file("imagenet", backbone="resnet50")
+    >>> path, label, digest = pretrained_weights_file("imagenet", backbone="resnet50")
     >>> path        # $TORCH_HOME/hub/checkpoints/resnet50-11ad3fa6.pth (torch.hub's cache)
     >>> label       # 'resnet50.IMAGENET1K_V2'
 
@@ -60,9 +60,10 @@ def published_weights(name: str, backbone: str) -> tuple[str, str]:
 
 
 def pretrained_weights_file(name: str, backbone: str, report: Callable[[str], None] = print,
-                            download: Callable[..., None] | None = None) -> tuple[Path, str]:
-    """The cached file of ``name``'s weights (downloaded first if it is not in the cache) and the
-    exact name; a one-line error when it cannot be had, naming the file and where it goes."""
+                            download: Callable[..., None] | None = None) -> tuple[Path, str, str]:
+    """The cached file of ``name``'s weights (downloaded first if it is not in the cache), the
+    exact name and the file's SHA-256 (read once, for the check); a one-line error when it cannot
+    be had, naming the file and where it goes."""
     import torch.hub
 
     label, url = published_weights(name, backbone)
@@ -80,7 +81,8 @@ def pretrained_weights_file(name: str, backbone: str, report: Callable[[str], No
             reason = str(getattr(error, "reason", None) or error).splitlines()[0][:160]
             raise UserError(f"cannot download {label} ({reason}): put {file_name} from {url} at {cached} "
                             "(or set TORCH_HOME), then run again") from None
-    if hash_prefix and not file_digest(cached).startswith(hash_prefix):
+    digest = file_digest(cached)
+    if hash_prefix and not digest.startswith(hash_prefix):
         raise UserError(f"{cached} is not the file torchvision publishes for {label} (its SHA-256 does not begin "
                         f"{hash_prefix}): delete it (rm {cached}) and run again to download it anew")
-    return cached, label
+    return cached, label, digest

@@ -105,20 +105,22 @@ def pretrained_run(name: str, runs_dir: Path, report: Callable[[str], None], dev
     the file's and whose heads are at random init (only the backbone is exported); made again
     when the cached weights file is another. Nothing is marked as the latest run.
     """
+    from simsiam_embed.artefacts import run_facts
     from simsiam_embed.files import folder_lock
     from simsiam_embed.pretrained_weights import pretrained_weights_file
     from simsiam_embed.resnet_weights import load_resnet_weights, read_resnet_weights
     from simsiam_embed.settings import default_backbone
 
-    path, label = pretrained_weights_file(name, default_backbone("imagenet", device.startswith("cuda")), report)
-    start = read_resnet_weights(path)
+    path, label, digest = pretrained_weights_file(name, default_backbone("imagenet", device.startswith("cuda")),
+                                                  report)
     run = RunFolder(runs_dir / label)
     run.path.mkdir(parents=True, exist_ok=True)
     with folder_lock(run.path, "a pretrained run", report):
-        if run.checkpoint.is_file():
-            settings = Checkpoint.load(run.checkpoint, kind="pretrain").settings
-            if settings.get("init_digest") == start.digest:
-                return run.path
+        # Made before from this very file: its settings say so, read without its tensors, and
+        # the weights file is not read again (each command that names the weights comes here).
+        if run.checkpoint.is_file() and run_facts(run.checkpoint, kind="pretrain").settings.get("init_digest") == digest:
+            return run.path
+        start = read_resnet_weights(path)
         config = PretrainConfig(data_dir="", run_name=label, recipe="imagenet", device=device, backbone=start.backbone,
                                 small_image_stem=False, crop_size=224, init=label, init_digest=start.digest)
         torch.manual_seed(config.seed)

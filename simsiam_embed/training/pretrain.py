@@ -330,7 +330,7 @@ def _warm_start(overrides: dict[str, Any], median_short_side: int, device: str, 
     if not path.exists() and is_weights_name(str(init)):
         recipe = overrides.get("recipe") or default_recipe(median_short_side)
         backbone = overrides.get("backbone") or default_backbone(recipe, device.startswith("cuda"))
-        path, recorded = pretrained_weights_file(str(init), backbone, report)
+        path, recorded, _digest = pretrained_weights_file(str(init), backbone, report)
     elif not path.exists():
         published_weights(str(init), "resnet18")   # a name not known: one line listing those that are
     start = read_resnet_weights(path)
