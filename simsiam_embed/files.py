@@ -99,6 +99,14 @@ def read_jsonl(path: Path | str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def open_not_through_a_link(path: Path, mode: str = "rb") -> IO[bytes]:
+    """Open ``path`` for reading ("rb") or writing anew ("wb"), never through a symbolic link: a
+    link inside a folder the package writes (a run's, an index's) could read or overwrite any
+    file of the user's. A link raises OSError (ELOOP), as a missing file does."""
+    flags = os.O_RDONLY if mode == "rb" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    return open(os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644), mode)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, holder: str, report: Callable[[str], None]) -> Iterator[None]:
     """Hold the exclusive writer's lock of ``folder`` (``folder/.lock``) for the block.

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from simsiam_embed.distributed import DistributedContext
 from simsiam_embed.errors import UserError
-from simsiam_embed.files import atomic_write, write_json_atomic
+from simsiam_embed.files import atomic_write, open_not_through_a_link, write_json_atomic
 
 #: Bytes of float32 vectors a shard holds: what one process keeps in memory while embedding.
 SHARD_BYTES = 256 << 20
@@ -134,8 +133,7 @@ class ShardedEmbedding:
         when it was embedded; None otherwise (a shard a crash or a disk error left damaged, or
         one of files changed since, is embedded again, never trusted)."""
         try:
-            with open(os.open(self.path(number), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as handle, \
-                    np.load(handle, allow_pickle=False) as arrays:
+            with open_not_through_a_link(self.path(number)) as handle, np.load(handle, allow_pickle=False) as arrays:
                 rows, vectors = arrays["rows"], arrays["vectors"]
                 failed, reasons = arrays["failed_rows"], arrays["failure_reasons"]
                 files, content = arrays["files_sha256"], arrays["content_sha256"]

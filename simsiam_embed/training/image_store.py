@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from simsiam_embed.files import open_not_through_a_link
 from simsiam_embed.image_files import open_image
 from simsiam_embed.settings import SMALL_IMAGE_MAX_SIDE
 
@@ -134,8 +135,7 @@ class DecodedImageStore:
             if self.folder.is_symlink() or entry.parent.is_symlink():
                 return
             entry.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NO_FOLLOW, 0o644)
-            with open(descriptor, "wb") as handle:
+            with open_not_through_a_link(temporary, "wb") as handle:
                 handle.write(hashlib.sha256(data).digest() + data)
             os.replace(temporary, entry)
             self.written_bytes += pixels.nbytes
@@ -171,16 +171,13 @@ class DecodedImageStore:
         return removed
 
 
-_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
 def _read_entry(entry: Path) -> np.ndarray | None:
     """The entry's pixels, or None: none yet, a link, a digest that does not match its bytes, or
     not an array this store wrote."""
     try:
         if entry.parent.is_symlink():
             return None
-        with open(os.open(entry, os.O_RDONLY | _NO_FOLLOW), "rb") as handle:
+        with open_not_through_a_link(entry) as handle:
             content = handle.read()
         digest, data = content[:DIGEST_BYTES], content[DIGEST_BYTES:]
         if len(digest) != DIGEST_BYTES or hashlib.sha256(data).digest() != digest:
