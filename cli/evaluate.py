@@ -8,14 +8,13 @@ from pathlib import Path
 import click
 
 from simsiam_embed.settings import EMBED_WORKERS, KNN_SETTINGS
-from .options import FiniteFloatRange, workspace_at, workspace_option
+from .options import FiniteFloatRange, echo_err, workspace_at, workspace_option
 from .lazy import library
 
 artefacts = library("artefacts")
 inference_onnx_encoder = library("inference.onnx_encoder")
 inference_embed = library("inference.embed")
 flow = library("flow")
-_echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
 inference_evaluate = library("inference.evaluate")
 
 
@@ -57,7 +56,7 @@ def knn_command(train_dir: Path, test_dir: Path, workspace: Path, model: Path | 
     else:
         settings = ((k, temperature),) if k is not None else KNN_SETTINGS
     place = workspace_at(workspace)
-    source = flow.named_model(place, model, _echo_err) if model is not None else place.latest_run_dir()
+    source = flow.named_model(place, model, echo_err) if model is not None else place.latest_run_dir()
     encoders = [("trained", _encoder_from(source))]
     if compare_random_init:
         if source.suffix == ".onnx":
@@ -101,7 +100,7 @@ def linear_probe_command(train_dir: Path, test_dir: Path, workspace: Path, model
                          batch_size: int, workers: int, as_json: bool) -> None:
     """Train a linear classifier on the frozen encoder's features of TRAIN; report TEST accuracy."""
     place = workspace_at(workspace)
-    source = flow.named_model(place, model, _echo_err) if model is not None else place.latest_run_dir()
+    source = flow.named_model(place, model, echo_err) if model is not None else place.latest_run_dir()
     report = inference_evaluate.evaluate_linear_probe(_encoder_from(source), train_dir, test_dir, epochs, batch_size, workers, not as_json)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -9,7 +9,7 @@ import click
 
 from simsiam_embed.errors import UserError
 from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, GEOMETRY_THRESHOLD, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
-from .options import FiniteFloatRange, printable, workspace_at, workspace_option
+from .options import FiniteFloatRange, echo_err, printable, workspace_at, workspace_option
 from .lazy import library
 
 explore_analyses = library("explore.analyses")
@@ -19,7 +19,6 @@ files = library("files")
 index_store = library("index.store")
 explore_report = library("explore.report")
 
-_echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
 
 index_dir_option = click.option("--index-dir", "--index", "index_dir", type=click.Path(file_okay=False, path_type=Path),
                                 help="The index folder.  [default: WORKSPACE/index]")
@@ -38,7 +37,7 @@ def _open(workspace: Path, index_dir: Path | None, output: Path | None) -> tuple
 
 def _printed_as_json(result, written: list[Path], as_json: bool) -> bool:
     """Say which files were written (stderr), and print ``result`` as JSON when asked."""
-    _echo_err("wrote " + ", ".join(str(path) for path in written))
+    echo_err("wrote " + ", ".join(str(path) for path in written))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     return as_json
@@ -69,11 +68,11 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
                   neighbours: int, no_pixel_check: bool, as_json: bool) -> None:
     """Exact duplicates (same bytes) and near-duplicate groups among the indexed images."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_stored.analysis(loaded, "duplicates", _echo_err, threshold=threshold, neighbours=neighbours, plan=plan,
+    result = explore_stored.analysis(loaded, "duplicates", echo_err, threshold=threshold, neighbours=neighbours, plan=plan,
                                      pixel_check=not no_pixel_check)
     result, notes = explore_analyses.confirm_plan(result)   # the files as they are now, not as indexed
     for note in notes:
-        _echo_err(f"warning: {note}")
+        echo_err(f"warning: {note}")
     written = explore_pages.write_duplicates(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return
@@ -102,7 +101,7 @@ def clusters_command(workspace: Path, index_dir: Path | None, output: Path | Non
                      examples: int, as_json: bool) -> None:
     """Group the indexed images by k-means on their embeddings (FAISS)."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_stored.analysis(loaded, "clusters", _echo_err, k=clusters, examples=examples)
+    result = explore_stored.analysis(loaded, "clusters", echo_err, k=clusters, examples=examples)
     if _printed_as_json(result, explore_pages.write_analysis(result, loaded, folder), as_json):
         return
     click.echo(f"{len(result.clusters)} clusters of {result.images} images (k = {result.k}: {result.k_reason})")
@@ -124,7 +123,7 @@ def outliers_command(workspace: Path, index_dir: Path | None, output: Path | Non
                      as_json: bool) -> None:
     """The indexed images least similar to their nearest neighbours, oddest first."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_stored.analysis(loaded, "outliers", _echo_err, count=count, neighbours=neighbours)
+    result = explore_stored.analysis(loaded, "outliers", echo_err, count=count, neighbours=neighbours)
     if _printed_as_json(result, explore_pages.write_analysis(result, loaded, folder), as_json):
         return
     click.echo(f"the {len(result.outliers)} oddest of {result.images} images (mean cosine to {result.neighbours} "
@@ -146,12 +145,12 @@ def map_command(workspace: Path, index_dir: Path | None, output: Path | None, me
                 as_json: bool) -> None:
     """A 2-D map of the indexed images: a page where each point shows its image on hover."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_stored.analysis(loaded, "map", _echo_err, method=method, max_points=max_points)
+    result = explore_stored.analysis(loaded, "map", echo_err, method=method, max_points=max_points)
     written = explore_pages.write_analysis(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return
     if result.note:
-        _echo_err(result.note)
+        echo_err(result.note)
     click.echo(f"{result.method} map of {len(result.points)} images: {written[-1]}")
 
 
@@ -185,4 +184,4 @@ def serve_command(workspace: Path, index_dir: Path | None, host: str, port: int,
             raise
         raise UserError("serve needs FastAPI and uvicorn: pip install 'simsiam-embed[serve]'") from None
     serve(index_dir or workspace_at(workspace).default_index_dir, workspace_at(workspace), host, port,
-          int(max_upload_mb * 1024 * 1024), report=_echo_err)
+          int(max_upload_mb * 1024 * 1024), report=echo_err)

@@ -11,7 +11,7 @@ from simsiam_embed.settings import (
     DEFAULT_RECALL, EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_PRECISIONS, EMBED_WORKERS, HEADS, INT8_MIN_IMAGES,
     MIN_COSINE_FP16, MIN_COSINE_FP32, MIN_NEIGHBOUR_OVERLAP_INT8,
 )
-from .options import FiniteFloatRange, is_main_process, printable, workspace_at, workspace_option
+from .options import FiniteFloatRange, echo_err, is_main_process, printable, workspace_at, workspace_option
 from .lazy import library
 
 artefacts = library("artefacts")
@@ -22,7 +22,6 @@ flow = library("flow")
 image_files = library("image_files")
 index_search = library("index.search")
 
-_echo_err = lambda message: click.echo(message, err=True)  # noqa: E731
 
 provider_option = click.option(
     "--provider", type=click.Choice(["tensorrt", "cuda", "cpu"]),
@@ -114,12 +113,12 @@ def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Pa
     Vectors are kept in shards under OUTPUT/.embedding as they are made: a killed run, started
     again with the same command, continues from the last finished shard.
     """
-    encoder, identity = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, _echo_err, precision,
+    encoder, identity = flow.resolve_encoder(workspace_at(workspace), model, backend, provider, echo_err, precision,
                                              lambda: len(image_files.discover_images(image_dir)))
-    _echo_err(f"encoder: {encoder.description}")
-    workers = flow.decode_workers(workers, encoder, _echo_err)
+    echo_err(f"encoder: {encoder.description}")
+    workers = flow.decode_workers(workers, encoder, echo_err)
     result = inference_embed.embed_folder(image_dir, encoder, output, batch_size, workers, file_format=file_format,
-                                          encoder_digest=identity.digest, report=_echo_err)
+                                          encoder_digest=identity.digest, report=echo_err)
     if not is_main_process():
         return
     skipped = f", {len(result.failures)} unreadable skipped (skipped.jsonl)" if result.failures else ""
@@ -154,7 +153,7 @@ def index_command(image_dir: Path | None, workspace: Path, model: Path | None, i
     Running it again embeds only new or changed files and drops deleted ones.
     """
     update = flow.index_folder(workspace_at(workspace), image_dir, model, index_dir, index_type, rebuild, backend,
-                          provider, batch_size, workers, report=_echo_err, recall=recall, precision=precision)
+                          provider, batch_size, workers, report=echo_err, recall=recall, precision=precision)
     if as_json:
         click.echo(json.dumps({
             "index_dir": str(update.folder), "count": update.count, "added": update.added, "changed": update.changed,
@@ -165,7 +164,7 @@ def index_command(image_dir: Path | None, workspace: Path, model: Path | None, i
         }, indent=2))
         return
     if update.rebuilt_because:
-        _echo_err(f"full rebuild: {update.rebuilt_because}")
+        echo_err(f"full rebuild: {update.rebuilt_because}")
     skipped = f"; {len(update.failures)} unreadable files skipped" if update.failures else ""
     click.echo(f"index {update.folder}: {update.count} images ({update.added} added, {update.changed} changed, "
                f"{update.removed} removed){skipped}; {update.factory} ({update.reason})\n"
@@ -189,10 +188,10 @@ def search_command(queries: tuple[Path, ...], workspace: Path, k: int | None, in
     """The K most similar indexed images for each QUERY (an image, or a folder of them)."""
     place = workspace_at(workspace)
     results = index_search.search_images(index_dir or place.default_index_dir, list(queries), k, exclude_self, model,
-                                         provider, report=_echo_err, engine_cache=place.engine_cache_dir)
+                                         provider, report=echo_err, engine_cache=place.engine_cache_dir)
     if html_path is not None:
         index_search.write_results_html(results, html_path)
-        _echo_err(f"wrote {html_path}")
+        echo_err(f"wrote {html_path}")
     if as_json:
         click.echo(json.dumps([result.to_dict() for result in results], indent=2))
         return

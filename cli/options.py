@@ -50,3 +50,8 @@ def is_main_process() -> bool:
     what a command did. Each of 8 ranks printing its own `done:` line said it 8 times, with 8
     different rates. (Read from the environment: --help must not import torch.distributed.)"""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def echo_err(message: str) -> None:
+    """A library's progress and notes, on stderr: stdout carries only what a script consumes."""
+    click.echo(message, err=True)
