@@ -180,12 +180,11 @@ def crop_on_device(groups: list[PaddedImages], boxes: torch.Tensor, flips: torch
     # under CUDA's sync debug mode).
     boxes_on_device = boxes.to(device, non_blocking=True)              # (N, 2, 4): top, left, height, width
     flips_on_device = flips.to(device, non_blocking=True)
-    numbers = torch.cat([numbers for numbers, _ in groups])
+    every_number = torch.cat([numbers for numbers, _ in groups])
     if torch.device(device).type == "cuda":
-        numbers = numbers.pin_memory()   # made here, not by the loader; PyTorch caches pinned blocks
-    numbers_on_device = numbers.to(device, non_blocking=True)
-    numbers_on_device = numbers_on_device.split([len(numbers) for numbers, _ in groups])
-    for (_numbers, padded), numbers in zip(groups, numbers_on_device):
+        every_number = every_number.pin_memory()   # made here, not by the loader; PyTorch caches pinned blocks
+    numbers_by_group = every_number.to(device, non_blocking=True).split([len(numbers) for numbers, _ in groups])
+    for (_, padded), numbers in zip(groups, numbers_by_group):
         padded = padded.to(device, non_blocking=True).float()
         group_boxes = boxes_on_device[numbers]
         rows = resize_weights(group_boxes[..., 0], group_boxes[..., 2], size, padded.shape[2])     # (n, 2, size, H)
