@@ -13,34 +13,67 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from typing import Iterator
+
+
+#: Descriptor 1 and ``sys.stdout`` belong to the process, not to a thread: when blocks overlap
+#: (the web app reopens an index while another thread starts an ONNX session), the first block
+#: to begin points them away and the last to end puts them back. Each block saving and restoring
+#: them itself would, interleaved, restore another block's target: stdout left on a closed
+#: /dev/null, or descriptor 1 on stderr for good.
+_lock = threading.Lock()
+_open_blocks = 0
+_saved: tuple[int | None, object, object] | None = None   # (descriptor 1's copy, sys.stdout, redirection)
 
 
 @contextlib.contextmanager
 def stdout_redirected(discard: bool = False) -> Iterator[None]:
-    """For the block, stdout (Python's and descriptor 1) goes to stderr, or nowhere if ``discard``."""
-    sys.stdout.flush()
-    _flush_c_stdio()
-    target = open(os.devnull, "w") if discard else sys.stderr
+    """For the block, stdout (Python's and descriptor 1) goes to stderr, or nowhere if ``discard``.
+    A block that begins while another is open shares its target: either way, not stdout."""
+    _begin(discard)
     try:
-        try:
-            saved = os.dup(1)
-        except OSError:   # no real stdout (an embedding host): Python's redirect still applies
-            with contextlib.redirect_stdout(target):
-                yield
-            return
-        try:
-            os.dup2(target.fileno() if discard else 2, 1)
-            with contextlib.redirect_stdout(target):
-                yield
-        finally:
-            sys.stdout.flush()
-            _flush_c_stdio()   # C's buffered printf output belongs to the block, not to what follows
-            os.dup2(saved, 1)
-            os.close(saved)
+        yield
     finally:
-        if discard:
-            target.close()
+        _end()
+
+
+def _begin(discard: bool) -> None:
+    global _open_blocks, _saved
+    with _lock:
+        _open_blocks += 1
+        if _open_blocks > 1:
+            return
+        sys.stdout.flush()
+        _flush_c_stdio()
+        target = open(os.devnull, "w") if discard else sys.stderr
+        try:
+            saved_descriptor = os.dup(1)
+        except OSError:   # no real stdout (an embedding host): Python's redirect still applies
+            saved_descriptor = None
+        else:
+            os.dup2(target.fileno() if discard else 2, 1)
+        redirection = contextlib.redirect_stdout(target)
+        redirection.__enter__()
+        _saved = (saved_descriptor, target if discard else None, redirection)
+
+
+def _end() -> None:
+    global _open_blocks, _saved
+    with _lock:
+        _open_blocks -= 1
+        if _open_blocks > 0:
+            return
+        saved_descriptor, opened_target, redirection = _saved
+        _saved = None
+        sys.stdout.flush()
+        _flush_c_stdio()   # C's buffered printf output belongs to the block, not to what follows
+        redirection.__exit__(None, None, None)
+        if saved_descriptor is not None:
+            os.dup2(saved_descriptor, 1)
+            os.close(saved_descriptor)
+        if opened_target is not None:
+            opened_target.close()
 
 
 def _flush_c_stdio() -> None:
