@@ -29,7 +29,7 @@ def _labelled_folders_and_model(command):
         workspace_option,
         click.option("--model", type=click.Path(path_type=Path),
                      help="encoder.onnx, a run folder or a checkpoint, or pretrained weights by name (imagenet, "
-                          "resnet50.IMAGENET1K_V2).  [default: the latest run]"),
+                          "resnet50.IMAGENET1K_V2, timm's resnet50.a1_in1k).  [default: the latest run]"),
     ]
     for option in reversed(options):
         command = option(command)

@@ -100,7 +100,7 @@ def export_command(source: Path | None, workspace: Path, output: Path | None, fi
 @workspace_option
 @click.option("--model", type=click.Path(path_type=Path),
               help="encoder.onnx, a run folder or a checkpoint, or pretrained weights by name (imagenet, "
-                   "resnet50.IMAGENET1K_V2: no training needed).  [default: the latest run's encoder]")
+                   "resnet50.IMAGENET1K_V2, timm's resnet50.a1_in1k: no training needed).  [default: the latest run's encoder]")
 @backend_option
 @provider_option
 @precision_option
@@ -132,7 +132,7 @@ def embed_command(image_dir: Path, output: Path, file_format: str, workspace: Pa
 @workspace_option
 @click.option("--model", type=click.Path(path_type=Path),
               help="encoder.onnx, a run folder or a checkpoint, or pretrained weights by name (imagenet, "
-                   "resnet50.IMAGENET1K_V2: no training needed).  [default: the latest run's, exported if needed]")
+                   "resnet50.IMAGENET1K_V2, timm's resnet50.a1_in1k: no training needed).  [default: the latest run's, exported if needed]")
 @click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), help="[default: WORKSPACE/index]")
 @click.option("--index-type", help="flat, hnsw, ivfpq, or any FAISS factory string.  [default: by size]")
 @click.option("--rebuild", is_flag=True, help="Embed everything again instead of only new and changed files.")

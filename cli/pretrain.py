@@ -58,10 +58,11 @@ _positive = FiniteFloatRange(min=0, min_open=True)
 @click.option("--log-every", type=click.IntRange(min=1), help=default_help("log_every", "Steps between lines of metrics.jsonl."))
 @click.option("--init", metavar="FILE|NAME",
               help="Start the backbone from these weights: a torchvision or timm ResNet state dict (.pth), a "
-                   "safetensors file (timm or Hugging Face names), another run, or torchvision's pretrained "
-                   "weights by name: imagenet (the backbone's default ImageNet weights) or e.g. "
-                   "resnet50.IMAGENET1K_V2, downloaded once into torch.hub's cache and hash-checked; the "
-                   "backbone is the weights'.  [default: random init, as the paper]")
+                   "safetensors file (timm or Hugging Face names), another run, or pretrained weights by "
+                   "name: imagenet (torchvision's default ImageNet weights of the backbone), torchvision's "
+                   "e.g. resnet50.IMAGENET1K_V2 (torch.hub's cache) or timm's e.g. resnet50.a1_in1k (the "
+                   "Hugging Face cache), downloaded once and hash-checked on every use; the backbone is the "
+                   "weights'.  [default: random init, as the paper]")
 @click.option("--val-dir", type=click.Path(exists=True, file_okay=False),
               help="Labelled folder (VAL/<class>/images): kNN accuracy every --val-every epochs, against random init.")
 @click.option("--val-every", type=click.IntRange(min=1), help=default_help("val_every", "Epochs between kNN evaluations."))

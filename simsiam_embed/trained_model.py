@@ -97,7 +97,7 @@ def load_pretrained_resnet(path: Path | str) -> PretrainedResNet:
 
 
 def pretrained_run(name: str, runs_dir: Path, report: Callable[[str], None], device: str = "cpu") -> Path:
-    """A run folder holding torchvision's pretrained weights ``name`` ("imagenet": the machine's
+    """A run folder holding torchvision's or timm's pretrained weights ``name`` ("imagenet": the machine's
     default backbone's) with no training at all, so that every stage that takes a run (export,
     embed, index, search, knn) takes them too: index first, adapt later (``pretrain --init``).
 
@@ -107,7 +107,7 @@ def pretrained_run(name: str, runs_dir: Path, report: Callable[[str], None], dev
     """
     from simsiam_embed.artefacts import run_facts
     from simsiam_embed.files import folder_lock
-    from simsiam_embed.pretrained_weights import pretrained_weights_file
+    from simsiam_embed.pretrained_weights import described, pretrained_weights_file
     from simsiam_embed.resnet_weights import load_resnet_weights, read_resnet_weights
     from simsiam_embed.settings import default_backbone
 
@@ -128,5 +128,5 @@ def pretrained_run(name: str, runs_dir: Path, report: Callable[[str], None], dev
         load_resnet_weights(model.backbone.resnet, start.weights, label)
         Checkpoint(kind="pretrain", settings=config.to_dict(), model=model.state_dict(), step=0, total_steps=0,
                    finished=True).save(run.checkpoint)
-        report(f"{run.path}: torchvision's {label} as a run (no training), for export, embed, index and knn")
+        report(f"{run.path}: {described(label)} as a run (no training), for export, embed, index and knn")
     return run.path

@@ -270,3 +270,86 @@ def test_index_search_and_knn_use_pretrained_weights_by_name_with_no_training(tm
     assert_one_line_error_in_process(nothing_to_index, "name the folder to index")
     unknown = invoke("embed", "images", "-o", "out", "--model", "resnet50.IMAGENET9K_V7", cwd=tmp_path)
     assert_one_line_error_in_process(unknown, "resnet50.IMAGENET9K_V7", "imagenet")
+
+
+# timm's names: the Hugging Face Hub's cache, laid out here as its client lays it out
+
+
+def _hub_cache_with(tmp_path, monkeypatch, state, name="resnet18.a1_in1k"):
+    """The Hub's cache in tmp_path holding ``state`` as timm's ``name``: the blob named by its
+    SHA-256 (as the Hub publishes it), a snapshot linking to it, refs/main naming the snapshot."""
+    import hashlib
+
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    repository = cache / f"models--timm--{name}"
+    staged = tmp_path / "staged.safetensors"
+    save_file({key: value.contiguous() for key, value in state.items()}, staged)
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+    (repository / "blobs").mkdir(parents=True)
+    blob = repository / "blobs" / digest
+    staged.rename(blob)
+    commit = "0" * 40
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+    (repository / "snapshots" / commit).mkdir(parents=True)
+    (repository / "snapshots" / commit / "model.safetensors").symlink_to(f"../../blobs/{digest}")
+    return repository, blob
+
+
+def _no_hub_downloads(monkeypatch):
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+
+    def cache_only(*args, **kwargs):
+        if not kwargs.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot reach the Hub: the machine is offline")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+
+
+def test_pretrain_starts_from_timm_weights_by_name_from_the_hub_cache(tmp_path, monkeypatch):
+    state = torchvision_state("resnet18", seed=3)   # timm's plain ResNets share torchvision's names
+    _hub_cache_with(tmp_path, monkeypatch, state)
+    _no_hub_downloads(monkeypatch)
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", "resnet18.a1_in1k", "--epochs", "1", *FAST_TRAINING, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "timm's resnet18.a1_in1k" in result.stderr
+    config = json.loads((tmp_path / "runs" / "images" / "config.json").read_text())
+    assert config["init"] == "resnet18.a1_in1k" and config["backbone"] == "resnet18"
+
+
+def test_a_damaged_hub_blob_is_refused_with_how_to_remove_it(tmp_path, monkeypatch):
+    repository, blob = _hub_cache_with(tmp_path, monkeypatch, torchvision_state("resnet18"))
+    blob.write_bytes(blob.read_bytes()[:-10] + bytes(10))
+    _no_hub_downloads(monkeypatch)
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", "resnet18.a1_in1k", *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error_in_process(result, "is not the file the Hugging Face Hub publishes", f"rm -r {repository}")
+
+
+def test_timm_weights_offline_name_the_repository_and_the_cache_and_leave_nothing(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    _no_hub_downloads(monkeypatch)
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", "resnet50.a1_in1k", *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error_in_process(result, "cannot download timm's resnet50.a1_in1k",
+                                     "hf download timm/resnet50.a1_in1k model.safetensors",
+                                     "models--timm--resnet50.a1_in1k", str(cache))
+    assert not (tmp_path / "runs" / "images" / "checkpoint.pt").exists()
+
+
+def test_an_unknown_timm_tag_lists_the_names_there_are(tmp_path):
+    make_image_folder(tmp_path / "images", per_class=4, size=16)
+    result = invoke("pretrain", "images", "--init", "resnet18.zz_in1k", *FAST_TRAINING, cwd=tmp_path)
+    assert_one_line_error_in_process(result, "resnet18.zz_in1k is neither a file nor a weights name",
+                                     "resnet18.a1_in1k", "resnet50.IMAGENET1K_V2")

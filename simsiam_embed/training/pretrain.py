@@ -30,7 +30,7 @@ from simsiam_embed.files import ensure_writable_folder, write_json_atomic
 from simsiam_embed.image_files import discover_images, scan_images
 from simsiam_embed.inference.evaluate import KnnMonitor
 from simsiam_embed.models import SimSiam, simsiam_loss
-from simsiam_embed.pretrained_weights import is_weights_name, pretrained_weights_file, published_weights
+from simsiam_embed.pretrained_weights import described, is_weights_name, pretrained_weights_file, published_weights
 from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, read_resnet_weights
 from simsiam_embed.settings import (
     PretrainConfig, default_backbone, default_recipe, gpu_memory_bytes, physical_memory_bytes, resolve_pretrain_config,
@@ -319,8 +319,8 @@ def _scan_folder(data_dir: Path, report: Report):
 
 
 def _warm_start(overrides: dict[str, Any], median_short_side: int, device: str, report: Report) -> ResNetWeights | None:
-    """Read ``--init``'s weights: a file, or a name of torchvision's pretrained weights
-    ("imagenet": those of the backbone this run would have); the run's backbone is theirs, and
+    """Read ``--init``'s weights: a file, or a name of torchvision's or timm's pretrained weights
+    ("imagenet": torchvision's for the backbone this run would have); the run's backbone is theirs, and
     the settings record the file's path (or the weights' name) and digest (``overrides`` is
     completed in place)."""
     init = overrides.get("init")
@@ -335,7 +335,7 @@ def _warm_start(overrides: dict[str, Any], median_short_side: int, device: str, 
         published_weights(str(init), "resnet18")   # a name not known: one line listing those that are
     start = read_resnet_weights(path)
     if recorded is not None:
-        start = dataclasses.replace(start, source=f"torchvision's {recorded}, {path}")
+        start = dataclasses.replace(start, source=f"{described(recorded)}, {path}")
     given = overrides.get("backbone")
     if given is not None and given != start.backbone:
         raise UserError(f"--init {init} holds a {start.backbone}'s weights and --backbone is {given}: "
