@@ -42,9 +42,10 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     @classmethod
-    def for_input_size(cls, input_size: int, small_images: bool) -> "Preprocessing":
-        # Large images: the standard 0.875 centre crop (256 -> 224). Small images are used whole.
-        resize = input_size if small_images else int(round(input_size / 0.875))
+    def for_input_size(cls, input_size: int, whole_image: bool) -> "Preprocessing":
+        # Photos larger than the crop: the standard 0.875 centre crop (256 -> 224). Images no larger
+        # than the crop were trained on whole, and are shown whole.
+        resize = input_size if whole_image else int(round(input_size / 0.875))
         return cls(input_size=input_size, resize_size=resize)
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:

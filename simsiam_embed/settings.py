@@ -190,6 +190,10 @@ class PretrainConfig(SavedSettings):
     # With augment_on_device: crop and resize on the device too, so workers only decode. On a
     # GPU that takes the crops off the CPU; on a CPU it would move them out of the parallel workers.
     crop_on_device: bool = False
+    # Evaluation: whether the training images were no larger than the crop, so that a trained
+    # network is shown each image whole (resized to the crop) rather than the 0.875 centre crop
+    # made for large photos (images.Preprocessing); None in runs saved before: the stem decides.
+    images_within_crop: bool | None = None
     choices: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -509,6 +513,7 @@ def resolve_pretrain_config(
 
     for key, value in {**recipe_defaults, **given}.items():
         setattr(config, key, value)
+    config.images_within_crop = median_short_side <= config.crop_size
     config.choices = choices
     validate(config, num_images)
     check_crop_size(config, median_short_side)

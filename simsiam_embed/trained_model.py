@@ -47,8 +47,11 @@ def build_model(config: PretrainConfig) -> SimSiam:
 
 
 def preprocessing_for(config: PretrainConfig) -> Preprocessing:
-    """The evaluation transform matching how a run's network saw its images."""
-    return Preprocessing.for_input_size(config.crop_size, small_images=config.small_image_stem)
+    """The evaluation transform matching how a run's network saw its images: whole when they
+    were no larger than its crop (a 32-px picture resized to 37 and centre-cropped to 32 would
+    lose a quarter of its area to a crop made for 256-px photos), else the 0.875 centre crop."""
+    whole = config.images_within_crop if config.images_within_crop is not None else config.small_image_stem
+    return Preprocessing.for_input_size(config.crop_size, whole_image=whole)
 
 
 def load_trained_model(path: Path | str, random_init: bool = False) -> tuple[SimSiam, PretrainConfig]:

@@ -179,3 +179,18 @@ def test_embedding_decodes_with_every_core_for_a_gpu_and_few_for_a_cpu_encoder(m
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert embed_workers(None, on_gpu=False)[0] == 1
+
+
+@pytest.mark.parametrize("median_side, overrides, whole", [
+    (32, {"recipe": "imagenet", "crop_size": 32}, True),    # standard stem, images no larger than the crop
+    (28, {}, True),                                        # the CIFAR recipe
+    (500, {}, False),                                      # photos: the 0.875 centre crop
+    (96, {"recipe": "imagenet"}, True),                    # cropped at the images' own 96 px
+    (100, {"recipe": "imagenet"}, False),                  # larger than the 96-px crop
+])
+def test_evaluation_shows_images_no_larger_than_the_crop_whole(median_side, overrides, whole):
+    from simsiam_embed.trained_model import preprocessing_for
+
+    config = resolve_pretrain_config("d", "r", 1000, median_side, "cpu", overrides)
+    preprocessing = preprocessing_for(config)
+    assert (preprocessing.resize_size == preprocessing.input_size) is whole, (median_side, overrides, preprocessing)

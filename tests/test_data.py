@@ -130,11 +130,11 @@ def test_a_folder_with_nothing_readable_yields_no_sample(tmp_path):
 
 
 def test_evaluation_transform_resizes_then_centre_crops():
-    large = Preprocessing.for_input_size(224, small_images=False)
+    large = Preprocessing.for_input_size(224, whole_image=False)
     assert large.resize_size == 256
     tensor = large.transform()(Image.new("RGB", (640, 480)))
     assert tensor.shape == (3, 224, 224)
-    small = Preprocessing.for_input_size(28, small_images=True)
+    small = Preprocessing.for_input_size(28, whole_image=True)
     assert small.resize_size == 28 and small.transform()(Image.new("RGB", (28, 28))).shape == (3, 28, 28)
 
 
