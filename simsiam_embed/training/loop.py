@@ -656,6 +656,9 @@ class LoopPlan:
     seed: int
     workers: int
     budget_s: float | None = None
+    # A time budget's steps as estimated before the first (by a probe): the progress bar's total,
+    # and so its ETA, until the first step measures the real pace and plans the run.
+    expected_steps: int | None = None
     sample_name: str = "images"      # what a sample is, in the progress line ("image pairs")
     rate_key: str = "images_per_s"   # the pace's name in metrics.jsonl
     schedule: str = "learning-rate schedule"   # what a time budget plans, in its report
@@ -826,7 +829,7 @@ class TrainingLoop:
         means: dict[str, float] = {}
         samples_per_s: float | None = None
         lr = 0.0
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show_progress,
+        bar = tqdm(total=self.total_steps or plan.expected_steps, initial=self.step, unit="step", disable=not show_progress,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)
         metrics = MetricsLog(self.folder.metrics, self.resumed_from, self.context.is_main, self.folder.tensorboard)
         if metrics.tensorboard is not None and self.step == 0:

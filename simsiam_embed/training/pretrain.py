@@ -40,6 +40,7 @@ from simsiam_embed.training.augment import (
     AugmentationRecipe, BatchAugment, CroppedViews, MultiCropViews, crop_on_device, draw_uncropped_views,
     small_view_recipe, stack_uncropped,
 )
+from simsiam_embed.training.budget_plan import adapt_to_budget, too_short_warning
 from simsiam_embed.training.image_store import DecodedImageStore, plan_store
 from simsiam_embed.training.data import TwoViewDataset, simsiam_augmentation, training_draft_side
 from simsiam_embed.training.loop import (
@@ -221,7 +222,7 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
     # Rank 0 scans and every rank trains on its list: ranks that each scanned a changing folder
     # could index different files and train on different samples.
     scan = from_main(_scan_folder(data_dir, rank_report) if context.is_main else None, context)
-    start = None
+    start = budget_plan = None
     if previous is not None:
         if overrides.get("init") is not None and Path(overrides["init"]).exists():   # the run saved the file's full path
             overrides["init"] = str(Path(overrides["init"]).resolve())
@@ -236,12 +237,17 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         )
         if start is not None and not backbone_given:
             config.choices.insert(0, f"backbone {config.backbone}: the --init file's")
+        if context.world_size == 1:
+            budget_plan = adapt_to_budget(config, {key for key, value in overrides.items() if value is not None},
+                                          scan.median_short_side)
     _check_share_per_process(config.batch_size, context.world_size)
 
     if context.is_main:
         ensure_writable_folder(run_dir)
         write_json_atomic(run.config, config.to_dict())
         _report_settings(config, run, report)
+        if budget_plan is not None and not budget_plan.learns:
+            report(too_short_warning(budget_plan))
 
     store = None
     if config.store_images:
@@ -260,7 +266,8 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
         steps_per_epoch=task.steps_per_epoch,
         total_steps=config.total_steps or (config.epochs * task.steps_per_epoch if config.epochs else None),
         log_every=config.log_every, batch_size=config.batch_size, seed=config.seed, workers=config.num_workers,
-        budget_s=config.time_budget_s, sample_name="image pairs", rate_key="pairs_per_s", schedule="cosine schedule",
+        budget_s=config.time_budget_s, expected_steps=budget_plan.steps if budget_plan else None,
+        sample_name="image pairs", rate_key="pairs_per_s", schedule="cosine schedule",
         log_constants={"z_std_reference": 1 / math.sqrt(config.dim)},
         resume_hint=f"simsiam-embed pretrain {config.data_dir} --resume"
                     + (f" --name {config.run_name}" if config.run_name != default_name else ""),
