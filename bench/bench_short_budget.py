@@ -8,7 +8,12 @@ with the given settings over the defaults (any PretrainConfig field; values are 
 else as text), on the dataset's unlabelled training set (bench/common.py: DATASETS). Every run
 is scored by weighted kNN (bank: the training set; queries: the test set), next to the same
 architecture at random init and to raw pixels, all in one table: each seed's score and their
-mean, so a difference can be read against the spread between seeds.
+mean, so a difference can be read against the spread between seeds. ``--reference RUN`` scores
+another run's encoder as it is (a warm start's starting point) as a row of its own.
+
+    python bench/bench_short_budget.py --budget 60s --seeds 0 1 --reference STANDIN \
+        --variant "scratch:recipe=imagenet,crop_size=32" \
+        --variant "warm x0.1:recipe=imagenet,crop_size=32,init=STANDIN,base_lr=0.005"
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def main() -> None:
     parser.add_argument("--budget", default="5m")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", action="append", required=True, help="NAME:key=value,...")
+    parser.add_argument("--reference", type=Path, help="a run folder scored as it is (e.g. a warm start's)")
     args = parser.parse_args()
     variants = [parse_variant(text) for text in args.variant]
     knn = " and ".join(f"k={k}, T={t}" for k, t in KNN_SETTINGS)
@@ -60,6 +66,10 @@ def main() -> None:
         train, test = labelled_folders(args.dataset, tmp)
         raw_pixels = raw_pixel_knn(train, test)
         print(f"raw pixels: {raw_pixels}", flush=True)
+        reference = (knn_top1(TorchEncoder(args.reference / "checkpoint.pt" if args.reference.is_dir() else args.reference),
+                              train, test) if args.reference else None)
+        if reference:
+            print(f"reference {args.reference}: {reference}", flush=True)
         for number, (name, overrides) in enumerate(variants):
             runs = []
             for seed in args.seeds:
@@ -80,6 +90,9 @@ def main() -> None:
           f"mean at k={KNN_SETTINGS[1][0]}, T={KNN_SETTINGS[1][1]} | random init ({first}) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| raw pixels | | - | - | - | | {raw_pixels[0]:.3f} | {raw_pixels[1]:.3f} | - |")
+    if reference:
+        print(f"| reference (no training here) | {args.reference.name} | - | - | - | | {reference[0]:.3f} | "
+              f"{reference[1]:.3f} | - |")
     for name, overrides, runs, baseline in rows:
         settings = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
         steps = f"{statistics.mean(r[0] for r in runs):.0f} ({statistics.mean(r[1] for r in runs):.1f})"
