@@ -32,6 +32,11 @@ RECIPE_SETTINGS: dict[str, dict[str, Any]] = {
                   projector_layers=2, blur=False, epochs=800, batch_size=512),
 }
 RECIPES = tuple(RECIPE_SETTINGS)
+#: A warm start (--init) continues at this share of the recipe's base lr: hierarchical
+#: pretraining (Reed et al., WACV 2022) adapts a pretrained network to new images with a lower lr,
+#: so that the first steps do not undo what it brought. The share was chosen against a stand-in
+#: pretrained network (bench/RESULTS.md, "Warm starts").
+WARM_START_LR_SHARE = 0.3
 _PAPER = RECIPE_SETTINGS["imagenet"]
 
 #: How a default follows the data or the hardware, as --help says it (the rules are in
@@ -45,6 +50,8 @@ ADAPTED_DEFAULTS = {
     "amp": "bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else off",
     "num_workers": "the CPU cores / the processes on this machine",
     "device": "cuda if available",
+    "base_lr": (f"{RECIPE_SETTINGS['imagenet']['base_lr']:g}, cifar {RECIPE_SETTINGS['cifar']['base_lr']:g}; "
+                f"{WARM_START_LR_SHARE:g}x that with --init"),
     "small_crop_size": "96/224 of the crop (SwAV's ratio), at least 8 px",
 }
 #: torchvision ResNets the backbone may be (models/backbones.py builds them).
@@ -488,6 +495,11 @@ def resolve_pretrain_config(
                         f"use --batch-size {max(processes, batch - batch % processes)} or "
                         f"{batch - batch % processes + processes}")
     recipe_defaults["batch_size"] = batch
+
+    if given.get("init") is not None and "base_lr" not in given:
+        recipe_defaults["base_lr"] = RECIPE_SETTINGS[recipe]["base_lr"] * WARM_START_LR_SHARE
+        choices.append(f"base lr {recipe_defaults['base_lr']:g}: a warm start continues at {WARM_START_LR_SHARE:g}x the "
+                       "recipe's, not to undo its weights (hierarchical pretraining, Reed et al. 2022; bench/RESULTS.md)")
 
     if "epochs" not in given and "time_budget_s" not in given:
         recipe_defaults["epochs"] = default_epochs(recipe, num_images)

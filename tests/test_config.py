@@ -194,3 +194,14 @@ def test_evaluation_shows_images_no_larger_than_the_crop_whole(median_side, over
     config = resolve_pretrain_config("d", "r", 1000, median_side, "cpu", overrides)
     preprocessing = preprocessing_for(config)
     assert (preprocessing.resize_size == preprocessing.input_size) is whole, (median_side, overrides, preprocessing)
+
+
+def test_a_warm_start_continues_at_a_lower_lr_unless_one_is_given():
+    from simsiam_embed.settings import WARM_START_LR_SHARE
+
+    warm = resolve_pretrain_config("d", "r", 1000, 300, "cpu", {"init": "weights.pth"})
+    assert warm.base_lr == pytest.approx(0.05 * WARM_START_LR_SHARE) and WARM_START_LR_SHARE < 1
+    assert any(choice.startswith(f"base lr {warm.base_lr:g}: a warm start") for choice in warm.choices)
+    given = resolve_pretrain_config("d", "r", 1000, 300, "cpu", {"init": "weights.pth", "base_lr": 0.05})
+    assert given.base_lr == 0.05
+    assert resolve_pretrain_config("d", "r", 1000, 300, "cpu", {}).base_lr == 0.05
