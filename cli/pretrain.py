@@ -62,7 +62,9 @@ _positive = FiniteFloatRange(min=0, min_open=True)
                    "name: imagenet (torchvision's default ImageNet weights of the backbone), torchvision's "
                    "e.g. resnet50.IMAGENET1K_V2 (torch.hub's cache) or timm's e.g. resnet50.a1_in1k (the "
                    "Hugging Face cache), downloaded once and hash-checked on every use; the backbone is the "
-                   "weights'.  [default: random init, as the paper]")
+                   "weights'. none: random init, as the paper, always.  [default: random init, as the paper; "
+                   "on a CPU whose --time-budget affords too few steps to learn from it, imagenet if its "
+                   "weights are in torch.hub's cache]")
 @click.option("--val-dir", type=click.Path(exists=True, file_okay=False),
               help="Labelled folder (VAL/<class>/images): kNN accuracy every --val-every epochs, against random init.")
 @click.option("--val-every", type=click.IntRange(min=1), help=default_help("val_every", "Epochs between kNN evaluations."))

@@ -82,6 +82,27 @@ def published_weights(name: str, backbone: str) -> tuple[str, str]:
     return f"{architecture}.{weights.name}", weights.url
 
 
+def _torch_hub_path(url: str) -> Path:
+    """Where torch.hub keeps the file at ``url`` (torchvision's ``weights=`` puts it there too)."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _torch_hub_download(url: str, destination: str, hash_prefix: str | None, progress: bool) -> None:
+    import torch.hub
+
+    torch.hub.download_url_to_file(url, destination, hash_prefix, progress=progress)
+
+
+def cached_default_weights(backbone: str) -> tuple[str, Path] | None:
+    """(exact name, file) of ``backbone``'s "imagenet" weights if torch.hub's cache holds them
+    already: what a run may start from by default, since nothing needs downloading."""
+    label, url = published_weights(GENERIC_NAME, backbone)
+    cached = _torch_hub_path(url)
+    return (label, cached) if cached.is_file() else None
+
+
 def pretrained_weights_file(name: str, backbone: str, report: Callable[[str], None] = print,
                             download: Callable[..., None] | None = None) -> tuple[Path, str, str]:
     """The cached file of ``name``'s weights (downloaded first if it is not in the cache), the
@@ -89,11 +110,9 @@ def pretrained_weights_file(name: str, backbone: str, report: Callable[[str], No
     be had, naming the file and where it goes."""
     if is_timm_name(name):
         return _timm_weights_file(name, report, download)
-    import torch.hub
-
     label, url = published_weights(name, backbone)
-    file_name = url.rsplit("/", 1)[-1]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    cached = _torch_hub_path(url)
+    file_name = cached.name
     hash_prefix = (_HASH_IN_NAME.search(file_name) or [None, None])[1]
     if not cached.is_file():
         report(f"downloading {label} ({url}) into {cached.parent}")
@@ -101,7 +120,7 @@ def pretrained_weights_file(name: str, backbone: str, report: Callable[[str], No
             cached.parent.mkdir(parents=True, exist_ok=True)
             # torch.hub writes to a temporary file beside it, checks the hash, then renames:
             # an interrupted or corrupted download leaves no file behind.
-            (download or torch.hub.download_url_to_file)(url, str(cached), hash_prefix, progress=True)
+            (download or _torch_hub_download)(url, str(cached), hash_prefix, progress=True)
         except (urllib.error.URLError, OSError, RuntimeError) as error:
             reason = str(getattr(error, "reason", None) or error).splitlines()[0][:160]
             raise UserError(f"cannot download {label} ({reason}): put {file_name} from {url} at {cached} "

@@ -353,3 +353,24 @@ def test_an_unknown_timm_tag_lists_the_names_there_are(tmp_path):
     result = invoke("pretrain", "images", "--init", "resnet18.zz_in1k", *FAST_TRAINING, cwd=tmp_path)
     assert_one_line_error_in_process(result, "resnet18.zz_in1k is neither a file nor a weights name",
                                      "resnet18.a1_in1k", "resnet50.IMAGENET1K_V2")
+
+
+def test_a_cpu_budget_too_short_to_learn_starts_from_cached_imagenet_weights_unless_told_not_to(tmp_path, monkeypatch):
+    from simsiam_embed.training import budget_plan
+
+    _cache_with(tmp_path, monkeypatch, torchvision_state("resnet18"))
+    monkeypatch.setattr(budget_plan, "measure_seconds_per_pair", lambda config, crop: 1.0)   # a very slow machine
+    make_image_folder(tmp_path / "images", per_class=4, size=72)   # photos: the ImageNet recipe, a standard stem
+    tiny = ["--workers", "0", "--dim", "64", "--projector-hidden-dim", "64", "--predictor-hidden-dim", "16"]
+    result = invoke("pretrain", "images", "--time-budget", "3s", *tiny, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "runs" / "images" / "config.json").read_text())
+    assert config["init"] == "resnet18.IMAGENET1K_V1"
+    assert config["choices"][0].startswith("init resnet18.IMAGENET1K_V1: the time budget affords about")
+    assert "--init none" in config["choices"][0] and "warning: the time budget" not in result.stderr
+
+    scratch = invoke("pretrain", "images", "--time-budget", "3s", "--init", "none", "--name", "scratch", *tiny,
+                     cwd=tmp_path)
+    assert scratch.exit_code == 0, scratch.output
+    assert json.loads((tmp_path / "runs" / "scratch" / "config.json").read_text())["init"] is None
+    assert "warning: the time budget affords about" in scratch.stderr

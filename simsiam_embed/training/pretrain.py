@@ -27,10 +27,11 @@ from simsiam_embed.distributed import DistributedContext, agree_on_every_rank, d
 from simsiam_embed.errors import UserError
 from simsiam_embed.explore.report import COLLAPSE_FRACTION, write_run_report
 from simsiam_embed.files import ensure_writable_folder, write_json_atomic
-from simsiam_embed.image_files import discover_images, scan_images
+from simsiam_embed.image_files import ScanResult, discover_images, scan_images
 from simsiam_embed.inference.evaluate import KnnMonitor
 from simsiam_embed.models import SimSiam, simsiam_loss
-from simsiam_embed.pretrained_weights import described, is_weights_name, pretrained_weights_file, published_weights
+from simsiam_embed.pretrained_weights import (GENERIC_NAME, cached_default_weights, described, is_weights_name,
+                                              pretrained_weights_file, published_weights)
 from simsiam_embed.resnet_weights import ResNetWeights, load_resnet_weights, read_resnet_weights
 from simsiam_embed.settings import (
     PretrainConfig, default_backbone, default_recipe, gpu_memory_bytes, physical_memory_bytes, resolve_pretrain_config,
@@ -223,23 +224,29 @@ def _pretrain(data_dir: Path, workspace: Workspace, overrides: dict[str, Any], r
     # could index different files and train on different samples.
     scan = from_main(_scan_folder(data_dir, rank_report) if context.is_main else None, context)
     start = budget_plan = None
+    scratch_asked = overrides.get("init") == FROM_SCRATCH
+    if scratch_asked:
+        overrides["init"] = None
     if previous is not None:
         if overrides.get("init") is not None and Path(overrides["init"]).exists():   # the run saved the file's full path
             overrides["init"] = str(Path(overrides["init"]).resolve())
         config = _config_for_resume(previous, overrides, run)
         config.device = device
     else:
-        backbone_given = overrides.get("backbone") is not None
-        start = _warm_start(overrides, scan.median_short_side, device, rank_report)
-        config = resolve_pretrain_config(
-            str(data_dir.resolve()), run_name, len(scan.paths), scan.median_short_side, device, overrides,
-            processes=context.world_size,
-        )
-        if start is not None and not backbone_given:
-            config.choices.insert(0, f"backbone {config.backbone}: the --init file's")
+        config, start = _resolve_settings(data_dir, run_name, scan, overrides, device, context, rank_report)
         if context.world_size == 1:
             budget_plan = adapt_to_budget(config, {key for key, value in overrides.items() if value is not None},
                                           scan.median_short_side)
+        cached = (cached_default_weights(config.backbone)
+                  if budget_plan is not None and not budget_plan.learns and start is None and not scratch_asked
+                  and config.recipe == "imagenet" else None)
+        if cached is not None:
+            overrides["init"] = GENERIC_NAME
+            config, start = _resolve_settings(data_dir, run_name, scan, overrides, device, context, rank_report)
+            config.choices.insert(0, f"init {cached[0]}: the time budget affords about {budget_plan.steps} steps, too "
+                                     "few to learn from random init, and these ImageNet weights are in torch.hub's "
+                                     "cache (bench/RESULTS.md, \"Warm starts\"); the paper's random init: --init none")
+            budget_plan = None
     _check_share_per_process(config.batch_size, context.world_size)
 
     if context.is_main:
@@ -309,7 +316,7 @@ def _pairs_in(batch: tuple) -> int:
     return len(first[0] if isinstance(first, tuple) else first)
 
 
-def _scan_folder(data_dir: Path, report: Report):
+def _scan_folder(data_dir: Path, report: Report) -> ScanResult:
     candidates = discover_images(data_dir)
     if not candidates:
         raise UserError(
@@ -323,6 +330,22 @@ def _scan_folder(data_dir: Path, report: Report):
     if scan.skipped:
         report(f"{len(scan.skipped)} unreadable files will be skipped (listed in the run folder's skipped.jsonl)")
     return scan
+
+
+#: ``--init``'s word for the paper's random init (a short CPU budget may otherwise warm start).
+FROM_SCRATCH = "none"
+
+
+def _resolve_settings(data_dir: Path, run_name: str, scan: ScanResult, overrides: dict[str, Any], device: str,
+                      context: DistributedContext, report: Report) -> tuple[PretrainConfig, ResNetWeights | None]:
+    """A new run's settings from the folder, the machine and ``overrides``, and its warm start."""
+    backbone_given = overrides.get("backbone") is not None
+    start = _warm_start(overrides, scan.median_short_side, device, report)
+    config = resolve_pretrain_config(str(data_dir.resolve()), run_name, len(scan.paths), scan.median_short_side,
+                                     device, overrides, processes=context.world_size)
+    if start is not None and not backbone_given:
+        config.choices.insert(0, f"backbone {config.backbone}: the --init file's")
+    return config, start
 
 
 def _warm_start(overrides: dict[str, Any], median_short_side: int, device: str, report: Report) -> ResNetWeights | None:
