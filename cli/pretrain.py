@@ -51,6 +51,9 @@ _positive = FiniteFloatRange(min=0, min_open=True)
 @click.option("--no-predictor", "no_predictor", is_flag=True, help="Ablation (paper Table 1a): no prediction MLP; collapses.")
 @click.option("--asymmetric-loss", is_flag=True, help="Ablation (paper Table 4): D(p1, z2) only.")
 @click.option("--no-heads-bn", is_flag=True, help="Ablation (paper Table 3): no batch norm in the MLP heads.")
+@click.option("--zero-init-residual/--torchvision-init", "zero_init_residual", default=None,
+              help=default_help("zero_init_residual", "Start each residual block as an identity (the official "
+                                "SimSiam code), or with torchvision's own init."))
 @click.option("--seed", type=int, help=default_help("seed"))
 @click.option("--workers", "num_workers", type=click.IntRange(min=0), help=default_help("num_workers", "Image-decoding processes."))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help=default_help("device"))

@@ -39,18 +39,20 @@ class Backbone(nn.Module):
         return self.resnet(images)
 
 
-def build_backbone(name: str, small_images: bool = False, stem_stride: int = 1) -> Backbone:
+def build_backbone(name: str, small_images: bool = False, stem_stride: int = 1,
+                   zero_init_residual: bool = True) -> Backbone:
     """Build a randomly initialised ResNet backbone (weights are never downloaded).
 
     ``stem_stride`` (small-image stem only): 2 halves the feature maps of every stage, a quarter
     of the compute, for short training budgets on a CPU (bench/RESULTS.md, short-budget search).
+    ``zero_init_residual``: each block's last batch norm starts at zero, so the block starts as
+    an identity (the official SimSiam builder); False is torchvision's own init (lightly's).
     """
     try:
         factory = _FACTORIES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}") from None
-    # zero_init_residual as in the official SimSiam builder: each block starts as an identity.
-    resnet = factory(weights=None, zero_init_residual=True)
+    resnet = factory(weights=None, zero_init_residual=zero_init_residual)
     if small_images:
         resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         resnet.maxpool = nn.Identity()

@@ -145,6 +145,9 @@ class PretrainConfig(SavedSettings):
     backbone: str = _PAPER["backbone"]
     small_image_stem: bool = _PAPER["small_image_stem"]
     stem_stride: int = 1
+    # Each residual block's last batch norm starts at zero (the official SimSiam code's init);
+    # False: torchvision's own init (lightly's). bench/RESULTS.md, "As fast per pair", compares.
+    zero_init_residual: bool = True
     crop_size: int = _PAPER["crop_size"]
     # Length: epochs, or a time budget that becomes a fixed number of steps after a warm-up.
     epochs: int | None = _PAPER["epochs"]

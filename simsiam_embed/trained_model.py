@@ -31,7 +31,8 @@ def build_model(config: PretrainConfig) -> SimSiam:
     """
     try:
         return SimSiam(
-            build_backbone(config.backbone, small_images=config.small_image_stem, stem_stride=config.stem_stride),
+            build_backbone(config.backbone, small_images=config.small_image_stem, stem_stride=config.stem_stride,
+                           zero_init_residual=config.zero_init_residual),
             projector_layers=config.projector_layers,
             projector_hidden_dim=config.projector_hidden_dim,
             dim=config.dim,

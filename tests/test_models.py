@@ -153,3 +153,13 @@ def test_small_views_predict_both_full_views_and_the_loss_stays_a_mean():
     with_small = _parameter_grads(model, simsiam_loss(output))
     without = _parameter_grads(model, simsiam_loss(model(x1, x2)))
     assert not torch.allclose(with_small, without)
+
+
+def test_residual_blocks_start_as_identities_unless_torchvisions_init_is_asked_for():
+    from simsiam_embed.settings import PretrainConfig
+    from simsiam_embed.trained_model import build_model
+
+    official = build_model(PretrainConfig(data_dir="", run_name="r", backbone="resnet18"))
+    assert torch.count_nonzero(official.backbone.resnet.layer1[0].bn2.weight) == 0
+    torchvision_init = build_model(PretrainConfig(data_dir="", run_name="r", backbone="resnet18", zero_init_residual=False))
+    assert torch.all(torchvision_init.backbone.resnet.layer1[0].bn2.weight == 1)
