@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--eval-at", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--only", nargs="+", help="run only these variants (names as in the table)")
     args = parser.parse_args()
     eval_at = sorted(set(args.eval_at) | {args.steps})
     print(f"machine: {machine()}; {args.dataset}; {args.steps} steps of batch {args.batch}; seeds {args.seeds}; "
@@ -132,6 +133,8 @@ def main() -> None:
     # zero-init residual blocks; and fp32 with torchvision's init (lightly's).
     variants = {"lightly 1.6 (fp32)": None, "ours fp32": {"amp": "off"}, "ours bf16": {"amp": "bf16"},
                 "ours fp32, --torchvision-init": {"amp": "off", "zero_init_residual": False}}
+    if args.only:
+        variants = {name: settings for name, settings in variants.items() if name in args.only}
     results: dict[str, list[dict[int, float]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
