@@ -371,7 +371,8 @@ def test_the_settings_dataclass_holds_the_effective_defaults(monkeypatch):
     assert built.channels_last is True and built.amp == "bf16"
     assert built.num_workers == settings.default_loader_workers()
     resolved = settings.resolve_pretrain_config("d", "r", 10_000, 300, "cpu", {"recipe": "imagenet", "backbone": "resnet50"})
-    adapted = {"epochs", "batch_size", "choices"}   # the folder's size and the CPU set these, and say why
+    # The folder's size and the CPU set these, and say why; whether the images fit the crop is the folder's.
+    adapted = {"epochs", "batch_size", "choices", "images_within_crop"}
     differ = {key for key, value in resolved.to_dict().items() if getattr(built, key) != value} - adapted
     assert differ == set()
     cifar = settings.resolve_pretrain_config("d", "r", 10_000, 32, "cpu", {})
@@ -383,7 +384,7 @@ def test_pretrain_help_shows_the_recipes_defaults():
     from cli.pretrain import pretrain_command
 
     helps = {param.name: param.help for param in pretrain_command.params}
-    assert "[default: 0.05, cifar 0.03]" in helps["base_lr"]
+    assert "[default: 0.05, cifar 0.03; 0.3x that with --init]" in helps["base_lr"]
     assert "[default: 3, cifar 2]" in helps["projector_layers"]
     assert "[default: on, cifar off]" in helps["blur"]
     assert "bf16 on GPUs and CPUs with native bf16" in helps["amp"]   # it said "off on CPU"
