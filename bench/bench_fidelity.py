@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common import DATASETS, labelled_folders, machine
+from common import DATASETS, LightlySimSiam, labelled_folders, machine
 from simsiam_embed.images import Preprocessing
 from simsiam_embed.inference.evaluate import KNN_SETTINGS, evaluate_knn
 from simsiam_embed.inference.embed import TorchEncoder
@@ -63,20 +63,13 @@ def knn_top1(encoder, train: Path, test: Path) -> float:
 def train_lightly(train: Path, steps: int, batch: int, seed: int, eval_at: list[int], score) -> dict[int, float]:
     """lightly 1.6's components in its example's loop, with the recipe's optimizer and schedule."""
     from lightly.data import LightlyDataset
-    from lightly.loss import NegativeCosineSimilarity
-    from lightly.models.modules.heads import ProjectionHead, SimSiamPredictionHead
     from lightly.transforms import SimSiamTransform
-    from torchvision import models as tv_models
 
-    torch.manual_seed(seed)
-    backbone = nn.Sequential(*list(tv_models.resnet18().children())[:-1])
-    projector = ProjectionHead([(512, 2048, nn.BatchNorm1d(2048), nn.ReLU()),
-                                (2048, 2048, nn.BatchNorm1d(2048, affine=False), None)])
-    predictor = SimSiamPredictionHead(2048, 512, 2048)
-    criterion = NegativeCosineSimilarity()
+    model = LightlySimSiam(seed)
+    backbone = model.backbone
     lr = RECIPE["base_lr"] * batch / 256
-    optimizer = torch.optim.SGD([{"params": [*backbone.parameters(), *projector.parameters()], "decay": True},
-                                 {"params": predictor.parameters(), "decay": False}],
+    optimizer = torch.optim.SGD([{"params": [*backbone.parameters(), *model.projector.parameters()], "decay": True},
+                                 {"params": model.predictor.parameters(), "decay": False}],
                                 lr=lr, momentum=0.9, weight_decay=RECIPE["weight_decay"])
     dataset = LightlyDataset(str(train), transform=SimSiamTransform(input_size=CROP, gaussian_blur=0.0))
     generator = torch.Generator().manual_seed(seed)
@@ -87,10 +80,7 @@ def train_lightly(train: Path, steps: int, batch: int, seed: int, eval_at: list[
         for (x0, x1), _, _ in loader:
             for group in optimizer.param_groups:   # the paper's cosine schedule; the predictor's lr fixed
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps)) if group["decay"] else lr
-            backbone.train(), projector.train(), predictor.train()
-            z0, z1 = (projector(backbone(x).flatten(start_dim=1)) for x in (x0, x1))
-            p0, p1 = predictor(z0), predictor(z1)
-            loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
+            loss = model.loss(x0, x1)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common import machine, require_shared_data, write_fashion_mnist_folder
+from common import LightlySimSiam, machine, require_shared_data, write_fashion_mnist_folder
 from simsiam_embed.trained_model import build_model
 from simsiam_embed.settings import PretrainConfig
 from simsiam_embed.image_files import discover_images, open_image
@@ -110,33 +110,19 @@ def lightly_pairs_per_second(folder: Path, steps: int, workers: int, batch: int)
     standard stem, a 2-layer 2048 projector, its SimSiamTransform at 32 px without blur, fp32."""
     try:
         from lightly.data import LightlyDataset
-        from lightly.loss import NegativeCosineSimilarity
-        from lightly.models.modules.heads import ProjectionHead, SimSiamPredictionHead
         from lightly.transforms import SimSiamTransform
+        model = LightlySimSiam(seed=0)
     except ImportError:
         print("lightly is not installed (pip install 'simsiam-embed[bench]'): its column is left out")
         return None
-    from torch import nn
-    from torchvision import models as tv_models
-
-    torch.manual_seed(0)
-    resnet = tv_models.resnet18()
-    backbone = nn.Sequential(*list(resnet.children())[:-1])
-    projector = ProjectionHead([(512, 2048, nn.BatchNorm1d(2048), nn.ReLU()),
-                                (2048, 2048, nn.BatchNorm1d(2048, affine=False), None)])
-    predictor = SimSiamPredictionHead(2048, 512, 2048)
-    model = nn.ModuleList([backbone, projector, predictor]).train()
-    criterion = NegativeCosineSimilarity()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * batch / 256, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parts.parameters(), lr=0.06 * batch / 256, momentum=0.9, weight_decay=5e-4)
     dataset = LightlyDataset(str(folder), transform=SimSiamTransform(input_size=32, gaussian_blur=0.0))
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0)
 
     def step(item) -> None:
         (x0, x1), _, _ = item
-        z0, z1 = (projector(backbone(x).flatten(start_dim=1)) for x in (x0, x1))
-        p0, p1 = predictor(z0), predictor(z1)
-        loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
+        loss = model.loss(x0, x1)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -79,3 +79,29 @@ def raw_pixel_knn(train_dir: Path, test_dir: Path) -> list[float]:
 
     evaluation = evaluate_knn(RawPixelEncoder(), train_dir, test_dir, KNN_SETTINGS, show_progress=False)
     return [report.top1 for report in evaluation.reports]
+
+
+class LightlySimSiam:
+    """lightly 1.6's SimSiam as its example and CIFAR-10 benchmark build it: ResNet-18 with the
+    standard stem, its ProjectionHead as a 2-layer 2048-d projector, its SimSiamPredictionHead
+    (2048-512-2048) and its NegativeCosineSimilarity, symmetrised. Raises ImportError without lightly."""
+
+    def __init__(self, seed: int = 0):
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules.heads import ProjectionHead, SimSiamPredictionHead
+        from torch import nn
+        from torchvision import models as tv_models
+
+        torch.manual_seed(seed)
+        self.backbone = nn.Sequential(*list(tv_models.resnet18().children())[:-1])
+        self.projector = ProjectionHead([(512, 2048, nn.BatchNorm1d(2048), nn.ReLU()),
+                                         (2048, 2048, nn.BatchNorm1d(2048, affine=False), None)])
+        self.predictor = SimSiamPredictionHead(2048, 512, 2048)
+        self.criterion = NegativeCosineSimilarity()
+        self.parts = nn.ModuleList([self.backbone, self.projector, self.predictor])
+
+    def loss(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        self.parts.train()
+        z0, z1 = (self.projector(self.backbone(x).flatten(start_dim=1)) for x in (x0, x1))
+        p0, p1 = self.predictor(z0), self.predictor(z1)
+        return 0.5 * (self.criterion(p0, z1.detach()) + self.criterion(p1, z0.detach()))
