@@ -24,7 +24,7 @@ from typing import Iterator
 #: /dev/null, or descriptor 1 on stderr for good.
 _lock = threading.Lock()
 _open_blocks = 0
-_saved: tuple[int | None, object, object] | None = None   # (descriptor 1's copy, sys.stdout, redirection)
+_saved: tuple[int | None, object, object] | None = None   # (descriptor 1's copy, /dev/null opened, redirection)
 
 
 @contextlib.contextmanager

@@ -77,9 +77,14 @@ def published_weights(name: str, backbone: str) -> tuple[str, str]:
     except KeyError:
         weights = None
     if weights is None:
-        raise UserError(f"{name} is neither a file nor a weights name known here: give a .pth or "
-                        f".safetensors file, or one of {', '.join(known_names())}")
+        raise _unknown_name(name)
     return f"{architecture}.{weights.name}", weights.url
+
+
+def _unknown_name(name: str) -> UserError:
+    """The one-line error for a name that is neither torchvision's nor timm's, listing those that are."""
+    return UserError(f"{name} is neither a file nor a weights name known here: give a .pth or "
+                     f".safetensors file, or one of {', '.join(known_names())}")
 
 
 def _torch_hub_path(url: str) -> Path:
@@ -156,8 +161,7 @@ def _timm_weights_file(name: str, report: Callable[[str], None],
         except (RuntimeError, AttributeError):   # timm: "Invalid pretrained tag"; no config at all
             repository = None
     if not repository:
-        raise UserError(f"{name} is neither a file nor a weights name known here: give a .pth or "
-                        f".safetensors file, or one of {', '.join(known_names())}")
+        raise _unknown_name(name)
     fetch = download or hf_hub_download
     cache = Path(constants.HF_HUB_CACHE)
     repository_folder = cache / f"models--{repository.replace('/', '--')}"

@@ -829,8 +829,8 @@ class TrainingLoop:
         means: dict[str, float] = {}
         samples_per_s: float | None = None
         lr = 0.0
-        bar = tqdm(total=self.total_steps or plan.expected_steps, initial=self.step, unit="step", disable=not show_progress,
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)
+        bar = tqdm(total=self.total_steps or plan.expected_steps, initial=self.step, unit="step",
+                   disable=not show_progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)
         metrics = MetricsLog(self.folder.metrics, self.resumed_from, self.context.is_main, self.folder.tensorboard)
         if metrics.tensorboard is not None and self.step == 0:
             self.report(f"TensorBoard: tensorboard --logdir {self.folder.tensorboard}")
