@@ -389,6 +389,12 @@ GPU_RESERVE_BYTES = 2 << 30
 GPU_MEMORY_SHARE = 0.85
 
 
+def training_pair_bytes(backbone: str, crop_size: int, small_image_stem: bool, amp: str) -> float:
+    """Training memory of one image pair (PAIR_BYTES_224_AMP, scaled as its comment says)."""
+    per_pair = PAIR_BYTES_224_AMP.get(backbone, PAIR_BYTES_224_AMP["resnet50"]) * (crop_size / 224) ** 2
+    return per_pair * (16 if small_image_stem else 1) * (2 if amp == "off" else 1)
+
+
 def gpu_memory_bytes(device: str) -> int:
     import torch
 
@@ -401,10 +407,8 @@ def gpu_batch(device: str, settings: dict[str, Any], processes: int) -> tuple[in
     The global batch is what the lr rule (base_lr x batch / 256) scales with, so a smaller
     batch on a smaller GPU keeps the paper's per-pair learning rate.
     """
-    per_pair = PAIR_BYTES_224_AMP.get(settings.get("backbone", "resnet50"), PAIR_BYTES_224_AMP["resnet50"])
-    per_pair *= (settings.get("crop_size", 224) / 224) ** 2
-    per_pair *= 16 if settings.get("small_image_stem") else 1
-    per_pair *= 2 if settings.get("amp", "bf16") == "off" else 1
+    per_pair = training_pair_bytes(settings.get("backbone", "resnet50"), settings.get("crop_size", 224),
+                                   bool(settings.get("small_image_stem")), settings.get("amp", "bf16"))
     memory = gpu_memory_bytes(device)
     fits = int(GPU_MEMORY_SHARE * max(memory - GPU_RESERVE_BYTES, 0) / per_pair)
     per_gpu = largest_power_of_two_at_most(max(fits, 2))

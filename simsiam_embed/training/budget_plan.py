@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from simsiam_embed.settings import PAIR_BYTES_224_AMP, PretrainConfig, small_crop_size
+from simsiam_embed.settings import PAIR_BYTES_224_AMP, PretrainConfig, training_pair_bytes
 
 #: Steps from random init before the encoder beats random init, as measured on the demo's
 #: sample (bench/RESULTS.md, "The demo's gain"): 11-12 steps of batch 256 left it at or below
@@ -48,7 +48,7 @@ class BudgetPlan:
 
 
 def plan_budget(budget_s: float, seconds_per_pair_at: Callable[[int], float], batch: int, crop: int,
-                smallest_crop: int, memory_bytes: int | None, pair_bytes_at_224: int = PAIR_BYTES_224_AMP["resnet18"],
+                smallest_crop: int, memory_bytes: int | None, pair_bytes_at_224: float = PAIR_BYTES_224_AMP["resnet18"],
                 batch_given: bool = False, crop_given: bool = False) -> BudgetPlan:
     """The first (largest) batch, then crop, whose steps the budget affords MIN_LEARNING_STEPS
     of, within memory; the smallest plan if none is, with ``learns`` False. Pure: the probe's
@@ -140,25 +140,17 @@ def adapt_to_budget(config: PretrainConfig, given: set[str], median_short_side: 
     # own size, multi-crop and progressive resizing size their views from the crop.
     crop_fixed = ("crop_size" in given or config.recipe == "cifar" or config.small_views > 0
                   or config.start_crop_size is not None)
-    smallest_crop = config.crop_size if crop_fixed else max(64, config.crop_size // 2)
-    pair_bytes = PAIR_BYTES_224_AMP.get(config.backbone, PAIR_BYTES_224_AMP["resnet50"])
-    pair_bytes *= (16 if config.small_image_stem else 1) * (2 if config.amp == "off" else 1)
-    measured: dict[int, float] = {}
-
-    def pace(crop: int) -> float:
-        # One probe at the recipe's crop; other crops by their pixels (a CPU's step cost follows them).
-        if config.crop_size not in measured:
-            measured[config.crop_size] = (seconds_per_pair_at or (lambda c: measure_seconds_per_pair(config, c)))(config.crop_size)
-        return measured[config.crop_size] * (crop / config.crop_size) ** 2
-
-    plan = plan_budget(config.time_budget_s, pace, config.batch_size, config.crop_size, smallest_crop,
-                       memory_bytes if memory_bytes is not None else available_memory_bytes(), pair_bytes,
-                       batch_given="batch_size" in given, crop_given=crop_fixed)
-    changed = (plan.batch, plan.crop) != (config.batch_size, config.crop_size)
+    recipe_crop = config.crop_size
+    smallest_crop = recipe_crop if crop_fixed else max(64, recipe_crop // 2)
+    pair_bytes = training_pair_bytes(config.backbone, 224, config.small_image_stem, config.amp)
+    # One probe at the recipe's crop; other crops by their pixels (a CPU's step cost follows them).
+    probed = (seconds_per_pair_at or (lambda crop: measure_seconds_per_pair(config, crop)))(recipe_crop)
+    plan = plan_budget(config.time_budget_s, lambda crop: probed * (crop / recipe_crop) ** 2, config.batch_size,
+                       recipe_crop, smallest_crop, memory_bytes if memory_bytes is not None else available_memory_bytes(),
+                       pair_bytes, batch_given="batch_size" in given, crop_given=crop_fixed)
+    changed = (plan.batch, plan.crop) != (config.batch_size, recipe_crop)
     config.batch_size, config.crop_size = plan.batch, plan.crop
     config.images_within_crop = median_short_side <= config.crop_size
-    if config.small_views and "small_crop_size" not in given:
-        config.small_crop_size = small_crop_size(config.crop_size)
     config.choices.append(f"batch {plan.batch}, crop {plan.crop} px{'' if changed else ' kept'}: {plan.reason}")
     return plan
 
