@@ -205,7 +205,7 @@ class DuplicateGroup:
     exact: bool           # every member has the same bytes
     min_score: float      # the weakest link that joined the group
     members: list[DuplicateMember]
-    # What confirmed its links: "bytes", "pixels", "pixels (small picture)", "geometry: N inliers[, mirrored]".
+    # What confirmed its links: "bytes", "pixels", "pixels (small picture)", "geometry: N keypoints on one transform, ...[, mirrored]".
     evidence: list[str] = field(default_factory=list)
 
 
@@ -243,10 +243,11 @@ class DuplicateRule:
         small = (f" ({self.small_picture_threshold} for pictures of {SMALL_PICTURE_SIDE} px or less, which only "
                  "pixels can check)" if self.small_picture_threshold is not None else "")
         if self.geometry:
-            from simsiam_embed.explore.verify import MIN_INLIERS
+            from simsiam_embed.explore.verify import MIN_DETAIL_AGREEMENT, MIN_INLIERS, MIN_OVERLAP
 
             check = (f", confirmed by local features: >= {MIN_INLIERS} keypoints agreeing on one shift, scale and "
-                     "rotation, mirrored or not")
+                     f"rotation (mirrored or not) that lays each picture over >= {MIN_OVERLAP:.0%} of the other, "
+                     f"where their fine detail correlates >= {MIN_DETAIL_AGREEMENT}")
         else:
             check = ", pictures agreeing pixel for pixel" if self.pixel_check else ", no pixel check"
         return f"mutual nearest neighbours at centred cosine >= {self.threshold}{small}{check}"
@@ -476,7 +477,7 @@ class GeometricAgreement:
         return {"geometric": (self.judged, self.confirmed), **self.small_pictures.tally}
 
     def evidence(self, a: int, b: int, score: float) -> str | None:
-        from simsiam_embed.explore.verify import MIN_INLIERS, match
+        from simsiam_embed.explore.verify import match
 
         first, second = self.features.get(a), self.features.get(b)
         if first is None or second is None:
@@ -486,7 +487,7 @@ class GeometricAgreement:
             return self.small_pictures.evidence(a, b, score) if score >= self.pixel_floor else None
         found = match(first, second)
         self.judged += 1
-        if found is None or found.inliers < MIN_INLIERS:
+        if found is None or not found.is_copy:
             return None
         self.confirmed += 1
         return found.describe()
