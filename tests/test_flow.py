@@ -344,6 +344,26 @@ def test_search_bad_input_gets_one_line_errors(sample_encoder, tmp_path):
     assert invoke("search", str(query), cwd=tmp_path).exit_code == 0
 
 
+def test_exclude_self_leaves_out_the_query_file_only_and_still_returns_k(sample_encoder, tmp_path):
+    """`search -k 5 --exclude-self` returned 4 hits and dropped a byte-identical copy at another
+    path: the copies are what one may be looking for, and k is k."""
+    folder = make_image_folder(tmp_path / "images", per_class=3)
+    query = folder / "disc" / "disc-00.png"
+    for name in ("copy-a.png", "copy-b.png"):
+        shutil.copy(query, folder / name)
+    assert invoke("index", str(folder), "--model", str(sample_encoder), cwd=tmp_path).exit_code == 0
+    found = invoke("search", str(query), "-k", "5", "--exclude-self", "--json", cwd=tmp_path)
+    assert found.exit_code == 0, found.output
+    paths = [Path(hit["path"]).name for hit in json.loads(found.stdout)[0]["hits"]]
+    assert len(paths) == 5 and "disc-00.png" not in paths and {"copy-a.png", "copy-b.png"} <= set(paths[:2]), paths
+    # A query from outside the index is in it under another name: those are left out.
+    outside = tmp_path / "download.png"
+    shutil.copy(query, outside)
+    found = invoke("search", str(outside), "-k", "5", "--exclude-self", "--json", cwd=tmp_path)
+    paths = [Path(hit["path"]).name for hit in json.loads(found.stdout)[0]["hits"]]
+    assert len(paths) == 5 and not {"disc-00.png", "copy-a.png", "copy-b.png"} & set(paths), paths
+
+
 def test_index_without_a_run_names_the_command_to_run(tmp_path):
     assert_one_line_error_in_process(invoke("index", cwd=tmp_path), "simsiam-embed pretrain")
 

@@ -115,6 +115,11 @@ class Catalog:
                             "inconsistent; rebuild it with `simsiam-embed index --rebuild`")
         return entry
 
+    def has_path(self, path: str) -> bool:
+        """Whether the image at ``path`` is in the catalog (one lookup in the paths' unique index)."""
+        with self._lock:
+            return self._connection.execute("SELECT 1 FROM images WHERE path = ? LIMIT 1", (path,)).fetchone() is not None
+
     def __contains__(self, image_id: object) -> bool:
         return isinstance(image_id, (int, np.integer)) and self.get(int(image_id)) is not None
 

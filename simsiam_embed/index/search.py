@@ -122,25 +122,42 @@ def search_images(
     elif k > loaded.count:
         raise UserError(f"-k {k} is more than the {loaded.count} images in the index: use -k {loaded.count} or less")
     vectors = embed_queries(paths, encoder_of_index(loaded, provider, engine_cache))
-    leave_out = [_is_query(path) for path in paths] if exclude_self else None
+    leave_out = [_is_query(path, loaded) for path in paths] if exclude_self else None
     return [QueryResult(str(path), hits) for path, hits in zip(paths, nearest_hits(loaded, vectors, k, leave_out))]
 
 
-def _is_query(query: Path) -> Callable[[CatalogEntry], bool]:
-    """An indexed image is the query itself when it is the same file or has the same bytes."""
-    query_path, query_digest = str(query.resolve()), file_digest(query)
-    return lambda entry: entry.path == query_path or entry.digest == query_digest
+def _is_query(query: Path, loaded: LoadedIndex) -> Callable[[CatalogEntry], bool]:
+    """Which indexed images are the query itself: its own file, where the index holds it; else
+    (a query from outside, such as a download of an indexed photo) the images with its bytes.
+    A byte-identical copy at another path is not the query: finding it may be why one searched."""
+    query_path = str(query.resolve())
+    if loaded.entries.has_path(query_path):
+        return lambda entry: entry.path == query_path
+    query_digest = file_digest(query)
+    return lambda entry: entry.digest == query_digest
 
 
 def nearest_hits(loaded: LoadedIndex, vectors: np.ndarray, k: int,
                  leave_out: Sequence[Callable[[CatalogEntry], bool]] | None = None) -> list[list[SearchHit]]:
     """The ``k`` nearest entries of each query vector, as hits. ``leave_out[i]`` names entries
-    query i must not return (itself, when it is in the index); then one spare result is asked
-    for, so that ``k`` remain."""
-    spare = 1 if leave_out is not None else 0
-    scores, ids = loaded.search(vectors, min(k + spare, loaded.count))
-    return [_ranked_hits(loaded, row_scores, row_ids, k, leave_out[row] if leave_out is not None else None)
-            for row, (row_scores, row_ids) in enumerate(zip(scores, ids))]
+    query i must not return (itself, when it is in the index); then spare results are asked for
+    (one, then twice as many while any query is short, up to the whole index), so that ``k``
+    remain wherever the index holds that many others."""
+    if leave_out is None:
+        scores, ids = loaded.search(vectors, min(k, loaded.count))
+        return [_ranked_hits(loaded, row_scores, row_ids, k, None) for row_scores, row_ids in zip(scores, ids)]
+    hits: list[list[SearchHit]] = [[] for _ in range(len(vectors))]
+    short = list(range(len(vectors)))
+    asked = min(k + 1, loaded.count)
+    while short:
+        scores, ids = loaded.search(vectors[short], asked)
+        for row, row_scores, row_ids in zip(short, scores, ids):
+            hits[row] = _ranked_hits(loaded, row_scores, row_ids, k, leave_out[row])
+        if asked >= loaded.count:
+            break
+        short = [row for row in short if len(hits[row]) < k]
+        asked = min(2 * asked, loaded.count)
+    return hits
 
 
 def _ranked_hits(loaded: LoadedIndex, scores: np.ndarray, ids: np.ndarray, k: int,
