@@ -151,6 +151,7 @@ def test_clusters_separate_three_kinds_of_image(tmp_path):
     answer = invoke("clusters", "-k", "3", "--json", cwd=tmp_path)
     assert answer.exit_code == 0, answer.output
     assert [c["size"] for c in json.loads(answer.stdout)["clusters"]] == [12, 12, 12]
+    assert json.loads(answer.stdout)["k_reason"] == "the number asked for"   # it read "(k = 3: -k)"
     assert (tmp_path / "explore" / "clusters.html").read_text().count("<section>") == 3
 
 

@@ -621,7 +621,7 @@ def find_clusters(loaded: LoadedIndex, k: int | None = None, examples: int = CLU
     vectors, count = CentredVectors(loaded.vectors), loaded.count
     if count < 2:
         raise UserError("the index holds one image: there is nothing to cluster")
-    reason = "-k"
+    reason = "the number asked for"
     if k is None:
         k, reason = default_cluster_count(count), f"sqrt(n/2) for {count:,} images"
     elif k > count:
