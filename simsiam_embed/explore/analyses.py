@@ -247,7 +247,7 @@ class DuplicateRule:
 
             check = (f", confirmed by local features: >= {MIN_INLIERS} keypoints agreeing on one shift, scale and "
                      f"rotation (mirrored or not) that lays each picture over >= {MIN_OVERLAP:.0%} of the other, "
-                     f"where their fine detail correlates >= {MIN_DETAIL_AGREEMENT}")
+                     f"where their fine detail correlates >= {MIN_DETAIL_AGREEMENT} on average")
         else:
             check = ", pictures agreeing pixel for pixel" if self.pixel_check else ", no pixel check"
         return f"mutual nearest neighbours at centred cosine >= {self.threshold}{small}{check}"

@@ -16,7 +16,8 @@ two are the same picture. So a match is a copy when (:meth:`GeometricMatch.is_co
 - at least MIN_INLIERS keypoints agree on one transform,
 - under it each picture covers at least MIN_OVERLAP of the other, and
 - aligned by it, the pictures agree: their fine detail correlates at least MIN_DETAIL_AGREEMENT
-  over the overlap (another motorbike, another person, the same model in another colour do not).
+  on average over the overlap's windows (another motorbike, another person, another subject in front
+  of the same background do not).
 
 Pictures too small for keypoints (<= SMALL_SIDE px a side) are not judged here: the caller says
 so instead of grouping them on weaker evidence.
@@ -42,7 +43,7 @@ from simsiam_embed.index.thumbnails import indexed_bytes
 if TYPE_CHECKING:   # the store imports FAISS and torch; picture-reading workers need neither
     from simsiam_embed.index.catalog import CatalogEntry
 
-#: Pictures are reduced to this longer side first: enough keypoints for a copy, bounded cost.
+#: Pictures are brought to this longer side first: enough keypoints for a copy, bounded cost.
 VERIFY_SIDE = 480
 #: Keypoints a picture (ORB's own cap).
 FEATURES = 1500
@@ -54,13 +55,17 @@ REPROJECTION_SHARE = 0.015
 MIN_INLIERS = 25
 #: each picture covering at least this share of the other under that transform (a crop to 85% of
 #: the sides covers 72% of its original),
-MIN_OVERLAP = 0.5
-#: and the aligned pictures' fine detail correlating at least this much over the overlap
+MIN_OVERLAP = 0.6
+#: and the aligned pictures' fine detail correlating at least this much, on average over the overlap's windows
 #: (bench/bench_verify_pairs.py: copies against look-alikes, bench/RESULTS.md).
-MIN_DETAIL_AGREEMENT = 0.5
+MIN_DETAIL_AGREEMENT = 0.6
 #: Aligned pictures are compared at this longer side: detail enough to tell two motorbikes apart,
 #: and a transform found on the 480-px picture is accurate to a pixel here.
 ALIGN_SIDE = 128
+#: The aligned pictures are compared window by window, windows this many pixels a side at ALIGN_SIDE,
+AGREEMENT_WINDOW = 16
+#: those with detail of at least this many grey levels (standard deviation) in either picture.
+DETAIL_FLOOR = 2.0
 #: No keypoint detector says anything useful below this side.
 SMALL_SIDE = 64
 
@@ -142,10 +147,12 @@ def _features_of(entry: CatalogEntry) -> PictureFeatures | None:
         return None
     if min(picture.size) <= SMALL_SIDE:
         return PictureFeatures(None, None, small=True)
+    # Every picture at VERIFY_SIDE: larger ones reduced (cost), smaller ones enlarged, since ORB's
+    # 31-px patches find too few keypoints on a 180 x 120 picture to confirm its copy.
     scale = VERIFY_SIDE / max(picture.size)
-    if scale < 1:
+    if scale != 1:
         picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
-                                 Image.BILINEAR)
+                                 Image.BILINEAR if scale < 1 else Image.BICUBIC)
     grey = np.asarray(picture)
     thumbnail_scale = ALIGN_SIDE / max(grey.shape)
     thumbnail = cv2.resize(grey, (max(1, round(grey.shape[1] * thumbnail_scale)),
@@ -274,13 +281,28 @@ def _alignment(first: PictureFeatures, second: PictureFeatures, fit: _Fit, mirro
     area = float((covered > 0.5).sum())
     scale_squared = abs(float(np.linalg.det(main[:, :2])))
     overlap = min(area / target.size, area / scale_squared / source.size) if scale_squared > 0 else 0.0
-    if inside.sum() < 64:
-        return overlap, 0.0
-    detail_laid, detail_target = (_detail(picture)[inside] for picture in (laid, target))
-    detail_laid -= detail_laid.mean()
-    detail_target -= detail_target.mean()
-    norm = float(np.sqrt((detail_laid ** 2).sum() * (detail_target ** 2).sum()))
-    return overlap, float((detail_laid * detail_target).sum() / norm) if norm > 0 else 0.0
+    return overlap, _local_agreement(_detail(laid), _detail(target), inside)
+
+
+def _local_agreement(first: np.ndarray, second: np.ndarray, inside: np.ndarray) -> float:
+    """The mean over the overlap's windows with detail (in either picture) of their detail's
+    correlation. Window by window, not over the whole: one busy region (gravel, grass) would
+    otherwise outweigh a calm one where the pictures differ (a smooth subject in front of it);
+    windows without detail in either (a white background) say nothing and are left out."""
+    correlations = []
+    for top in range(0, inside.shape[0] - AGREEMENT_WINDOW + 1, AGREEMENT_WINDOW):
+        for left in range(0, inside.shape[1] - AGREEMENT_WINDOW + 1, AGREEMENT_WINDOW):
+            window = (slice(top, top + AGREEMENT_WINDOW), slice(left, left + AGREEMENT_WINDOW))
+            kept = inside[window]
+            if kept.mean() < 0.9:   # mostly outside the overlap
+                continue
+            a, b = first[window][kept], second[window][kept]
+            a, b = a - a.mean(), b - b.mean()
+            energy_a, energy_b = float((a * a).mean()), float((b * b).mean())
+            if max(energy_a, energy_b) < DETAIL_FLOOR ** 2:
+                continue
+            correlations.append(float((a * b).mean()) / np.sqrt(energy_a * energy_b) if min(energy_a, energy_b) > 0 else 0.0)
+    return float(np.mean(correlations)) if correlations else 0.0
 
 
 def _detail(picture: np.ndarray) -> np.ndarray:
