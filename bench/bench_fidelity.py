@@ -39,6 +39,9 @@ from simsiam_embed.training.pretrain import pretrain
 from simsiam_embed.workspace import Workspace
 
 CROP = 32
+#: One evaluation for both sides: each whole image resized to the crop (its shorter side, then the
+#: centre), as lightly's benchmarks evaluate; ours' own checkpoint would crop 32 of 37 from a photo.
+EVALUATION = Preprocessing(input_size=CROP, resize_size=CROP)
 RECIPE = RECIPE_SETTINGS["cifar"]
 OUR_SETTINGS = dict(recipe="cifar", small_image_stem=False, crop_size=CROP, projector_layers=2, blur=False,
                     num_workers=2, log_every=10, store_images=False)
@@ -86,7 +89,7 @@ def train_lightly(train: Path, steps: int, batch: int, seed: int, eval_at: list[
             optimizer.step()
             step += 1
             if step in eval_at:
-                scores[step] = score(BackboneEncoder(backbone, Preprocessing(input_size=CROP, resize_size=CROP)))
+                scores[step] = score(BackboneEncoder(backbone, EVALUATION))
                 print(f"  lightly seed {seed} step {step}: kNN {scores[step]:.4f}", flush=True)
             if step >= steps:
                 break
@@ -102,7 +105,9 @@ def train_ours(train: Path, workspace: Path, steps: int, batch: int, seed: int, 
         result = pretrain(train, Workspace(workspace), settings, resume=point != eval_at[0],
                           report=lambda _m: None, show_progress=False, stop=StopRequest(stop_at_step=point))
         assert result.step == point, (result.step, point)
-        scores[point] = score(TorchEncoder(result.checkpoint))
+        encoder = TorchEncoder(result.checkpoint)
+        encoder.preprocessing = EVALUATION
+        scores[point] = score(encoder)
         print(f"  {name} seed {seed} step {point}: kNN {scores[point]:.4f}", flush=True)
     return scores
 
