@@ -73,6 +73,8 @@ def test_search_pages_view_and_keyboard(server):
             playwright_api.expect(results).to_have_count(10)
             assert paths[7].name in results.first.get_attribute("title")
             assert results.first.locator("figcaption").inner_text().startswith("1. 1.000")
+            # The folder too: image_0008.jpg appeared twice in one search, from two folders.
+            assert results.first.locator("figcaption").inner_text().endswith(f"{paths[7].parent.name}/{paths[7].name}")
             page.click("#more")   # the next page of the same query
             playwright_api.expect(results).to_have_count(20)
             page.click("#more")

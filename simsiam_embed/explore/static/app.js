@@ -2,7 +2,8 @@
 // inserted as text, never as HTML. Nothing is fetched from another host.
 "use strict";
 const $ = id => document.getElementById(id);
-const baseName = path => path.split(/[\\/]/).pop();
+// Captions name the folder too: one collection often holds image_0008.jpg in several folders.
+const shortName = path => path.split(/[\\/]/).slice(-2).join("/");
 
 function el(tag, attributes = {}, ...children) {
   const node = document.createElement(tag);
@@ -65,7 +66,7 @@ function showHits(answer, queryNode) {
   $("query").replaceChildren(queryNode);
   const list = answer.hits.map(hit => hit.id);
   $("results").replaceChildren(...answer.hits.map(hit =>
-    figure(hit.id, `${hit.rank}. ${hit.score.toFixed(3)} ${baseName(hit.path)}`, hit.path, list)));
+    figure(hit.id, `${hit.rank}. ${hit.score.toFixed(3)} ${shortName(hit.path)}`, hit.path, list)));
   $("more").hidden = answer.hits.length < query.k || query.k >= MAX_K;
   say(`${answer.hits.length} nearest images; click one (or Enter) to see it whole, arrows move between them.`);
 }
@@ -87,7 +88,7 @@ function searchUpload(file) {
 }
 
 function searchById(id, path) {
-  search({id}, () => figure(id, "query: " + baseName(path || String(id)), path || String(id), [id]));
+  search({id}, () => figure(id, "query: " + shortName(path || String(id)), path || String(id), [id]));
 }
 
 $("more").addEventListener("click", async () => {
@@ -125,7 +126,7 @@ async function openViewer(id, list) {
     const near = await api(`/api/search/${id}?k=8`);
     const ids = near.hits.map(hit => hit.id);
     $("viewer-neighbours").replaceChildren(...near.hits.map(hit =>
-      figure(hit.id, `${hit.score.toFixed(3)} ${baseName(hit.path)}`, hit.path, ids, () => openViewer(hit.id, ids))));
+      figure(hit.id, `${hit.score.toFixed(3)} ${shortName(hit.path)}`, hit.path, ids, () => openViewer(hit.id, ids))));
   } catch (error) {
     const p = el("p", {class: "error"}); p.textContent = error.message; $("viewer-facts").replaceChildren(p);
   }
@@ -193,7 +194,7 @@ const loaders = {
         }
       };
       for (const member of group.members) {
-        const tile = figure(member.id, `${member.score.toFixed(3)} ${baseName(member.path)}`, member.path, null, () => {
+        const tile = figure(member.id, `${member.score.toFixed(3)} ${shortName(member.path)}`, member.path, null, () => {
           keepers[group.number] = member.id; mark(); });
         tile.querySelector("figcaption").prepend(el("span", {class: "action"}));
         tile.addEventListener("dblclick", () => openViewer(member.id, group.members.map(m => m.id)));
@@ -220,7 +221,7 @@ const loaders = {
         `${cluster.cohesion.toFixed(3)}` + (labels ? ` (${labels})` : "");
       const ids = cluster.nearest.map(image => image.id);
       const row = el("div", {class: "row"}, ...cluster.nearest.map(image =>
-        figure(image.id, `${image.score.toFixed(3)} ${baseName(image.path)}`, image.path, ids)));
+        figure(image.id, `${image.score.toFixed(3)} ${shortName(image.path)}`, image.path, ids)));
       const whole = el("button", {class: "whole"}, `show all ${cluster.size}`);
       whole.hidden = cluster.size <= cluster.nearest.length;
       let shown = 0;
@@ -229,7 +230,7 @@ const loaders = {
           const page = await api(`/api/clusters/${cluster.number}?k=${data.k}&offset=${shown}&limit=100`);
           if (shown === 0) { row.replaceChildren(); ids.length = 0; }
           ids.push(...page.members.map(m => m.id));
-          row.append(...page.members.map(m => figure(m.id, baseName(m.path), m.path, ids)));
+          row.append(...page.members.map(m => figure(m.id, shortName(m.path), m.path, ids)));
           shown += page.members.length;
           whole.textContent = `more (${shown} of ${cluster.size} shown)`;
           whole.hidden = shown >= cluster.size;
@@ -245,13 +246,13 @@ const loaders = {
       `(mean cosine; the typical image scores ${data.median_score.toFixed(3)}).`;
     const ids = data.outliers.map(o => o.id);
     view.replaceChildren(note, el("div", {class: "row"}, ...data.outliers.map(o =>
-      figure(o.id, `${o.rank}. ${o.score.toFixed(3)} ${baseName(o.path)}`, o.path, ids))));
+      figure(o.id, `${o.rank}. ${o.score.toFixed(3)} ${shortName(o.path)}`, o.path, ids))));
   },
   async map(view) {
     const data = await api("/api/map");
     $("map-note").textContent = `${data.method} of ${data.points.length} images, coloured by folder. ${data.note} ` +
       "Hover a point to see it, click to open it; wheel zooms, drag pans, shift-drag selects.";
-    const points = data.points.map(p => ({...p, name: baseName(p.path)}));
+    const points = data.points.map(p => ({...p, name: shortName(p.path)}));
     const showSelection = chosen => {
       const ids = chosen.map(p => p.id);
       const note = el("p", {class: "note"}); note.textContent = `${chosen.length} images selected.`;
