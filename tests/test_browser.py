@@ -127,9 +127,22 @@ def test_duplicates_plan_map_and_docs(server):
             titles = [figure.get_attribute("title") for figure in group.locator("figure").all()]
             assert set(titles) == {str(paths[0]), str(copy)}
             playwright_api.expect(group.locator("figure.keep")).to_have_count(1)
+            # Double-clicking a tile to view it changed the keeper, and Enter changed the keeper
+            # instead of opening the image: a tile opens the image, and only its button keeps it.
+            other = group.locator("figure.remove")
+            first_keeper = group.locator("figure.keep").get_attribute("title")
+            other.dblclick()
+            playwright_api.expect(page.locator("#viewer")).to_be_visible()
+            page.keyboard.press("Escape")
+            other.focus()
+            page.keyboard.press("Enter")
+            playwright_api.expect(page.locator("#viewer")).to_be_visible()
+            page.keyboard.press("Escape")
+            playwright_api.expect(group.locator("figure.keep")).to_have_attribute("title", first_keeper)
             # The user keeps the other one, and exports the plan: the same plan.json dedup writes.
-            group.locator("figure.remove").click()
+            group.locator("figure.remove button.keep-this").click()
             kept = group.locator("figure.keep").get_attribute("title")
+            playwright_api.expect(page.locator("#viewer")).to_be_hidden()
             with page.expect_download() as download_info:
                 page.click("#export-json")
             plan = json.loads(Path(download_info.value.path()).read_text())

@@ -178,7 +178,7 @@ const loaders = {
     const summary = el("p", {class: "note"});
     summary.textContent = `${data.total_groups} groups, ${data.duplicate_files} files beyond the first of each, among ` +
       `${data.images} images (copies: ${data.rule_text}; ${data.method}). The outlined image of each group is kept: ` +
-      "click another to keep it instead; the plan is exported, never carried out here.";
+      "\"keep this\" under another keeps it instead; click an image to see it whole. The plan is exported, never carried out here.";
     view.replaceChildren(summary, el("div", {class: "toolbar"}, el("label", {}, "plan ", rule), jsonButton, csvButton, notes));
     for (const group of data.groups) {
       const title = el("h2"); title.textContent = `group ${group.number}: ${group.members.length} images, ` +
@@ -191,13 +191,20 @@ const loaders = {
           const keep = Number(tile.dataset.id) === keeper;
           tile.className = keep ? "keep" : "remove";
           tile.querySelector(".action").textContent = keep ? "keep " : "remove ";
+          tile.querySelector(".keep-this").hidden = keep;
         }
       };
+      // A tile opens the image, as everywhere in the app (click or Enter); its own button makes it
+      // the keeper. One click doing both made a double-click to view also change the keeper.
+      const ids = group.members.map(m => m.id);
       for (const member of group.members) {
-        const tile = figure(member.id, `${member.score.toFixed(3)} ${shortName(member.path)}`, member.path, null, () => {
-          keepers[group.number] = member.id; mark(); });
+        const tile = figure(member.id, `${member.score.toFixed(3)} ${shortName(member.path)}`, member.path, ids);
+        const keepButton = el("button", {class: "keep-this", type: "button"}, "keep this");
+        keepButton.addEventListener("click", event => {
+          event.stopPropagation(); keepers[group.number] = member.id; mark(); });
+        keepButton.addEventListener("keydown", event => event.stopPropagation());   // Enter: the button's, not the tile's
         tile.querySelector("figcaption").prepend(el("span", {class: "action"}));
-        tile.addEventListener("dblclick", () => openViewer(member.id, group.members.map(m => m.id)));
+        tile.append(keepButton);
         row.append(tile);
       }
       view.append(el("section", {"data-group": group.number}, title, row));
