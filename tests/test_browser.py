@@ -151,6 +151,11 @@ def test_duplicates_plan_map_and_docs(server):
                 page.click("#export-csv")
             assert Path(download_info.value.path()).read_text().splitlines()[1] == f"keep,{kept},1,"
             playwright_api.expect(page.locator("#plan-notes")).to_contain_text("1 files kept, 1 to remove")
+            # Another plan rule keeps the user's own choice (it was silently dropped).
+            with page.expect_response(lambda response: "/api/duplicates?plan=keep-first" in response.url):
+                page.select_option("#plan-rule", "keep-first")
+            playwright_api.expect(page.locator("#plan-rule")).to_be_enabled()   # the view redrawn
+            playwright_api.expect(group.locator("figure.keep")).to_have_attribute("title", kept)
             page.screenshot(path=str(folder / "3-duplicates.png"), full_page=True)
 
             page.click("button[data-view=outliers]")

@@ -457,3 +457,41 @@ def test_a_report_draws_only_what_was_logged_and_never_an_empty_chart(tmp_path):
     # The epoch mean is drawn (a dot in the second palette colour), not "no data yet".
     assert (np.abs(pixels - np.array([0xD0, 0x58, 0x2A])).sum(axis=2) < 10).sum() > 10
     assert "0.1200" in report.page.read_text()
+
+
+def test_each_plan_orders_the_stored_groups_and_finds_them_once(tmp_path, monkeypatch):
+    """The app found the groups again for each plan rule (24-36 s each, a stored file each): a
+    plan only orders them. `dedup` and every plan read one stored result; each plan's keeper is
+    first and the scores are against it."""
+    import functools
+    import time as clock
+
+    from simsiam_embed.explore import stored
+
+    paths = distinct_images(tmp_path / "images", 8)
+    copy = paths[0].parent / "copy-of-first.png"
+    shutil.copyfile(paths[0], copy)
+    os.utime(copy, ns=(clock.time_ns() - 10**12,) * 2)   # the copy is the older file
+    build_pixel_index(tmp_path / "images", tmp_path / "index")
+    calls = []
+    compute, result_type = stored.ANALYSES["duplicates"]
+
+    @functools.wraps(compute)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setitem(stored.ANALYSES, "duplicates", (counted, result_type))
+    loaded = load_index(tmp_path / "index", for_search=False)
+    first = stored.analysis(loaded, "duplicates", plan="keep-first")
+    oldest = stored.analysis(loaded, "duplicates", plan="keep-oldest")
+    plain = stored.analysis(loaded, "duplicates")
+    assert len(calls) == 1 and calls[0].get("plan") is None
+    assert len(list((loaded.generation / stored.STORE_FOLDER).glob("duplicates-*.json"))) == 1
+    assert stored.asks_for_defaults("duplicates", {"plan": "keep-oldest"})   # the app may read what dedup stored
+    [group_first], [group_oldest], [group_plain] = first.groups, oldest.groups, plain.groups
+    assert [m.path for m in group_first.members] == sorted(str(p) for p in (paths[0], copy))
+    assert group_oldest.members[0].path == str(copy) and oldest.plan == "keep-oldest"
+    assert [m.action for m in group_oldest.members] == ["keep", "remove"] and plain.plan is None
+    assert all(m.action == "" for m in group_plain.members)
+    assert group_oldest.members[0].score == 1.0

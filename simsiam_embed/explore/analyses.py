@@ -323,7 +323,7 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
     groups = []
     for members in components.values():
         floor = min((weakest[p] for p in members if p in weakest), default=1.0)
-        group = _group(vectors, entries, members, floor, plan)
+        group = _group(vectors, entries, members, floor)
         found = {evidence[p] for p in members if p in evidence}
         if len({entries[p].digest for p in members}) < len(members):
             found.add("bytes")
@@ -341,8 +341,30 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
                + (f"; {agreement.unreadable_pairs} not checked (file gone or changed since indexing)"
                   if agreement.unreadable_pairs else ""))
     unreadable = agreement.unreadable_pairs if agreement is not None else 0
-    return DuplicateResult(rule, graph.method, len(entries), groups, plan,
-                           len(candidates) - len(confirmed) - unreadable, unreadable)
+    result = DuplicateResult(rule, graph.method, len(entries), groups, None,
+                             len(candidates) - len(confirmed) - unreadable, unreadable)
+    return with_plan(loaded, result, plan) if plan is not None else result
+
+
+def with_plan(loaded: LoadedIndex, result: DuplicateResult, plan: str) -> DuplicateResult:
+    """``result`` with each group's members in ``plan``'s order, the keeper first, and scored
+    against it. A plan only orders the groups: they are found once (and stored) and ordered for
+    each plan, not found again (the web app took 24-36 s a plan)."""
+    if plan not in PLANS:
+        raise UserError(f"unknown plan {plan!r}: choose one of {', '.join(PLANS)}")
+    member_ids = np.array([member.id for group in result.groups for member in group.members], dtype=np.int64)
+    held = np.flatnonzero(np.isin(loaded.ids, member_ids))
+    position_of = dict(zip(loaded.ids[held].tolist(), held.tolist()))
+    vectors = CentredVectors(loaded.vectors)
+    groups = []
+    for group in result.groups:
+        members = sorted(group.members, key=PLAN_ORDER[plan])
+        rows = vectors.take(np.array([position_of[member.id] for member in members]))
+        members = [dataclasses.replace(member, score=round(min(float(rows[rank] @ rows[0]), 1.0), 6),
+                                       action="keep" if rank == 0 else "remove")
+                   for rank, member in enumerate(members)]
+        groups.append(dataclasses.replace(group, members=members))
+    return dataclasses.replace(result, groups=groups, plan=plan)
 
 
 def choose_keepers(result: DuplicateResult, keepers: dict[int, int]) -> DuplicateResult:
@@ -545,30 +567,28 @@ def _entries_by_position(loaded: LoadedIndex) -> list[CatalogEntry]:
     return loaded.entries.in_order(loaded.ids)
 
 
-def _group(vectors: CentredVectors, entries: list[CatalogEntry], positions: list[int], min_score: float,
-           plan: str | None) -> DuplicateGroup:
-    positions = _order_for_plan([entries[p] for p in positions], positions, plan)
+def _group(vectors: CentredVectors, entries: list[CatalogEntry], positions: list[int],
+           min_score: float) -> DuplicateGroup:
+    """A group's members by path (no plan yet), scored against the first."""
+    positions = sorted(positions, key=lambda position: entries[position].path)
     rows = vectors.take(np.array(positions))
     members = []
     for rank, position in enumerate(positions):
         entry = entries[position]
-        score = float(rows[rank] @ rows[0])
-        action = ("keep" if rank == 0 else "remove") if plan else ""
         members.append(DuplicateMember(entry.id, entry.path, entry.size, entry.mtime_ns, entry.digest,
-                                       round(min(score, 1.0), 6), action))
+                                       round(min(float(rows[rank] @ rows[0]), 1.0), 6)))
     exact = len({member.digest for member in members}) == 1
     return DuplicateGroup(0, exact, 1.0 if exact else round(min_score, 6), members)
 
 
-def _order_for_plan(group: list[CatalogEntry], positions: list[int], plan: str | None) -> list[int]:
-    """The member to keep first. keep-largest: most bytes (the least re-compressed copy);
-    keep-oldest: earliest modified (the original); keep-first: first by path. Ties by path."""
-    keys = {
-        "keep-largest": lambda e: (-e.size, e.path),
-        "keep-oldest": lambda e: (e.mtime_ns, e.path),
-    }
-    key = keys.get(plan or "keep-first", lambda e: e.path)
-    return [position for _entry, position in sorted(zip(group, positions), key=lambda pair: key(pair[0]))]
+#: Each plan's order of a group's members, the one to keep first. keep-largest: most bytes (the
+#: least re-compressed copy); keep-oldest: earliest modified (the original); keep-first: first by
+#: path. Ties by path.
+PLAN_ORDER: dict[str, Callable[[DuplicateMember], tuple]] = {
+    "keep-largest": lambda member: (-member.size, member.path),
+    "keep-oldest": lambda member: (member.mtime_ns, member.path),
+    "keep-first": lambda member: (member.path,),
+}
 
 
 # --------------------------------------------------------------------------------------------

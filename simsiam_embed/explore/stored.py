@@ -21,7 +21,7 @@ from typing import Any, Callable
 from simsiam_embed import __version__
 from simsiam_embed.explore.analyses import (
     AnalysisResult, ClusterResult, DuplicateResult, MapResult, OutlierResult, find_clusters, find_duplicates,
-    find_outliers, project_to_map,
+    find_outliers, project_to_map, with_plan,
 )
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import write_json_atomic
@@ -31,7 +31,7 @@ from simsiam_embed.typed_json import JsonShapeError, from_json
 Report = Callable[[str], None]
 STORE_FOLDER = "analyses"
 #: Bumped when an analysis changes what it finds for the same settings: older results are recomputed.
-STORE_FORMAT = 3
+STORE_FORMAT = 4
 
 ANALYSES: dict[str, tuple[Callable[..., AnalysisResult], type]] = {
     "duplicates": (find_duplicates, DuplicateResult),
@@ -44,7 +44,16 @@ ANALYSES: dict[str, tuple[Callable[..., AnalysisResult], type]] = {
 def analysis(loaded: LoadedIndex, kind: str, report: Report | None = None, store: bool = True,
              **settings: Any) -> AnalysisResult:
     """``kind``'s result for ``loaded``'s generation with these ``settings``: the stored one if any,
-    else computed now (``report`` hears its progress) and, if ``store``, stored."""
+    else computed now (``report`` hears its progress) and, if ``store``, stored. A dedup plan is
+    not a setting of what is found, only of its order: the groups are stored once, whatever the
+    plan, and ordered for the one asked."""
+    plan = settings.pop("plan", None) if kind == "duplicates" else None
+    result = _stored_or_computed(loaded, kind, report, store, settings)
+    return with_plan(loaded, result, plan) if plan is not None else result
+
+
+def _stored_or_computed(loaded: LoadedIndex, kind: str, report: Report | None, store: bool,
+                        settings: dict[str, Any]) -> AnalysisResult:
     compute, result_type = ANALYSES[kind]
     settings = _complete(compute, settings)
     path = stored_path(loaded, kind, settings)
@@ -65,9 +74,11 @@ def analysis(loaded: LoadedIndex, kind: str, report: Report | None = None, store
 
 
 def asks_for_defaults(kind: str, settings: dict[str, Any]) -> bool:
-    """Whether ``settings`` are ``kind``'s own defaults (the result its explore command stores)."""
+    """Whether ``settings`` are ``kind``'s own defaults (the result its explore command stores),
+    a dedup plan aside (:func:`analysis`)."""
     compute, _ = ANALYSES[kind]
-    return _complete(compute, settings) == _complete(compute, {})
+    asked = {name: value for name, value in settings.items() if not (kind == "duplicates" and name == "plan")}
+    return _complete(compute, asked) == _complete(compute, {})
 
 
 def _complete(compute: Callable[..., AnalysisResult], settings: dict[str, Any]) -> dict[str, Any]:

@@ -160,7 +160,12 @@ const loaders = {
     const data = await api(`/api/duplicates?plan=${plan}`);
     const rule = el("select", {id: "plan-rule"}, ...["keep-largest", "keep-oldest", "keep-first"].map(name =>
       el("option", name === plan ? {selected: ""} : {}, name)));
-    rule.addEventListener("change", () => { for (const key in keepers) delete keepers[key]; loaders.duplicates(view); });
+    rule.addEventListener("change", async () => {   // the user's own keepers stay: a rule orders the rest
+      rule.disabled = true;
+      notes.textContent = "working ..."; notes.className = "note";
+      try { await loaders.duplicates(view); }
+      catch (error) { notes.textContent = error.message; notes.className = "error"; rule.disabled = false; }
+    });
     const exportAs = format => async () => {
       try {
         const answer = await api("/api/plan", {method: "POST", headers: {"Content-Type": "application/json"},
@@ -178,7 +183,8 @@ const loaders = {
     const summary = el("p", {class: "note"});
     summary.textContent = `${data.total_groups} groups, ${data.duplicate_files} files beyond the first of each, among ` +
       `${data.images} images (copies: ${data.rule_text}; ${data.method}). The outlined image of each group is kept: ` +
-      "\"keep this\" under another keeps it instead; click an image to see it whole. The plan is exported, never carried out here.";
+      "\"keep this\" under another keeps it instead (your choices stay when the plan rule changes); click an image " +
+      "to see it whole. The plan is exported, never carried out here.";
     view.replaceChildren(summary, el("div", {class: "toolbar"}, el("label", {}, "plan ", rule), jsonButton, csvButton, notes));
     for (const group of data.groups) {
       const title = el("h2"); title.textContent = `group ${group.number}: ${group.members.length} images, ` +
