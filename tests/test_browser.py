@@ -59,6 +59,15 @@ def launch(playwright, folder: Path):
     return browser, page
 
 
+def tab_to(page, selector: str, presses: int = 40) -> None:
+    """Press Tab until ``selector`` has the focus: it must be reachable from the keyboard."""
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        if page.evaluate(f"document.activeElement === document.querySelector({selector!r})"):
+            return
+    raise AssertionError(f"{selector} is never reached with Tab")
+
+
 def test_search_pages_view_and_keyboard(server):
     url, folder, paths = server
     with playwright_api.sync_playwright() as playwright:
@@ -83,6 +92,14 @@ def test_search_pages_view_and_keyboard(server):
             page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
             page.screenshot(path=str(folder / "1-search.png"), full_page=True)
 
+            # Up and Down move between the lines of tiles (they did nothing).
+            results.first.focus()
+            top = results.first.bounding_box()["y"]
+            page.keyboard.press("ArrowDown")
+            assert page.evaluate("document.activeElement.getBoundingClientRect().top") > top + 10
+            page.keyboard.press("ArrowUp")
+            assert page.evaluate("document.activeElement.title") == results.first.get_attribute("title")
+
             # Keyboard: focus the first result, move right, open it whole with Enter.
             results.first.focus()
             page.keyboard.press("ArrowRight")
@@ -104,6 +121,13 @@ def test_search_pages_view_and_keyboard(server):
             playwright_api.expect(page.locator("#query figure")).to_have_attribute("title", third)
 
             page.keyboard.press("Escape")
+            # The upload is reachable with Tab (a label around a hidden input was not) and opens the chooser.
+            page.goto(url)
+            tab_to(page, "#choose-file")
+            with page.expect_file_chooser() as chooser:
+                page.keyboard.press("Enter")
+            chooser.value.set_files(str(paths[3]))
+            playwright_api.expect(results.first).to_have_attribute("title", str(paths[3]))
             page.set_input_files("#file-input", str(folder / "not-an-image.txt"))
             playwright_api.expect(page.locator("#message.error")).to_contain_text("cannot read the uploaded image")
             assert '"' not in page.locator("#message").inner_text()   # a sentence, not a JSON-quoted string
@@ -197,6 +221,30 @@ def test_duplicates_plan_map_and_docs(server):
             page.keyboard.up("Shift")
             assert page.evaluate("mapView.points.length") == 25
             playwright_api.expect(page.locator("#selection figure")).to_have_count(25)
+            # The selection leaves the app as a list (it could be listed, not exported).
+            with page.expect_download() as download_info:
+                page.click("#export-selection")
+            rows = Path(download_info.value.path()).read_text().splitlines()
+            assert rows[0] == "id,path,label" and len(rows) == 26
+            assert {row.split(",")[1] for row in rows[1:]} == {str(p) for p in paths} | {str(copy)}
+            # Reset zoom, and the keyboard: the map takes the focus with Tab; + zooms, 0 resets.
+            page.locator("#map").hover()
+            page.mouse.wheel(0, -300)
+            page.wait_for_function("mapView.zoom > 1")
+            page.click("#map-reset")
+            assert page.evaluate("mapView.zoom") == 1
+            tab_to(page, "#map")
+            page.keyboard.press("+")
+            assert page.evaluate("mapView.zoom") > 1
+            page.keyboard.press("0")
+            assert page.evaluate("mapView.zoom") == 1
+            # 21 folders get 21 colours that differ in lightness too (one saturation and lightness
+            # for all made them indistinguishable), and a legend item never splits its swatch from its name.
+            colours = page.evaluate("[...Array(21).keys()].map(i => labelColour(i, 21))")
+            assert len(set(colours)) == 21
+            lightness = sorted(sum(int(c[i:i + 2], 16) for i in (1, 3, 5)) / 3 for c in colours)
+            assert lightness[-1] - lightness[0] > 120
+            assert page.evaluate("getComputedStyle(document.querySelector('#legend span')).whiteSpace") == "nowrap"
             page.screenshot(path=str(folder / "4-map.png"), full_page=True)
 
             page.goto(url + "/docs")   # Swagger UI from the package, no CDN

@@ -26,6 +26,19 @@ function figure(id, caption, title, list, onClick) {
       const next = tiles[tiles.indexOf(node) + step];
       if (next) { event.preventDefault(); next.focus(); }
     }
+    const line = {ArrowDown: 1, ArrowUp: -1}[event.key];
+    if (line) {   // the tile on the line of tiles below or above, nearest across (rows wrap)
+      const here = node.getBoundingClientRect();
+      const others = [...node.parentElement.querySelectorAll("figure")].map(tile => [tile, tile.getBoundingClientRect()])
+        .filter(([, box]) => line > 0 ? box.top >= here.bottom - 1 : box.bottom <= here.top + 1);
+      if (others.length) {
+        const lineTop = line > 0 ? Math.min(...others.map(([, box]) => box.top)) : Math.max(...others.map(([, box]) => box.top));
+        const onLine = others.filter(([, box]) => Math.abs(box.top - lineTop) < 2);
+        const centre = box => box.left + box.width / 2;
+        onLine.sort((a, b) => Math.abs(centre(a[1]) - centre(here)) - Math.abs(centre(b[1]) - centre(here)));
+        event.preventDefault(); onLine[0][0].focus();
+      }
+    }
   });
   return node;
 }
@@ -149,6 +162,10 @@ $("viewer").addEventListener("keydown", event => {
 
 const keepers = {};   // duplicates view: group number -> the member id the user keeps instead
 
+// A CSV field as Python's csv module writes one (plan.csv's): quoted when it holds a comma, a
+// quote or a line break.
+const csvField = value => { const text = String(value); return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text; };
+
 function download(name, text, type) {
   const link = el("a", {href: URL.createObjectURL(new Blob([text], {type})), download: name});
   document.body.append(link); link.click(); link.remove();
@@ -268,13 +285,21 @@ const loaders = {
     const points = data.points.map(p => ({...p, name: shortName(p.path)}));
     const showSelection = chosen => {
       const ids = chosen.map(p => p.id);
-      const note = el("p", {class: "note"}); note.textContent = `${chosen.length} images selected.`;
-      $("selection").replaceChildren(note, el("div", {class: "row"}, ...chosen.slice(0, 200).map(p =>
-        figure(p.id, p.name, p.path, ids))));
+      const note = el("p", {class: "note"});
+      note.textContent = `${chosen.length} images selected` + (chosen.length > 200 ? " (the first 200 shown)" : "") +
+        ". Open one to search from it.";
+      // The selection as a list a user can take elsewhere: id, path and folder of each image.
+      const exportList = el("button", {id: "export-selection", type: "button"}, "export the selection (CSV)");
+      exportList.addEventListener("click", () => download("selection.csv",
+        ["id,path,label", ...chosen.map(p => [p.id, p.path, p.label || ""].map(csvField).join(","))].join("\n") + "\n",
+        "text/csv"));
+      $("selection").replaceChildren(note, el("div", {class: "toolbar"}, exportList),
+        el("div", {class: "row"}, ...chosen.slice(0, 200).map(p => figure(p.id, p.name, p.path, ids))));
     };
     window.mapView = drawMap($("map"), $("tip"), points, p => `/api/thumbnails/${p.id}`,
                              {legend: $("legend"), onSelect: showSelection});
     window.mapView.points = points;
+    $("map-reset").onclick = () => window.mapView.reset();
     $("map").onclick = () => {
       const shown = $("tip").style.display !== "none" && $("tip").dataset.id;
       if (shown && !$("map").dataset.dragged) openViewer(Number(shown), points.map(p => p.id));
@@ -303,6 +328,7 @@ async function showView(name) {
 
 for (const button of document.querySelectorAll("#tabs button"))
   button.addEventListener("click", () => showView(button.dataset.view));
+$("choose-file").addEventListener("click", () => $("file-input").click());
 $("file-input").addEventListener("change", event => { if (event.target.files[0]) searchUpload(event.target.files[0]); });
 const drop = $("drop");
 drop.addEventListener("dragover", event => { event.preventDefault(); drop.classList.add("over"); });

@@ -1,12 +1,27 @@
 // The scatter plot of `map`: colour by label with a legend, wheel to zoom, drag to pan,
 // shift-drag to select a box, hover for a preview. The web app and `map --html` both draw with it.
 // Plain canvas, no library: a few thousand points (MAP_MAX_POINTS) draw in a millisecond or two.
+
+// Kelly's 22 colours of maximum contrast (1965) less white: a qualitative palette, whose colours
+// differ in lightness and saturation as well as hue. 21 hues of one saturation and lightness
+// (the map's first palette) could not be told apart. Past 21 labels, hues again at three lightnesses.
+const MAP_PALETTE = ["#222222", "#F3C300", "#875692", "#F38400", "#A1CAF1", "#BE0032", "#C2B280", "#848482",
+                     "#008856", "#E68FAC", "#0067A5", "#F99379", "#604E97", "#F6A600", "#B3446C", "#DCD300",
+                     "#882D17", "#8DB600", "#654522", "#E25822", "#2B3D26"];
+function labelColour(index, count) {
+  if (count === 1) return "#0067A5";
+  if (index < MAP_PALETTE.length) return MAP_PALETTE[index];
+  const extra = index - MAP_PALETTE.length;
+  return `hsl(${(extra * 137) % 360}, 70%, ${[35, 55, 72][extra % 3]}%)`;
+}
+
 function drawMap(canvas, tip, points, imageOf, options = {}) {
   const ctx = canvas.getContext("2d"), pad = 20;
   const xs = points.map(p => p.x), ys = points.map(p => p.y);
   const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
   const labels = [...new Set(points.map(p => p.label || ""))];
-  const colour = l => labels.length === 1 ? "hsl(215, 65%, 45%)" : `hsl(${(labels.indexOf(l || "") * 137) % 360}, 65%, 45%)`;
+  const colourOf = new Map(labels.map((label, index) => [label, labelColour(index, labels.length)]));
+  const colour = l => colourOf.get(l || "");
   // The view: data -> canvas through a zoom and an offset (canvas pixels).
   const view = {zoom: 1, dx: 0, dy: 0};
   const baseX = p => pad + (p.x - x0) / ((x1 - x0) || 1) * (canvas.width - 2 * pad);
@@ -40,6 +55,19 @@ function drawMap(canvas, tip, points, imageOf, options = {}) {
     view.zoom = zoom; if (zoom === 1) { view.dx = 0; view.dy = 0; }
     draw();
   }
+  function reset() { view.zoom = 1; view.dx = 0; view.dy = 0; draw(); }
+  // The keyboard too (the canvas takes focus with Tab): + and - zoom at the centre, arrows pan, 0 resets.
+  canvas.tabIndex = 0;
+  canvas.addEventListener("keydown", e => {
+    const step = 40, centre = [canvas.width / 2, canvas.height / 2];
+    const pan = {ArrowLeft: [step, 0], ArrowRight: [-step, 0], ArrowUp: [0, step], ArrowDown: [0, -step]}[e.key];
+    if (e.key === "+" || e.key === "=") zoomAt(1.25, ...centre);
+    else if (e.key === "-") zoomAt(0.8, ...centre);
+    else if (e.key === "0") reset();
+    else if (pan) { view.dx += pan[0]; view.dy += pan[1]; draw(); }
+    else return;
+    e.preventDefault();
+  });
   canvas.onwheel = e => { e.preventDefault(); const [mx, my] = canvasPoint(e); zoomAt(e.deltaY < 0 ? 1.25 : 0.8, mx, my); };
   let drag = null;
   canvas.onmousedown = e => { const [mx, my] = canvasPoint(e); drag = {mx, my, dx: view.dx, dy: view.dy, select: e.shiftKey, moved: false}; };
@@ -77,12 +105,14 @@ function drawMap(canvas, tip, points, imageOf, options = {}) {
     options.legend.replaceChildren(...labels.map(label => {
       const item = document.createElement("span"), swatch = document.createElement("i");
       swatch.style.cssText = `display:inline-block;width:10px;height:10px;margin-right:4px;background:${colour(label)}`;
-      item.style.marginRight = "1em"; item.append(swatch, label || "(no folder)");
+      // One unit: a line may break between legend items, never between a swatch and its name.
+      item.style.cssText = "display:inline-block;white-space:nowrap;margin-right:1em";
+      item.append(swatch, label || "(no folder)");
       item.dataset.label = label;
       return item;
     }));
   }
   draw();
-  return {positionOf: p => [px(p), py(p)], zoomAt, labels, get zoom() { return view.zoom; },
+  return {positionOf: p => [px(p), py(p)], zoomAt, reset, labels, colour, get zoom() { return view.zoom; },
           select(chosen) { selected = new Set(chosen); draw(); }, get selected() { return [...selected]; }};
 }
