@@ -91,12 +91,11 @@ def summarise(name: str, matches: list[verify.GeometricMatch | None], copies: bo
     for m in interesting[:show]:
         print(f"|   {'missed' if copies else 'passes inliers'}: {m.inliers} inliers, overlap {m.overlap:.2f}, "
               f"agreement {m.agreement:.2f}{', mirrored' if m.mirrored else ''} | | | | | |")
-    if judged:
-        values = np.array([(m.overlap, m.agreement) for m in by_inliers]) if by_inliers else np.zeros((0, 2))
-        if len(values):
-            low = np.percentile(values, 5, axis=0) if copies else np.percentile(values, 95, axis=0)
-            print(f"|   ({'5th' if copies else '95th'} percentile over inlier-passing pairs: overlap {low[0]:.2f}, "
-                  f"agreement {low[1]:.2f}) | | | | | |")
+    if by_inliers:
+        values = np.array([(m.overlap, m.agreement) for m in by_inliers])
+        low = np.percentile(values, 5 if copies else 95, axis=0)
+        print(f"|   ({'5th' if copies else '95th'} percentile over inlier-passing pairs: overlap {low[0]:.2f}, "
+              f"agreement {low[1]:.2f}) | | | | | |")
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def analysis(loaded: LoadedIndex, kind: str, report: Report | None = None, store
     else computed now (``report`` hears its progress) and, if ``store``, stored. A dedup plan is
     not a setting of what is found, only of its order: the groups are stored once, whatever the
     plan, and ordered for the one asked."""
-    plan = settings.pop("plan", None) if kind == "duplicates" else None
+    settings, plan = _without_order(kind, settings)
     result = _stored_or_computed(loaded, kind, report, store, settings)
     return with_plan(loaded, result, plan) if plan is not None else result
 
@@ -77,8 +77,14 @@ def asks_for_defaults(kind: str, settings: dict[str, Any]) -> bool:
     """Whether ``settings`` are ``kind``'s own defaults (the result its explore command stores),
     a dedup plan aside (:func:`analysis`)."""
     compute, _ = ANALYSES[kind]
-    asked = {name: value for name, value in settings.items() if not (kind == "duplicates" and name == "plan")}
-    return _complete(compute, asked) == _complete(compute, {})
+    return _complete(compute, _without_order(kind, settings)[0]) == _complete(compute, {})
+
+
+def _without_order(kind: str, settings: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(the settings of what is found, the dedup plan): a plan only orders the groups."""
+    if kind != "duplicates":
+        return settings, None
+    return {name: value for name, value in settings.items() if name != "plan"}, settings.get("plan")
 
 
 def _complete(compute: Callable[..., AnalysisResult], settings: dict[str, Any]) -> dict[str, Any]:

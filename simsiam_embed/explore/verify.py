@@ -99,7 +99,7 @@ class GeometricMatch:
     mirrored: bool
     #: The smaller of the shares of each picture that the other covers under the transform.
     overlap: float = 0.0
-    #: Correlation of the aligned pictures' fine detail over their overlap (1: the same picture).
+    #: Correlation of the aligned pictures' fine detail, the mean over the overlap's windows (1: the same picture).
     agreement: float = 0.0
 
     @property
@@ -192,7 +192,8 @@ def match(first: PictureFeatures, second: PictureFeatures) -> GeometricMatch | N
 class _Fit:
     """Keypoints agreeing on one similarity transform (2 x 3, first's reduced picture -> second's)
     and where they lie in the second picture; and, where the rest of the matches agree on a
-    second transform (a subject that moved between two frames of a burst), that one and its."""
+    second transform (a subject that moved between two frames of a burst), that one and where its
+    keypoints lie."""
     inliers: int
     transform: np.ndarray | None = None
     points: np.ndarray | None = None
@@ -244,9 +245,10 @@ def _inliers(first: Features, second: Features) -> _Fit:
 
 def _alignment(first: PictureFeatures, second: PictureFeatures, fit: _Fit, mirrored: bool) -> tuple[float, float]:
     """(overlap, detail agreement) of ``first`` laid over ``second`` (mirrored or not) by the
-    fit's transform: the smaller share of either picture the other covers, and the correlation of
+    fit's transform: the smaller share of either picture the other covers, and the agreement of
     their fine detail (each thumbnail less its blur: edges and texture, not the layout of light
-    and dark, which two objects on one white background share) over that overlap. Where a second
+    and dark, which two objects on one white background share) over that overlap
+    (:func:`_local_agreement`). Where a second
     transform moved a part (a burst's subject), each place is laid by the transform whose
     keypoints are nearer to it."""
     import cv2
