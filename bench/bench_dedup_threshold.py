@@ -93,9 +93,10 @@ EDITS = {"jpeg q30": jpeg_low_quality, "resize 60%": resize_60, "centre crop 85%
          "caption strip": caption_strip}
 
 
-def plant(images: list[Path], planted: int, folder: Path, seed: int) -> dict[str, tuple[str, str]]:
-    """Copy the distinct images into ``folder`` and add one edited copy of ``planted`` of them;
-    returns {copy path: (original path, edit name)}."""
+def plant(images: list[Path], planted: int, folder: Path, seed: int,
+          edits: dict | None = None) -> dict[str, tuple[str, str]]:
+    """Copy the distinct images into ``folder`` and add one edited copy of ``planted`` of them,
+    ``edits`` (default: all of EDITS) in turn; returns {copy path: (original path, edit name)}."""
     originals = folder / "originals"
     copies = folder / "copies"
     originals.mkdir(parents=True)
@@ -106,7 +107,7 @@ def plant(images: list[Path], planted: int, folder: Path, seed: int) -> dict[str
         shutil.copyfile(path, target)
         placed.append(target)
     truth = {}
-    edits = itertools.cycle(EDITS.items())
+    edits = itertools.cycle((EDITS if edits is None else edits).items())
     for number, original in enumerate(random.Random(seed).sample(placed, planted)):
         name, edit = next(edits)
         stem = copies / f"copy-{number:04d}"

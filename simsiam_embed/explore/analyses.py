@@ -126,8 +126,31 @@ class CentredVectors:
         return np.ascontiguousarray(centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12))
 
 
-def neighbour_graph(vectors: CentredVectors, k: int, report: Report | None = None) -> NeighbourGraph:
-    """The ``k`` nearest neighbours of every row of ``vectors``, itself excluded."""
+class PlainVectors:
+    """Unit vectors held in memory, read like :class:`CentredVectors` (the colour layouts)."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.source = np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def dim(self) -> int:
+        return self.source.shape[1]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.source[start:stop]
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return self.source[np.asarray(positions)]
+
+
+def neighbour_graph(vectors: CentredVectors | PlainVectors, k: int, report: Report | None = None,
+                    mirrored: np.ndarray | None = None) -> NeighbourGraph:
+    """The ``k`` nearest neighbours of every row of ``vectors``, itself excluded. ``mirrored``: a
+    column order that turns a vector into its mirror image's; each row is then also searched
+    mirrored, and a neighbour's score is the better of the two."""
     count, dim = len(vectors), vectors.dim
     k = min(k, count - 1)
     if k < 1:
@@ -145,11 +168,15 @@ def neighbour_graph(vectors: CentredVectors, k: int, report: Report | None = Non
     for start in range(0, count, QUERY_CHUNK):
         index.add(vectors.rows(start, start + QUERY_CHUNK))
     if report is not None:
-        report(f"neighbours: {method}")
+        report(f"neighbours: {method}{', mirrored too' if mirrored is not None else ''}")
     positions = np.full((count, k), -1, dtype=np.int64)
     scores = np.full((count, k), -np.inf, dtype=np.float32)
     for start in range(0, count, QUERY_CHUNK):
-        found_scores, found = index.search(vectors.rows(start, start + QUERY_CHUNK), k + 1)
+        queries = vectors.rows(start, start + QUERY_CHUNK)
+        found_scores, found = index.search(queries, k + 1)
+        if mirrored is not None:
+            mirror_scores, mirror_found = index.search(np.ascontiguousarray(queries[:, mirrored]), k + 1)
+            found, found_scores = _best_of_both(found, found_scores, mirror_found, mirror_scores)
         # Drop each query itself by position, not by rank: an exact copy may tie with it.
         itself = np.arange(start, start + len(found))[:, None]
         wanted = (found != itself) & (found >= 0)
@@ -158,6 +185,22 @@ def neighbour_graph(vectors: CentredVectors, k: int, report: Report | None = Non
         positions[start:start + len(found)] = np.where(kept, np.take_along_axis(found, first_k, axis=1), -1)
         scores[start:start + len(found)] = np.where(kept, np.take_along_axis(found_scores, first_k, axis=1), -np.inf)
     return NeighbourGraph(positions, scores, method)
+
+
+def _best_of_both(found: np.ndarray, scores: np.ndarray, other_found: np.ndarray,
+                  other_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two searches' results merged, best first, each position once at its better score."""
+    width = found.shape[1]
+    both = np.concatenate([found, other_found], axis=1)
+    both_scores = np.concatenate([scores, other_scores], axis=1)
+    order = np.argsort(-both_scores, axis=1, kind="stable")
+    both, both_scores = np.take_along_axis(both, order, axis=1), np.take_along_axis(both_scores, order, axis=1)
+    seen_before = np.zeros(both.shape, dtype=bool)
+    for column in range(1, both.shape[1]):
+        seen_before[:, column] = (both[:, :column] == both[:, column:column + 1]).any(axis=1)
+    seen_before &= both >= 0
+    keep = np.argsort(seen_before, axis=1, kind="stable")[:, :width]   # the first of each, in rank order
+    return np.take_along_axis(both, keep, axis=1), np.take_along_axis(both_scores, keep, axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +260,7 @@ class DuplicateRule:
     small_picture_threshold: float | None   # pairs with a picture of <= SMALL_PICTURE_SIDE px
     pixel_check: bool
     geometry: bool = False                  # photos confirmed by local features (explore/verify.py)
+    layouts: bool = False                   # and each photo's nearest colour layout a candidate too (explore/layout.py)
 
     @classmethod
     def default_or(cls, threshold: float | None, pixel_check: bool = True,
@@ -250,7 +294,8 @@ class DuplicateRule:
                      f"where their fine detail correlates >= {MIN_DETAIL_AGREEMENT} on average")
         else:
             check = ", pictures agreeing pixel for pixel" if self.pixel_check else ", no pixel check"
-        return f"mutual nearest neighbours at centred cosine >= {self.threshold}{small}{check}"
+        layouts = ", or each photo's nearest colour layout (mirrored or not)" if self.layouts else ""
+        return f"mutual nearest neighbours at centred cosine >= {self.threshold}{small}{layouts}{check}"
 
 
 @dataclass
@@ -264,6 +309,8 @@ class DuplicateResult(AnalysisResult):
     failed_pixel_check: int = 0   # candidate pairs whose pictures disagree (or small ones below their threshold)
     unreadable_pairs: int = 0     # candidate pairs with a file gone or changed since indexing
     duplicate_files: int = 0      # files beyond the first of each group: what a plan would remove
+    candidates: dict[str, int] = field(default_factory=dict)   # candidate pairs by source (CANDIDATE_SOURCES)
+    confirmed: dict[str, int] = field(default_factory=dict)    # of those, confirmed as copies
 
     def __post_init__(self) -> None:
         self.duplicate_files = sum(len(group.members) - 1 for group in self.groups)
@@ -274,13 +321,19 @@ class DuplicateResult(AnalysisResult):
 
 def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
                     neighbours: int = DUPLICATE_NEIGHBOURS, plan: str | None = None, pixel_check: bool = True,
-                    report: Report | None = None, geometry: bool | None = None) -> DuplicateResult:
+                    report: Report | None = None, geometry: bool | None = None,
+                    layouts: bool = True) -> DuplicateResult:
     """Groups of images that are each other's nearest neighbours, similar enough by the
     :class:`DuplicateRule` (the calibrated one unless ``threshold`` is given) and, unless
     ``pixel_check`` is off, the same picture pixel for pixel; joined transitively. Files with
     identical bytes group whatever their vectors. With ``geometry`` (default: when OpenCV is
-    installed) photos are confirmed by local features instead of pixels (:class:`GeometricAgreement`)."""
+    installed) photos are confirmed by local features instead of pixels (:class:`GeometricAgreement`),
+    and, with ``layouts``, pairs whose colour layouts are nearest neighbours are candidates too
+    (:mod:`.layout`): a copy is found even where the encoder is barely trained."""
     rule = DuplicateRule.default_or(threshold, pixel_check, geometry)
+    # Layouts only propose pairs: only the geometric check is strict enough to judge them (two
+    # photos of similar layout often agree pixel for pixel at 32 x 32).
+    rule = dataclasses.replace(rule, layouts=rule.geometry and layouts)
     if plan is not None and plan not in PLANS:
         raise UserError(f"unknown plan {plan!r}: choose one of {', '.join(PLANS)}")
     entries = _entries_by_position(loaded)
@@ -300,6 +353,10 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
     weakest: dict[int, float] = {}   # by the position an edge starts from
     evidence: dict[int, str] = {}    # by the position an edge starts from
     candidates = mutual_near_pairs(graph, rule.threshold, representative)
+    sources = {(a, b): CANDIDATE_SOURCES[0] for a, b, _ in candidates}
+    if rule.layouts:
+        candidates = _with_layout_candidates(loaded.folder, entries, vectors, candidates, sources, representative,
+                                             neighbours, report)
     agreement = PixelAgreement(entries, rule.small_picture_threshold) if rule.pixel_check else None
     if rule.geometry:
         # Pictures checked by pixels keep the pixel check's own calibrated floor (the geometric
@@ -307,10 +364,12 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
         pixel_floor = CANDIDATE_THRESHOLD if threshold is None else rule.threshold
         agreement = GeometricAgreement(entries, candidates, agreement, pixel_floor)
     confirmed = []
+    confirmed_by_source = dict.fromkeys(CANDIDATE_SOURCES, 0)
     for row, other, score in candidates:
         found = agreement.evidence(row, other, score) if agreement is not None else "centred cosine only"
         if found is not None:
             confirmed.append((row, other, score))
+            confirmed_by_source[sources[row, other]] += 1
             evidence[row] = found
     for row, other, score in confirmed:
         sets.union(row, other)
@@ -341,9 +400,44 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
                + (f"; {agreement.unreadable_pairs} not checked (file gone or changed since indexing)"
                   if agreement.unreadable_pairs else ""))
     unreadable = agreement.unreadable_pairs if agreement is not None else 0
+    candidates_by_source = dict.fromkeys(CANDIDATE_SOURCES, 0)
+    for source in sources.values():
+        candidates_by_source[source] += 1
     result = DuplicateResult(rule, graph.method, len(entries), groups, None,
-                             len(candidates) - len(confirmed) - unreadable, unreadable)
+                             len(candidates) - len(confirmed) - unreadable, unreadable,
+                             candidates=candidates_by_source, confirmed=confirmed_by_source)
     return with_plan(loaded, result, plan) if plan is not None else result
+
+
+#: Where a candidate pair came from: the encoder's mutual nearest neighbours, the colour
+#: layouts' (:mod:`.layout`), or both.
+CANDIDATE_SOURCES = ("encoder", "colour layout", "both")
+
+
+def _with_layout_candidates(index_folder: Path, entries: list[CatalogEntry], vectors: CentredVectors,
+                            candidates: list[tuple[int, int, float]], sources: dict[tuple[int, int], str],
+                            representative: np.ndarray, neighbours: int,
+                            report: Report | None) -> list[tuple[int, int, float]]:
+    """``candidates`` and each image with its nearest colour layout (mirrored or not; the
+    geometric check decides, so these need not be mutual), each scored by its centred cosine like the encoder's; ``sources`` says whose each is.
+    A copy reaches the geometric check even when the encoder has not learnt to pair it."""
+    from simsiam_embed.explore.layout import LAYOUT_FLOOR, MIRRORED, colour_layouts
+
+    started = time.monotonic()
+    layouts = PlainVectors(colour_layouts(entries, index_folder))
+    graph = neighbour_graph(layouts, neighbours, mirrored=MIRRORED)
+    extra = []
+    for a, b, _ in nearest_pairs(graph, LAYOUT_FLOOR, representative):
+        if (a, b) in sources:
+            sources[a, b] = "both"
+            continue
+        sources[a, b] = "colour layout"
+        rows = vectors.take(np.array([a, b]))
+        extra.append((a, b, float(rows[0] @ rows[1])))
+    if report is not None:
+        report(f"candidates: {len(candidates)} pairs of mutual nearest neighbours by the encoder, "
+               f"{len(extra)} more by colour layout ({time.monotonic() - started:.1f} s)")
+    return candidates + extra
 
 
 def with_plan(loaded: LoadedIndex, result: DuplicateResult, plan: str) -> DuplicateResult:
@@ -561,6 +655,22 @@ def mutual_near_pairs(graph: NeighbourGraph, threshold: float,
             for row in rows}
     return [(row, other_row, score) for row, others in near.items() for other_row, score in others.items()
             if row < other_row and row in near.get(other_row, {})]
+
+
+def nearest_pairs(graph: NeighbourGraph, floor: float, representative: np.ndarray) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, score), i < j, where j is i's nearest other image (or i is j's) at ``floor``
+    or above. Not mutual: an original with two copies is each copy's nearest, and only one of
+    them is the original's, so mutual pairs would leave the other copy out of the group."""
+    pairs: dict[tuple[int, int], float] = {}
+    for row in np.flatnonzero(representative == np.arange(len(representative))):
+        for position, score in zip(graph.positions[row], graph.scores[row]):
+            other = int(representative[position]) if position >= 0 else -1
+            if other < 0 or score < floor:
+                break
+            if other != row:
+                pairs[min(row, other), max(row, other)] = float(score)
+                break
+    return [(a, b, score) for (a, b), score in pairs.items()]
 
 
 def _entries_by_position(loaded: LoadedIndex) -> list[CatalogEntry]:

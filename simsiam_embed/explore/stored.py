@@ -31,7 +31,7 @@ from simsiam_embed.typed_json import JsonShapeError, from_json
 Report = Callable[[str], None]
 STORE_FOLDER = "analyses"
 #: Bumped when an analysis changes what it finds for the same settings: older results are recomputed.
-STORE_FORMAT = 4
+STORE_FORMAT = 5
 
 ANALYSES: dict[str, tuple[Callable[..., AnalysisResult], type]] = {
     "duplicates": (find_duplicates, DuplicateResult),

@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from simsiam_embed.explore.workers import map_in_workers
 from simsiam_embed.index.thumbnails import indexed_bytes
 
 if TYPE_CHECKING:   # the store imports FAISS and torch; picture-reading workers need neither
@@ -122,13 +120,7 @@ def opencv_available() -> bool:
 
 def extract_features(entries: list[CatalogEntry], workers: int | None = None) -> list[PictureFeatures | None]:
     """Each entry's features (None: gone or changed since indexing, or unreadable), in worker processes."""
-    workers = workers if workers is not None else min(len(entries), os.cpu_count() or 1)
-    if workers <= 1 or len(entries) < 8:
-        return [_features_of(entry) for entry in entries]
-    # Spawned, not forked: a fork of a process whose other threads hold locks (FAISS's OpenMP,
-    # ONNX Runtime's pool, PyTorch's) left workers asleep for ever in the first measurement.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_features_of, entries, chunksize=max(1, len(entries) // (4 * workers))))
+    return map_in_workers(_features_of, entries, workers)
 
 
 def _features_of(entry: CatalogEntry) -> PictureFeatures | None:
