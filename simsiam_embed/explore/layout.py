@@ -9,6 +9,8 @@ has the mirrored layout. On 396 photos of about 300 x 200 px with 150 planted co
 resize 60%, centre crop 85%, brightness +15%, mirror + JPEG q60), every copy's nearest layout,
 mirrored or not, was its original's (bench/RESULTS.md).
 
+Pictures of SMALL_PICTURE_SIDE px or less a side propose nothing (their layout is zero): the
+geometric check cannot judge them, and the pixel check needs the encoder's high score anyway.
 A layout says nothing about what is in the picture, so look-alike layouts are only candidates:
 the geometric check (:mod:`.verify`) decides, as for the encoder's. Layouts are cached by content
 digest in ``<index>/colour-layouts.npz``: a re-run, or an index update, reads only new files.
@@ -26,6 +28,7 @@ from simsiam_embed.errors import UserError
 from simsiam_embed.explore.workers import map_in_workers
 from simsiam_embed.files import atomic_path
 from simsiam_embed.index.thumbnails import indexed_bytes
+from simsiam_embed.settings import SMALL_PICTURE_SIDE
 
 if TYPE_CHECKING:
     from simsiam_embed.index.catalog import CatalogEntry
@@ -77,15 +80,23 @@ def colour_layouts(entries: list[CatalogEntry], index_folder: Path | None = None
 
 
 def _layout_of(entry: CatalogEntry) -> np.ndarray | None:
+    from PIL import Image
+
     from simsiam_embed.image_files import UnreadableImage, open_image
 
     data = indexed_bytes(entry)
     if data is None:   # gone or changed: not cached, so a restored file is read next time
         return None
+    nothing = np.zeros(LAYOUT_DIM, dtype=np.float32)
     try:
+        with Image.open(io.BytesIO(data)) as header:   # the stored size, not a reduced decode's
+            if min(header.size) <= SMALL_PICTURE_SIDE:
+                # Too small for keypoints: only the pixel check could judge it, and that needs
+                # the encoder's high score, so a layout's proposal could never be confirmed.
+                return nothing
         return colour_layout(open_image(io.BytesIO(data), draft_side=4 * LAYOUT_SIDE))
-    except UnreadableImage:
-        return np.zeros(LAYOUT_DIM, dtype=np.float32)
+    except (UnreadableImage, OSError, ValueError, Image.DecompressionBombError):
+        return nothing
 
 
 def _read_cache(path: Path) -> dict[str, np.ndarray]:
