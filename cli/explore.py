@@ -73,6 +73,11 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
     result, notes = explore_analyses.confirm_plan(result)   # the files as they are now, not as indexed
     for note in notes:
         echo_err(f"warning: {note}")
+    if result.set_aside:
+        count = len(result.set_aside)
+        echo_err(f"{count} group{'s' if count != 1 else ''} you said {'is' if count == 1 else 'are'} not a duplicate "
+                 f"(in the web app), left out: {', '.join(str(g.number) for g in result.set_aside[:10])}"
+                 f"{' ...' if count > 10 else ''}; undo it there")
     written = explore_pages.write_duplicates(result, loaded, folder)
     if _printed_as_json(result, written, as_json):
         return
@@ -82,7 +87,7 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
         kind = "identical" if group.exact else f">= {group.min_score:.3f}"
         click.echo(f"  group {group.number} ({len(group.members)} images, {kind})")
         for member in group.members[:10]:
-            action = f"{member.action:<7}" if member.action else ""
+            action = (f"{member.action:<7}" if member.action else "") + ("(your choice) " if member.chosen else "")
             click.echo(f"    {action}{member.score:.4f}  {printable(member.path)}")
         if len(group.members) > 10:
             click.echo(f"    ... {len(group.members) - 10} more")

@@ -108,8 +108,8 @@ def open_not_through_a_link(path: Path, mode: str = "rb") -> IO[bytes]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, holder: str, report: Callable[[str], None]) -> Iterator[None]:
-    """Hold the exclusive writer's lock of ``folder`` (``folder/.lock``) for the block.
+def folder_lock(folder: Path, holder: str, report: Callable[[str], None], name: str = ".lock") -> Iterator[None]:
+    """Hold the exclusive writer's lock of ``folder`` (``folder/<name>``) for the block.
 
     A second writer waits, after saying who holds the lock. The operating system releases the
     lock when its holder exits, however it exits, so a crashed writer never blocks the next one.
@@ -117,7 +117,7 @@ def folder_lock(folder: Path, holder: str, report: Callable[[str], None]) -> Ite
     """
     import fcntl
 
-    lock_path = folder / ".lock"
+    lock_path = folder / name
     # Never through a link: a received folder's .lock could point at any file of the user's,
     # which this writer would then truncate.
     try:

@@ -95,7 +95,7 @@ SMALL_PICTURE_SIDE = SMALL_IMAGE_MAX_SIDE
 UNCHECKED_THRESHOLD = 0.95
 DUPLICATE_NEIGHBOURS = 10
 OUTLIER_NEIGHBOURS = 10
-PLANS = ("keep-largest", "keep-oldest", "keep-first")
+PLANS = ("keep-original", "keep-largest", "keep-oldest", "keep-first")
 MAP_MAX_POINTS = 5_000
 #: detection fine-tuning.
 NORMS = ("frozen", "bn", "syncbn")

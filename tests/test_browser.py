@@ -165,10 +165,22 @@ def test_duplicates_plan_map_and_docs(server):
             playwright_api.expect(page.locator("#viewer")).to_be_visible()
             page.keyboard.press("Escape")
             playwright_api.expect(group.locator("figure.keep")).to_have_attribute("title", first_keeper)
-            # The user keeps the other one, and exports the plan: the same plan.json dedup writes.
-            group.locator("figure.remove button.keep-this").click()
-            kept = group.locator("figure.keep").get_attribute("title")
+            # Side by side at full size, with their facts.
+            group.locator("figure.remove button.compare").click()
+            playwright_api.expect(page.locator("#compare")).to_be_visible()
+            playwright_api.expect(page.locator("#compare .compare-side")).to_have_count(2)
+            playwright_api.expect(page.locator("#compare .compare-side").nth(1)).to_contain_text("x 32 px")
+            page.keyboard.press("Escape")
             playwright_api.expect(page.locator("#viewer")).to_be_hidden()
+            # The user keeps the other one: stored with the index, so a reload keeps it, and the
+            # exported plan is the same plan.json dedup writes.
+            kept = group.locator("figure.remove").get_attribute("title")
+            group.locator("figure.remove button.keep-this").click()
+            playwright_api.expect(group.locator("figure.keep")).to_have_attribute("title", kept)
+            playwright_api.expect(group.locator("figure.keep")).to_contain_text("(your choice)")
+            page.reload()
+            page.click("button[data-view=duplicates]")
+            playwright_api.expect(group.locator("figure.keep")).to_have_attribute("title", kept)
             with page.expect_download() as download_info:
                 page.click("#export-json")
             plan = json.loads(Path(download_info.value.path()).read_text())
@@ -183,6 +195,23 @@ def test_duplicates_plan_map_and_docs(server):
             playwright_api.expect(page.locator("#plan-rule")).to_be_enabled()   # the view redrawn
             playwright_api.expect(group.locator("figure.keep")).to_have_attribute("title", kept)
             page.screenshot(path=str(folder / "3-duplicates.png"), full_page=True)
+            # The similarity threshold moves; the calibrated rule is one click back.
+            with page.expect_response(lambda response: "threshold=0.99" in response.url):
+                page.locator("#dedup-threshold").fill("0.99")
+            playwright_api.expect(page.locator("#dedup-threshold-value")).to_have_text("0.99")
+            playwright_api.expect(group).to_have_count(1)   # byte copies group at any threshold
+            page.click("#dedup-calibrated")
+            playwright_api.expect(page.locator("#dedup-threshold-value")).to_contain_text("calibrated")
+            # Not a duplicate: set aside, out of the plan, and back with undo.
+            page.click("#view-duplicates section button.not-duplicate")
+            playwright_api.expect(page.locator("#set-aside")).to_be_visible()
+            playwright_api.expect(page.locator("#view-duplicates button.not-duplicate")).to_have_count(0)
+            with page.expect_download() as download_info:
+                page.click("#export-json")
+            assert json.loads(Path(download_info.value.path()).read_text())["remove"] == []
+            page.click("#view-duplicates button.is-duplicate")
+            playwright_api.expect(page.locator("#set-aside")).to_have_count(0)
+            playwright_api.expect(group.locator("figure.keep")).to_have_attribute("title", kept)
 
             page.click("button[data-view=outliers]")
             playwright_api.expect(page.locator("#view-outliers figure").first).to_be_visible()

@@ -66,12 +66,13 @@ def test_identical_bytes_group_whatever_the_threshold(planted):
 
 
 @pytest.mark.parametrize("plan, kept", [("keep-largest", "half-size.png"), ("keep-oldest", "half-size.png"),
-                                        ("keep-first", "image-002.png")])
+                                        ("keep-first", "image-002.png"), ("keep-original", "image-002.png")])
 def test_a_plan_names_the_file_to_keep_and_never_deletes(planted, plan, kept):
     workspace, _ = planted
     copy = workspace / "images" / "z-copies" / "half-size.png"
     original = workspace / "images" / "originals" / "image-002.png"
-    # The copy is made larger and older than its original, so each plan picks its own file.
+    # The copy is made larger and older than its original, so each plan picks its own file;
+    # keep-original keeps the original still, by its pixels (the copy is half its size).
     copy.write_bytes(copy.read_bytes() + b"\0" * 20_000)
     os.utime(copy, ns=(1_000_000_000, 1_000_000_000))
     build_pixel_index(workspace / "images", workspace / "index", workspace / "pixel-encoder.onnx")

@@ -437,3 +437,50 @@ def test_an_id_beyond_any_integer_the_catalog_holds_is_404_not_500(served, url):
     client, _, _ = served
     for image_id in ("99999999999999999999999", str(2**63), "9223372036854775807"):
         assert client.get(url.format(image_id)).status_code == 404
+
+
+def test_decisions_are_kept_by_digest_through_a_rerun_and_an_index_update(served):
+    """Nothing let the user say "not a duplicate", and a chosen keeper lived in one page's memory."""
+    client, folder, paths = served
+    copy = paths[0].parent / "copy-of-first.png"
+    group = client.get("/api/duplicates").json()["groups"][0]
+    assert {m["path"] for m in group["members"]} == {str(paths[0]), str(copy)}
+
+    # Keep the file the default plan would remove: the app, `dedup --plan` and the exported plan agree.
+    default_keeper = client.get("/api/duplicates?plan=keep-first").json()["groups"][0]["members"][0]
+    other = next(m for m in group["members"] if m["id"] != default_keeper["id"])
+    assert client.post("/api/duplicates/1/decision", json={"keep": other["id"]}).status_code == 200
+    shown = client.get("/api/duplicates?plan=keep-first").json()["groups"][0]["members"][0]
+    assert shown["path"] == other["path"] and shown["chosen"] and shown["action"] == "keep"
+    assert client.post("/api/plan", json={"plan": "keep-first"}).json()["plan"]["keep"] == [other["path"]]
+    answer = invoke("dedup", "--plan", "keep-first", "--json", "--output", str(folder / "out"), cwd=folder)
+    assert json.loads((folder / "out" / "plan.json").read_text())["keep"] == [other["path"]], answer.output
+
+    # Not a duplicate: set aside everywhere, through a new index generation (new ids) too.
+    assert client.post("/api/duplicates/1/decision", json={"not_duplicate": True}).status_code == 200
+    distinct_images(folder / "images" / "added", 3, seed=40)
+    build_pixel_index(folder / "images", folder / "index", folder / "pixel-encoder.onnx")
+    answer = client.get("/api/duplicates?plan=keep-first").json()
+    assert answer["groups"] == [] and [len(g["members"]) for g in answer["set_aside"]] == [2]
+    result = invoke("dedup", "--plan", "keep-first", "--json", "--output", str(folder / "out"), cwd=folder)
+    assert json.loads(result.stdout)["groups"] == [] and "1 group you said is not a duplicate" in result.stderr
+    assert json.loads((folder / "out" / "plan.json").read_text())["remove"] == []
+    # Undone: the group is back.
+    assert client.post("/api/duplicates/1/decision", json={"not_duplicate": False}).status_code == 200
+    assert len(client.get("/api/duplicates").json()["groups"]) == 1
+
+
+def test_a_decision_about_an_unknown_group_or_image_is_4xx_and_a_damaged_file_one_line(served):
+    client, folder, paths = served
+    for url, body, status, words in (("/api/duplicates/7/decision", {"not_duplicate": True}, 404, "no duplicate group 7"),
+                                     ("/api/duplicates/1/decision", {"keep": 99999}, 404, "not in duplicate group 1"),
+                                     ("/api/duplicates/1/decision", {}, 422, "either keep"),
+                                     ("/api/duplicates/1/decision", {"keep": 1, "not_duplicate": True}, 422, "either keep")):
+        answer = client.post(url, json=body)
+        assert answer.status_code == status and words in answer.json()["detail"], (body, answer.text)
+    (folder / "index" / "dedup-decisions.json").write_text('{"format": 1, "decisions": {"keepers": ["../x"]}}')
+    answer = client.get("/api/duplicates")
+    assert answer.status_code == 422 and "dedup-decisions.json is damaged" in answer.json()["detail"]
+    result = invoke("dedup", cwd=folder)
+    assert result.exit_code != 0 and "dedup-decisions.json is damaged" in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1

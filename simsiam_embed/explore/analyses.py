@@ -32,6 +32,7 @@ from PIL import Image
 
 from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.errors import UserError
+from simsiam_embed.explore.decisions import Decisions
 from simsiam_embed.index.catalog import CatalogEntry
 from simsiam_embed.index.store import LoadedIndex
 from simsiam_embed.index.thumbnails import indexed_bytes
@@ -240,6 +241,8 @@ class DuplicateMember:
     digest: str
     score: float          # cosine to the group's first member
     action: str = ""      # "keep" or "remove" once a plan is applied
+    pixels: int = 0       # width x height as stored (0: unreadable); keep-original keeps the most
+    chosen: bool = False  # the user chose to keep it (explore/decisions.py)
 
 
 @dataclass
@@ -309,6 +312,7 @@ class DuplicateResult(AnalysisResult):
     failed_pixel_check: int = 0   # candidate pairs whose pictures disagree (or small ones below their threshold)
     unreadable_pairs: int = 0     # candidate pairs with a file gone or changed since indexing
     duplicate_files: int = 0      # files beyond the first of each group: what a plan would remove
+    set_aside: list[DuplicateGroup] = field(default_factory=list)   # the user said: not duplicates
     candidates: dict[str, int] = field(default_factory=dict)   # candidate pairs by source (CANDIDATE_SOURCES)
     confirmed: dict[str, int] = field(default_factory=dict)    # of those, confirmed as copies
 
@@ -316,7 +320,7 @@ class DuplicateResult(AnalysisResult):
         self.duplicate_files = sum(len(group.members) - 1 for group in self.groups)
 
     def described(self) -> dict:
-        return {"rule_text": self.rule.describe()}
+        return {"rule_text": self.rule.describe(), "plan_text": PLAN_RULES.get(self.plan or "", "")}
 
 
 def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
@@ -475,6 +479,27 @@ def choose_keepers(result: DuplicateResult, keepers: dict[int, int]) -> Duplicat
             raise UserError(f"image {member_id} is not in duplicate group {number}: reload the duplicates view")
         groups[number] = dataclasses.replace(group, members=chosen + [m for m in group.members if m.id != member_id])
     return dataclasses.replace(result, groups=[groups[group.number] for group in result.groups])
+
+
+def with_decisions(result: DuplicateResult, decisions: Decisions) -> DuplicateResult:
+    """``result`` with the user's decisions (:mod:`.decisions`): groups they said are not
+    duplicates set aside, and in each other group the file they chose kept (first, in the plan's
+    order otherwise)."""
+    groups, set_aside = [], []
+    for group in result.groups:
+        if decisions.set_aside({member.digest for member in group.members}):
+            set_aside.append(dataclasses.replace(group, members=[dataclasses.replace(m, action="")
+                                                                 for m in group.members]))
+            continue
+        chosen = decisions.keeper_among(group.members)
+        if chosen is not None:
+            members = [dataclasses.replace(chosen, chosen=True)] + [m for m in group.members if m is not chosen]
+            if result.plan is not None:
+                members = [dataclasses.replace(m, action="keep" if rank == 0 else "remove")
+                           for rank, m in enumerate(members)]
+            group = dataclasses.replace(group, members=members)
+        groups.append(group)
+    return dataclasses.replace(result, groups=groups, set_aside=set_aside)
 
 
 def confirm_plan(result: DuplicateResult) -> tuple[DuplicateResult, list[str]]:
@@ -686,15 +711,31 @@ def _group(vectors: CentredVectors, entries: list[CatalogEntry], positions: list
     for rank, position in enumerate(positions):
         entry = entries[position]
         members.append(DuplicateMember(entry.id, entry.path, entry.size, entry.mtime_ns, entry.digest,
-                                       round(min(float(rows[rank] @ rows[0]), 1.0), 6)))
+                                       round(min(float(rows[rank] @ rows[0]), 1.0), 6), pixels=_pixel_count(entry)))
     exact = len({member.digest for member in members}) == 1
     return DuplicateGroup(0, exact, 1.0 if exact else round(min_score, 6), members)
 
 
-#: Each plan's order of a group's members, the one to keep first. keep-largest: most bytes (the
-#: least re-compressed copy); keep-oldest: earliest modified (the original); keep-first: first by
-#: path. Ties by path.
+def _pixel_count(entry: CatalogEntry) -> int:
+    """Width x height from the file's header (no decode); 0 if it cannot be read."""
+    try:
+        with Image.open(entry.path) as image:
+            return image.width * image.height
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
+#: Each plan's rule, in the words the page and the command line say it.
+PLAN_RULES = {
+    "keep-original": "keep the original: the most pixels (a crop or a reduced copy has fewer), then the most "
+                     "bytes (a re-encode at a lower quality has fewer), then the oldest",
+    "keep-largest": "keep the most bytes",
+    "keep-oldest": "keep the earliest modified",
+    "keep-first": "keep the first by path",
+}
+#: Each plan's order of a group's members, the one to keep first; ties by path.
 PLAN_ORDER: dict[str, Callable[[DuplicateMember], tuple]] = {
+    "keep-original": lambda member: (-member.pixels, -member.size, member.mtime_ns, member.path),
     "keep-largest": lambda member: (-member.size, member.path),
     "keep-oldest": lambda member: (member.mtime_ns, member.path),
     "keep-first": lambda member: (member.path,),

@@ -45,7 +45,8 @@ from simsiam_embed.inference.embed import Encoder
 from simsiam_embed.errors import UserError
 from simsiam_embed.explore.analyses import AnalysisResult, choose_keepers, confirm_plan
 from simsiam_embed.explore.pages import plan_csv, plan_json
-from simsiam_embed.explore.stored import analysis, asks_for_defaults
+from simsiam_embed.explore.decisions import decide, keep_file, not_a_duplicate
+from simsiam_embed.explore.stored import analysis, asks_for_defaults, decided
 from simsiam_embed.index.store import LoadedIndex, current_generation, load_index
 from simsiam_embed.explore.report import (
     CHART_NAMES, available_charts, build_chart, read_run_metrics, read_run_config, run_dimension, run_summary,
@@ -129,12 +130,15 @@ class LiveIndex:
             cache_key = (loaded.generation, kind, *sorted(settings.items()))
             if cache_key in self._analyses:
                 self._analyses.move_to_end(cache_key)
-                return self._analyses[cache_key]
-            result = analysis(loaded, kind, store=asks_for_defaults(kind, settings), **settings)
-            self._analyses[cache_key] = result
-            while len(self._analyses) > MEMORY_ANALYSES:
-                self._analyses.popitem(last=False)
-            return result
+                result = self._analyses[cache_key]
+            else:
+                result = analysis(loaded, kind, store=asks_for_defaults(kind, settings), with_user_decisions=False,
+                                  **settings)
+                self._analyses[cache_key] = result
+                while len(self._analyses) > MEMORY_ANALYSES:
+                    self._analyses.popitem(last=False)
+        # The user's decisions change between requests; what was found does not.
+        return decided(loaded, result) if kind == "duplicates" else result
 
 
 def create_app(index_dir: Path, workspace: Workspace | None = None,
@@ -283,8 +287,31 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
             known_plan(plan)
         return live.analysis(loaded, "duplicates", threshold=threshold, plan=plan).to_json(limit)
 
+    @app.post("/api/duplicates/{number}/decision", summary="Keep a file of a group, or say it is not duplicates")
+    def dedup_decision(number: int, keep: int | None = Body(None, description="the id of the member to keep"),
+                       not_duplicate: bool | None = Body(None, description="true: not copies; false: undo that"),
+                       threshold: float | None = Body(None, ge=-1.0, le=1.0, allow_inf_nan=False)) -> dict:
+        """Stored by the files' digests in the index folder (dedup-decisions.json), so they hold
+        for `dedup`, for an index update and for every plan. Deletes nothing."""
+        if (keep is None) == (not_duplicate is None):
+            raise HTTPException(422, "give either keep (an image id) or not_duplicate (true or false)")
+        loaded = index_now()
+        result = live.analysis(loaded, "duplicates", threshold=threshold)
+        group = next((g for g in result.groups + result.set_aside if g.number == number), None)
+        if group is None:
+            raise HTTPException(404, f"there is no duplicate group {number}: reload the duplicates view")
+        digests = {member.digest for member in group.members}
+        if keep is not None:
+            member = next((m for m in group.members if m.id == keep), None)
+            if member is None:
+                raise HTTPException(404, f"image {keep} is not in duplicate group {number}: reload the duplicates view")
+            decisions = decide(loaded.folder, keep_file(member.digest, member.path, digests))
+        else:
+            decisions = decide(loaded.folder, not_a_duplicate(digests, undo=not not_duplicate))
+        return {"group": number, "not_duplicate_sets": len(decisions.not_duplicates), "keepers": len(decisions.keepers)}
+
     @app.post("/api/plan", summary="The dedup plan as `dedup --plan` writes it, with the user's keepers")
-    def dedup_plan(plan: str = Body("keep-largest", description=", ".join(PLANS)),
+    def dedup_plan(plan: str = Body("keep-original", description=", ".join(PLANS)),
                    keepers: dict[str, int] = Body({}, description="group number -> the id of the member to keep"),
                    threshold: float | None = Body(None, ge=-1.0, le=1.0, allow_inf_nan=False)) -> dict:
         """plan.json's content and plan.csv's text, checked against the disk now (a member gone or

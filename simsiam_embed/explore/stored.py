@@ -21,8 +21,9 @@ from typing import Any, Callable
 from simsiam_embed import __version__
 from simsiam_embed.explore.analyses import (
     AnalysisResult, ClusterResult, DuplicateResult, MapResult, OutlierResult, find_clusters, find_duplicates,
-    find_outliers, project_to_map, with_plan,
+    find_outliers, project_to_map, with_decisions, with_plan,
 )
+from simsiam_embed.explore.decisions import read_decisions
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import write_json_atomic
 from simsiam_embed.index.store import LoadedIndex
@@ -42,14 +43,25 @@ ANALYSES: dict[str, tuple[Callable[..., AnalysisResult], type]] = {
 
 
 def analysis(loaded: LoadedIndex, kind: str, report: Report | None = None, store: bool = True,
-             **settings: Any) -> AnalysisResult:
+             with_user_decisions: bool = True, **settings: Any) -> AnalysisResult:
     """``kind``'s result for ``loaded``'s generation with these ``settings``: the stored one if any,
     else computed now (``report`` hears its progress) and, if ``store``, stored. A dedup plan is
     not a setting of what is found, only of its order: the groups are stored once, whatever the
-    plan, and ordered for the one asked."""
+    plan, and ordered for the one asked. Duplicates come with the user's decisions unless
+    ``with_user_decisions`` is off (:func:`decided` applies them later)."""
     settings, plan = _without_order(kind, settings)
     result = _stored_or_computed(loaded, kind, report, store, settings)
-    return with_plan(loaded, result, plan) if plan is not None else result
+    if kind != "duplicates":
+        return result
+    # The user's decisions are applied on every read, not stored in the result: they change
+    # without the index changing, and must hold for every generation after.
+    result = with_plan(loaded, result, plan) if plan is not None else result
+    return decided(loaded, result) if with_user_decisions else result
+
+
+def decided(loaded: LoadedIndex, result: DuplicateResult) -> DuplicateResult:
+    """``result`` with the decisions the user has stored for this index (read now)."""
+    return with_decisions(result, read_decisions(loaded.folder))
 
 
 def _stored_or_computed(loaded: LoadedIndex, kind: str, report: Report | None, store: bool,

@@ -113,6 +113,16 @@ $("page-size").addEventListener("change", () => { if (query) search(query, query
 
 // -- the full-size viewer ------------------------------------------------------------------
 
+// An image's facts (/api/images/{id}/facts) as the rows of a <dl>.
+function factRows(facts) {
+  const rows = [["path", facts.path], ["folder", facts.folder], ["label", facts.label || "-"],
+                ["size", facts.width ? `${facts.width} x ${facts.height} px` : "-"],
+                ["file", `${facts.bytes.toLocaleString()} bytes, ${facts.format || "?"}`], ["modified", facts.modified || "-"],
+                ["on disk", facts.present ? "as indexed" : "gone or changed since indexing"]];
+  return rows.flatMap(([name, value]) => {
+    const dt = el("dt"), dd = el("dd"); dt.textContent = name; dd.textContent = value; return [dt, dd]; });
+}
+
 const viewer = {list: [], index: 0};
 
 async function openViewer(id, list) {
@@ -130,12 +140,7 @@ async function openViewer(id, list) {
     const facts = await api(`/api/images/${id}/facts`);
     $("viewer-title").textContent = facts.name;
     $("viewer-image").alt = facts.name;
-    const rows = [["path", facts.path], ["folder", facts.folder], ["label", facts.label || "-"],
-                  ["size", facts.width ? `${facts.width} x ${facts.height} px` : "-"],
-                  ["file", `${facts.bytes.toLocaleString()} bytes, ${facts.format || "?"}`], ["modified", facts.modified || "-"],
-                  ["on disk", facts.present ? "as indexed" : "gone or changed since indexing"]];
-    $("viewer-facts").replaceChildren(...rows.flatMap(([name, value]) => {
-      const dt = el("dt"), dd = el("dd"); dt.textContent = name; dd.textContent = value; return [dt, dd]; }));
+    $("viewer-facts").replaceChildren(...factRows(facts));
     const near = await api(`/api/search/${id}?k=8`);
     const ids = near.hits.map(hit => hit.id);
     $("viewer-neighbours").replaceChildren(...near.hits.map(hit =>
@@ -160,8 +165,6 @@ $("viewer").addEventListener("keydown", event => {
 
 // -- the other views -----------------------------------------------------------------------
 
-const keepers = {};   // duplicates view: group number -> the member id the user keeps instead
-
 // A CSV field as Python's csv module writes one (plan.csv's): quoted when it holds a comma, a
 // quote or a line break.
 const csvField = value => { const text = String(value); return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text; };
@@ -171,22 +174,63 @@ function download(name, text, type) {
   document.body.append(link); link.click(); link.remove();
 }
 
+// Two members of a duplicate group side by side at full size, each with its facts.
+async function openCompare(ids) {
+  const dialog = $("compare");
+  const sides = ids.map(id => {
+    const facts = el("dl");
+    api(`/api/images/${id}/facts`).then(found => facts.replaceChildren(...factRows(found)))
+      .catch(error => { const p = el("p", {class: "error"}); p.textContent = error.message; facts.replaceChildren(p); });
+    return el("div", {class: "compare-side"}, el("img", {src: `/api/images/${id}`, alt: `image ${id}`}), facts);
+  });
+  $("compare-body").replaceChildren(...sides);
+  if (!dialog.open) dialog.showModal();
+}
+$("compare-close").addEventListener("click", () => $("compare").close());
+
+const PLAN_RULES = ["keep-original", "keep-largest", "keep-oldest", "keep-first"];
+
 const loaders = {
   async duplicates(view) {
-    const plan = view.querySelector("#plan-rule")?.value || "keep-largest";
-    const data = await api(`/api/duplicates?plan=${plan}`);
-    const rule = el("select", {id: "plan-rule"}, ...["keep-largest", "keep-oldest", "keep-first"].map(name =>
-      el("option", name === plan ? {selected: ""} : {}, name)));
-    rule.addEventListener("change", async () => {   // the user's own keepers stay: a rule orders the rest
-      rule.disabled = true;
+    const plan = view.querySelector("#plan-rule")?.value || "keep-original";
+    const threshold = view.querySelector("#dedup-threshold")?.dataset.chosen || "";   // "": the calibrated rule
+    const asked = threshold ? `&threshold=${threshold}` : "";
+    const data = await api(`/api/duplicates?plan=${plan}${asked}`);
+    const notes = el("span", {class: "note", id: "plan-notes"});
+    const working = async () => {   // every control reloads the view; say so while it does
       notes.textContent = "working ..."; notes.className = "note";
+      for (const control of view.querySelectorAll("button, select, input")) control.disabled = true;
       try { await loaders.duplicates(view); }
-      catch (error) { notes.textContent = error.message; notes.className = "error"; rule.disabled = false; }
-    });
+      catch (error) {
+        notes.textContent = error.message; notes.className = "error";
+        for (const control of view.querySelectorAll("button, select, input")) control.disabled = false;
+      }
+    };
+    const decide = (number, body) => async event => {   // stored by the files' digests, then shown
+      event.stopPropagation();
+      try {
+        await api(`/api/duplicates/${number}/decision`, {method: "POST", headers: {"Content-Type": "application/json"},
+                                                          body: JSON.stringify({...body, threshold: threshold ? Number(threshold) : null})});
+        await working();
+      } catch (error) { notes.textContent = error.message; notes.className = "error"; }
+    };
+    const rule = el("select", {id: "plan-rule"}, ...PLAN_RULES.map(name =>
+      el("option", name === plan ? {selected: ""} : {}, name)));
+    rule.addEventListener("change", working);
+    const slider = el("input", {id: "dedup-threshold", type: "range", min: "0.5", max: "1", step: "0.01",
+                                value: threshold || String(data.rule.threshold)});
+    slider.dataset.chosen = threshold;
+    const shown = el("output", {id: "dedup-threshold-value"});
+    shown.textContent = threshold ? Number(threshold).toFixed(2) : `calibrated (${data.rule.threshold})`;
+    slider.addEventListener("input", () => { shown.textContent = Number(slider.value).toFixed(2); });
+    slider.addEventListener("change", () => { slider.dataset.chosen = slider.value; working(); });
+    const calibrated = el("button", {id: "dedup-calibrated", type: "button"}, "calibrated");
+    calibrated.hidden = !threshold;
+    calibrated.addEventListener("click", () => { slider.dataset.chosen = ""; working(); });
     const exportAs = format => async () => {
       try {
         const answer = await api("/api/plan", {method: "POST", headers: {"Content-Type": "application/json"},
-                                               body: JSON.stringify({plan: rule.value, keepers})});
+                                               body: JSON.stringify({plan: rule.value, threshold: threshold ? Number(threshold) : null})});
         format === "json" ? download("plan.json", JSON.stringify(answer.plan, null, 1), "application/json")
                           : download("plan.csv", answer.csv, "text/csv");
         notes.textContent = answer.notes.length ? answer.notes.join(" ") :
@@ -196,42 +240,52 @@ const loaders = {
     };
     const jsonButton = el("button", {id: "export-json"}, "export plan.json"), csvButton = el("button", {id: "export-csv"}, "export plan.csv");
     jsonButton.addEventListener("click", exportAs("json")); csvButton.addEventListener("click", exportAs("csv"));
-    const notes = el("span", {class: "note", id: "plan-notes"});
     const summary = el("p", {class: "note"});
     summary.textContent = `${data.total_groups} groups, ${data.duplicate_files} files beyond the first of each, among ` +
-      `${data.images} images (copies: ${data.rule_text}; ${data.method}). The outlined image of each group is kept: ` +
-      "\"keep this\" under another keeps it instead (your choices stay when the plan rule changes); click an image " +
-      "to see it whole. The plan is exported, never carried out here.";
-    view.replaceChildren(summary, el("div", {class: "toolbar"}, el("label", {}, "plan ", rule), jsonButton, csvButton, notes));
-    for (const group of data.groups) {
+      `${data.images} images (copies: ${data.rule_text}; ${data.method}). The outlined image of each group is kept ` +
+      `(${data.plan_text}); "keep this" under another keeps it instead, and "not a duplicate" sets a group aside: both ` +
+      "are stored with the index and hold for `dedup`, index updates and every plan. Click an image to see it whole. " +
+      "The plan is exported, never carried out here.";
+    view.replaceChildren(summary, el("div", {class: "toolbar"}, el("label", {}, "plan ", rule),
+                                     el("label", {}, "similarity at least ", slider, " ", shown), calibrated,
+                                     jsonButton, csvButton, notes));
+    const section = (group, setAside) => {
       const title = el("h2"); title.textContent = `group ${group.number}: ${group.members.length} images, ` +
         (group.exact ? "identical bytes" : `cosine >= ${group.min_score.toFixed(3)}`) +
         (group.evidence.length ? ` (${group.evidence.join("; ")})` : "");
       const row = el("div", {class: "row"});
-      const mark = () => {
-        const keeper = keepers[group.number] ?? group.members[0].id;
-        for (const tile of row.children) {
-          const keep = Number(tile.dataset.id) === keeper;
-          tile.className = keep ? "keep" : "remove";
-          tile.querySelector(".action").textContent = keep ? "keep " : "remove ";
-          tile.querySelector(".keep-this").hidden = keep;
-        }
-      };
-      // A tile opens the image, as everywhere in the app (click or Enter); its own button makes it
-      // the keeper. One click doing both made a double-click to view also change the keeper.
+      // A tile opens the image, as everywhere in the app (click or Enter); its own buttons make it
+      // the keeper or compare it. One click doing both made a double-click to view also change the keeper.
       const ids = group.members.map(m => m.id);
       for (const member of group.members) {
         const tile = figure(member.id, `${member.score.toFixed(3)} ${shortName(member.path)}`, member.path, ids);
-        const keepButton = el("button", {class: "keep-this", type: "button"}, "keep this");
-        keepButton.addEventListener("click", event => {
-          event.stopPropagation(); keepers[group.number] = member.id; mark(); });
-        keepButton.addEventListener("keydown", event => event.stopPropagation());   // Enter: the button's, not the tile's
-        tile.querySelector("figcaption").prepend(el("span", {class: "action"}));
-        tile.append(keepButton);
+        const action = el("span", {class: "action"});
+        action.textContent = setAside ? "" : `${member.action || (member === group.members[0] ? "keep" : "remove")}` +
+          (member.chosen ? " (your choice) " : " ");
+        tile.className = setAside ? "" : (member === group.members[0] ? "keep" : "remove");
+        tile.querySelector("figcaption").prepend(action);
+        if (!setAside && member !== group.members[0]) {
+          const keepButton = el("button", {class: "keep-this", type: "button"}, "keep this");
+          keepButton.addEventListener("click", decide(group.number, {keep: member.id}));
+          const compare = el("button", {class: "compare", type: "button"}, "compare");
+          compare.addEventListener("click", event => { event.stopPropagation(); openCompare([group.members[0].id, member.id]); });
+          for (const button of [keepButton, compare]) {
+            button.addEventListener("keydown", event => event.stopPropagation());   // Enter: the button's, not the tile's
+            tile.append(button);
+          }
+        }
         row.append(tile);
       }
-      view.append(el("section", {"data-group": group.number}, title, row));
-      mark();
+      const judge = el("button", {class: setAside ? "is-duplicate" : "not-duplicate", type: "button"},
+                       setAside ? "undo: these are duplicates" : "not a duplicate");
+      judge.addEventListener("click", decide(group.number, {not_duplicate: !setAside}));
+      return el("section", {"data-group": group.number}, title, el("div", {class: "toolbar"}, judge), row);
+    };
+    for (const group of data.groups) view.append(section(group, false));
+    if (data.set_aside.length) {
+      const heading = el("h2", {id: "set-aside"});
+      heading.textContent = `${data.set_aside.length} set aside: you said these are not duplicates (never in a plan)`;
+      view.append(heading, ...data.set_aside.map(group => section(group, true)));
     }
   },
   async clusters(view) {
