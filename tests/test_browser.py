@@ -287,3 +287,38 @@ def test_duplicates_plan_map_and_docs(server):
             browser.close()
     for name in ("3-duplicates.png", "4-map.png", "5-docs.png"):
         assert (folder / name).stat().st_size > 5_000
+
+
+def test_the_view_is_in_the_url_so_a_reload_or_a_link_keeps_it(server):
+    """The URL never changed: a reload lost the view and nothing could be linked."""
+    url, folder, paths = server
+    with playwright_api.sync_playwright() as playwright:
+        browser, page = launch(playwright, folder)
+        try:
+            page.goto(url)
+            page.click("button[data-view=duplicates]")
+            playwright_api.expect(page.locator("#view-duplicates section")).to_have_count(1)
+            page.select_option("#plan-rule", "keep-first")
+            playwright_api.expect(page).to_have_url(re.compile(r"#duplicates\?plan=keep-first$"))
+            page.reload()
+            playwright_api.expect(page.locator("button[data-view=duplicates]")).to_have_class("active")
+            playwright_api.expect(page.locator("#plan-rule")).to_have_value("keep-first")
+            # The image open whole is in the URL too, and "search from it" links its search.
+            page.locator("#view-duplicates figure").first.click()
+            playwright_api.expect(page).to_have_url(re.compile(r"&image=\d+$"))
+            page.click("#viewer-search")
+            playwright_api.expect(page).to_have_url(re.compile(r"#search\?id=\d+&k=20$"))
+            linked = page.url
+            # A link opens the view it names: the search from an indexed image, clusters with their k.
+            other = browser.new_page()
+            other.goto(linked)
+            playwright_api.expect(other.locator("#results figure")).to_have_count(20)
+            playwright_api.expect(other.locator("#query figcaption")).to_contain_text("images/")
+            other.goto(url + "/#clusters?k=2")
+            playwright_api.expect(other.locator("#view-clusters section")).to_have_count(2)
+            other.goto(url + "/#map?image=nonsense")   # a link's junk is ignored, not an error
+            playwright_api.expect(other.locator("button[data-view=map]")).to_have_class("active")
+            assert page.errors == [] and page.foreign == []
+        finally:
+            browser.close()
+

@@ -59,6 +59,26 @@ async function api(url, options) {
   return body;
 }
 
+// -- the view's state in the URL -----------------------------------------------------------
+// The fragment holds the view and its settings (#duplicates?plan=keep-first&threshold=0.9,
+// #search?id=12, image=ID while one is open whole), so a reload keeps the view and a link opens it.
+
+const startState = (() => {   // the link the page was opened with, read once
+  const [view, settings] = location.hash.slice(1).split("?");
+  return {view: document.querySelector(`#tabs button[data-view="${CSS.escape(view || "")}"]`) ? view : "search",
+          params: new URLSearchParams(settings || "")};
+})();
+const fromLink = (view, name) => startState.view === view ? startState.params.get(name) || "" : "";
+const stateOf = {};   // each view's settings, as its last load left them
+let shownView = startState.view;
+
+function writeUrl(extra = {}) {
+  const settings = Object.entries({...stateOf[shownView], ...extra}).filter(([, value]) => value !== "" && value != null);
+  const text = new URLSearchParams(settings).toString();
+  history.replaceState(null, "", `#${shownView}${text ? "?" + text : ""}`);
+}
+function remember(view, settings) { stateOf[view] = settings; if (view === shownView) writeUrl(); }
+
 function say(text, isError = false) { $("message").textContent = text; $("message").className = isError ? "error" : "note"; }
 
 // -- search, a page at a time --------------------------------------------------------------
@@ -81,7 +101,9 @@ function showHits(answer, queryNode) {
   $("results").replaceChildren(...answer.hits.map(hit =>
     figure(hit.id, `${hit.rank}. ${hit.score.toFixed(3)} ${shortName(hit.path)}`, hit.path, list)));
   $("more").hidden = answer.hits.length < query.k || query.k >= MAX_K;
-  say(`${answer.hits.length} nearest images; click one (or Enter) to see it whole, arrows move between them.`);
+  say(`${answer.hits.length} nearest images; click one (or Enter) to see it whole, arrows move between them.` +
+      (query.file ? " (A search from an uploaded file cannot be linked; one from an indexed image can.)" : ""));
+  remember("search", query.id != null ? {id: query.id, k: query.k} : {});
 }
 
 async function search(newQuery, queryNode) {
@@ -126,6 +148,7 @@ function factRows(facts) {
 const viewer = {list: [], index: 0};
 
 async function openViewer(id, list) {
+  writeUrl({image: id});
   viewer.list = list && list.includes(id) ? list : [id];
   viewer.index = viewer.list.indexOf(id);
   const dialog = $("viewer");
@@ -151,6 +174,7 @@ async function openViewer(id, list) {
 }
 
 $("viewer-close").addEventListener("click", () => $("viewer").close());
+$("viewer").addEventListener("close", () => writeUrl());
 $("viewer-search").addEventListener("click", () => {
   const id = viewer.list[viewer.index];
   $("viewer").close();
@@ -192,8 +216,11 @@ const PLAN_RULES = ["keep-original", "keep-largest", "keep-oldest", "keep-first"
 
 const loaders = {
   async duplicates(view) {
-    const plan = view.querySelector("#plan-rule")?.value || "keep-original";
-    const threshold = view.querySelector("#dedup-threshold")?.dataset.chosen || "";   // "": the calibrated rule
+    const planLinked = fromLink("duplicates", "plan");
+    const plan = view.querySelector("#plan-rule")?.value || (PLAN_RULES.includes(planLinked) ? planLinked : "keep-original");
+    const slider0 = view.querySelector("#dedup-threshold");   // "": the calibrated rule
+    const linked = Number(fromLink("duplicates", "threshold"));
+    const threshold = slider0 ? slider0.dataset.chosen : (linked >= 0.5 && linked <= 1 ? String(linked) : "");
     const asked = threshold ? `&threshold=${threshold}` : "";
     const data = await api(`/api/duplicates?plan=${plan}${asked}`);
     const notes = el("span", {class: "note", id: "plan-notes"});
@@ -281,6 +308,7 @@ const loaders = {
       judge.addEventListener("click", decide(group.number, {not_duplicate: !setAside}));
       return el("section", {"data-group": group.number}, title, el("div", {class: "toolbar"}, judge), row);
     };
+    remember("duplicates", {plan, threshold});
     for (const group of data.groups) view.append(section(group, false));
     if (data.set_aside.length) {
       const heading = el("h2", {id: "set-aside"});
@@ -289,9 +317,10 @@ const loaders = {
     }
   },
   async clusters(view) {
-    const asked = view.querySelector("#cluster-k")?.value;
-    const k = asked ? `k=${Number(asked)}` : "";
+    const asked = view.querySelector("#cluster-k")?.value || fromLink("clusters", "k");
+    const k = Number(asked) >= 1 ? `k=${Math.floor(Number(asked))}` : "";
     const data = await api(`/api/clusters?${k}`);
+    remember("clusters", {k: k ? data.k : ""});
     const note = el("p", {class: "note"});
     note.textContent = `${data.clusters.length} clusters of ${data.images} images (k = ${data.k}: ${data.k_reason}). ` +
       "Each shows the images nearest its centre; open one whole with its button.";
@@ -368,6 +397,8 @@ const loaders = {
 
 const loaded = {};
 async function showView(name) {
+  shownView = name;
+  writeUrl();
   for (const button of document.querySelectorAll("#tabs button"))
     button.classList.toggle("active", button.dataset.view === name);
   for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== "view-" + name;
@@ -400,3 +431,17 @@ async function refreshStatus() {
   } catch (error) { $("status").textContent = error.message; }
 }
 refreshStatus(); setInterval(refreshStatus, 10000);
+
+// A fragment typed or followed in this page (replaceState, ours, fires no hashchange): open it as a link.
+window.addEventListener("hashchange", () => location.reload());
+// Open what the link names: its view, the search from an indexed image, the image shown whole.
+(async () => {
+  const linkedId = Number(fromLink("search", "id")), image = Number(startState.params.get("image"));
+  if (startState.view === "search" && Number.isInteger(linkedId) && startState.params.has("id")) {
+    const k = Number(startState.params.get("k"));
+    if ([10, 20, 50, 100].includes(k)) $("page-size").value = String(k);
+    const facts = await api(`/api/images/${linkedId}/facts`).catch(() => null);
+    searchById(linkedId, facts?.path);
+  } else await showView(startState.view);
+  if (startState.params.has("image") && Number.isInteger(image)) openViewer(image);
+})();
