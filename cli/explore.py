@@ -1,4 +1,5 @@
-"""`dedup`, `clusters`, `outliers`, `map`, `report` and `serve`: what the embeddings found."""
+"""`dedup`, `clusters`, `outliers`, `quality`, `map`, `report` and `serve`: what the embeddings (and the
+pictures) say."""
 
 from __future__ import annotations
 
@@ -137,6 +138,29 @@ def outliers_command(workspace: Path, index_dir: Path | None, output: Path | Non
         click.echo(f"  {outlier.rank:>4}  {outlier.score:.4f}  {printable(outlier.path)}")
 
 
+@click.command("quality")
+@workspace_option
+@index_dir_option
+@output_option
+@click.option("-n", "--show", type=click.IntRange(min=0), default=10, help="Images listed per check (all are in quality.json).")
+@json_option
+def quality_command(workspace: Path, index_dir: Path | None, output: Path | None, show: int, as_json: bool) -> None:
+    """Image-quality checks on the indexed images: blurry, too dark or bright, tiny, near-uniform, damaged."""
+    loaded, folder = _open(workspace, index_dir, output)
+    result = explore_stored.analysis(loaded, "quality", echo_err)
+    if _printed_as_json(result, explore_pages.write_analysis(result, loaded, folder), as_json):
+        return
+    click.echo(f"{len(result.flagged)} of {result.images} images fail a check"
+               + (f" ({result.unreadable} could not be read as indexed)" if result.unreadable else ""))
+    for check, words in result.described()["checks"].items():
+        failing = [image for image in result.flagged if check in image.checks]
+        click.echo(f"  {check}: {len(failing)} ({words})")
+        for image in failing[:show]:
+            click.echo(f"    {image.measures[image.checks.index(check)]}  {printable(image.path)}")
+        if len(failing) > show:
+            click.echo(f"    ... {len(failing) - show} more")
+
+
 @click.command("map")
 @workspace_option
 @index_dir_option
@@ -181,7 +205,7 @@ def report_command(run: Path | None, workspace: Path, as_json: bool) -> None:
 @click.option("--max-upload-mb", type=FiniteFloatRange(0.01, 1024), default=20.0, help="Largest query image accepted.")
 def serve_command(workspace: Path, index_dir: Path | None, host: str, port: int, max_upload_mb: float) -> None:
     """A local web app over the index: drop an image to search, browse duplicates, clusters, outliers,
-    the map and the latest run's report. JSON API with OpenAPI docs at /docs."""
+    image quality, the map and the latest run's report. JSON API with OpenAPI docs at /docs."""
     try:
         from simsiam_embed.explore.serve import serve
     except ModuleNotFoundError as missing:

@@ -30,11 +30,13 @@ COMMANDS = {
                  "Group the indexed images by k-means on their embeddings (FAISS)."),
     "outliers": ("explore", "outliers_command",
                  "The indexed images least similar to their nearest neighbours, oddest first."),
+    "quality": ("explore", "quality_command",
+                "Image-quality checks on the indexed images: blurry, too dark or bright, tiny, near-uniform, damaged."),
     "map": ("explore", "map_command",
             "A 2-D map of the indexed images: a page where each point shows its image on hover."),
     "serve": ("explore", "serve_command",
-              "A local web app over the index: drop an image to search, browse duplicates, clusters, outliers, the "
-              "map and the latest run's report. JSON API with OpenAPI docs at /docs."),
+              "A local web app over the index: drop an image to search, browse duplicates, clusters, outliers, "
+              "image quality, the map and the latest run's report. JSON API with OpenAPI docs at /docs."),
     "report": ("explore", "report_command",
                "Draw a pretraining run's curves (default: the latest run) as PNG files and report.html in its "
                "folder."),

@@ -316,6 +316,9 @@ def test_the_view_is_in_the_url_so_a_reload_or_a_link_keeps_it(server):
             playwright_api.expect(other.locator("#query figcaption")).to_contain_text("images/")
             other.goto(url + "/#clusters?k=2")
             playwright_api.expect(other.locator("#view-clusters section")).to_have_count(2)
+            other.goto(url + "/#quality")   # the quality checks, one section each, every caption a measure
+            playwright_api.expect(other.locator("#view-quality section")).to_have_count(6)
+            playwright_api.expect(other.locator("#view-quality section[data-check=tiny] figcaption").first).to_contain_text(" px ")
             other.goto(url + "/#map?image=nonsense")   # a link's junk is ignored, not an error
             playwright_api.expect(other.locator("button[data-view=map]")).to_have_class("active")
             assert page.errors == [] and page.foreign == []

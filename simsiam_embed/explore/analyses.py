@@ -22,7 +22,7 @@ import dataclasses
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +33,7 @@ from PIL import Image
 from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.errors import UserError
 from simsiam_embed.explore.decisions import Decisions
+from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.index.catalog import CatalogEntry
 from simsiam_embed.index.store import LoadedIndex
 from simsiam_embed.index.thumbnails import indexed_bytes
@@ -60,28 +61,6 @@ QUERY_CHUNK = 16_384
 #: An explicit threshold applies to every pair as given.
 #: Neighbours searched per image for duplicates: its nearest other image is among them unless
 #: more than this many byte-identical copies of it come first (those group by their bytes).
-
-
-# --------------------------------------------------------------------------------------------
-# The results' one JSON shape
-
-
-class AnalysisResult:
-    """What an analysis returns; ``to_json`` is its one shape, for the explore commands' files and
-    ``--json``, the stored copy of each index generation, and serve's API alike."""
-
-    #: The field that lists what was found (groups, clusters, ...): long, so it may be cut.
-    listed = ""
-
-    def to_json(self, limit: int | None = None) -> dict:
-        data = asdict(self)
-        found = data[self.listed]
-        data[self.listed] = found[:limit]
-        return {**data, f"total_{self.listed}": len(found), **self.described()}
-
-    def described(self) -> dict:
-        """Fields for people that the data alone does not spell out."""
-        return {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import io
 from pathlib import Path
 
 from simsiam_embed.explore.analyses import ClusterResult, DuplicateResult, MapResult, OutlierResult
+from simsiam_embed.explore.quality import CHECKS, QualityResult
 from simsiam_embed.files import atomic_write, write_json_atomic
 from simsiam_embed.html_pages import render, tile
 from simsiam_embed.index.store import LoadedIndex
@@ -85,10 +86,11 @@ def plan_csv(result: DuplicateResult) -> str:
     return _csv_text(PLAN_CSV_COLUMNS, rows)
 
 
-def write_analysis(result: ClusterResult | OutlierResult | MapResult, loaded: LoadedIndex, folder: Path) -> list[Path]:
-    """``<name>.json`` (everything) and ``<name>.html`` for clusters, outliers or a map."""
+def write_analysis(result: ClusterResult | OutlierResult | MapResult | QualityResult, loaded: LoadedIndex,
+                   folder: Path) -> list[Path]:
+    """``<name>.json`` (everything) and ``<name>.html`` for clusters, outliers, a map or the quality checks."""
     name, write_page = {ClusterResult: ("clusters", write_clusters_page), OutlierResult: ("outliers", write_outliers_page),
-                        MapResult: ("map", write_map_page)}[type(result)]
+                        MapResult: ("map", write_map_page), QualityResult: ("quality", write_quality_page)}[type(result)]
     written = [folder / f"{name}.json", folder / f"{name}.html"]
     write_json_atomic(written[0], result.to_json())
     write_page(result, loaded, written[1])
@@ -132,6 +134,19 @@ def write_outliers_page(result: OutlierResult, loaded: LoadedIndex, path: Path) 
                f"nearest neighbours (mean cosine; the typical image scores {result.median_score:.3f}); {result.method}.")
     _write(path, render("sections.html", title="Outliers", summary=summary,
                         sections=[{"heading": "", "tiles": tiles, "note": ""}]))
+
+
+def write_quality_page(result: QualityResult, loaded: LoadedIndex, path: Path) -> None:
+    sections = []
+    for check, words in CHECKS.items():
+        failing = [image for image in result.flagged if check in image.checks]
+        tiles = [_tile(loaded, image.id, f"{image.measures[image.checks.index(check)]} {Path(image.path).name}")
+                 for image in failing[:PAGE_MAX_ITEMS]]
+        sections.append({"heading": f"{check}: {len(failing)} images ({words})", "tiles": tiles,
+                         "note": _more(len(tiles), len(failing), "images", "quality.json")})
+    summary = (f"{len(result.flagged)} of {result.images} images fail a check"
+               + (f"; {result.unreadable} could not be read as indexed" if result.unreadable else "") + ".")
+    _write(path, render("sections.html", title="Image quality", summary=summary, sections=sections))
 
 
 def write_map_page(result: MapResult, loaded: LoadedIndex, path: Path) -> None:

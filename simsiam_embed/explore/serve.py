@@ -351,6 +351,10 @@ def create_app(index_dir: Path, workspace: Workspace | None = None,
         loaded = index_now()
         return live.analysis(loaded, "outliers", count=count).to_json()
 
+    @app.get("/api/quality", summary="Image-quality checks: blurry, too dark or bright, tiny, near-uniform, damaged")
+    def quality(limit: int = Query(1000, ge=1, le=100_000)) -> dict:
+        return live.analysis(index_now(), "quality").to_json(limit)
+
     @app.get("/api/map", summary="A 2-D projection of the index")
     def map_points() -> dict:
         loaded = index_now()

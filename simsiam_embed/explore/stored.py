@@ -24,6 +24,7 @@ from simsiam_embed.explore.analyses import (
     find_outliers, project_to_map, with_decisions, with_plan,
 )
 from simsiam_embed.explore.decisions import read_decisions
+from simsiam_embed.explore.quality import QualityResult, check_quality
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import write_json_atomic
 from simsiam_embed.index.store import LoadedIndex
@@ -39,6 +40,7 @@ ANALYSES: dict[str, tuple[Callable[..., AnalysisResult], type]] = {
     "clusters": (find_clusters, ClusterResult),
     "outliers": (find_outliers, OutlierResult),
     "map": (project_to_map, MapResult),
+    "quality": (check_quality, QualityResult),
 }
 
 

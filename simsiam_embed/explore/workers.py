@@ -15,12 +15,16 @@ POOL_MIN_ITEMS = 8
 
 
 def map_in_workers(function: Callable[[Item], Result], items: Sequence[Item],
-                   workers: int | None = None) -> list[Result]:
+                   workers: int | None = None, isolated: bool = False) -> list[Result]:
     """``[function(item) for item in items]``, in up to one process a core. ``function`` must be a
-    module-level function (it is pickled by name)."""
+    module-level function (it is pickled by name). ``isolated``: never in this process, even for
+    a few items (``function`` changes process-wide state, such as where stderr goes)."""
     workers = workers if workers is not None else min(len(items), os.cpu_count() or 1)
-    if workers <= 1 or len(items) < POOL_MIN_ITEMS:
+    if not isolated and (workers <= 1 or len(items) < POOL_MIN_ITEMS):
         return [function(item) for item in items]
+    if not items:
+        return []
+    workers = max(1, min(workers, len(items)))
     # Spawned, not forked: a fork of a process whose other threads hold locks (FAISS's OpenMP,
     # ONNX Runtime's pool, PyTorch's) left workers asleep for ever in the first measurement.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -361,6 +361,22 @@ const loaders = {
     view.replaceChildren(note, el("div", {class: "row"}, ...data.outliers.map(o =>
       figure(o.id, `${o.rank}. ${o.score.toFixed(3)} ${shortName(o.path)}`, o.path, ids))));
   },
+  async quality(view) {
+    const data = await api("/api/quality");
+    const note = el("p", {class: "note"});
+    note.textContent = `${data.total_flagged} of ${data.images} images fail a check` +
+      (data.unreadable ? ` (${data.unreadable} could not be read as indexed)` : "") +
+      (data.total_flagged > data.flagged.length ? `; the first ${data.flagged.length} are shown` : "") +
+      ". Each caption is the image's measure; nothing is moved or deleted.";
+    view.replaceChildren(note);
+    for (const [check, words] of Object.entries(data.checks)) {
+      const failing = data.flagged.filter(image => image.checks.includes(check));
+      const title = el("h2"); title.textContent = `${check}: ${data.counts[check]} images (${words})`;
+      const ids = failing.map(image => image.id);
+      view.append(el("section", {"data-check": check}, title, el("div", {class: "row"}, ...failing.map(image =>
+        figure(image.id, `${image.measures[image.checks.indexOf(check)]} ${shortName(image.path)}`, image.path, ids)))));
+    }
+  },
   async map(view) {
     const data = await api("/api/map");
     $("map-note").textContent = `${data.method} of ${data.points.length} images, coloured by folder. ${data.note} ` +
