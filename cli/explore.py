@@ -16,6 +16,7 @@ from .lazy import library
 explore_analyses = library("explore.analyses")
 explore_stored = library("explore.stored")
 explore_pages = library("explore.pages")
+explore_decisions = library("explore.decisions")
 files = library("files")
 index_store = library("index.store")
 explore_report = library("explore.report")
@@ -64,13 +65,24 @@ def _printed_as_json(result, written: list[Path], as_json: bool) -> bool:
               help="Group look-alikes the encoder pairs without looking at the pictures (by default a pair must "
                    "also be confirmed by local features, or for small or plain pictures agree pixel for pixel: "
                    "a copy, not a similar photo).")
+@click.option("--not-duplicate", "not_duplicate", type=click.IntRange(min=1), multiple=True, metavar="GROUP",
+              help="Say group GROUP (as numbered by this same command) is not duplicates: it is set aside, and "
+                   "stays so for later runs, index updates and plans (stored by the files' digests in the index).")
+@click.option("--is-duplicate", "is_duplicate", type=click.IntRange(min=1), multiple=True, metavar="GROUP",
+              help="Take back --not-duplicate for group GROUP.")
+@click.option("--keep", "keep", type=click.Path(path_type=Path), multiple=True, metavar="FILE",
+              help="Keep FILE in whatever group it is in, whatever the plan (stored like --not-duplicate).")
 @json_option
 def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, threshold: float | None, plan: str | None,
-                  neighbours: int, no_pixel_check: bool, as_json: bool) -> None:
+                  neighbours: int, no_pixel_check: bool, not_duplicate: tuple[int, ...], is_duplicate: tuple[int, ...],
+                  keep: tuple[Path, ...], as_json: bool) -> None:
     """Exact duplicates (same bytes) and near-duplicate groups among the indexed images."""
     loaded, folder = _open(workspace, index_dir, output)
-    result = explore_stored.analysis(loaded, "duplicates", echo_err, threshold=threshold, neighbours=neighbours, plan=plan,
-                                     pixel_check=not no_pixel_check)
+    settings = {"threshold": threshold, "neighbours": neighbours, "plan": plan, "pixel_check": not no_pixel_check}
+    result = explore_stored.analysis(loaded, "duplicates", echo_err, **settings)
+    if not_duplicate or is_duplicate or keep:
+        _record_decisions(loaded, result, not_duplicate, is_duplicate, keep)
+        result = explore_stored.analysis(loaded, "duplicates", **settings)
     result, notes = explore_analyses.confirm_plan(result)   # the files as they are now, not as indexed
     for note in notes:
         echo_err(f"warning: {note}")
@@ -94,6 +106,31 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
             click.echo(f"    ... {len(group.members) - 10} more")
     if len(result.groups) > 10:
         click.echo(f"  ... {len(result.groups) - 10} more in {written[0]}")
+
+
+def _record_decisions(loaded, result, not_duplicate: tuple[int, ...], is_duplicate: tuple[int, ...],
+                      keep: tuple[Path, ...]) -> None:
+    decisions = explore_decisions
+    groups = {group.number: group for group in result.groups + result.set_aside}
+    for number in (*not_duplicate, *is_duplicate):
+        if number not in groups:
+            raise UserError(f"there is no duplicate group {number} (this run found {len(result.groups)} and "
+                            f"{len(result.set_aside)} set aside): run `dedup` with the same settings to see them")
+    for number in not_duplicate:
+        decisions.decide(loaded.folder, decisions.not_a_duplicate({m.digest for m in groups[number].members}))
+        echo_err(f"group {number} set aside: not a duplicate")
+    for number in is_duplicate:
+        decisions.decide(loaded.folder, decisions.not_a_duplicate({m.digest for m in groups[number].members}, undo=True))
+        echo_err(f"group {number} is duplicates again")
+    for path in keep:
+        wanted = str(path.resolve())
+        found = [(group, member) for group in result.groups for member in group.members if member.path == wanted]
+        if not found:
+            raise UserError(f"{printable(str(path))} is in no duplicate group: run `dedup` to see the groups")
+        group, member = found[0]
+        decisions.decide(loaded.folder, decisions.keep_file(member.digest, member.path,
+                                                            {m.digest for m in group.members}))
+        echo_err(f"group {group.number}: keeping {printable(member.path)}")
 
 
 @click.command("clusters")

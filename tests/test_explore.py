@@ -496,3 +496,28 @@ def test_each_plan_orders_the_stored_groups_and_finds_them_once(tmp_path, monkey
     assert [m.action for m in group_oldest.members] == ["keep", "remove"] and plain.plan is None
     assert all(m.action == "" for m in group_plain.members)
     assert group_oldest.members[0].score == 1.0
+
+
+def test_dedup_records_the_users_decisions_from_the_command_line(tmp_path):
+    from conftest import indexed_folder_with_a_copy
+
+    paths = indexed_folder_with_a_copy(tmp_path, 12)
+    copy = paths[0].parent / "copy-of-first.png"
+    kept = invoke("dedup", "--plan", "keep-first", "--keep", str(paths[0]), "--json", cwd=tmp_path)
+    assert kept.exit_code == 0, kept.output
+    assert json.loads((tmp_path / "explore" / "plan.json").read_text())["keep"] == [str(paths[0])]
+    assert "keeping" in kept.stderr and json.loads(kept.stdout)["groups"][0]["members"][0]["chosen"]
+    assert str(copy) < str(paths[0])   # keep-first alone would keep the copy
+
+    set_aside = invoke("dedup", "--not-duplicate", "1", "--json", cwd=tmp_path)
+    assert set_aside.exit_code == 0 and json.loads(set_aside.stdout)["groups"] == []
+    assert invoke("dedup", "--json", cwd=tmp_path).stdout.count('"set_aside"') == 1
+    assert len(json.loads(invoke("dedup", "--json", cwd=tmp_path).stdout)["set_aside"]) == 1
+    back = invoke("dedup", "--is-duplicate", "1", "--json", cwd=tmp_path)
+    assert len(json.loads(back.stdout)["groups"]) == 1
+
+    for args, words in ((["--not-duplicate", "9"], "no duplicate group 9"),
+                        (["--keep", str(paths[5])], "is in no duplicate group")):
+        wrong = invoke("dedup", *args, cwd=tmp_path)
+        assert wrong.exit_code != 0 and words in wrong.output
+        assert len([line for line in wrong.output.splitlines() if line.startswith("Error")]) == 1

@@ -1,6 +1,6 @@
 """What the user decided about duplicate groups, kept by content digest so it outlives the run.
 
-Two kinds of decision, both made in the web app (or with ``dedup --not-duplicate/--keep``):
+Two kinds of decision, made in the web app or with ``dedup --not-duplicate GROUP / --keep FILE``:
 
 - *not a duplicate*: these files are not copies of one another. A group whose files are all
   among one such set is set aside: listed apart, never in a plan. A group that gains a file the
@@ -23,10 +23,14 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from simsiam_embed.errors import UserError
 from simsiam_embed.files import folder_lock, write_json_atomic
 from simsiam_embed.typed_json import from_json
+
+if TYPE_CHECKING:   # analyses imports this module
+    from simsiam_embed.explore.analyses import DuplicateMember
 
 DECISIONS_FILE = "dedup-decisions.json"
 DECISIONS_FORMAT = 1
@@ -49,7 +53,7 @@ class Decisions:
         """Whether a group of these files is one the user said is not a duplicate."""
         return any(digests <= set(judged) for judged in self.not_duplicates)
 
-    def keeper_among(self, members: list) -> object | None:
+    def keeper_among(self, members: list[DuplicateMember]) -> DuplicateMember | None:
         """The member (with .digest and .path) the user chose to keep: the very file, else a file
         with its bytes (moved or renamed since); None if they chose none of these."""
         chosen = {(keeper.digest, keeper.path) for keeper in self.keepers}
@@ -78,8 +82,11 @@ def read_decisions(index_folder: Path) -> Decisions:
     return decisions
 
 
-def decide(index_folder: Path, change) -> Decisions:
-    """Apply ``change`` (a function of Decisions to Decisions) to the stored decisions, atomically:
+Change = Callable[[Decisions], Decisions]
+
+
+def decide(index_folder: Path, change: Change) -> Decisions:
+    """Apply ``change`` to the stored decisions, atomically:
     two requests, or two processes, never lose each other's decision."""
     # Its own lock, not the index writer's: a decision must not wait for an `index` run to end.
     with _in_process, folder_lock(index_folder, "a dedup decision", lambda _message: None, name=".decisions.lock"):
@@ -91,7 +98,7 @@ def decide(index_folder: Path, change) -> Decisions:
     return decisions
 
 
-def not_a_duplicate(digests: set[str], undo: bool = False):
+def not_a_duplicate(digests: set[str], undo: bool = False) -> Change:
     """The change that says these files are not copies (or, ``undo``, takes it back)."""
     def change(decisions: Decisions) -> Decisions:
         if undo:
@@ -101,7 +108,7 @@ def not_a_duplicate(digests: set[str], undo: bool = False):
     return change
 
 
-def keep_file(digest: str, path: str, group_digests: set[str]):
+def keep_file(digest: str, path: str, group_digests: set[str]) -> Change:
     """The change that keeps this file in its group: the group's other choices are forgotten."""
     def change(decisions: Decisions) -> Decisions:
         kept = [keeper for keeper in decisions.keepers if keeper.digest not in group_digests]
