@@ -77,53 +77,44 @@ class NeighbourGraph:
     method: str
 
 
-class CentredVectors:
+class PlainVectors:
+    """Vectors (an array, or a memory-mapped VectorFile) read in chunks, each row as it is: the
+    colour layouts, already unit vectors."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.source = vectors
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def dim(self) -> int:
+        return self.source.shape[1]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self._prepared(np.asarray(self.source[start:stop], dtype=np.float32))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return self._prepared(np.asarray(self.source[np.asarray(positions)], dtype=np.float32))
+
+    def _prepared(self, rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(rows)
+
+
+class CentredVectors(PlainVectors):
     """The index's unit vectors minus their mean, re-normalised; read in chunks, so the memory
     beyond the (memory-mapped) source is one chunk, never a second copy of the vectors."""
 
     def __init__(self, vectors: np.ndarray):
-        self.source = vectors
+        super().__init__(vectors)
         total = np.zeros(vectors.shape[1], dtype=np.float64)
         for start in range(0, len(vectors), QUERY_CHUNK):
             total += np.asarray(vectors[start:start + QUERY_CHUNK], dtype=np.float64).sum(axis=0)
         self.mean = (total / max(1, len(vectors))).astype(np.float32)
 
-    def __len__(self) -> int:
-        return len(self.source)
-
-    @property
-    def dim(self) -> int:
-        return self.source.shape[1]
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        return self._centre(np.asarray(self.source[start:stop], dtype=np.float32))
-
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        return self._centre(np.asarray(self.source[np.asarray(positions)], dtype=np.float32))
-
-    def _centre(self, rows: np.ndarray) -> np.ndarray:
+    def _prepared(self, rows: np.ndarray) -> np.ndarray:
         centred = rows - self.mean
         return np.ascontiguousarray(centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12))
-
-
-class PlainVectors:
-    """Unit vectors held in memory, read like :class:`CentredVectors` (the colour layouts)."""
-
-    def __init__(self, vectors: np.ndarray):
-        self.source = np.ascontiguousarray(vectors, dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    @property
-    def dim(self) -> int:
-        return self.source.shape[1]
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        return self.source[start:stop]
-
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        return self.source[np.asarray(positions)]
 
 
 def neighbour_graph(vectors: CentredVectors | PlainVectors, k: int, report: Report | None = None,

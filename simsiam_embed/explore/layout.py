@@ -41,6 +41,8 @@ CHROMA_WEIGHT = 2.0
 #: picture that could not be read has the zero layout, which correlates 0 with everything.
 LAYOUT_FLOOR = 0.5
 CACHE_NAME = "colour-layouts.npz"
+#: A layout is a reduced decode (a few milliseconds): worker processes pay off from about here.
+LAYOUT_POOL_MIN = 256
 _DIGEST_LENGTH = 64
 
 #: Column order of the mirrored picture's layout: the same cells, left and right swapped.
@@ -67,7 +69,7 @@ def colour_layouts(entries: list[CatalogEntry], index_folder: Path | None = None
     cached = _read_cache(index_folder / CACHE_NAME) if index_folder is not None else {}
     missing = sorted({entry.digest for entry in entries} - cached.keys())
     by_digest = {entry.digest: entry for entry in entries}
-    computed = map_in_workers(_layout_of, [by_digest[digest] for digest in missing], workers)
+    computed = map_in_workers(_layout_of, [by_digest[digest] for digest in missing], workers, min_items=LAYOUT_POOL_MIN)
     fresh = {digest: layout for digest, layout in zip(missing, computed) if layout is not None}
     if fresh and index_folder is not None:
         _write_cache(index_folder / CACHE_NAME, {**cached, **fresh})

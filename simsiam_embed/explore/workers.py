@@ -10,17 +10,19 @@ from typing import Callable, Sequence, TypeVar
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-#: Below this many items the pool's start-up (about a second a worker) costs more than it saves.
+#: Below this many items the pool's start-up (about a second a worker) costs more than it saves,
+#: for work of tens of milliseconds an item (decoding and describing a picture).
 POOL_MIN_ITEMS = 8
 
 
 def map_in_workers(function: Callable[[Item], Result], items: Sequence[Item],
-                   workers: int | None = None, isolated: bool = False) -> list[Result]:
+                   workers: int | None = None, isolated: bool = False, min_items: int = POOL_MIN_ITEMS) -> list[Result]:
     """``[function(item) for item in items]``, in up to one process a core. ``function`` must be a
-    module-level function (it is pickled by name). ``isolated``: never in this process, even for
+    module-level function (it is pickled by name). Fewer than ``min_items`` run here, where a
+    pool's start-up would cost more than it saves. ``isolated``: never in this process, even for
     a few items (``function`` changes process-wide state, such as where stderr goes)."""
     workers = workers if workers is not None else min(len(items), os.cpu_count() or 1)
-    if not isolated and (workers <= 1 or len(items) < POOL_MIN_ITEMS):
+    if not isolated and (workers <= 1 or len(items) < min_items):
         return [function(item) for item in items]
     if not items:
         return []
