@@ -195,6 +195,8 @@ def search_command(queries: tuple[Path, ...], workspace: Path, k: int | None, in
     if as_json:
         click.echo(json.dumps([result.to_dict() for result in results], indent=2))
         return
+    echo_err("scores: cosines of vectors centred on the index's mean (1: the same picture, about 0: unrelated), "
+             "as dedup, clusters and outliers score")
     for result in results:
         click.echo(printable(result.query))
         for hit in result.hits:

@@ -185,3 +185,24 @@ def test_an_update_over_a_catalog_missing_an_id_starts_afresh_and_says_why(tmp_p
     update = build_pixel_index(folder, tmp_path / "index", encoder)
     assert update.rebuilt_because == "the previous index cannot be used (its ids do not match its catalog)"
     assert update.count == len(list(folder.rglob("*.png")))
+
+
+def test_search_scores_are_the_centred_cosines_the_explore_layer_uses(tmp_path):
+    """Search showed raw cosines (0.96-0.998 for everything) while explore showed centred ones."""
+    from conftest import indexed_folder_with_a_copy
+
+    from simsiam_embed.explore.analyses import CentredVectors
+    from simsiam_embed.index.search import nearest_hits
+    from simsiam_embed.index.store import load_index
+
+    indexed_folder_with_a_copy(tmp_path, 30)
+    loaded = load_index(tmp_path / "index")
+    query = loaded.vectors_of(loaded.ids[:1])
+    hits = nearest_hits(loaded, query, 8)[0]
+    centred = CentredVectors(loaded.vectors)
+    position = {int(image_id): row for row, image_id in enumerate(loaded.ids)}
+    expected = centred.take(np.array([position[hit.id] for hit in hits])) @ centred.take(np.array([0]))[0]
+    assert [hit.score for hit in hits] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+    raw = (loaded.vectors_of([hit.id for hit in hits]) @ query[0]).min()
+    assert raw > 0.85 and hits[-1].score < raw - 0.2   # the raw ones told little apart

@@ -35,7 +35,7 @@ from simsiam_embed.errors import UserError
 from simsiam_embed.explore.decisions import Decisions
 from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.index.catalog import CatalogEntry
-from simsiam_embed.index.store import LoadedIndex
+from simsiam_embed.index.store import LoadedIndex, vectors_mean
 from simsiam_embed.index.thumbnails import indexed_bytes
 from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, GEOMETRY_THRESHOLD, MAP_MAX_POINTS, OUTLIER_NEIGHBOURS, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
 
@@ -105,12 +105,9 @@ class CentredVectors(PlainVectors):
     """The index's unit vectors minus their mean, re-normalised; read in chunks, so the memory
     beyond the (memory-mapped) source is one chunk, never a second copy of the vectors."""
 
-    def __init__(self, vectors: np.ndarray):
+    def __init__(self, vectors: np.ndarray, mean: np.ndarray | None = None):
         super().__init__(vectors)
-        total = np.zeros(vectors.shape[1], dtype=np.float64)
-        for start in range(0, len(vectors), QUERY_CHUNK):
-            total += np.asarray(vectors[start:start + QUERY_CHUNK], dtype=np.float64).sum(axis=0)
-        self.mean = (total / max(1, len(vectors))).astype(np.float32)
+        self.mean = vectors_mean(vectors) if mean is None else mean
 
     def _prepared(self, rows: np.ndarray) -> np.ndarray:
         centred = rows - self.mean
@@ -311,7 +308,7 @@ def find_duplicates(loaded: LoadedIndex, threshold: float | None = None,
     if plan is not None and plan not in PLANS:
         raise UserError(f"unknown plan {plan!r}: choose one of {', '.join(PLANS)}")
     entries = _entries_by_position(loaded)
-    vectors = CentredVectors(loaded.vectors)
+    vectors = CentredVectors(loaded.vectors, loaded.mean_vector())
     graph = neighbour_graph(vectors, neighbours, report)
     positions_of_digest: dict[str, list[int]] = {}
     for position, entry in enumerate(entries):
@@ -423,7 +420,7 @@ def with_plan(loaded: LoadedIndex, result: DuplicateResult, plan: str) -> Duplic
     member_ids = np.array([member.id for group in result.groups for member in group.members], dtype=np.int64)
     held = np.flatnonzero(np.isin(loaded.ids, member_ids))
     position_of = dict(zip(loaded.ids[held].tolist(), held.tolist()))
-    vectors = CentredVectors(loaded.vectors)
+    vectors = CentredVectors(loaded.vectors, loaded.mean_vector())
     groups = []
     for group in result.groups:
         members = sorted(group.members, key=PLAN_ORDER[plan])
@@ -759,7 +756,7 @@ def find_clusters(loaded: LoadedIndex, k: int | None = None, examples: int = CLU
     """Spherical k-means (FAISS) on the index's vectors; each cluster's size, cohesion, and the
     ``examples`` images nearest its centre. Largest cluster first."""
     started = time.monotonic()
-    vectors, count = CentredVectors(loaded.vectors), loaded.count
+    vectors, count = CentredVectors(loaded.vectors, loaded.mean_vector()), loaded.count
     if count < 2:
         raise UserError("the index holds one image: there is nothing to cluster")
     reason = "the number asked for"
@@ -846,7 +843,7 @@ def find_outliers(loaded: LoadedIndex, count: int = 50, neighbours: int = OUTLIE
     """The ``count`` images least similar to their nearest neighbours (mean cosine to the
     ``neighbours`` nearest), oddest first."""
     entries = _entries_by_position(loaded)
-    graph = neighbour_graph(CentredVectors(loaded.vectors), neighbours, report)
+    graph = neighbour_graph(CentredVectors(loaded.vectors, loaded.mean_vector()), neighbours, report)
     found = graph.scores > -np.inf
     mean_similarity = np.where(found, graph.scores, 0).sum(axis=1) / np.maximum(found.sum(axis=1), 1)
     oddest = np.argsort(mean_similarity, kind="stable")[:count]

@@ -326,10 +326,26 @@ class LoadedIndex:
     vectors: VectorFile                  # row i is the vector of ids[i]
     ids: np.ndarray
     searcher: faiss.Index | None = None   # a GPU copy, when one was made for searching
+    _mean: np.ndarray | None = field(default=None, init=False, repr=False)
+    _id_order: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def count(self) -> int:
         return int(self.index.ntotal)
+
+    def mean_vector(self) -> np.ndarray:
+        """The mean of the index's vectors: every similarity shown to a user is a cosine of
+        vectors centred on it (explore/analyses.py says why). Computed once per loaded index."""
+        if self._mean is None:
+            self._mean = vectors_mean(self.vectors)
+        return self._mean
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of these ids (each must be in the index), in their order."""
+        if self._id_order is None:
+            self._id_order = np.argsort(self.ids, kind="stable")
+        positions = self._id_order[np.searchsorted(self.ids, np.asarray(ids, dtype=np.int64), sorter=self._id_order)]
+        return np.asarray(self.vectors[positions], dtype=np.float32)
 
     @property
     def encoder_path(self) -> Path:
@@ -339,6 +355,26 @@ class LoadedIndex:
         """Cosine scores and ids of the ``k`` nearest entries for each query (rows of -1 pad)."""
         on_gpu = self.searcher is not None and k <= GPU_MAX_K
         return (self.searcher if on_gpu else self.index).search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+#: Rows summed at once for the mean: bounds the memory beyond the memory-mapped vectors.
+MEAN_CHUNK = 16_384
+
+
+def vectors_mean(vectors: np.ndarray | VectorFile) -> np.ndarray:
+    """The mean row (float32), summed in float64 chunk by chunk."""
+    total = np.zeros(vectors.shape[1], dtype=np.float64)
+    for start in range(0, len(vectors), MEAN_CHUNK):
+        total += np.asarray(vectors[start:start + MEAN_CHUNK], dtype=np.float64).sum(axis=0)
+    return (total / max(1, len(vectors))).astype(np.float32)
+
+
+def centred_cosines(query: np.ndarray, rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Cosines of ``rows`` to ``query``, all centred on ``mean`` (a row equal to it scores 0)."""
+    def centred(vectors: np.ndarray) -> np.ndarray:
+        vectors = np.atleast_2d(vectors).astype(np.float32) - mean
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return np.clip(centred(rows) @ centred(query)[0], -1.0, 1.0)
 
 
 def current_generation(index_dir: Path) -> Path | None:

@@ -101,7 +101,8 @@ function showHits(answer, queryNode) {
   $("results").replaceChildren(...answer.hits.map(hit =>
     figure(hit.id, `${hit.rank}. ${hit.score.toFixed(3)} ${shortName(hit.path)}`, hit.path, list)));
   $("more").hidden = answer.hits.length < query.k || query.k >= MAX_K;
-  say(`${answer.hits.length} nearest images; click one (or Enter) to see it whole, arrows move between them.` +
+  say(`${answer.hits.length} nearest images, scored by centred cosine (1: the same picture, about 0: unrelated; ` +
+      "the score duplicates and clusters use); click one (or Enter) to see it whole, arrows move between them." +
       (query.file ? " (A search from an uploaded file cannot be linked; one from an indexed image can.)" : ""));
   remember("search", query.id != null ? {id: query.id, k: query.k} : {});
 }
