@@ -41,7 +41,9 @@ from common import machine  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from simsiam_embed.explore import analyses as explore
+from simsiam_embed.explore import neighbours
 from simsiam_embed.index.catalog import Catalog, CatalogEntry, write_catalog
+from simsiam_embed.index.store import vectors_mean
 
 DIM = 512
 CENTRES = 2_000
@@ -55,10 +57,14 @@ class MappedVectors:
     vectors: np.ndarray
     ids: np.ndarray
     entries: Catalog
+    folder: Path   # where dedup caches its colour layouts
 
     @property
     def count(self) -> int:
         return len(self.ids)
+
+    def mean_vector(self) -> np.ndarray:
+        return vectors_mean(self.vectors)
 
 
 def make_vectors(path: Path, count: int, seed: int = 0) -> None:
@@ -129,9 +135,9 @@ def measure(path: Path, op: str, exact: bool, rule: str = "unchecked") -> dict:
     catalog = path.with_name(f"catalog-{rule}.sqlite")
     catalog.unlink(missing_ok=True)
     write_catalog(catalog, entries.values())
-    loaded = MappedVectors(vectors, ids, Catalog(catalog))
+    loaded = MappedVectors(vectors, ids, Catalog(catalog), path.parent)
     if exact:
-        explore.EXACT_NEIGHBOURS_MAX = count
+        neighbours.EXACT_NEIGHBOURS_MAX = count
     before = peak_rss_mb()
     started = time.monotonic()
     if op == "dedup":

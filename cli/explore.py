@@ -13,7 +13,7 @@ from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, GE
 from .options import FiniteFloatRange, echo_err, printable, workspace_at, workspace_option
 from .lazy import library
 
-explore_analyses = library("explore.analyses")
+explore_duplicates = library("explore.duplicates")
 explore_stored = library("explore.stored")
 explore_pages = library("explore.pages")
 explore_decisions = library("explore.decisions")
@@ -83,7 +83,7 @@ def dedup_command(workspace: Path, index_dir: Path | None, output: Path | None, 
     if not_duplicate or is_duplicate or keep:
         _record_decisions(loaded, result, not_duplicate, is_duplicate, keep)
         result = explore_stored.analysis(loaded, "duplicates", **settings)
-    result, notes = explore_analyses.confirm_plan(result)   # the files as they are now, not as indexed
+    result, notes = explore_duplicates.confirm_plan(result)   # the files as they are now, not as indexed
     for note in notes:
         echo_err(f"warning: {note}")
     if result.set_aside:

@@ -85,7 +85,7 @@ EMBED_PRECISIONS = ("auto", "fp32", "fp16", "int8")
 INT8_MIN_IMAGES = 5_000
 #: kNN evaluation: (k, temperature) pairs reported by default: the InstDisc setting and solo-learn's.
 KNN_SETTINGS = ((200, 0.1), (20, 0.07))
-#: dedup: the calibrated default rule (explore/analyses.py explains the calibration).
+#: dedup: the calibrated default rule (explore/duplicates.py explains the calibration).
 CANDIDATE_THRESHOLD = 0.8
 #: With geometric verification (OpenCV installed): candidates from this centred cosine, each
 #: confirmed by local features; lower than the pixel check's, since the verifier gives precision.

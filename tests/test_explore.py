@@ -13,7 +13,7 @@ import pytest
 from conftest import build_pixel_index, distinct_images, invoke
 from PIL import Image, ImageEnhance
 
-from simsiam_embed.explore import analyses as explore
+from simsiam_embed.explore import neighbours, projection
 from simsiam_embed.explore.analyses import (
     CentredVectors, default_cluster_count, find_clusters, find_duplicates, find_outliers, neighbour_graph, project_to_map,
 )
@@ -114,7 +114,7 @@ def test_dedup_writes_json_csv_and_a_page_with_the_groups(planted):
 def test_the_approximate_neighbour_search_finds_the_same_duplicates(planted, monkeypatch):
     """Past EXACT_NEIGHBOURS_MAX the k-NN graph comes from an IVF index, not all pairs."""
     workspace, expected = planted
-    monkeypatch.setattr(explore, "EXACT_NEIGHBOURS_MAX", 10)
+    monkeypatch.setattr(neighbours, "EXACT_NEIGHBOURS_MAX", 10)
     messages = []
     result = find_duplicates(load_index(workspace / "index", for_search=False), report=messages.append)
     assert "IVF" in result.method and "IVF" in messages[0]
@@ -181,7 +181,7 @@ def test_outliers_rank_the_odd_images_first(tmp_path):
 
 def test_the_map_says_it_fell_back_to_pca_and_samples_large_indexes(planted, monkeypatch):
     workspace, _ = planted
-    monkeypatch.setattr(explore, "umap_available", lambda: False)
+    monkeypatch.setattr(projection, "umap_available", lambda: False)
     loaded = load_index(workspace / "index", for_search=False)
     result = project_to_map(loaded, max_points=20)
     assert result.method == "PCA" and "umap-learn is not installed" in result.note and "20 of the 45" in result.note
@@ -195,7 +195,7 @@ def test_the_map_says_it_fell_back_to_pca_and_samples_large_indexes(planted, mon
 
 def test_umap_is_refused_in_one_line_when_absent(planted, monkeypatch):
     workspace, _ = planted
-    monkeypatch.setattr(explore, "umap_available", lambda: False)
+    monkeypatch.setattr(projection, "umap_available", lambda: False)
     answer = invoke("map", "--method", "umap", cwd=workspace)
     assert answer.exit_code != 0 and "pip install 'simsiam-embed[map]'" in answer.output
 

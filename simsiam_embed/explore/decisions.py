@@ -29,8 +29,8 @@ from simsiam_embed.errors import UserError
 from simsiam_embed.files import folder_lock, write_json_atomic
 from simsiam_embed.typed_json import from_json
 
-if TYPE_CHECKING:   # analyses imports this module
-    from simsiam_embed.explore.analyses import DuplicateMember
+if TYPE_CHECKING:   # duplicates imports this module
+    from simsiam_embed.explore.duplicates import DuplicateMember
 
 DECISIONS_FILE = "dedup-decisions.json"
 DECISIONS_FORMAT = 1

@@ -12,7 +12,10 @@ import csv
 import io
 from pathlib import Path
 
-from simsiam_embed.explore.analyses import ClusterResult, DuplicateResult, MapResult, OutlierResult
+from simsiam_embed.explore.clusters import ClusterResult
+from simsiam_embed.explore.duplicates import DuplicateResult
+from simsiam_embed.explore.outliers import OutlierResult
+from simsiam_embed.explore.projection import MapResult
 from simsiam_embed.explore.quality import CHECKS, QualityResult
 from simsiam_embed.files import atomic_write, write_json_atomic
 from simsiam_embed.html_pages import render, tile

@@ -43,8 +43,9 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.inference.embed import Encoder
 from simsiam_embed.errors import UserError
-from simsiam_embed.explore.analyses import AnalysisResult, choose_keepers, confirm_plan
+from simsiam_embed.explore.duplicates import choose_keepers, confirm_plan
 from simsiam_embed.explore.pages import plan_csv, plan_json
+from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.explore.decisions import decide, keep_file, not_a_duplicate
 from simsiam_embed.explore.stored import analysis, asks_for_defaults, decided
 from simsiam_embed.index.store import LoadedIndex, current_generation, load_index

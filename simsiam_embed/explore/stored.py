@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from simsiam_embed import __version__
-from simsiam_embed.explore.analyses import (
-    AnalysisResult, ClusterResult, DuplicateResult, MapResult, OutlierResult, find_clusters, find_duplicates,
-    find_outliers, project_to_map, with_decisions, with_plan,
-)
+from simsiam_embed.explore.clusters import ClusterResult, find_clusters
+from simsiam_embed.explore.duplicates import DuplicateResult, find_duplicates, with_decisions, with_plan
+from simsiam_embed.explore.outliers import OutlierResult, find_outliers
+from simsiam_embed.explore.projection import MapResult, project_to_map
+from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.explore.decisions import read_decisions
 from simsiam_embed.explore.quality import QualityResult, check_quality
 from simsiam_embed.errors import UserError

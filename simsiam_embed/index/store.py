@@ -335,7 +335,7 @@ class LoadedIndex:
 
     def mean_vector(self) -> np.ndarray:
         """The mean of the index's vectors: every similarity shown to a user is a cosine of
-        vectors centred on it (explore/analyses.py says why). Computed once per loaded index."""
+        vectors centred on it (explore/neighbours.py says why). Computed once per loaded index."""
         if self._mean is None:
             self._mean = vectors_mean(self.vectors)
         return self._mean
