@@ -10,9 +10,9 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Iterator
 
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 
 #: Errors that mean "this place cannot take the write", not a bug: said in one line.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
@@ -108,7 +108,7 @@ def open_not_through_a_link(path: Path, mode: str = "rb") -> IO[bytes]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, holder: str, report: Callable[[str], None], name: str = ".lock") -> Iterator[None]:
+def folder_lock(folder: Path, holder: str, report: Report, name: str = ".lock") -> Iterator[None]:
     """Hold the exclusive writer's lock of ``folder`` (``folder/<name>``) for the block.
 
     A second writer waits, after saying who holds the lock. The operating system releases the

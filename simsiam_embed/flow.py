@@ -13,7 +13,7 @@ from typing import Callable
 from simsiam_embed.artefacts import (
     CHECKPOINT_SUFFIXES, RunFolder, exported_encoder_path, file_digest, resolve_checkpoint_path, run_facts,
 )
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.files import folder_lock
 from simsiam_embed.image_files import discover_images
 from simsiam_embed.settings import EMBED_BATCH_SIZE, cpu_int8_instructions, embed_precision, embed_workers
@@ -24,8 +24,6 @@ from simsiam_embed.inference.onnx_encoder import OnnxEncoder, read_encoder_metad
 from simsiam_embed.pretrained_weights import is_weights_name, known_names
 from simsiam_embed.trained_model import pretrained_run
 from simsiam_embed.workspace import Workspace
-
-Report = Callable[[str], None]
 
 
 def encoder_for_checkpoint(checkpoint: Path, report: Report, precision: str = "fp32",

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Callable
 
 from simsiam_embed.artefacts import file_digest
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
+from simsiam_embed.settings import BACKBONE_NAMES
 
-#: The ResNets this package trains, and what "imagenet" means for each: torchvision's DEFAULT.
-BACKBONES = ("resnet18", "resnet34", "resnet50")
+#: The ResNets this package trains (settings' list), and "imagenet" means torchvision's DEFAULT for each.
+BACKBONES = BACKBONE_NAMES
 GENERIC_NAME = "imagenet"
 #: torch.hub's own rule: the hash prefix is what follows the last "-" in the file's name.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
@@ -108,7 +109,7 @@ def cached_default_weights(backbone: str) -> tuple[str, Path] | None:
     return (label, cached) if cached.is_file() else None
 
 
-def pretrained_weights_file(name: str, backbone: str, report: Callable[[str], None] = print,
+def pretrained_weights_file(name: str, backbone: str, report: Report = print,
                             download: Callable[..., None] | None = None) -> tuple[Path, str, str]:
     """The cached file of ``name``'s weights (downloaded first if it is not in the cache), the
     exact name and the file's SHA-256 (read once, for the check); a one-line error when it cannot
@@ -142,7 +143,7 @@ TIMM_WEIGHTS_FILE = "model.safetensors"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _timm_weights_file(name: str, report: Callable[[str], None],
+def _timm_weights_file(name: str, report: Report,
                        download: Callable[..., str] | None = None) -> tuple[Path, str, str]:
     """timm's weights ``name`` from the Hugging Face Hub's cache (downloaded first if absent),
     checked against the SHA-256 the Hub publishes for the file: the name of the blob the cache

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from simsiam_embed.artefacts import Checkpoint, RunFolder, resolve_checkpoint_path
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.images import Preprocessing
 from simsiam_embed.models import SimSiam, build_backbone
 from simsiam_embed.models.backbones import Backbone
@@ -100,7 +99,7 @@ def load_pretrained_resnet(path: Path | str) -> PretrainedResNet:
     return PretrainedResNet(weights, config.backbone, config.small_image_stem)
 
 
-def pretrained_run(name: str, runs_dir: Path, report: Callable[[str], None], device: str = "cpu") -> Path:
+def pretrained_run(name: str, runs_dir: Path, report: Report, device: str = "cpu") -> Path:
     """A run folder holding torchvision's or timm's pretrained weights ``name`` ("imagenet": the machine's
     default backbone's) with no training at all, so that every stage that takes a run (export,
     embed, index, search, knn) takes them too: index first, adapt later (``pretrain --init``).

@@ -519,3 +519,27 @@ def test_an_unfinished_time_budget_run_is_named_without_none(tmp_path):
     said = []
     _warn_if_unfinished(tmp_path / "checkpoint.pt", said.append)
     assert "(step 3)" in said[0] and "None" not in said[0]
+
+
+def test_an_optional_package_is_asked_for_one_way(tmp_path, monkeypatch):
+    """Six styles of "is this extra installed" were spread over the stages (find_spec, bare
+    imports, imports of a class); one helper now answers, and one refusal names the extra."""
+    from simsiam_embed.optional import installed, require
+
+    assert installed("json") and installed("json", "dumps")
+    assert not installed("json", "no_such_name") and not installed("no_such_package_here")
+    (tmp_path / "hollow").mkdir()   # what a half-uninstalled package leaves: an importable empty folder
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed("hollow") and not installed("hollow", "UMAP")
+    with pytest.raises(UserError, match=r"--format parquet needs no_such_package_here: pip install 'simsiam-embed\[interop\]'"):
+        require("no_such_package_here.parquet", "--format parquet", "interop")
+
+
+def test_the_backbone_names_are_one_list():
+    """settings (read by --help, which must not import torch) and the model factories each name
+    the backbones; they must be the same list."""
+    from simsiam_embed.models.backbones import BACKBONE_NAMES as BUILT
+    from simsiam_embed.pretrained_weights import BACKBONES
+    from simsiam_embed.settings import BACKBONE_NAMES
+
+    assert BACKBONE_NAMES == BUILT == BACKBONES

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,10 +34,11 @@ from simsiam_embed.artefacts import Checkpoint, RunFolder
 from simsiam_embed.detection.data import DetectionImage, DetectionSet, data_yaml_of, has_split, load_detection_set
 from simsiam_embed.detection.evaluate import DetectionEvaluation, evaluate_detector
 from simsiam_embed.distributed import DistributedContext, agree_on_every_rank, device_for_rank, distributed_session, launched_by_torchrun
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.files import ensure_writable_folder, write_json_atomic
 from simsiam_embed.image_files import first_readable, open_image
 from simsiam_embed.models.backbones import BACKBONE_NAMES
+from simsiam_embed.optional import require
 from simsiam_embed.detection.settings import DetectionConfig, default_detection_batch  # noqa: F401 (the API's names)
 from simsiam_embed.settings import INITS, NORMS, SCHEDULES
 from simsiam_embed.resnet_weights import load_resnet_weights, read_resnet_weights
@@ -45,8 +46,6 @@ from simsiam_embed.training.loop import (
     LoopPlan, MixedPrecision, StopRequest, TaskDefaults, TrainingLoop, open_run, place_model, refuse_changed_settings,
 )
 from simsiam_embed.workspace import Workspace, run_name_for
-
-Report = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,10 +306,7 @@ def _validate(config: DetectionConfig) -> None:
 
 def _require_coco_evaluator() -> None:
     """Fail before training, not after it, when the evaluator is not installed."""
-    try:
-        import pycocotools.cocoeval  # noqa: F401
-    except ImportError:
-        raise UserError("scoring --val-data needs pycocotools: pip install 'simsiam-embed[detection]'") from None
+    require("pycocotools.cocoeval", "scoring --val-data", "detection")
 
 
 def _report_data(train_set: DetectionSet, val_set: DetectionSet | None, report: Report) -> None:

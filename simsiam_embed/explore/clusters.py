@@ -6,17 +6,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import faiss
 import numpy as np
 
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.explore.neighbours import CentredVectors, QUERY_CHUNK, entries_by_position
 from simsiam_embed.index.store import LoadedIndex
-
-Report = Callable[[str], None]
 
 
 @dataclass

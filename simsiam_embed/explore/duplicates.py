@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from simsiam_embed.image_files import UnreadableImage, open_image
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.explore.decisions import Decisions
 from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.explore.neighbours import CentredVectors, NeighbourGraph, PlainVectors, entries_by_position, neighbour_graph
@@ -26,8 +26,6 @@ from simsiam_embed.index.catalog import CatalogEntry
 from simsiam_embed.index.store import LoadedIndex
 from simsiam_embed.index.thumbnails import indexed_bytes
 from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, GEOMETRY_THRESHOLD, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
-
-Report = Callable[[str], None]
 
 
 #: When two mutual nearest neighbours are copies, by default. Calibrated, not guessed: JPEG

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import faiss
 import numpy as np
 
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.index.catalog import CatalogEntry
 from simsiam_embed.index.store import LoadedIndex, vectors_mean
-
-Report = Callable[[str], None]
 
 
 #: Exact k-NN up to here: n^2 x d multiply-adds, about 10 s at 50k x 512 on 2 cores.

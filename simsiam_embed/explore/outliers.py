@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -11,8 +10,7 @@ from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.explore.neighbours import CentredVectors, entries_by_position, neighbour_graph
 from simsiam_embed.index.store import LoadedIndex
 from simsiam_embed.settings import OUTLIER_NEIGHBOURS
-
-Report = Callable[[str], None]
+from simsiam_embed.errors import Report
 
 
 @dataclass

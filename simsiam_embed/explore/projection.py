@@ -4,17 +4,15 @@ centred vectors."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.explore.results import AnalysisResult
+from simsiam_embed.optional import installed
 from simsiam_embed.explore.neighbours import entries_by_position
 from simsiam_embed.index.store import LoadedIndex
 from simsiam_embed.settings import MAP_MAX_POINTS
-
-Report = Callable[[str], None]
 
 
 @dataclass
@@ -36,12 +34,7 @@ class MapResult(AnalysisResult):
 
 
 def umap_available() -> bool:
-    try:
-        # The class, not just the name: a half-uninstalled package leaves an importable empty folder.
-        from umap import UMAP  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return installed("umap", "UMAP")
 
 
 def project_to_map(loaded: LoadedIndex, method: str = "auto", max_points: int = MAP_MAX_POINTS, seed: int = 0,

@@ -32,19 +32,20 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.explore.workers import map_in_workers
+from simsiam_embed.optional import installed
 from simsiam_embed.index.thumbnails import indexed_bytes
+from simsiam_embed.errors import Report
 
 if TYPE_CHECKING:
     from simsiam_embed.index.catalog import CatalogEntry
     from simsiam_embed.index.store import LoadedIndex
 
-Report = Callable[[str], None]
 
 TINY_SIDE = 64
 UNIFORM_STD = 2.0
@@ -249,9 +250,7 @@ def _png_damage(data: bytes) -> str:
 
 
 def _jpeg_listener_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("cv2") is not None
+    return installed("cv2")
 
 
 def _decoder_complaints(data: bytes) -> str:

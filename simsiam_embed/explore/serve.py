@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import uvicorn
@@ -42,7 +42,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from simsiam_embed.image_files import UnreadableImage, open_image
 from simsiam_embed.inference.embed import Encoder
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.explore.duplicates import choose_keepers, confirm_plan
 from simsiam_embed.explore.pages import plan_csv, plan_json
 from simsiam_embed.explore.results import AnalysisResult
@@ -57,7 +57,6 @@ from simsiam_embed.index.thumbnails import cached_thumbnail, indexed_bytes
 from simsiam_embed.settings import PLANS
 from simsiam_embed.workspace import Workspace
 
-Report = Callable[[str], None]
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_K = 200
 #: Files a browser shows as they are; any other format is re-encoded as PNG to be shown.

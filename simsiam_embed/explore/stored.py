@@ -26,12 +26,11 @@ from simsiam_embed.explore.projection import MapResult, project_to_map
 from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.explore.decisions import read_decisions
 from simsiam_embed.explore.quality import QualityResult, check_quality
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.files import write_json_atomic
 from simsiam_embed.index.store import LoadedIndex
 from simsiam_embed.typed_json import JsonShapeError, from_json
 
-Report = Callable[[str], None]
 STORE_FOLDER = "analyses"
 #: Bumped when an analysis changes what it finds for the same settings: older results are recomputed.
 STORE_FORMAT = 5

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from simsiam_embed.explore.workers import map_in_workers
+from simsiam_embed.optional import installed
 from simsiam_embed.index.thumbnails import indexed_bytes
 
 if TYPE_CHECKING:   # the store imports FAISS and torch; picture-reading workers need neither
@@ -111,11 +112,7 @@ class GeometricMatch:
 
 
 def opencv_available() -> bool:
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return installed("cv2")
 
 
 def extract_features(entries: list[CatalogEntry], workers: int | None = None) -> list[PictureFeatures | None]:

@@ -17,7 +17,7 @@ from simsiam_embed.artefacts import file_digest
 from simsiam_embed.image_files import discover_images, open_image
 from simsiam_embed.inference.embed import Encoder, TorchEncoder, embed_paths, l2_normalize
 from simsiam_embed.inference.onnx_encoder import OnnxEncoder
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.index.catalog import CatalogEntry
 from simsiam_embed.index.store import LoadedIndex, centred_cosines, load_index
 from simsiam_embed.index.thumbnails import thumbnail_of_file
@@ -109,7 +109,7 @@ def search_images(
     exclude_self: bool = False,
     model: Path | None = None,
     provider: str | None = None,
-    report: Callable[[str], None] | None = None,
+    report: Report | None = None,
     engine_cache: Path | None = None,
 ) -> list[QueryResult]:
     """The ``k`` nearest indexed images of each query (default: 10, or all if the index is smaller);

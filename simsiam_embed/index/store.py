@@ -29,7 +29,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -44,7 +44,7 @@ from simsiam_embed.index.changes import FolderChanges, folder_changes
 from simsiam_embed.index.exact import RerankedIndex
 from simsiam_embed.index.tuning import DEFAULT_RECALL, Tuning, set_search_parameters, tune_for_recall, valid_parameters
 from simsiam_embed.index.vector_file import VectorFile, VectorWriter
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.native_output import stdout_redirected
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_WORKERS
 from simsiam_embed.files import atomic_write, ensure_writable_folder, folder_lock, write_json_atomic
@@ -81,8 +81,6 @@ CHANGES_FILE = ".changes.sqlite"
 #: generation's vectors.npy (index/exact.py's RerankedIndex): our suffix, not FAISS's.
 RERANK = ",Rerank"
 REBUILD = "rebuild it with `simsiam-embed index --rebuild`"
-
-Report = Callable[[str], None]
 
 
 @dataclass

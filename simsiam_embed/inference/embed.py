@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -27,11 +27,12 @@ from simsiam_embed.trained_model import load_trained_backbone
 from simsiam_embed.images import EvalImageDataset, Preprocessing, collate_skipping_unreadable, start_workers
 from simsiam_embed.image_files import discover_images, label_of
 from simsiam_embed.distributed import distributed_session
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.settings import EMBED_BATCH_SIZE, EMBED_FORMATS, EMBED_WORKERS
 from simsiam_embed.artefacts import EMBEDDING_SHARDS_DIR, EMBEDDINGS_FILE, EMBEDDINGS_PARQUET_FILE, PATHS_FILE, SKIPPED_FILE
 from simsiam_embed.files import atomic_path, atomic_write, ensure_writable_folder, write_jsonl_atomic
 from simsiam_embed.inference.shards import ShardedEmbedding, embed_in_shards
+from simsiam_embed.optional import require
 
 class Encoder(Protocol):
     preprocessing: Preprocessing
@@ -173,7 +174,7 @@ def embed_folder(
     show_progress: bool = True,
     file_format: str = "npy",
     encoder_digest: str = "",
-    report: Callable[[str], None] = lambda _message: None,
+    report: Report = lambda _message: None,
 ) -> EmbedFolderResult:
     """Embed every image under ``image_dir`` into ``output/``: ``embeddings.npy`` (n x dim,
     unit-length float32), ``paths.jsonl`` (line i: row i's ``path`` and ``label``, its folder)
@@ -189,10 +190,7 @@ def embed_folder(
     if file_format not in EMBED_FORMATS:
         raise UserError(f"unknown format {file_format!r}: choose one of {', '.join(EMBED_FORMATS)}")
     if file_format == "parquet":
-        try:
-            import pyarrow.parquet  # noqa: F401  (before hours of embedding, not after)
-        except ImportError:
-            raise UserError("--format parquet needs pyarrow: pip install 'simsiam-embed[interop]'") from None
+        require("pyarrow.parquet", "--format parquet", "interop")   # before hours of embedding, not after
     paths = discover_images(image_dir)
     if not paths:
         raise UserError(f"no images in {image_dir}")

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from simsiam_embed.distributed import DistributedContext
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.files import atomic_write, open_not_through_a_link, write_json_atomic
 
 #: Bytes of float32 vectors a shard holds: what one process keeps in memory while embedding.
@@ -188,7 +188,7 @@ def embed_in_shards(
     job: dict[str, Any],
     context: DistributedContext = DistributedContext(),
     show_progress: bool = True,
-    report: Callable[[str], None] = lambda _message: None,
+    report: Report = lambda _message: None,
     shard_rows: int | None = None,
 ) -> ShardedEmbedding:
     """Embed ``paths`` into the shards of ``folder`` (see the module docstring), resuming the

@@ -47,11 +47,10 @@ from simsiam_embed.artefacts import Checkpoint, RunFolder, check_space_for
 from simsiam_embed.distributed import (
     DistributedContext, any_rank, average_bn_statistics, gather_to_main, mean_over_ranks, value_of_main,
 )
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.files import atomic_write, write_json_atomic, write_jsonl_atomic
 from simsiam_embed.images import collate_skipping_unreadable, start_workers, stop_workers
-
-Report = Callable[[str], None]
+from simsiam_embed.optional import installed
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +100,6 @@ class StepBatchSampler:
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 ** 2 + epoch * 1_000_003 + index) % (2 ** 63)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,11 +359,7 @@ class MetricsLog:
 
 
 def tensorboard_installed() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return installed("tensorboard")
 
 
 class RunningMeans:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch.utils.data import default_collate
 
 from simsiam_embed.artefacts import Checkpoint, RunFolder
 from simsiam_embed.distributed import DistributedContext, agree_on_every_rank, device_for_rank, distributed_session, from_main
-from simsiam_embed.errors import UserError
+from simsiam_embed.errors import Report, UserError
 from simsiam_embed.explore.report import COLLAPSE_FRACTION, write_run_report
 from simsiam_embed.files import ensure_writable_folder, write_json_atomic
 from simsiam_embed.image_files import ScanResult, discover_images, scan_images
@@ -53,9 +53,6 @@ from simsiam_embed.workspace import Workspace, run_name_for
 #: Settings that may differ when resuming: they change how, not what, the run computes.
 RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "log_every", "decode_draft", "store_images", "val_dir",
                                  "val_every"})
-
-
-Report = Callable[[str], None]
 
 
 def _stderr(message: str) -> None:
