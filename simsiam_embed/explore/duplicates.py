@@ -23,7 +23,7 @@ from simsiam_embed.explore.decisions import Decisions
 from simsiam_embed.explore.results import AnalysisResult
 from simsiam_embed.explore.neighbours import CentredVectors, NeighbourGraph, PlainVectors, entries_by_position, neighbour_graph
 from simsiam_embed.index.catalog import CatalogEntry
-from simsiam_embed.index.store import LoadedIndex
+from simsiam_embed.index.store import LoadedIndex, centred_cosines
 from simsiam_embed.index.thumbnails import indexed_bytes
 from simsiam_embed.settings import CANDIDATE_THRESHOLD, DUPLICATE_NEIGHBOURS, GEOMETRY_THRESHOLD, PLANS, SMALL_PICTURE_SIDE, SMALL_PICTURE_THRESHOLD, UNCHECKED_THRESHOLD
 
@@ -284,15 +284,12 @@ def with_plan(loaded: LoadedIndex, result: DuplicateResult, plan: str) -> Duplic
     each plan, not found again (the web app took 24-36 s a plan)."""
     if plan not in PLANS:
         raise UserError(f"unknown plan {plan!r}: choose one of {', '.join(PLANS)}")
-    member_ids = np.array([member.id for group in result.groups for member in group.members], dtype=np.int64)
-    held = np.flatnonzero(np.isin(loaded.ids, member_ids))
-    position_of = dict(zip(loaded.ids[held].tolist(), held.tolist()))
-    vectors = CentredVectors(loaded.vectors, loaded.mean_vector())
     groups = []
     for group in result.groups:
         members = sorted(group.members, key=PLAN_ORDER[plan])
-        rows = vectors.take(np.array([position_of[member.id] for member in members]))
-        members = [dataclasses.replace(member, score=round(min(float(rows[rank] @ rows[0]), 1.0), 6),
+        rows = loaded.vectors_of(np.array([member.id for member in members]))
+        scores = centred_cosines(rows[0], rows, loaded.mean_vector())
+        members = [dataclasses.replace(member, score=round(float(scores[rank]), 6),
                                        action="keep" if rank == 0 else "remove")
                    for rank, member in enumerate(members)]
         groups.append(dataclasses.replace(group, members=members))

@@ -21,7 +21,7 @@ import numpy as np
 
 from simsiam_embed.errors import Report, UserError
 from simsiam_embed.index.catalog import CatalogEntry
-from simsiam_embed.index.store import LoadedIndex, vectors_mean
+from simsiam_embed.index.store import LoadedIndex, centred, vectors_mean
 
 
 #: Exact k-NN up to here: n^2 x d multiply-adds, about 10 s at 50k x 512 on 2 cores.
@@ -76,8 +76,7 @@ class CentredVectors(PlainVectors):
         self.mean = vectors_mean(vectors) if mean is None else mean
 
     def _prepared(self, rows: np.ndarray) -> np.ndarray:
-        centred = rows - self.mean
-        return np.ascontiguousarray(centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12))
+        return centred(rows, self.mean)
 
 
 def neighbour_graph(vectors: CentredVectors | PlainVectors, k: int, report: Report | None = None,

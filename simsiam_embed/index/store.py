@@ -367,12 +367,15 @@ def vectors_mean(vectors: np.ndarray | VectorFile) -> np.ndarray:
     return (total / max(1, len(vectors))).astype(np.float32)
 
 
+def centred(rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``rows`` minus ``mean``, each brought back to unit length (a row equal to it stays zero)."""
+    rows = np.atleast_2d(rows).astype(np.float32) - mean
+    return np.ascontiguousarray(rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12))
+
+
 def centred_cosines(query: np.ndarray, rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Cosines of ``rows`` to ``query``, all centred on ``mean`` (a row equal to it scores 0)."""
-    def centred(vectors: np.ndarray) -> np.ndarray:
-        vectors = np.atleast_2d(vectors).astype(np.float32) - mean
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return np.clip(centred(rows) @ centred(query)[0], -1.0, 1.0)
+    return np.clip(centred(rows, mean) @ centred(query, mean)[0], -1.0, 1.0)
 
 
 def current_generation(index_dir: Path) -> Path | None:
